@@ -169,6 +169,8 @@ class CommConfig(_Objective):
 
 
 class _FactorCL(_Objective):
+    temperature: float = Field(1.0, gt=0, le=10, description="critic scores are divided "
+                                     "by it; 1 = FactorCL's code")
     critic: Literal["concat", "separable"] = Field(
         "concat", description="concat: MLP on [x, y] as FactorCL's code; separable: dot product")
     critic_hidden: int = Field(256, ge=1)
