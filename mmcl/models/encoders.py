@@ -1,0 +1,133 @@
+"""Per-modality encoders: each maps a batch (B, *spec.shape) of float32 to (B, embed_dim).
+
+`build_encoder` picks the network from the modality's kind (vector, sequence, image) and the
+config's `EncoderConfig.kind`. "auto" chooses an MLP for vectors, a GRU for sequences and a
+small CNN for images; an MLP fits every kind (it flattens its input). A kind that does not fit
+the modality is a configuration error, raised before any training starts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from mmcl.config import ConfigError, EncoderConfig
+from mmcl.data.schema import ModalitySpec
+
+# Encoder kinds each modality kind accepts ("auto" resolves to the first concrete one).
+ALLOWED_KINDS: dict[str, tuple[str, ...]] = {
+    "vector": ("auto", "mlp"),
+    "sequence": ("auto", "gru", "mlp", "transformer"),
+    "image": ("auto", "cnn", "mlp"),
+}
+AUTO_KIND = {"vector": "mlp", "sequence": "gru", "image": "cnn"}
+
+
+class MLPEncoder(nn.Module):
+    """`layers` hidden layers of `hidden` units (GELU, dropout) on the flattened input."""
+
+    def __init__(self, in_features: int, cfg: EncoderConfig, embed_dim: int):
+        super().__init__()
+        blocks: list[nn.Module] = [nn.Flatten(start_dim=1)]
+        width = in_features
+        for _ in range(cfg.layers):
+            blocks += [nn.Linear(width, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout)]
+            width = cfg.hidden
+        blocks.append(nn.Linear(width, embed_dim))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class GRUEncoder(nn.Module):
+    """A GRU over the time axis of (B, T, D); the last layer's final hidden state is projected."""
+
+    def __init__(self, features: int, cfg: EncoderConfig, embed_dim: int):
+        super().__init__()
+        # PyTorch applies GRU dropout only between layers and warns when there is one layer.
+        dropout = cfg.dropout if cfg.layers > 1 else 0.0
+        self.rnn = nn.GRU(features, cfg.hidden, num_layers=cfg.layers, batch_first=True,
+                          dropout=dropout)
+        self.out = nn.Linear(cfg.hidden, embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, h_n = self.rnn(x)  # h_n: (layers, B, hidden)
+        return self.out(h_n[-1])
+
+
+def _heads_for(width: int) -> int:
+    """Attention heads for a `width`-wide transformer: the most of 4, 2, 1 dividing it, since
+    EncoderConfig has no heads field and `hidden` can be any positive size."""
+    return next(h for h in (4, 2, 1) if width % h == 0)
+
+
+class TransformerEncoder(nn.Module):
+    """A small pre-LN transformer over the T time steps of (B, T, D), mean-pooled over time."""
+
+    def __init__(self, steps: int, features: int, cfg: EncoderConfig, embed_dim: int):
+        super().__init__()
+        self.inp = nn.Linear(features, cfg.hidden)
+        self.pos = nn.Parameter(torch.randn(1, steps, cfg.hidden) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            cfg.hidden, _heads_for(cfg.hidden), dim_feedforward=2 * cfg.hidden,
+            dropout=cfg.dropout, activation="gelu", batch_first=True, norm_first=True)
+        # Nested tensors only help with padding masks, which fixed-length inputs never have.
+        self.layers = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        # Pre-LN leaves the residual stream un-normalised: normalise once before pooling.
+        self.norm = nn.LayerNorm(cfg.hidden)
+        self.out = nn.Linear(cfg.hidden, embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.layers(self.inp(x) + self.pos)
+        return self.out(self.norm(h).mean(dim=1))
+
+
+class CNNEncoder(nn.Module):
+    """`layers` stride-2 3x3 conv blocks of `hidden` channels, global average pool, Linear.
+
+    GroupNorm(1, C) (a LayerNorm over channels and pixels) rather than BatchNorm: BatchNorm's
+    batch statistics differ per DDP worker and are noisy on small per-worker batches.
+    """
+
+    def __init__(self, channels: int, cfg: EncoderConfig, embed_dim: int):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        width = channels
+        for _ in range(cfg.layers):
+            blocks += [nn.Conv2d(width, cfg.hidden, 3, stride=2, padding=1),
+                       nn.GroupNorm(1, cfg.hidden), nn.GELU()]
+            width = cfg.hidden
+        self.convs = nn.Sequential(*blocks)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(cfg.hidden, embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = self.convs(x).mean(dim=(-2, -1))
+        return self.out(self.drop(pooled))
+
+
+def resolve_kind(spec: ModalitySpec, cfg: EncoderConfig) -> str:
+    """The concrete encoder kind for a modality, or a ConfigError saying which kinds fit."""
+    allowed = ALLOWED_KINDS[spec.kind]
+    if cfg.kind not in allowed:
+        raise ConfigError(
+            f"modality {spec.name!r} is a {spec.kind} of shape {list(spec.shape)}; encoder kind "
+            f"{cfg.kind!r} does not fit it. Allowed encoder kinds for a {spec.kind}: "
+            f"{list(allowed)} (set model.encoders.{spec.name}.kind or model.encoder.kind)")
+    return AUTO_KIND[spec.kind] if cfg.kind == "auto" else cfg.kind
+
+
+def build_encoder(spec: ModalitySpec, cfg: EncoderConfig, embed_dim: int) -> nn.Module:
+    """An encoder mapping (B, *spec.shape) float32 to (B, embed_dim) for one modality."""
+    kind = resolve_kind(spec, cfg)
+    if kind == "mlp":
+        return MLPEncoder(math.prod(spec.shape), cfg, embed_dim)
+    if kind == "gru":
+        return GRUEncoder(spec.shape[-1], cfg, embed_dim)
+    if kind == "transformer":
+        steps, features = spec.shape
+        return TransformerEncoder(steps, features, cfg, embed_dim)
+    return CNNEncoder(spec.shape[0], cfg, embed_dim)

@@ -1,0 +1,67 @@
+"""The multimodal encoder: one encoder per modality, then a fusion module.
+
+`encode` runs every modality encoder exactly once; objectives then fuse the resulting
+embeddings as often as they need (full tuples, single-modality masks, disturbed tuples)
+without paying for the encoders again.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+from torch import Tensor, nn
+
+from mmcl.config import ModelConfig
+from mmcl.data.schema import ModalitySpec
+from mmcl.models.encoders import build_encoder
+from mmcl.models.fusion import ConcatFusion, TransformerFusion, check_keep
+
+
+class MultimodalEncoder(nn.Module):
+    """`encoders` (name -> encoder) and `fusion`; `forward(batch) = fuse(encode(batch))`."""
+
+    def __init__(self, specs: list[ModalitySpec], cfg: ModelConfig):
+        super().__init__()
+        self.specs = list(specs)
+        self.modalities = [s.name for s in self.specs]
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modality names must be unique, got {self.modalities}")
+        self.encoders = nn.ModuleDict()
+        for spec in self.specs:
+            try:
+                self.encoders[spec.name] = build_encoder(spec, cfg.encoder_for(spec.name),
+                                                         cfg.embed_dim)
+            except KeyError as err:  # ModuleDict refuses names with "." or that shadow methods
+                raise ValueError(f"modality name {spec.name!r} cannot name an encoder: "
+                                 f"{err.args[0]}; rename the modality") from None
+        if cfg.fusion == "concat":
+            self.fusion: nn.Module = ConcatFusion(self.modalities, cfg.embed_dim,
+                                                  cfg.proj_hidden)
+        else:
+            self.fusion = TransformerFusion(self.modalities, cfg.embed_dim, cfg.fusion_layers,
+                                            cfg.fusion_heads)
+
+    def encode(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each modality's embedding (B, embed_dim); other keys (labels, id) are ignored."""
+        out = {}
+        for spec in self.specs:
+            if spec.name not in batch:
+                raise ValueError(f"the batch lacks modality {spec.name!r}; it has "
+                                 f"{sorted(batch)}")
+            x = batch[spec.name]
+            if tuple(x.shape[1:]) != spec.shape:
+                raise ValueError(f"modality {spec.name!r}: expected shape (B, "
+                                 f"{', '.join(map(str, spec.shape))}), got {tuple(x.shape)}")
+            # Shards may store float16/float64; the encoders' weights are float32.
+            out[spec.name] = self.encoders[spec.name](x.float())
+        return out
+
+    def fuse(self, embeddings: Mapping[str, Tensor],
+             keep: Iterable[str] | None = None) -> Tensor:
+        """The tuple embedding (B, embed_dim) from modality embeddings restricted to `keep`
+        (None: all). ValueError for an empty `keep` or a name that is not a modality."""
+        kept = None if keep is None else check_keep(keep, self.modalities)
+        return self.fusion(embeddings, kept)
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        return self.fuse(self.encode(batch))
