@@ -1,0 +1,82 @@
+"""Critics f(x, y) for FactorCL's mutual-information bounds.
+
+Each critic has two methods:
+- `critic(x, y)` -> (N,) scores f(x_i, y_i) of aligned pairs;
+- `critic.pair_scores(x, y)` -> (Nx, Ny) with s[i, j] = f(x_i, y_j), every pair, computed
+  without materialising the Nx * Ny concatenations.
+
+`pair_scores` reads the parameters through the module's attributes on every call, so
+torch.func.functional_call can swap in detached copies (FactorCL's frozen CLUB critics do).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2) -> nn.Sequential:
+    """Linear(in, hidden), ReLU, [Linear(hidden, hidden), ReLU] * (layers - 1),
+    Linear(hidden, out)."""
+    if layers < 1:
+        raise ValueError(f"an MLP critic needs at least 1 hidden layer, got {layers}")
+    modules: list[nn.Module] = [nn.Linear(in_dim, hidden), nn.ReLU()]
+    for _ in range(layers - 1):
+        modules += [nn.Linear(hidden, hidden), nn.ReLU()]
+    modules.append(nn.Linear(hidden, out_dim))
+    return nn.Sequential(*modules)
+
+
+class ConcatCritic(nn.Module):
+    """f(x, y) = MLP([x, y]) -> scalar, FactorCL's critic (layers=2: in-512-512-1 there).
+
+    All pairs: the first layer is affine in the concatenation, W[x; y] + c = W_x x + W_y y + c,
+    so it is evaluated on the Nx rows of x and the Ny rows of y separately and broadcast to
+    (Nx, Ny, hidden); only the remaining layers run per pair. Tiling (FactorCL's code) would
+    also build Nx * Ny copies of the (x_dim + y_dim)-wide input and multiply each by W.
+    """
+
+    def __init__(self, x_dim: int, y_dim: int, hidden: int, layers: int = 2):
+        super().__init__()
+        self.x_dim, self.y_dim = x_dim, y_dim
+        self.net = mlp(x_dim + y_dim, hidden, 1, layers)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.net(torch.cat([x, y], dim=-1)).squeeze(-1)
+
+    def pair_scores(self, x: Tensor, y: Tensor) -> Tensor:
+        first = self.net[0]
+        w_x, w_y = first.weight[:, :self.x_dim], first.weight[:, self.x_dim:]
+        hx = F.linear(x, w_x, first.bias)  # (Nx, hidden), bias counted once, on the x side
+        hy = F.linear(y, w_y)  # (Ny, hidden)
+        h = hx[:, None, :] + hy[None, :, :]  # (Nx, Ny, hidden) = first layer on every [x_i, y_j]
+        return self.net[1:](h).squeeze(-1)
+
+
+class SeparableCritic(nn.Module):
+    """f(x, y) = g(x)·h(y) with two MLPs into an embed_dim space: all pairs are one matmul."""
+
+    def __init__(self, x_dim: int, y_dim: int, hidden: int, embed_dim: int = 128,
+                 layers: int = 2):
+        super().__init__()
+        self.g = mlp(x_dim, hidden, embed_dim, layers)
+        self.h = mlp(y_dim, hidden, embed_dim, layers)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return (self.g(x) * self.h(y)).sum(dim=-1)
+
+    def pair_scores(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.g(x) @ self.h(y).T
+
+
+def tiled_pair_scores(critic: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """The naive reference for `pair_scores`: tile all Nx * Ny pairs and call critic(x, y).
+    s[i, j] = f(x_i, y_j). Used by tests and benchmarks only."""
+    nx, ny = len(x), len(y)
+    x_tiled = x.repeat_interleave(ny, dim=0)  # x_0 x_0 ... x_1 x_1 ...
+    y_tiled = y.repeat(nx, 1)  # y_0 y_1 ... y_0 y_1 ...
+    return critic(x_tiled, y_tiled).reshape(nx, ny)
+
+
+__all__ = ["ConcatCritic", "SeparableCritic", "mlp", "tiled_pair_scores"]
