@@ -1,0 +1,122 @@
+"""What every objective is: a module that turns two augmented views of a batch into a loss.
+
+The training loop knows only this interface, never an objective's name:
+- `forward(view1, view2, batch, generator)` -> `LossOutput(loss, metrics)`; `batch` is the
+  un-augmented batch (labels live there; CoMM's paper variant reads its modalities).
+- `optimizer_groups()` -> the parameter groups each optimiser steps. All groups are stepped
+  after ONE backward of `loss`: an objective whose auxiliary networks must not be moved by the
+  main loss (FactorCL's CLUB critics) evaluates them with detached parameters and adds their
+  own learning loss on detached inputs, so each group's gradient is exactly its own loss's.
+- `embed(batch)` -> the representation handed downstream; `modality_embeddings(batch)` ->
+  each modality's own representation (for per-modality probes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmcl.config import ModelConfig
+from mmcl.data.schema import Manifest
+from mmcl.models import MultimodalEncoder
+
+Batch = Mapping[str, Tensor]
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class OptimGroup:
+    """Parameters stepped by one optimiser; None fields take the run's train settings."""
+
+    params: list[nn.Parameter]
+    lr: float | None = None
+    weight_decay: float | None = None
+
+
+class ObjectiveError(ValueError):
+    """An objective cannot run on this data or config; the message says what to change."""
+
+
+class Objective(nn.Module):
+    name: ClassVar[str]
+    # True when some parameters get no gradient in a step (DDP must then look for them).
+    has_unused_parameters: ClassVar[bool] = False
+
+    def __init__(self, cfg, manifest: Manifest, model_cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.manifest = manifest
+        self.modalities = manifest.modality_names
+        self.encoder = MultimodalEncoder(manifest.modalities, model_cfg)
+
+    # -- the interface the loop uses
+    def forward(self, view1: Batch, view2: Batch, batch: Batch,
+                generator: torch.Generator | None = None) -> LossOutput:
+        raise NotImplementedError
+
+    def optimizer_groups(self) -> dict[str, OptimGroup]:
+        return {"main": OptimGroup([p for p in self.parameters() if p.requires_grad])}
+
+    @torch.no_grad()
+    def embed(self, batch: Batch) -> Tensor:
+        """Fused pre-projection embedding (what CoMM probes)."""
+        return self.encoder(batch)
+
+    @torch.no_grad()
+    def modality_embeddings(self, batch: Batch) -> dict[str, Tensor]:
+        return self.encoder.encode(batch)
+
+    # -- helpers shared by objectives
+    def require_modalities(self, at_least: int = 2, exactly: int | None = None) -> None:
+        m = len(self.modalities)
+        if exactly is not None and m != exactly:
+            raise ObjectiveError(
+                f"objective {self.name!r} needs exactly {exactly} modalities, the data has {m} "
+                f"({self.modalities}); choose {exactly} with data.modalities=[...]")
+        if m < at_least:
+            raise ObjectiveError(
+                f"objective {self.name!r} needs at least {at_least} modalities, the data has "
+                f"{m} ({self.modalities})")
+
+    def classification_label(self, column: str | None) -> tuple[str, int]:
+        """(column, num_classes) of the label a supervised objective uses."""
+        labels = [lab for lab in self.manifest.labels if lab.task == "classification"]
+        if column is None:
+            preferred = [lab for lab in labels if lab.role == "label"] or labels
+            if not preferred:
+                raise ObjectiveError(f"objective {self.name!r} needs a classification label "
+                                     "column and the data has none")
+            return preferred[0].name, preferred[0].num_classes
+        spec = self.manifest.label(column)
+        if spec.task != "classification":
+            raise ObjectiveError(f"objective {self.name!r}: label column {column!r} is a "
+                                 f"{spec.task} label; it needs a classification label")
+        return spec.name, spec.num_classes
+
+
+def normalize(x: Tensor) -> Tensor:
+    return F.normalize(x, dim=-1)
+
+
+class FusedObjective(Objective):
+    """An objective on fused tuple embeddings: encoders, fusion, then one projection head."""
+
+    def __init__(self, cfg, manifest: Manifest, model_cfg: ModelConfig):
+        super().__init__(cfg, manifest, model_cfg)
+        from mmcl.models import ProjectionHead  # beside MultimodalEncoder; kept local for clarity
+
+        self.head = ProjectionHead(model_cfg.embed_dim, model_cfg.proj_hidden,
+                                   model_cfg.proj_dim)
+
+    def project(self, embeddings: Mapping[str, Tensor], keep=None) -> Tensor:
+        """normalize(head(fuse(embeddings restricted to `keep`)))."""
+        return normalize(self.head(self.encoder.fuse(embeddings, keep)))

@@ -1,0 +1,105 @@
+"""TupleInfoNCE (Liu et al., ICCV 2021; METHODS.md, "TupleInfoNCE").
+
+Anchor: the fused embedding of tuple i in one view. Positive: the same tuple in the other view.
+Negatives: the other tuples, plus for every modality k the k-disturbed tuples -- tuple j with
+modality k taken from another tuple -- weighted by alpha_k through log-weights on the logits
+(the exact form of sampling negatives from the mixture q). A disturbed tuple differs from the
+positive only in modality k, so rejecting it forces the encoder to read modality k: weak
+modalities can no longer be ignored.
+
+Cost: the modality encoders run once per view. A disturbed set needs only modality k's
+*embedding* from another row, so only the fusion and the head run again per disturbed set.
+Unlike the reference code, the permutation is a derangement (no tuple is ever its own disturbed
+negative) and alpha_k is an exact weight, not a block replication count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from mmcl.objectives.base import FusedObjective, LossOutput, ObjectiveError
+from mmcl.objectives.functional import tuple_info_nce
+from mmcl.objectives.registry import register
+
+
+def derangement(n: int, generator: torch.Generator | None = None,
+                device: torch.device | str = "cpu") -> Tensor:
+    """A uniformly random permutation of range(n) with no fixed point (n >= 2), by rejection:
+    a random permutation is a derangement with probability ~1/e, so few draws are needed."""
+    if n < 2:
+        raise ValueError("a derangement needs at least 2 elements")
+    for _ in range(64):
+        perm = torch.randperm(n, generator=generator, device=generator.device
+                              if generator is not None else device)
+        if not bool((perm == torch.arange(n, device=perm.device)).any()):
+            return perm.to(device)
+    # Astronomically unlikely; a random non-zero cyclic shift is still a derangement.
+    shift = int(torch.randint(1, n, (1,), generator=generator,
+                              device=generator.device if generator is not None else "cpu"))
+    return ((torch.arange(n) + shift) % n).to(device)
+
+
+@register
+class TupleInfoNCE(FusedObjective):
+    name = "tuple_infonce"
+
+    def __init__(self, cfg, manifest, model_cfg):
+        super().__init__(cfg, manifest, model_cfg)
+        self.require_modalities(at_least=2)
+        unknown = sorted(set(cfg.negative_weights) - set(self.modalities))
+        if unknown:
+            raise ObjectiveError(
+                f"objective.negative_weights names {unknown}, which the data does not have; "
+                f"its modalities are {self.modalities}")
+        self.log_weights = cfg.log_weights(self.modalities)
+
+    def active_modalities(self) -> list[tuple[str, float]]:
+        """(modality, log alpha) for every modality whose disturbed negatives are on."""
+        return [(m, w) for m, w in zip(self.modalities, self.log_weights) if w > -math.inf]
+
+    def disturbed(self, embeddings: dict[str, Tensor], modality: str,
+                  generator: torch.Generator | None) -> Tensor:
+        """Projected embeddings of the tuples with `modality` taken from another row."""
+        n = embeddings[modality].shape[0]
+        perm = derangement(n, generator, embeddings[modality].device)
+        return self.project({**embeddings, modality: embeddings[modality][perm]})
+
+    def direction(self, anchor: Tensor, positive: Tensor, key_embeddings: dict[str, Tensor],
+                  generator) -> Tensor:
+        active = self.active_modalities()
+        disturbed = [self.disturbed(key_embeddings, m, generator) for m, _ in active]
+        return tuple_info_nce(anchor, positive, disturbed, [w for _, w in active],
+                              self.cfg.temperature)
+
+    def forward(self, view1, view2, batch, generator=None):
+        e1, e2 = self.encoder.encode(view1), self.encoder.encode(view2)
+        z1, z2 = self.project(e1), self.project(e2)
+        loss = self.direction(z1, z2, e2, generator)
+        if self.cfg.symmetric:
+            loss = 0.5 * (loss + self.direction(z2, z1, e1, generator))
+        metrics = {}
+        if not self.active_modalities():  # the plain tuple loss, for comparison in logs
+            metrics["tuple"] = loss.detach().item()
+        return LossOutput(loss, metrics)
+
+    @torch.no_grad()
+    def reward(self, batch) -> dict[str, float]:
+        """The sample-optimization reward R = sum_k A^k on a held-out batch: A^k is the top-1
+        accuracy of retrieving the rest of tuple i (all modalities but k) from modality k
+        alone, among the batch's candidates. Computed on un-augmented tuples, in eval mode."""
+        was_training = self.training
+        self.eval()
+        embeddings = self.encoder.encode(batch)
+        scores = {}
+        for k in self.modalities:
+            rest = [m for m in self.modalities if m != k]
+            query, target = self.project(embeddings, [k]), self.project(embeddings, rest)
+            hits = (query @ target.T).argmax(dim=1) == torch.arange(len(query),
+                                                                     device=query.device)
+            scores[f"A_{k}"] = hits.float().mean().item()
+        self.train(was_training)
+        return {"R": sum(scores.values()), **scores}
+

@@ -1,0 +1,203 @@
+"""Objectives as plain PyTorch: each trains on controlled data, and each keeps its promises
+(TupleInfoNCE's single encoder pass and reduction to Tuple, FactorCL's critic isolation)."""
+
+import math
+
+import pytest
+import torch
+
+from mmcl import config
+from mmcl.data.synth import make_arrays
+from mmcl.objectives import OBJECTIVES, ObjectiveError, build_objective
+from mmcl.objectives.tuple_infonce import derangement
+from mmcl.train.local import fit_in_memory
+
+SMALL = ["model.embed_dim=16", "model.encoder.hidden=32", "model.proj_hidden=32",
+         "model.proj_dim=16", "model.fusion_heads=2", "objective.critic_hidden=32"]
+
+
+def small_config(name, *extra):
+    overrides = [f"objective.name={name}", "train.batch_size=64", "train.epochs=4",
+                 "train.lr=3e-3", "train.warmup_epochs=0", *extra]
+    critic = [o for o in SMALL if not o.startswith("objective.")]
+    if name.startswith("factorcl"):
+        critic = SMALL
+    return config.load(None, overrides + critic)
+
+
+@pytest.fixture(scope="module")
+def rus():
+    manifest, arrays = make_arrays("rus", 768, seed=0)
+    return manifest, {k: v for k, v in arrays.items()}
+
+
+@pytest.fixture(scope="module")
+def factorcl_data():
+    manifest, arrays = make_arrays("factorcl", 768, seed=0)
+    return manifest, arrays
+
+
+def batch_of(arrays, n=32):
+    return {k: torch.as_tensor(v[:n]) for k, v in arrays.items()}
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_short_training_lowers_the_loss(name, rus, factorcl_data):
+    manifest, arrays = factorcl_data if name.startswith("factorcl") else rus
+    cfg = small_config(name)
+    engine = fit_in_memory(cfg, manifest, arrays)
+    losses = [h["loss"] for h in engine.history]
+    assert all(math.isfinite(v) for v in losses), losses
+    assert losses[-1] < losses[0], f"{name}: loss did not fall: {losses}"
+
+
+def test_tuple_infonce_with_all_weights_off_equals_tuple(rus):
+    manifest, arrays = rus
+    batch = batch_of(arrays)
+    for symmetric in (True, False):
+        torch.manual_seed(0)
+        tuple_obj = build_objective(small_config("tuple", f"objective.symmetric={symmetric}",
+                                                 "objective.temperature=0.1"), manifest)
+        off = small_config("tuple_infonce", "objective.default_negative_weight=0",
+                           f"objective.symmetric={symmetric}", "objective.temperature=0.1")
+        torch.manual_seed(0)
+        tin = build_objective(off, manifest)
+        tin.load_state_dict(tuple_obj.state_dict())
+        noise = torch.Generator().manual_seed(1)
+        view1 = batch
+        view2 = {k: v + 0.3 * torch.randn(v.shape, generator=noise)
+                 if k in manifest.modality_names else v for k, v in batch.items()}
+        a = tuple_obj(view1, view2, batch).loss
+        b = tin(view1, view2, batch).loss
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_tuple_infonce_runs_each_encoder_once_per_view(rus):
+    manifest, arrays = rus
+    obj = build_objective(small_config("tuple_infonce"), manifest)
+    calls = {m: 0 for m in obj.modalities}
+    for m, enc in obj.encoder.encoders.items():
+        enc.register_forward_hook(lambda *_, m=m: calls.__setitem__(m, calls[m] + 1))
+    fusion_calls = []
+    obj.encoder.fusion.register_forward_hook(lambda *_: fusion_calls.append(1))
+    batch = batch_of(arrays)
+    obj(batch, batch, batch, generator=torch.Generator().manual_seed(0))
+    assert calls == {m: 2 for m in obj.modalities}, calls  # two views, once each
+    # fusion: per view, the tuple itself plus one disturbed set per modality, two directions
+    assert len(fusion_calls) == 2 * (1 + len(obj.modalities))
+
+
+def test_tuple_infonce_weights_change_the_loss(rus):
+    manifest, arrays = rus
+    batch = batch_of(arrays)
+    losses = []
+    for w in (0.0, 1.0, 4.0):
+        torch.manual_seed(0)
+        obj = build_objective(small_config("tuple_infonce",
+                                           f"objective.default_negative_weight={w}"), manifest)
+        losses.append(obj(batch, batch, batch, generator=torch.Generator().manual_seed(1))
+                      .loss.item())
+    assert losses[0] < losses[1] < losses[2], losses  # more negatives, harder task
+
+
+def test_tuple_infonce_rejects_unknown_weighted_modality(rus):
+    manifest, _ = rus
+    with pytest.raises(ObjectiveError, match="negative_weights names"):
+        build_objective(small_config("tuple_infonce", "objective.negative_weights={zz: 1}"),
+                        manifest)
+
+
+def test_tuple_infonce_reward_is_a_sum_of_accuracies(rus):
+    manifest, arrays = rus
+    obj = build_objective(small_config("tuple_infonce"), manifest)
+    reward = obj.reward(batch_of(arrays, 64))
+    parts = [reward[f"A_{m}"] for m in obj.modalities]
+    assert all(0.0 <= p <= 1.0 for p in parts)
+    assert reward["R"] == pytest.approx(sum(parts))
+
+
+def test_derangement_has_no_fixed_point():
+    gen = torch.Generator().manual_seed(0)
+    for n in (2, 3, 7, 64):
+        for _ in range(20):
+            perm = derangement(n, gen)
+            assert sorted(perm.tolist()) == list(range(n))
+            assert not (perm == torch.arange(n)).any()
+
+
+def test_comm_masked_from_original_uses_the_batch(rus):
+    manifest, arrays = rus
+    batch = batch_of(arrays)
+    torch.manual_seed(0)
+    aug = build_objective(small_config("comm"), manifest)
+    orig = build_objective(small_config("comm", "objective.masked_from=original"), manifest)
+    orig.load_state_dict(aug.state_dict())
+    noisy = {k: v + 0.5 * torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in batch.items()}
+    assert not torch.isclose(aug(noisy, noisy, batch).loss, orig(noisy, noisy, batch).loss)
+    # with un-augmented views the two variants coincide
+    torch.testing.assert_close(aug(batch, batch, batch).loss, orig(batch, batch, batch).loss)
+
+
+def test_comm_sum_is_m_plus_one_times_mean(rus):
+    manifest, arrays = rus
+    batch = batch_of(arrays)
+    torch.manual_seed(0)
+    mean = build_objective(small_config("comm"), manifest)
+    total = build_objective(small_config("comm", "objective.reduction=sum"), manifest)
+    total.load_state_dict(mean.state_dict())
+    noisy = {k: v.flip(0) if v.is_floating_point() else v for k, v in batch.items()}
+    m = len(mean.modalities)
+    torch.testing.assert_close(total(batch, noisy, batch).loss,
+                               (m + 1) * mean(batch, noisy, batch).loss)
+
+
+def test_factorcl_refuses_three_modalities(rus):
+    manifest, _ = rus  # rus has three modalities
+    with pytest.raises(ObjectiveError, match="exactly 2 modalities"):
+        build_objective(small_config("factorcl_ssl"), manifest)
+
+
+def test_factorcl_club_critics_move_only_by_their_own_loss(factorcl_data):
+    manifest, arrays = factorcl_data
+    obj = build_objective(small_config("factorcl_ssl"), manifest)
+    batch = batch_of(arrays)
+    out = obj(batch, {k: v * 1.1 if v.is_floating_point() else v for k, v in batch.items()},
+              batch)
+    out.loss.backward()
+    club_grads = [p.grad.clone() for p in obj.club_critics.parameters()]
+    # Reference: the critics' own learning loss alone, on the same (detached) head outputs.
+    obj.zero_grad()
+    m1, m2 = obj.modalities
+    e = obj.encoder.encode(batch)
+    k1, k2 = obj.apply_heads("club", [e[m1], e[m2]])
+    obj.club_learning_loss(obj.club_critics["club"], k1, k2).backward()
+    for p, g in zip(obj.club_critics["club"].parameters(), club_grads):
+        torch.testing.assert_close(p.grad, g)
+    groups = obj.optimizer_groups()
+    club_ids = {id(p) for p in obj.club_critics.parameters()}
+    assert {id(p) for p in groups["club_critics"].params} == club_ids
+    assert not club_ids & {id(p) for p in groups["main"].params}
+
+
+def test_factorcl_embedding_concatenates_every_head(factorcl_data):
+    manifest, arrays = factorcl_data
+    cfg = small_config("factorcl_ssl")
+    obj = build_objective(cfg, manifest)
+    z = obj.embed(batch_of(arrays, 8))
+    assert z.shape == (8, 2 * 5 * cfg.model.embed_dim)
+
+
+def test_factorcl_sup_conditions_on_labels(factorcl_data):
+    manifest, arrays = factorcl_data
+    obj = build_objective(small_config("factorcl_sup"), manifest)
+    assert obj.label_column in arrays
+    batch = batch_of(arrays)
+    assert math.isfinite(obj(batch, batch, batch).loss.item())
+
+
+def test_supcon_needs_a_classification_label(rus):
+    manifest, _ = rus
+    no_labels = manifest.select(None, [])
+    with pytest.raises(ObjectiveError, match="classification label"):
+        build_objective(small_config("supcon"), no_labels)
