@@ -1,0 +1,173 @@
+"""One worker's training state and step, with no Ray in sight.
+
+The Ray worker loop (mmcl.train.worker), the in-memory loop (mmcl.train.local) and the
+benchmarks all drive the same `Engine`: two augmented views on the worker's device, the
+objective's loss (negatives gathered across workers inside the loss), one backward, gradient
+clipping, one step of every optimiser the objective asks for, warm-up + cosine schedules.
+The engine never looks at the objective's name.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from typing import Callable, Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from mmcl.config import RunConfig, TrainConfig
+from mmcl.data.augment import Augmenter
+from mmcl.data.schema import Manifest
+from mmcl.objectives import Objective, OptimGroup, build_objective
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last checkpoint is intact."""
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, schedule: str) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up to 1, then cosine decay to 0 (or constant)."""
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def make_optimizer(group: OptimGroup, train: TrainConfig) -> torch.optim.Optimizer:
+    lr = group.lr if group.lr is not None else train.lr
+    wd = group.weight_decay if group.weight_decay is not None else train.weight_decay
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(group.params, lr=lr, momentum=0.9, weight_decay=wd)
+    cls = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
+    return cls(group.params, lr=lr, weight_decay=wd)
+
+
+def to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _all_ranks_finite(loss: Tensor) -> bool:
+    """Every worker must agree to skip a batch, or DDP's gradient all-reduce deadlocks."""
+    finite = torch.isfinite(loss.detach()).to(torch.int32)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+class Engine:
+    def __init__(self, cfg: RunConfig, manifest: Manifest, steps_per_epoch: int,
+                 device: torch.device | str = "cpu", rank: int = 0,
+                 wrap: Callable[[nn.Module], nn.Module] | None = None):
+        if steps_per_epoch < 1:
+            raise ValueError("steps_per_epoch must be >= 1")
+        self.cfg, self.manifest = cfg, manifest
+        self.device = torch.device(device)
+        self.steps_per_epoch = steps_per_epoch
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
+        self.objective: Objective = build_objective(cfg, manifest).to(self.device)
+        self.model = wrap(self.objective) if wrap else self.objective
+        self.augmenter = Augmenter(manifest.modalities, cfg.augment)
+        groups = self.objective.optimizer_groups()
+        self.optimizers = {name: make_optimizer(g, cfg.train) for name, g in groups.items()}
+        total = cfg.train.epochs * steps_per_epoch
+        warmup = int(round(cfg.train.warmup_epochs * steps_per_epoch))
+        self.schedulers = {
+            name: torch.optim.lr_scheduler.LambdaLR(
+                opt, warmup_cosine(total, warmup, cfg.train.schedule))
+            for name, opt in self.optimizers.items()}
+        self.params = [p for g in groups.values() for p in g.params]
+        # Each worker draws different augmentations and permutations, repeatably.
+        self.generator = torch.Generator(self.device).manual_seed(cfg.train.seed * 1000 + rank)
+        self.step = 0
+        self.epoch = 0
+        self.history: list[dict] = []  # one entry per finished epoch; travels in checkpoints
+        self.skipped_batches = 0
+        use_amp = cfg.train.mixed_precision and self.device.type == "cuda"
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp \
+            else nullcontext
+
+    @property
+    def lr(self) -> float:
+        return self.optimizers["main"].param_groups[0]["lr"]
+
+    def train_step(self, batch: Mapping[str, Tensor]) -> dict[str, float] | None:
+        """One optimisation step; returns the step's metrics, or None for a skipped batch."""
+        self.model.train()
+        batch = to_device(batch, self.device)
+        view1 = self.augmenter(batch, self.generator)
+        view2 = self.augmenter(batch, self.generator)
+        with self.autocast():
+            out = self.model(view1, view2, batch, generator=self.generator)
+        if not _all_ranks_finite(out.loss):
+            if self.cfg.train.nonfinite_loss == "fail":
+                raise NonFiniteLossError(
+                    f"the loss became {out.loss.item()} at step {self.step} (epoch "
+                    f"{self.epoch}); the last checkpoint is intact. Lower train.lr, check the "
+                    f"data for extreme values, or set train.nonfinite_loss=skip")
+            self.skipped_batches += 1
+            return None
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if self.cfg.train.grad_clip:
+            nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
+        for opt in self.optimizers.values():
+            opt.step()
+        for sched in self.schedulers.values():
+            sched.step()
+        self.step += 1
+        return {"loss": out.loss.detach().item(), **out.metrics}
+
+    def train_epoch(self, batches: Iterable[Mapping[str, Tensor]]) -> dict[str, float]:
+        """Runs one epoch over `batches`; returns mean metrics, throughput and data wait."""
+        sums: dict[str, float] = {}
+        steps, rows, wait = 0, 0, 0.0
+        start = tick = time.perf_counter()
+        for batch in batches:
+            wait += time.perf_counter() - tick
+            metrics = self.train_step(batch)
+            if metrics is not None:
+                steps += 1
+                rows += len(next(iter(batch.values())))
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+            tick = time.perf_counter()
+        elapsed = time.perf_counter() - start
+        self.epoch += 1
+        summary = {k: v / max(steps, 1) for k, v in sums.items()}
+        summary.update(epoch=self.epoch, step=self.step, steps=steps, lr=self.lr,
+                       samples_per_s=rows / elapsed if elapsed else 0.0,
+                       data_wait_fraction=wait / elapsed if elapsed else 0.0,
+                       skipped_batches=self.skipped_batches)
+        self.history.append(summary)
+        return summary
+
+    # -- checkpoint state: tensors, numbers, strings, lists and dicts only, so that it loads
+    #    with torch.load(weights_only=True)
+    def state_dict(self) -> dict:
+        return {
+            "objective": self.objective.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "generator": self.generator.get_state(),
+            "step": self.step, "epoch": self.epoch, "history": self.history,
+            "skipped_batches": self.skipped_batches,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.objective.load_state_dict(state["objective"])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        for k, s in self.schedulers.items():
+            s.load_state_dict(state["schedulers"][k])
+        self.generator.set_state(state["generator"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.history = list(state["history"])
+        self.skipped_batches = state.get("skipped_batches", 0)
