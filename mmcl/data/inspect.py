@@ -1,0 +1,153 @@
+"""`mmcl data inspect`: what a data set holds, read batch by batch (bounded memory).
+
+`inspect_dataset` returns a JSON-serialisable summary: modalities (kind, shape, mean/std over
+the statistics split, non-finite value count), rows per split, label balance per split (class
+counts for classification, mean/std for regression). `format_inspect` renders it as text.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from mmcl.data.schema import Manifest
+from mmcl.data.shards import iter_batches, read_manifest, tensor_to_numpy
+
+BATCH_ROWS = 8192
+
+
+@dataclass
+class RunningStats:
+    """Mean and variance over many batches (Chan et al.'s pairwise merge, float64)."""
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def add(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64).ravel()
+        n = values.size
+        if n == 0:
+            return
+        mean = float(values.mean())
+        m2 = float(((values - mean) ** 2).sum())
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta * delta * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.count) if self.count else float("nan")
+
+    def summary(self) -> dict:
+        if not self.count:
+            return {"mean": None, "std": None}
+        return {"mean": self.mean, "std": self.std}
+
+
+def _modality_stats(root: str, split: str, manifest: Manifest, endpoint_url, region) -> dict:
+    """{modality: {"mean", "std", "nonfinite"}} over the finite values of one split."""
+    stats = {m.name: RunningStats() for m in manifest.modalities}
+    bad = {m.name: 0 for m in manifest.modalities}
+    for _, batch in iter_batches(root, split, manifest.modality_names, BATCH_ROWS,
+                                 endpoint_url, region):
+        for m in manifest.modalities:
+            values, valid = tensor_to_numpy(batch.column(m.name), m.shape)
+            finite = np.isfinite(values) & valid.reshape(-1, *([1] * len(m.shape)))
+            bad[m.name] += int(finite.size - finite.sum())
+            stats[m.name].add(values[finite])
+    return {name: {**s.summary(), "nonfinite": bad[name]} for name, s in stats.items()}
+
+
+def _label_balance(root: str, split: str, manifest: Manifest, endpoint_url, region) -> dict:
+    """{label: {"counts": [...]} | {"mean", "std"}} of one split."""
+    names = [lab.name for lab in manifest.labels]
+    counts = {lab.name: np.zeros(lab.num_classes, np.int64) for lab in manifest.labels
+              if lab.task == "classification"}
+    stats = {lab.name: RunningStats() for lab in manifest.labels if lab.task == "regression"}
+    if names:
+        for _, batch in iter_batches(root, split, names, BATCH_ROWS, endpoint_url, region):
+            for name in names:
+                values = batch.column(name).to_numpy(zero_copy_only=False)
+                if name in counts:
+                    counts[name] += np.bincount(values.astype(np.int64),
+                                                minlength=len(counts[name]))[:len(counts[name])]
+                else:
+                    stats[name].add(values[np.isfinite(values)])
+    out: dict = {name: {"counts": c.tolist()} for name, c in counts.items()}
+    out.update({name: s.summary() for name, s in stats.items()})
+    return out
+
+
+def inspect_dataset(root: str, endpoint_url: str | None = None,
+                    region: str | None = None) -> dict:
+    """A JSON-serialisable summary of the data set at `root` (see the module doc). Modality
+    statistics come from the `train` split (the first split if there is no `train`)."""
+    manifest = read_manifest(root, endpoint_url, region)
+    stats_split = "train" if "train" in manifest.splits else next(iter(manifest.splits), None)
+    mstats = (_modality_stats(root, stats_split, manifest, endpoint_url, region)
+              if stats_split else {})
+    balance = {split: _label_balance(root, split, manifest, endpoint_url, region)
+               for split in manifest.splits}
+    return {
+        "root": str(root),
+        "description": manifest.description,
+        "splits": dict(manifest.splits),
+        "stats_split": stats_split,
+        "modalities": [{"name": m.name, "kind": m.kind, "shape": list(m.shape),
+                        "dtype": m.dtype, **mstats.get(m.name, {})}
+                       for m in manifest.modalities],
+        "labels": [{"name": lab.name, "task": lab.task, "role": lab.role,
+                    "num_classes": lab.num_classes, "carried_by": list(lab.carried_by),
+                    "description": lab.description,
+                    "balance": {split: balance[split][lab.name] for split in balance}}
+                   for lab in manifest.labels],
+    }
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), fmt.format(*["-" * w for w in widths]),
+             *[fmt.format(*map(str, r)) for r in rows]]
+    return [line.rstrip() for line in lines]
+
+
+def _balance_text(lab: dict, split: str) -> str:
+    b = lab["balance"].get(split, {})
+    if lab["task"] == "classification":
+        counts = b.get("counts", [])
+        total = sum(counts) or 1
+        return " ".join(f"{c}({100 * c / total:.0f}%)" for c in counts)
+    return f"mean {_num(b.get('mean'))} std {_num(b.get('std'))}"
+
+
+def format_inspect(info: dict) -> str:
+    """`inspect_dataset`'s summary as readable text tables."""
+    lines = [f"data set {info['root']}"]
+    if info.get("description"):
+        lines.append(f"  {info['description']}")
+    lines.append("rows: " + ", ".join(f"{k} {v}" for k, v in info["splits"].items())
+                 + f" (total {sum(info['splits'].values())})")
+    lines += ["", f"modalities (mean/std over the {info['stats_split']} split):"]
+    lines += _table(["name", "kind", "shape", "mean", "std", "non-finite"],
+                    [[m["name"], m["kind"], "x".join(map(str, m["shape"])), _num(m.get("mean")),
+                      _num(m.get("std")), m.get("nonfinite", "-")] for m in info["modalities"]])
+    if info["labels"]:
+        splits = list(info["splits"])
+        lines += ["", "label columns (class counts per split, or mean/std for regression):"]
+        lines += _table(
+            ["name", "role", "task", "carried by", *splits],
+            [[lab["name"], lab["role"], lab["task"] + (f"[{lab['num_classes']}]"
+                                                        if lab["num_classes"] else ""),
+              ",".join(lab["carried_by"]) or "-", *[_balance_text(lab, s) for s in splits]]
+             for lab in info["labels"]])
+    return "\n".join(lines)

@@ -1,0 +1,524 @@
+"""The tuple shard format: write, list, validate and read Parquet shards of a data set.
+
+    root/manifest.json                 written last: its presence marks a complete data set
+    root/<split>/part-00000.parquet    one row per tuple: int64 `id`, one fixed-shape float32
+    root/<split>/part-00001.parquet    tensor column per modality, scalar label columns
+                                       (int64 classification, float32 regression)
+
+`root` is a local path or any fsspec URL (s3://bucket/prefix); S3 endpoint and region come
+from the arguments or the AWS environment (see `mmcl.storage`). Nothing here imports Ray:
+`mmcl.data.pipeline` streams these shards into Ray Data; `read_split` loads a whole split into
+memory for small data, tests and in-process training.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmcl import storage
+from mmcl.data.schema import ID_COLUMN, MANIFEST_NAME, DataError, LabelSpec, Manifest
+
+NonFinite = Literal["fail", "drop"]
+DEFAULT_SPLITS = ("train", "val", "test")
+DEFAULT_MAX_ROWS = 100_000
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+_REWRITE_HINT = ("rewrite the data set with `mmcl data convert` / `mmcl data synth` (or "
+                 "mmcl.data.shards.write_dataset), or fix manifest.json")
+
+
+# ------------------------------------------------------------------------------ types
+
+
+def modality_type(shape: Sequence[int]) -> pa.DataType:
+    """Arrow type of a modality column: a row-major float32 fixed-shape tensor."""
+    return pa.fixed_shape_tensor(pa.float32(), [int(s) for s in shape])
+
+
+def label_type(spec: LabelSpec) -> pa.DataType:
+    """Arrow type of a label column: int64 for classification, float32 for regression."""
+    return pa.int64() if spec.task == "classification" else pa.float32()
+
+
+def arrow_schema(manifest: Manifest) -> pa.Schema:
+    """The Arrow schema every shard of a data set with this manifest has."""
+    fields = [pa.field(ID_COLUMN, pa.int64(), nullable=False)]
+    fields += [pa.field(m.name, modality_type(m.shape)) for m in manifest.modalities]
+    fields += [pa.field(lab.name, label_type(lab)) for lab in manifest.labels]
+    return pa.schema(fields)
+
+
+def _is_row_major_tensor(t: pa.DataType, shape: Sequence[int]) -> bool:
+    """float32 fixed-shape tensor of `shape` in row-major order (dim names ignored)."""
+    return (isinstance(t, pa.FixedShapeTensorType) and t.value_type == pa.float32()
+            and list(t.shape) == list(shape)
+            and (t.permutation is None or list(t.permutation) == list(range(len(shape)))))
+
+
+def _column_problem(path: str, name: str, schema: pa.Schema, manifest: Manifest) -> str | None:
+    """Why column `name` of shard `path` disagrees with the manifest, or None if it agrees."""
+    expected = arrow_schema(manifest).field(name).type
+    if name not in schema.names:
+        return (f"{path}: column {name!r} is missing (expected {expected}); the shard has "
+                f"columns {schema.names}")
+    found = schema.field(name).type
+    if name in manifest.modality_names:
+        if _is_row_major_tensor(found, manifest.modality(name).shape):
+            return None
+        hint = ""
+        if pa.types.is_list(found) or pa.types.is_large_list(found) or \
+                pa.types.is_fixed_size_list(found):
+            hint = (" (modalities must be fixed-shape tensors, not lists: write them with "
+                    "pa.FixedShapeTensorArray.from_numpy_ndarray or mmcl's ShardWriter)")
+        return f"{path}: column {name!r} is {found}, expected {expected}{hint}"
+    if found != expected:
+        return f"{path}: column {name!r} is {found}, expected {expected}"
+    return None
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def _fs(root: str, endpoint_url: str | None, region: str | None):
+    return storage.filesystem(root, endpoint_url, region)
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def _display(fs, path: str, root: str) -> str:
+    """A path as the user should see it: plain for local data, with protocol for remote."""
+    return fs.unstrip_protocol(path) if storage.is_remote(root) else path
+
+
+def read_manifest(root: str, endpoint_url: str | None = None,
+                  region: str | None = None) -> Manifest:
+    """The manifest of the data set at `root`."""
+    fs, path = _fs(root, endpoint_url, region)
+    mpath = storage.join(path, MANIFEST_NAME)
+    shown = storage.join(str(root), MANIFEST_NAME)
+    try:
+        with fs.open(mpath, "r") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise DataError(f"no mmcl data set at {root}: {shown} does not exist. Create one with "
+                        f"`mmcl data convert FILE.npz --out {root}` or `mmcl data synth "
+                        f"--preset rus --out {root}`") from None
+    return Manifest.from_json(text, source=shown)
+
+
+def list_shards(root: str, split: str, endpoint_url: str | None = None,
+                region: str | None = None) -> list[str]:
+    """Sorted shard files of one split (empty if the split has none): plain paths for local
+    data sets, URLs with protocol (s3://bucket/x/train/part-00000.parquet) for remote ones."""
+    fs, path = _fs(root, endpoint_url, region)
+    found = fs.glob(storage.join(path, split, "part-*.parquet"))
+    return sorted(_display(fs, p, root) for p in found)
+
+
+def _open_path(fs, shown: str) -> str:
+    """The filesystem-internal path of a path returned by `list_shards`."""
+    return fs._strip_protocol(shown)
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+def _check_chunk(columns: Mapping[str, np.ndarray], manifest: Manifest) -> dict[str, np.ndarray]:
+    """Arrays of one chunk, checked against the manifest and cast to their storage dtypes."""
+    expected = [ID_COLUMN, *manifest.modality_names, *[lab.name for lab in manifest.labels]]
+    missing = [c for c in expected if c not in columns]
+    if missing:
+        raise DataError(f"column(s) {missing} missing from the arrays to write; the manifest "
+                        f"needs {expected}")
+    extra = [c for c in columns if c not in expected]
+    if extra:
+        raise DataError(f"column(s) {extra} are not in the manifest (it has {expected}); add "
+                        f"them to the manifest or leave them out")
+    arrays = {c: np.asarray(columns[c]) for c in expected}
+    n = len(arrays[ID_COLUMN]) if arrays[ID_COLUMN].ndim else -1
+    out: dict[str, np.ndarray] = {}
+    for name, arr in arrays.items():
+        if arr.ndim == 0 or len(arr) != n:
+            raise DataError(f"column {name!r} has {len(arr) if arr.ndim else 'no'} rows but "
+                            f"{ID_COLUMN!r} has {n}: every column needs the same first axis")
+        out[name] = _cast_column(name, arr, manifest)
+    return out
+
+
+def _cast_column(name: str, arr: np.ndarray, manifest: Manifest) -> np.ndarray:
+    """One column cast to its storage dtype; DataError naming the column if it cannot be."""
+    if arr.dtype.kind not in "biuf":
+        raise DataError(f"column {name!r} has dtype {arr.dtype}; it must be numeric")
+    if name == ID_COLUMN:
+        if arr.ndim != 1 or arr.dtype.kind not in "biu":
+            raise DataError(f"column {ID_COLUMN!r} must be a 1-D integer array, got dtype "
+                            f"{arr.dtype} and shape {arr.shape}")
+        return arr.astype(np.int64, copy=False)
+    if name in manifest.modality_names:
+        shape = manifest.modality(name).shape
+        if tuple(arr.shape[1:]) != shape:
+            raise DataError(f"modality {name!r}: rows have shape {list(arr.shape[1:])}, the "
+                            f"manifest says {list(shape)}")
+        return np.ascontiguousarray(arr, dtype=np.float32)
+    spec = manifest.label(name)
+    if arr.ndim != 1:
+        raise DataError(f"label {name!r} must be 1-D (one value per tuple), got shape "
+                        f"{arr.shape}")
+    if spec.task == "regression":
+        return arr.astype(np.float32, copy=False)
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr) & (arr == np.round(arr))):
+        raise DataError(f"label {name!r} is a classification label but holds non-integer "
+                        "values")
+    values = arr.astype(np.int64)
+    if len(values) and (values.min() < 0 or values.max() >= spec.num_classes):
+        raise DataError(f"label {name!r}: values must be in 0..{spec.num_classes - 1} "
+                        f"(num_classes={spec.num_classes}), found {values.min()}..{values.max()}")
+    return values
+
+
+def _to_table(arrays: Mapping[str, np.ndarray], manifest: Manifest) -> pa.Table:
+    """Checked arrays -> an Arrow table with the data set's schema."""
+    schema = arrow_schema(manifest)
+    cols = []
+    for f in schema:
+        arr = arrays[f.name]
+        if isinstance(f.type, pa.FixedShapeTensorType):
+            if len(arr):
+                cols.append(pa.FixedShapeTensorArray.from_numpy_ndarray(arr))
+            else:
+                cols.append(pa.ExtensionArray.from_storage(
+                    f.type, pa.array([], type=f.type.storage_type)))
+        else:
+            cols.append(pa.array(arr, type=f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+class ShardWriter:
+    """Streams chunks of tuples into `root/split/part-NNNNN.parquet`, starting a new part file
+    once the current one holds `max_rows_per_shard` rows or about `max_bytes_per_shard` bytes
+    (uncompressed Arrow size). Use as a context manager or call `close()`, which returns the
+    number of rows written. A split with no rows still gets one empty shard (its schema)."""
+
+    def __init__(self, root: str, split: str, manifest: Manifest, *,
+                 max_rows_per_shard: int = DEFAULT_MAX_ROWS,
+                 max_bytes_per_shard: int = DEFAULT_MAX_BYTES,
+                 endpoint_url: str | None = None, region: str | None = None):
+        if max_rows_per_shard < 1 or max_bytes_per_shard < 1:
+            raise ValueError("max_rows_per_shard and max_bytes_per_shard must be >= 1")
+        self.root, self.split, self.manifest = root, split, manifest
+        self.max_rows, self.max_bytes = int(max_rows_per_shard), int(max_bytes_per_shard)
+        self.fs, path = _fs(root, endpoint_url, region)
+        self.dir = storage.join(path, split)
+        self.schema = arrow_schema(manifest)
+        self.rows = 0
+        self.files: list[str] = []
+        self._file = self._writer = None
+        self._rows_in_file = self._bytes_in_file = 0
+        self._closed = False
+
+    # -- context manager
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- writing
+    def write(self, columns: Mapping[str, np.ndarray]) -> None:
+        """Append a chunk: {column: array}, every manifest column, same first axis."""
+        if self._closed:
+            raise RuntimeError("this ShardWriter is closed")
+        table = _to_table(_check_chunk(columns, self.manifest), self.manifest)
+        row_bytes = max(1, table.nbytes // max(1, table.num_rows))
+        start = 0
+        while start < table.num_rows:
+            if self._writer is not None and self._full(row_bytes):
+                self._finish_file()
+            if self._writer is None:
+                self._open_file()
+            room_rows = self.max_rows - self._rows_in_file
+            room_bytes = max(1, (self.max_bytes - self._bytes_in_file) // row_bytes)
+            take = min(room_rows, room_bytes, table.num_rows - start)
+            piece = table.slice(start, take)
+            self._writer.write_table(piece)
+            self._rows_in_file += take
+            self._bytes_in_file += take * row_bytes
+            self.rows += take
+            start += take
+
+    def _full(self, row_bytes: int) -> bool:
+        return (self._rows_in_file >= self.max_rows
+                or self._bytes_in_file + row_bytes > self.max_bytes)
+
+    def _open_file(self) -> None:
+        self.fs.makedirs(self.dir, exist_ok=True)
+        path = storage.join(self.dir, shard_name(len(self.files)))
+        self._file = self.fs.open(path, "wb")
+        self._writer = pq.ParquetWriter(self._file, self.schema)
+        self.files.append(path)
+        self._rows_in_file = self._bytes_in_file = 0
+
+    def _finish_file(self) -> None:
+        self._writer.close()
+        self._file.close()
+        self._file = self._writer = None
+
+    def close(self) -> int:
+        """Finish the last part file; returns the number of rows written."""
+        if not self._closed:
+            if self._writer is None and not self.files:
+                self._open_file()  # an empty split still records its schema
+            if self._writer is not None:
+                self._finish_file()
+            self._closed = True
+        return self.rows
+
+
+def _prepare_target(fs, path: str, root: str, splits: Sequence[str], overwrite: bool) -> None:
+    """Refuse a non-empty target unless `overwrite`; with it, remove the old manifest (first)
+    and the split folders. Other files in the folder are left alone."""
+    if not fs.exists(path):
+        return
+    entries = fs.ls(path, detail=False)
+    if not entries:
+        return
+    if not overwrite:
+        raise DataError(f"{root} already exists and is not empty; pass --overwrite "
+                        "(overwrite=True) to replace it, or choose another output folder")
+    old = storage.join(path, MANIFEST_NAME)
+    names = set(DEFAULT_SPLITS) | set(splits)
+    if fs.exists(old):
+        with fs.open(old, "r") as f:
+            try:
+                names |= set(Manifest.from_json(f.read()).splits)
+            except DataError:
+                pass
+        fs.rm(old)
+    for name in sorted(names):
+        sub = storage.join(path, name)
+        if fs.exists(sub):
+            fs.rm(sub, recursive=True)
+
+
+def write_dataset(root: str, manifest: Manifest, splits: Mapping[str, Mapping[str, np.ndarray]],
+                  overwrite: bool = False, max_rows_per_shard: int = DEFAULT_MAX_ROWS,
+                  max_bytes_per_shard: int = DEFAULT_MAX_BYTES, endpoint_url: str | None = None,
+                  region: str | None = None) -> Manifest:
+    """Write whole splits ({split: {column: array}}) as a data set; returns the manifest with
+    its row counts. manifest.json is written last, so an interrupted write never looks like
+    a complete data set. Ids must be unique over all splits."""
+    ids = [np.asarray(cols.get(ID_COLUMN, [])) for cols in splits.values()]
+    all_ids = np.concatenate([i.ravel() for i in ids]) if ids else np.zeros(0)
+    if len(np.unique(all_ids)) != len(all_ids):
+        raise DataError(f"column {ID_COLUMN!r} has repeated values; ids must be unique over all "
+                        "splits")
+    for split, cols in splits.items():  # check everything before touching the target
+        _check_chunk(cols, manifest)
+    fs, path = _fs(root, endpoint_url, region)
+    _prepare_target(fs, path, root, list(splits), overwrite)
+    fs.makedirs(path, exist_ok=True)
+    counts = {}
+    for split, cols in splits.items():
+        with ShardWriter(root, split, manifest, max_rows_per_shard=max_rows_per_shard,
+                         max_bytes_per_shard=max_bytes_per_shard, endpoint_url=endpoint_url,
+                         region=region) as writer:
+            writer.write(cols)
+        counts[split] = writer.rows
+    out = Manifest(list(manifest.modalities), list(manifest.labels), counts,
+                   manifest.description, manifest.version)
+    with fs.open(storage.join(path, MANIFEST_NAME), "w") as f:
+        f.write(out.to_json())
+    return out
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _split_names(manifest: Manifest, splits: Sequence[str] | None, root: str) -> list[str]:
+    names = list(manifest.splits) if splits is None else list(splits)
+    unknown = [s for s in names if s not in manifest.splits]
+    if unknown:
+        raise DataError(f"split(s) {unknown} are not in the data set at {root}; it has "
+                        f"{sorted(manifest.splits)}")
+    return names
+
+
+def validate(root: str, splits: Sequence[str] | None = None, endpoint_url: str | None = None,
+             region: str | None = None) -> Manifest:
+    """Check every shard's schema and row count (Parquet footers only, no data) against the
+    manifest; returns the manifest. One DataError lists every problem found."""
+    manifest = read_manifest(root, endpoint_url, region)
+    fs, _ = _fs(root, endpoint_url, region)
+    columns = [ID_COLUMN, *manifest.modality_names, *[lab.name for lab in manifest.labels]]
+    problems: list[str] = []
+    for split in _split_names(manifest, splits, root):
+        files = list_shards(root, split, endpoint_url, region)
+        if not files:
+            problems.append(f"split {split!r}: no shard files under "
+                            f"{storage.join(str(root), split)}/ (expected part-*.parquet)")
+            continue
+        rows = 0
+        for shown in files:
+            try:
+                with fs.open(_open_path(fs, shown), "rb") as f:
+                    pf = pq.ParquetFile(f)
+                    schema, n = pf.schema_arrow, pf.metadata.num_rows
+            except (OSError, pa.ArrowException) as err:
+                problems.append(f"{shown}: not a readable Parquet file ({err})")
+                continue
+            rows += n
+            problems += [p for c in columns
+                         if (p := _column_problem(shown, c, schema, manifest))]
+        if rows != manifest.splits[split]:
+            problems.append(f"split {split!r}: the shards hold {rows} rows, the manifest says "
+                            f"{manifest.splits[split]}")
+    if problems:
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DataError(f"the data set at {root} does not match its manifest:\n  "
+                        + "\n  ".join(problems[:20]) + more + f"\nTo fix: {_REWRITE_HINT}")
+    return manifest
+
+
+# ------------------------------------------------------------------------------- reading
+
+
+def tensor_to_numpy(column: pa.ChunkedArray | pa.Array,
+                    shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 values of shape (N, *shape), valid-row mask) of a fixed-shape tensor column.
+    Null rows come back as NaN and invalid."""
+    shape = tuple(int(s) for s in shape)
+    width = int(np.prod(shape))
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    values, valid = [np.zeros((0, width), np.float32)], [np.zeros(0, bool)]
+    for chunk in chunks:
+        st = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+        flat = st.values.slice(st.offset * width, len(st) * width)
+        vals = flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        vals = vals.reshape(len(st), width)
+        ok = np.ones(len(st), dtype=bool)
+        if st.null_count:
+            ok = ~st.is_null().to_numpy(zero_copy_only=False)
+            vals = np.where(ok[:, None], vals, np.float32(np.nan))
+        values.append(vals)
+        valid.append(ok)
+    return np.concatenate(values).reshape(-1, *shape), np.concatenate(valid)
+
+
+def _select(manifest: Manifest, columns: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """(modalities, labels) to read, in manifest order."""
+    labels = [lab.name for lab in manifest.labels]
+    if columns is None:
+        return manifest.modality_names, labels
+    unknown = [c for c in columns
+               if c not in manifest.modality_names and c not in labels and c != ID_COLUMN]
+    if unknown:
+        raise DataError(f"columns {unknown} are not in this data set; it has modalities "
+                        f"{manifest.modality_names} and labels {labels}")
+    return ([m for m in manifest.modality_names if m in columns],
+            [lab for lab in labels if lab in columns])
+
+
+def _read_shard(fs, shown: str, names: list[str], manifest: Manifest) -> pa.Table:
+    """One shard's columns, after checking their types against the manifest."""
+    with fs.open(_open_path(fs, shown), "rb") as f:
+        pf = pq.ParquetFile(f)
+        problems = [p for c in names if (p := _column_problem(shown, c, pf.schema_arrow,
+                                                              manifest))]
+        if problems:
+            raise DataError("; ".join(problems) + f". To fix: {_REWRITE_HINT}")
+        return pf.read(columns=names)
+
+
+def _table_to_arrays(table: pa.Table, mods: list[str], labels: list[str], manifest: Manifest,
+                     shown: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(arrays, valid-row masks per modality) of one shard's table."""
+    out = {ID_COLUMN: table.column(ID_COLUMN).to_numpy().astype(np.int64, copy=False)}
+    valid = {}
+    for m in mods:
+        out[m], valid[m] = tensor_to_numpy(table.column(m), manifest.modality(m).shape)
+    for lab in labels:
+        col = table.column(lab)
+        if col.null_count:
+            raise DataError(f"{shown}: label column {lab!r} has {col.null_count} null value(s)")
+        dtype = np.int64 if manifest.label(lab).task == "classification" else np.float32
+        out[lab] = col.to_numpy().astype(dtype, copy=False)
+    return out, valid
+
+
+def _empty_split(mods: list[str], labels: list[str], manifest: Manifest) -> dict[str, np.ndarray]:
+    out = {ID_COLUMN: np.zeros(0, np.int64)}
+    for m in mods:
+        out[m] = np.zeros((0, *manifest.modality(m).shape), np.float32)
+    for lab in labels:
+        task = manifest.label(lab).task
+        out[lab] = np.zeros(0, np.int64 if task == "classification" else np.float32)
+    return out
+
+
+def read_split(root: str, split: str, columns: Sequence[str] | None = None,
+               nonfinite: NonFinite = "fail", endpoint_url: str | None = None,
+               region: str | None = None) -> dict[str, np.ndarray]:
+    """A whole split in memory: {"id": int64 (N,), modality: float32 (N, *shape), label: int64
+    or float32 (N,)}. `columns` picks modalities/labels (None: all; `id` always comes).
+    Rows with NaN/inf/null in a selected modality raise DataError (nonfinite="fail") or are
+    dropped (nonfinite="drop")."""
+    if nonfinite not in ("fail", "drop"):
+        raise ValueError(f"nonfinite must be 'fail' or 'drop', got {nonfinite!r}")
+    manifest = read_manifest(root, endpoint_url, region)
+    _split_names(manifest, [split], root)
+    mods, labels = _select(manifest, columns)
+    fs, _ = _fs(root, endpoint_url, region)
+    parts, masks = [], []
+    for shown in list_shards(root, split, endpoint_url, region):
+        table = _read_shard(fs, shown, [ID_COLUMN, *mods, *labels], manifest)
+        arrays, valid = _table_to_arrays(table, mods, labels, manifest, shown)
+        parts.append(arrays)
+        masks.append(valid)
+    if not parts:
+        if manifest.splits[split]:
+            raise DataError(f"split {split!r} of {root} has no shard files "
+                            f"({storage.join(str(root), split)}/part-*.parquet)")
+        return _empty_split(mods, labels, manifest)
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return _handle_nonfinite(out, {m: np.concatenate([v[m] for v in masks]) for m in mods},
+                             split, nonfinite)
+
+
+def _handle_nonfinite(out: dict[str, np.ndarray], valid: dict[str, np.ndarray], split: str,
+                      nonfinite: NonFinite) -> dict[str, np.ndarray]:
+    keep = np.ones(len(out[ID_COLUMN]), dtype=bool)
+    for name, ok in valid.items():
+        ok = ok & np.isfinite(out[name].reshape(len(ok), -1)).all(axis=1)
+        bad = int((~ok).sum())
+        if bad and nonfinite == "fail":
+            ids = out[ID_COLUMN][~ok][:5].tolist()
+            raise DataError(f"split {split!r}: modality {name!r} has {bad} row(s) with NaN, inf "
+                            f"or null values (ids {ids}{'...' if bad > 5 else ''}); clean the "
+                            "data or set data.nonfinite=drop to skip such rows")
+        keep &= ok
+    if keep.all():
+        return out
+    return {k: v[keep] for k, v in out.items()}
+
+
+def iter_batches(root: str, split: str, columns: Sequence[str], batch_size: int = 8192,
+                 endpoint_url: str | None = None,
+                 region: str | None = None) -> Any:
+    """Yield (shard path, pa.RecordBatch) of the given columns, shard by shard, batch by batch
+    (bounded memory; used by `mmcl data inspect`). Column types are checked first."""
+    manifest = read_manifest(root, endpoint_url, region)
+    fs, _ = _fs(root, endpoint_url, region)
+    for shown in list_shards(root, split, endpoint_url, region):
+        with fs.open(_open_path(fs, shown), "rb") as f:
+            pf = pq.ParquetFile(f)
+            problems = [p for c in columns if c != ID_COLUMN and
+                        (p := _column_problem(shown, c, pf.schema_arrow, manifest))]
+            if problems:
+                raise DataError("; ".join(problems) + f". To fix: {_REWRITE_HINT}")
+            for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns)):
+                yield shown, batch

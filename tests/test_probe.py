@@ -1,0 +1,114 @@
+"""Linear probes: logistic/ridge fits, metrics, L2 selection and few-label subsets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mmcl.evaluate.probe import (balanced_accuracy, few_label_subset, fit_probe, score,
+                                 select_l2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def blobs(n: int, seed: int, scale: float = 1.0, offset: float = 0.0):
+    """Three well separated classes in 5-D (features on an arbitrary scale)."""
+    rng = np.random.default_rng(seed)
+    centres = np.array([[4, 0, 0, 0, 0], [0, 4, 0, 0, 0], [0, 0, 4, 0, 0]], float)
+    y = rng.integers(0, 3, size=n)
+    x = centres[y] + rng.normal(size=(n, 5))
+    return (x * scale + offset).astype(np.float32), y
+
+
+def test_logistic_probe_separates_classes():
+    x, y = blobs(600, 0)
+    xt, yt = blobs(300, 1)
+    probe = fit_probe(x, y, "classification")
+    assert probe.num_classes == 3 and probe.weight.shape == (5, 3)
+    result = score(probe, xt, yt)
+    assert set(result) == {"accuracy", "balanced_accuracy"}
+    assert result["accuracy"] > 0.97 and result["balanced_accuracy"] > 0.97
+
+
+def test_features_are_standardised_with_train_statistics():
+    x, y = blobs(600, 0, scale=1e4, offset=-3e5)
+    xt, yt = blobs(300, 1, scale=1e4, offset=-3e5)
+    probe = fit_probe(x, y, "classification", max_iter=50)
+    assert torch.allclose(probe.mean, torch.as_tensor(x, dtype=torch.float64).mean(0))
+    assert score(probe, xt, yt)["accuracy"] > 0.97
+
+
+def test_balanced_accuracy_differs_from_accuracy_on_imbalanced_data():
+    rng = np.random.default_rng(0)
+    y = (rng.uniform(size=2000) < 0.1).astype(np.int64)  # 10% positives
+    x = rng.normal(size=(2000, 3))                       # features carry nothing
+    probe = fit_probe(x[:1500], y[:1500], "classification", num_classes=2)
+    result = score(probe, x[1500:], y[1500:])
+    assert result["accuracy"] > 0.85        # predicts the majority class
+    assert result["balanced_accuracy"] == pytest.approx(0.5, abs=0.02)
+    assert balanced_accuracy(np.array([0, 0, 0, 1]), np.array([0, 0, 0, 0])) == 0.5
+
+
+def test_ridge_probe_r2():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(800, 6))
+    w = rng.normal(size=6)
+    y = x @ w + 3.0 + 0.05 * rng.normal(size=800)
+    probe = fit_probe(x[:600], y[:600], "regression")
+    assert score(probe, x[600:], y[600:])["r2"] > 0.99
+    assert probe.predict(x[600:]).shape == (200,)
+    noise = rng.normal(size=800)
+    probe = fit_probe(x[:600], noise[:600], "regression")
+    assert score(probe, x[600:], noise[600:])["r2"] < 0.05
+
+
+def test_l2_shrinks_weights_and_fits_are_deterministic():
+    x, y = blobs(400, 3)
+    weak = fit_probe(x, y, "classification", l2=1e-4)
+    strong = fit_probe(x, y, "classification", l2=1.0)
+    assert strong.weight.norm() < 0.5 * weak.weight.norm()
+    again = fit_probe(torch.as_tensor(x), torch.as_tensor(y), "classification", l2=1e-4)
+    assert torch.equal(weak.weight, again.weight) and torch.equal(weak.bias, again.bias)
+
+
+def test_select_l2_picks_the_best_validation_score():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(120, 40))
+    y = (x[:, 0] + 2 * rng.normal(size=120) > 0).astype(np.int64)
+    grid = (1e-5, 1e-2, 1.0)
+    chosen = select_l2(x[:60], y[:60], x[60:], y[60:], "classification", grid=grid)
+    scores = {l2: score(fit_probe(x[:60], y[:60], "classification", l2=l2), x[60:], y[60:])
+              ["balanced_accuracy"] for l2 in grid}
+    assert chosen.l2 in grid
+    assert scores[chosen.l2] == max(scores.values())
+
+
+def test_probe_input_errors():
+    x, y = blobs(50, 0)
+    with pytest.raises(ValueError, match="targets"):
+        fit_probe(x, y[:-1], "classification")
+    with pytest.raises(ValueError, match="task"):
+        fit_probe(x, y, "ranking")
+    with pytest.raises(ValueError, match="0..1"):
+        fit_probe(x, y, "classification", num_classes=2)
+    x[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        fit_probe(x, y, "classification")
+
+
+def test_few_label_subset():
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 3)
+    idx = few_label_subset(labels, per_class=5, seed=0)
+    assert np.all(np.diff(idx) > 0)  # sorted, no repeats
+    assert np.bincount(labels[idx]).tolist() == [5, 5, 3]
+    np.testing.assert_array_equal(idx, few_label_subset(labels, per_class=5, seed=0))
+    assert not np.array_equal(idx, few_label_subset(labels, per_class=5, seed=1))
+    with pytest.raises(ValueError):
+        few_label_subset(labels, per_class=0, seed=0)
