@@ -1,0 +1,385 @@
+"""The data plane: shards -> Ray Data -> one stream of torch batches per training worker.
+
+    build_dataset(root, split, manifest, ...)      read_parquet over the split's shard files,
+                                                   seeded file shuffle, column selection and a
+                                                   fused per-block check of non-finite rows
+    TorchTrainer(datasets={"train": ds},           what the training run uses: Train V2 splits
+        dataset_config=train_data_config())        the dataset with streaming_split(n, equal=True)
+    ray.train.get_dataset_shard("train")           inside each worker
+    iter_worker_batches(shard, batch_size, ...)    dict[str, torch.Tensor], drop_last=True
+
+Facts this module relies on (Ray 2.60, verified; see notes/ray_train_v2.md):
+
+- Ray Data turns Arrow's canonical `arrow.fixed_shape_tensor` columns into (N, *shape) float32
+  ndarrays / tensors by itself in `iter_batches(batch_format="numpy")` and
+  `iter_torch_batches`, so no decode step is needed. Measured on 20k and 200k rows x 3
+  modalities x 32 features (2 cores, warm): native 1.6-2.2 s per pass, an extra pyarrow->numpy
+  decode `map_batches` 2.0-3.1 s. The only per-block UDF here checks finiteness (and the
+  column types) and hands the Arrow table on unchanged; it is fused into the read task.
+- `ray.train.DataConfig` (the V2 default) gives every worker `ds.streaming_split(world_size,
+  equal=True)`: every worker gets exactly the same number of rows (the remainder, fewer than
+  `num_workers` rows, is dropped); with `drop_last=True` and one batch size every worker then
+  takes the same number of steps, so per-step collectives (all_gather of negatives, DDP's
+  all-reduce) cannot deadlock on a short worker.
+- Each epoch (each new iteration over the shard) re-executes the dataset. A seeded
+  `FileShuffleConfig(seed, reseed_after_execution=True)` gives a different file order on each
+  execution, derived from (seed, execution index); with `preserve_order=True` the blocks reach
+  the splitter in a fixed order, so which rows each worker sees, and in which order, is
+  repeatable given the seed. Without it the assignment follows task completion order.
+- An exception raised in a Ray Data UDF reaches the consumer as
+  `RayTaskError(UserCodeException)` whose cause chain is lost; only the text survives.
+  `iter_worker_batches` turns it back into `DataError` (see `find_data_error`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from mmcl import storage
+from mmcl.data.schema import ID_COLUMN, DataError, Manifest
+
+if TYPE_CHECKING:  # Ray is imported lazily: importing mmcl.data stays cheap.
+    import ray.data
+    import ray.train
+    import torch
+
+logger = logging.getLogger(__name__)
+
+NonFinite = Literal["fail", "drop"]
+
+
+# ------------------------------------------------------------------------------ seeds
+
+
+def derive_seed(*parts: int) -> int:
+    """A stable 31-bit seed from integers (same on every machine and Python run)."""
+    state = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)
+    return int(state[0] & 0x7FFFFFFF)
+
+
+_FILE_SALT = 0x5EED_F11E & 0x7FFFFFFF
+_LOCAL_SALT = 0x10CA_15EE & 0x7FFFFFFF
+
+
+def file_shuffle_seed(seed: int, epoch: int = 0) -> int:
+    """Seed of the file order of the first execution served from `epoch` on."""
+    return derive_seed(_FILE_SALT, seed, epoch)
+
+
+def local_shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of one worker's in-stream shuffle buffer in one epoch."""
+    return derive_seed(_LOCAL_SALT, seed, epoch, rank)
+
+
+# ----------------------------------------------------------------- non-finite row counter
+
+
+@dataclass
+class DropCounter:
+    """Counts rows dropped for NaN/inf (nonfinite="drop") across Ray Data tasks.
+
+    A zero-CPU actor behind a picklable handle: create it on the driver, pass it to
+    `build_dataset(drop_counter=...)`, read it with `counts()` from the driver or a worker.
+    Counts accumulate over executions (epochs); take differences for per-epoch numbers.
+    """
+
+    handle: Any
+
+    @classmethod
+    def create(cls) -> "DropCounter":
+        import ray
+
+        return cls(_counter_actor().remote())
+
+    def add(self, split: str, rows: int, by_modality: dict[str, int]) -> None:
+        import ray
+
+        ray.get(self.handle.add.remote(split, rows, by_modality))
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """{split: {"rows": n, <modality>: n, ...}}."""
+        import ray
+
+        return ray.get(self.handle.get.remote())
+
+
+_COUNTER_CLS = None
+
+
+def _counter_actor():
+    global _COUNTER_CLS
+    if _COUNTER_CLS is None:
+        import ray
+
+        @ray.remote(num_cpus=0)
+        class _DropCounterActor:
+            def __init__(self) -> None:
+                self._counts: dict[str, dict[str, int]] = {}
+
+            def add(self, split: str, rows: int, by_modality: dict[str, int]) -> None:
+                c = self._counts.setdefault(split, {"rows": 0})
+                c["rows"] += int(rows)
+                for name, n in by_modality.items():
+                    c[name] = c.get(name, 0) + int(n)
+
+            def get(self) -> dict[str, dict[str, int]]:
+                return {k: dict(v) for k, v in self._counts.items()}
+
+        _COUNTER_CLS = _DropCounterActor
+    return _COUNTER_CLS
+
+
+# --------------------------------------------------------------------- per-block check
+
+
+def _tensor_rows(column: pa.ChunkedArray | pa.Array, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values as (N, width) float array, valid-row mask) of a fixed-shape tensor column,
+    zero-copy where Arrow allows. Null rows are reported invalid."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    values, valid = [], []
+    for chunk in chunks:
+        st = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+        flat = st.values.slice(st.offset * width, len(st) * width)
+        values.append(flat.to_numpy(zero_copy_only=False).reshape(len(st), width))
+        ok = np.ones(len(st), dtype=bool)
+        if st.null_count:
+            ok &= ~st.is_null().to_numpy(zero_copy_only=False)
+        valid.append(ok)
+    if not values:
+        return np.zeros((0, width), np.float32), np.zeros(0, bool)
+    return np.concatenate(values), np.concatenate(valid)
+
+
+def _expected_type(shape: tuple[int, ...]) -> pa.DataType:
+    return pa.fixed_shape_tensor(pa.float32(), list(shape))
+
+
+def _type_matches(t: pa.DataType, shape: tuple[int, ...]) -> bool:
+    """float32 fixed-shape tensor of `shape`, row-major (no permutation), dim names ignored."""
+    return (isinstance(t, pa.FixedShapeTensorType) and t.value_type == pa.float32()
+            and list(t.shape) == list(shape)
+            and (t.permutation is None or list(t.permutation) == list(range(len(shape)))))
+
+
+def _type_error(split: str, name: str, expected: pa.DataType, got: pa.DataType) -> DataError:
+    return DataError(f"split {split!r}: modality {name!r} is stored as {got}, but the manifest "
+                     f"says {expected}; rewrite the shards with `mmcl data` or fix manifest.json")
+
+
+class _CheckRows:
+    """The per-block UDF: validates modality column types and handles non-finite rows.
+    Arrow in, Arrow out (Ray decodes the tensor columns when a consumer iterates)."""
+
+    def __init__(self, split: str, modalities: dict[str, tuple[int, ...]], nonfinite: NonFinite,
+                 counter: DropCounter | None):
+        self.split, self.modalities, self.nonfinite, self.counter = (
+            split, modalities, nonfinite, counter)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        n = table.num_rows
+        keep = np.ones(n, dtype=bool)
+        bad_by_mod: dict[str, int] = {}
+        for name, shape in self.modalities.items():
+            col = table.column(name)
+            if not _type_matches(col.type, shape):
+                raise _type_error(self.split, name, _expected_type(shape), col.type)
+            values, valid = _tensor_rows(col, int(np.prod(shape)))
+            ok = valid & np.isfinite(values).all(axis=1)
+            nbad = int(n - ok.sum())
+            if nbad:
+                bad_by_mod[name] = nbad
+                if self.nonfinite == "fail":
+                    ids = table.column(ID_COLUMN).to_numpy()[~ok][:5].tolist()
+                    raise DataError(
+                        f"split {self.split!r}: modality {name!r} has {nbad} row(s) with NaN, "
+                        f"inf or null values in this block (ids {ids}); clean the data or set "
+                        f"data.nonfinite=drop to skip such rows")
+                keep &= ok
+        if not bad_by_mod:
+            return table
+        dropped = int(n - keep.sum())
+        logger.warning("split %r: dropped %d row(s) with NaN/inf (%s)", self.split, dropped,
+                       ", ".join(f"{k}: {v}" for k, v in bad_by_mod.items()))
+        if self.counter is not None:
+            self.counter.add(self.split, dropped, bad_by_mod)
+        return table.filter(pa.array(keep))
+
+
+# -------------------------------------------------------------------------- the dataset
+
+
+def _shard_files(root: str, split: str, endpoint_url: str | None,
+                 region: str | None) -> tuple[list[str], Any]:
+    """(paths for read_parquet, pyarrow filesystem or None) of one split's shards."""
+    from mmcl.data.shards import list_shards
+
+    files = list(list_shards(root, split, endpoint_url, region))
+    if not files:
+        raise DataError(f"split {split!r} of {root} has no shard files "
+                        f"({storage.join(root, split)}/part-*.parquet)")
+    if not storage.is_remote(root):
+        return [f[len("file://"):] if f.startswith("file://") else f for f in files], None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, _ = storage.filesystem(root, endpoint_url, region)
+    return [fs._strip_protocol(f) for f in files], PyFileSystem(FSSpecHandler(fs))
+
+
+def _check_schema(path: str, filesystem: Any, split: str, manifest: Manifest,
+                  modalities: list[str], labels: list[str]) -> None:
+    """Fail on the driver, before any Ray Data task runs, if a column is missing or mistyped."""
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path, filesystem=filesystem)
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"split {split!r}: cannot read the Parquet schema of {path}: {err}") from None
+    for name in [ID_COLUMN, *modalities, *labels]:
+        if name not in schema.names:
+            raise DataError(f"split {split!r}: shard {path} has no column {name!r} "
+                            f"(it has {schema.names})")
+    for name in modalities:
+        shape = manifest.modality(name).shape
+        if not _type_matches(schema.field(name).type, shape):
+            raise _type_error(split, name, _expected_type(shape), schema.field(name).type)
+
+
+def build_dataset(root: str, split: str, manifest: Manifest,
+                  columns: list[str] | None = None, *, seed: int = 0, epoch: int = 0,
+                  shuffle_files: bool = True, nonfinite: NonFinite = "fail",
+                  drop_counter: DropCounter | None = None, endpoint_url: str | None = None,
+                  region: str | None = None) -> "ray.data.Dataset":
+    """A lazy Ray Dataset of one split: `id`, the selected modality and label columns.
+
+    `columns` names modalities and/or labels to keep (None: every column in the manifest);
+    `id` is always kept. With `shuffle_files` the file order is shuffled on every execution
+    (every epoch) from a seed derived from (seed, epoch); `epoch` is the first epoch this
+    dataset serves (pass the resume epoch so a resumed run does not replay epoch 0's order).
+    Modality columns stay Arrow fixed-shape tensors; consumers get (N, *shape) float32 arrays.
+    Rows with NaN/inf/null in a modality raise `DataError` (nonfinite="fail") or are dropped
+    and counted in `drop_counter` (nonfinite="drop").
+    """
+    import ray.data
+    from ray.data import FileShuffleConfig
+
+    if nonfinite not in ("fail", "drop"):
+        raise ValueError(f"nonfinite must be 'fail' or 'drop', got {nonfinite!r}")
+    label_names = [lab.name for lab in manifest.labels]
+    if columns is None:
+        mods, labels = manifest.modality_names, label_names
+    else:
+        unknown = [c for c in columns
+                   if c not in manifest.modality_names and c not in label_names and c != ID_COLUMN]
+        if unknown:
+            raise DataError(f"columns {unknown} are not in this data set; it has modalities "
+                            f"{manifest.modality_names} and labels {label_names}")
+        mods = [c for c in manifest.modality_names if c in columns]
+        labels = [c for c in label_names if c in columns]
+    paths, filesystem = _shard_files(root, split, endpoint_url, region)
+    _check_schema(paths[0], filesystem, split, manifest, mods, labels)
+
+    shuffle = (FileShuffleConfig(seed=file_shuffle_seed(seed, epoch), reseed_after_execution=True)
+               if shuffle_files else None)
+    # select_columns is pushed down into the Parquet read: other columns are never decoded.
+    ds = ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle,
+                               partitioning=None).select_columns([ID_COLUMN, *mods, *labels])
+    check = _CheckRows(split, {m: manifest.modality(m).shape for m in mods}, nonfinite,
+                       drop_counter)
+    # batch_size=None: one call per block, fused into the read task; Arrow in and out.
+    return ds.map_batches(check, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+
+
+# ------------------------------------------------------------------------ worker splits
+
+
+def ingest_options(deterministic: bool = True) -> "ray.data.ExecutionOptions":
+    """Train's default ingest options (carried over from the current DataContext) plus
+    preserve_order: with it, each worker's rows and their order are repeatable given a seed."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = bool(deterministic)
+    return options
+
+
+def train_data_config(deterministic: bool = True,
+                      datasets_to_split: list[str] | Literal["all"] = "all") -> "ray.train.DataConfig":
+    """The `dataset_config=` for `TorchTrainer(datasets={"train": ds, ...})`. Each worker then
+    calls `ray.train.get_dataset_shard("train")`; Ray Train builds the shards with
+    `ds.streaming_split(num_workers, equal=True)` (this is what mmcl's training uses)."""
+    import ray.train
+
+    return ray.train.DataConfig(datasets_to_split=datasets_to_split,
+                                execution_options=ingest_options(deterministic))
+
+
+def split_for_workers(ds: "ray.data.Dataset", num_workers: int,
+                      deterministic: bool = True) -> list["ray.data.DataIterator"]:
+    """The same split Ray Train makes, for use outside a TorchTrainer (benchmarks, custom
+    actors): `num_workers` iterators with exactly equal row counts. All of them must be
+    iterated concurrently each epoch (there is a barrier at the start of every epoch).
+    Like Ray Train, this sets the execution options of `ds`'s DataContext."""
+    if num_workers < 1:
+        raise ValueError("num_workers must be >= 1")
+    ds.context.execution_options = ingest_options(deterministic)
+    return ds.streaming_split(num_workers, equal=True)
+
+
+# ---------------------------------------------------------------------- worker batches
+
+
+_DATA_ERROR_TEXT = re.compile(r"(?:mmcl\.data\.schema\.)?DataError: (.+)")
+
+
+def find_data_error(exc: BaseException) -> DataError | None:
+    """The mmcl `DataError` behind an exception from Ray (Ray Data UDF errors arrive as
+    `RayTaskError(UserCodeException)` with only the original's text), or None."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DataError):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    match = _DATA_ERROR_TEXT.search(str(exc))
+    return DataError(match.group(1).strip()) if match else None
+
+
+def iter_worker_batches(shard: "ray.data.DataIterator | ray.data.Dataset", batch_size: int, *,
+                        shuffle_buffer: int = 0, seed: int = 0, epoch: int = 0, rank: int = 0,
+                        device: "str | torch.device" = "cpu",
+                        prefetch_batches: int = 1) -> Iterator[dict[str, "torch.Tensor"]]:
+    """One epoch of one worker's shard as dict[column, tensor] batches of exactly
+    `batch_size` rows (drop_last), modalities (B, *shape) float32, `id` int64.
+
+    The in-stream shuffle (`shuffle_buffer` rows; 0 = off) is seeded from (seed, epoch, rank).
+    Every worker of an equal split gets the same number of batches. A `DataError` raised in
+    the data pipeline is re-raised here as `DataError`.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    kwargs: dict[str, Any] = {}
+    if shuffle_buffer:
+        kwargs.update(local_shuffle_buffer_size=int(shuffle_buffer),
+                      local_shuffle_seed=local_shuffle_seed(seed, epoch, rank))
+    batches = shard.iter_torch_batches(batch_size=int(batch_size), drop_last=True,
+                                       device=device, prefetch_batches=prefetch_batches,
+                                       **kwargs)
+    try:
+        yield from batches
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - re-raised unless it carries a DataError
+        data_error = find_data_error(err)
+        if data_error is None:
+            raise
+        raise data_error from None

@@ -1,0 +1,170 @@
+"""The Ray data plane: shards -> Ray Data -> equal worker streams of torch batches."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mmcl.data import pipeline
+from mmcl.data.schema import DataError
+from mmcl.data.shards import list_shards, read_manifest, read_split
+from mmcl.data.synth import generate
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    # 4 logical CPUs on a 2-core machine: Ray Data needs whole CPUs beside the consumers.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def rus(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("rus"))
+    generate("rus", root, n=600, seed=0)
+    return root, read_manifest(root)
+
+
+def consume(iterators, batch_size, **kwargs):
+    """Iterate the workers' streams concurrently, as Ray Train's workers do."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(args):
+        rank, it = args
+        return list(pipeline.iter_worker_batches(it, batch_size, rank=rank, **kwargs))
+
+    with ThreadPoolExecutor(len(iterators)) as pool:
+        return list(pool.map(run, enumerate(iterators)))
+
+
+def test_workers_get_equal_full_batches_of_the_right_tensors(rus):
+    root, manifest = rus
+    ds = pipeline.build_dataset(root, "train", manifest, seed=0)
+    per_worker = consume(pipeline.split_for_workers(ds, 2), batch_size=32)
+    n = manifest.splits["train"]
+    assert [len(b) for b in per_worker] == [(n // 2) // 32] * 2
+    batch = per_worker[0][0]
+    for spec in manifest.modalities:
+        assert batch[spec.name].shape == (32, *spec.shape)
+        assert batch[spec.name].dtype == torch.float32
+    assert batch["id"].dtype == torch.int64
+    ids = torch.cat([b["id"] for worker in per_worker for b in worker]).tolist()
+    assert len(ids) == len(set(ids)), "a row reached two workers"
+
+
+def test_workers_see_disjoint_rows_that_cover_the_split(rus):
+    root, manifest = rus
+    all_ids = set(read_split(root, "train", columns=[])["id"].tolist())
+    ds = pipeline.build_dataset(root, "train", manifest, seed=0)
+    per_worker = consume(pipeline.split_for_workers(ds, 3), batch_size=1)
+    seen = [set(torch.cat([b["id"] for b in batches]).tolist()) for batches in per_worker]
+    assert len({len(s) for s in seen}) == 1, "workers got different row counts"
+    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
+    union = set().union(*seen)
+    assert union <= all_ids and len(all_ids - union) < 3  # only the equal-split remainder
+
+
+def test_streamed_values_equal_the_shards(rus):
+    root, manifest = rus
+    expected = read_split(root, "train")
+    ds = pipeline.build_dataset(root, "train", manifest, shuffle_files=False)
+    (batches,) = consume(pipeline.split_for_workers(ds, 1), batch_size=50)
+    got = {k: torch.cat([b[k] for b in batches]).numpy() for k in batches[0]}
+    row = {int(i): j for j, i in enumerate(expected["id"])}
+    idx = [row[int(i)] for i in got["id"]]
+    for name in manifest.modality_names:
+        np.testing.assert_array_equal(got[name], expected[name][idx])
+
+
+def test_file_order_is_seeded_and_changes_between_epochs(tmp_path, rus):
+    root, manifest = rus
+    # Many small shards, so that a file shuffle is visible.
+    from mmcl.data.shards import write_dataset
+
+    small = str(tmp_path / "small")
+    write_dataset(small, manifest, {"train": read_split(root, "train")}, max_rows_per_shard=40)
+
+    def epoch_ids(split):
+        (batches,) = consume(split, batch_size=40)
+        return torch.cat([b["id"] for b in batches]).tolist()
+
+    # As in Ray Train: one split per run, iterated once per epoch.
+    split_a = pipeline.split_for_workers(
+        pipeline.build_dataset(small, "train", manifest, seed=3), 1)
+    split_b = pipeline.split_for_workers(
+        pipeline.build_dataset(small, "train", manifest, seed=3), 1)
+    first_a, second_a = epoch_ids(split_a), epoch_ids(split_a)
+    assert first_a == epoch_ids(split_b), "same seed, different order"
+    assert first_a != second_a, "the second epoch repeated the first epoch's order"
+    assert sorted(first_a) == sorted(second_a)
+
+
+def test_in_stream_shuffle_is_seeded_per_epoch(rus):
+    root, manifest = rus
+    ds = pipeline.build_dataset(root, "train", manifest, shuffle_files=False)
+
+    def ids(epoch):
+        (batches,) = consume(pipeline.split_for_workers(ds, 1), batch_size=32,
+                             shuffle_buffer=128, seed=1, epoch=epoch)
+        return torch.cat([b["id"] for b in batches]).tolist()
+
+    assert ids(0) == ids(0)
+    assert ids(0) != ids(1)
+
+
+def _poison(root, tmp_path, manifest):
+    """A copy of the train split whose shard has one NaN in modality 'a'."""
+    from mmcl.data.shards import write_dataset
+
+    arrays = read_split(root, "train")
+    name = manifest.modality_names[0]
+    arrays[name][7, 0] = np.nan
+    bad = str(tmp_path / "nan")
+    write_dataset(bad, manifest, {"train": arrays})
+    return bad, name, int(arrays["id"][7])
+
+
+def test_nonfinite_rows_fail_with_a_data_error_naming_modality_and_id(tmp_path, rus):
+    root, manifest = rus
+    bad, name, bad_id = _poison(root, tmp_path, manifest)
+    ds = pipeline.build_dataset(bad, "train", manifest, nonfinite="fail")
+    with pytest.raises(DataError, match=rf"modality '{name}'.*{bad_id}.*data.nonfinite=drop"):
+        consume(pipeline.split_for_workers(ds, 1), batch_size=32)
+
+
+def test_nonfinite_rows_are_dropped_and_counted(tmp_path, rus):
+    root, manifest = rus
+    bad, name, bad_id = _poison(root, tmp_path, manifest)
+    counter = pipeline.DropCounter.create()
+    ds = pipeline.build_dataset(bad, "train", manifest, nonfinite="drop", drop_counter=counter,
+                                shuffle_files=False)
+    (batches,) = consume(pipeline.split_for_workers(ds, 1), batch_size=1)
+    ids = torch.cat([b["id"] for b in batches]).tolist()
+    assert bad_id not in ids and len(ids) == manifest.splits["train"] - 1
+    assert counter.counts()["train"] == {"rows": 1, name: 1}
+
+
+def test_a_shard_that_disagrees_with_the_manifest_fails_before_reading(tmp_path, rus):
+    root, manifest = rus
+    arrays = read_split(root, "train")
+    name = manifest.modality_names[0]
+    table = pa.table({"id": arrays["id"],
+                      name: pa.array(arrays[name].tolist(), pa.list_(pa.float32()))})
+    (tmp_path / "bad" / "train").mkdir(parents=True)
+    path = tmp_path / "bad" / "train" / "part-00000.parquet"
+    pq.write_table(table, path)
+    with pytest.raises(DataError, match=rf"{name}"):
+        pipeline.build_dataset(str(tmp_path / "bad"), "train", manifest, columns=[name])
+
+
+def test_empty_split_names_the_folder(tmp_path, rus):
+    root, manifest = rus
+    with pytest.raises(DataError, match="no shard files"):
+        pipeline.build_dataset(str(tmp_path), "train", manifest)
+    assert list_shards(root, "train")
