@@ -1,0 +1,276 @@
+"""`mmcl pretrain` and `ray_jobs/pretrain.py`: from a validated config to a finished run folder.
+
+    resolve data (generate the controlled set when no path is given) -> check the shards
+    -> start or join Ray, with a CPU budget that leaves Ray Data at least one CPU
+    -> Ray Data streams the training split to a TorchTrainer -> export the final model
+
+A run folder (storage.path/storage.name) holds Ray Train's checkpoints plus, at the end,
+    model/          weights.pt, config.yaml, manifest.json  (mmcl.load opens it, no Ray)
+    config.yaml     the resolved config
+    metrics.jsonl   one JSON line per epoch
+Rerunning with the same storage path and name resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from mmcl import config as config_mod
+from mmcl.config import RunConfig
+from mmcl.data.schema import DataError, Manifest
+from mmcl.data.shards import read_manifest, validate
+from mmcl.storage import filesystem, join
+from mmcl.train.local import steps_per_epoch
+
+DATA_CPUS = 1  # Ray Data's read/decode tasks need a whole CPU of their own
+
+
+class LaunchError(RuntimeError):
+    """Ray cannot run the job as configured; the message says what to change."""
+
+
+@dataclass
+class RunResult:
+    run_url: str
+    checkpoint_url: str | None
+    history: list[dict] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def model_url(self) -> str:
+        return join(self.run_url, "model")
+
+    def summary(self) -> str:
+        last = self.history[-1] if self.history else {}
+        lines = [f"finished in {self.elapsed_s:.1f}s: {len(self.history)} epochs, "
+                 f"final loss {last.get('loss', float('nan')):.4f}",
+                 f"  run:        {self.run_url}",
+                 f"  model:      {self.model_url}   (mmcl.load(path) opens it)",
+                 f"  metrics:    {join(self.run_url, 'metrics.jsonl')}"]
+        if self.checkpoint_url:
+            lines.append(f"  checkpoint: {self.checkpoint_url}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- data
+
+
+def remote(cfg: RunConfig) -> dict:
+    """Where s3:// data and runs live when not on AWS itself (MinIO, Ceph, ...)."""
+    return {"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region}
+
+
+def training_columns(manifest: Manifest) -> list[str]:
+    """Modalities and task labels; the controlled data's latent factors stay on disk."""
+    return manifest.modality_names + [lab.name for lab in manifest.labels
+                                      if lab.role == "label"]
+
+
+def resolve_data(cfg: RunConfig) -> str:
+    """The data set's URL; the controlled data set is generated once into storage/_data."""
+    if cfg.data.path:
+        return cfg.data.path
+    from mmcl.data.synth import generate
+
+    synth = cfg.data.synth
+    root = join(cfg.storage.path, "_data", f"{synth.preset}-n{synth.n}-seed{synth.seed}")
+    fs, path = filesystem(root, cfg.storage.endpoint_url, cfg.storage.region)
+    if not fs.exists(join(path, "manifest.json")):
+        print(f"[mmcl] generating the controlled '{synth.preset}' data set ({synth.n} tuples) "
+              f"at {root}", flush=True)
+        generate(synth.preset, root, n=synth.n, seed=synth.seed, overwrite=True, **remote(cfg))
+    return root
+
+
+def prepare_data(cfg: RunConfig) -> tuple[str, Manifest]:
+    """Validate the shards against the manifest and restrict it to the run's columns."""
+    root = resolve_data(cfg)
+    validate(root, splits=[cfg.data.train_split], **remote(cfg))
+    manifest = read_manifest(root, **remote(cfg)).select(cfg.data.modalities,
+                                                         cfg.data.label_columns)
+    if manifest.splits.get(cfg.data.train_split, 0) == 0:
+        raise DataError(f"the '{cfg.data.train_split}' split of {root} is empty")
+    return root, manifest
+
+
+# -------------------------------------------------------------------------------- ray
+
+
+def cpus_needed(cfg: RunConfig) -> int:
+    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + DATA_CPUS
+
+
+def start_ray(cfg: RunConfig, address: str | None) -> None:
+    """Start local Ray sized so Ray Data keeps a CPU, or join a cluster and check it fits."""
+    import ray
+
+    if ray.is_initialized():
+        available = ray.cluster_resources().get("CPU", 0)
+    elif address:
+        ray.init(address=address, log_to_driver=True)
+        available = ray.cluster_resources().get("CPU", 0)
+    else:
+        # Logical CPUs may exceed physical cores; what matters is that the training workers
+        # never take the last CPU that Ray Data's read tasks wait for.
+        num_cpus = max(os.cpu_count() or 1, cpus_needed(cfg))
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 log_to_driver=True)
+        available = num_cpus
+    if available < cpus_needed(cfg):
+        raise LaunchError(
+            f"the Ray cluster has {available:g} CPUs; this run needs {cpus_needed(cfg)} "
+            f"({cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPU + "
+            f"{DATA_CPUS} for Ray Data). Lower scaling.num_workers or "
+            f"scaling.cpus_per_worker, or add nodes")
+    if cfg.scaling.use_gpu and ray.cluster_resources().get("GPU", 0) < cfg.scaling.num_workers:
+        raise LaunchError(
+            f"scaling.use_gpu is on but the cluster has "
+            f"{ray.cluster_resources().get('GPU', 0):g} GPUs for {cfg.scaling.num_workers} "
+            f"workers; set scaling.use_gpu=false or add GPU nodes")
+
+
+def run_name(cfg: RunConfig) -> str:
+    return cfg.storage.name or f"{cfg.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def storage_filesystem(cfg: RunConfig):
+    """A pyarrow filesystem for Ray Train when storage is remote with a custom endpoint."""
+    if not cfg.storage.path.startswith("s3://"):
+        return None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, _ = filesystem(cfg.storage.path, cfg.storage.endpoint_url, cfg.storage.region)
+    return PyFileSystem(FSSpecHandler(fs))
+
+
+def storage_root(cfg: RunConfig) -> str:
+    """Ray's storage_path: absolute for local folders, bucket/prefix for a custom filesystem."""
+    if cfg.storage.path.startswith("s3://"):
+        return cfg.storage.path[len("s3://"):]
+    return os.path.abspath(os.path.expanduser(cfg.storage.path))
+
+
+# ------------------------------------------------------------------------------ outputs
+
+
+def finish_run(cfg: RunConfig, manifest: Manifest, run_url: str, state: dict) -> None:
+    """Write what a user reads without Ray: model/, config.yaml, metrics.jsonl."""
+    from mmcl.train.checkpoint import export_model
+
+    export_model(state, cfg, manifest, join(run_url, "model"), cfg.storage.endpoint_url,
+                 cfg.storage.region)
+    fs, path = filesystem(run_url, cfg.storage.endpoint_url, cfg.storage.region)
+    with fs.open(join(path, "config.yaml"), "w") as f:
+        f.write(config_mod.dump(cfg))
+    with fs.open(join(path, "metrics.jsonl"), "w") as f:
+        for row in state["history"]:
+            f.write(json.dumps(row) + "\n")
+
+
+# --------------------------------------------------------------------------------- main
+
+
+def train_steps(cfg: RunConfig, manifest: Manifest, workers: int) -> int:
+    """Steps per epoch of every worker: an equal split of the training rows, full batches."""
+    return steps_per_epoch(manifest.splits[cfg.data.train_split], cfg.train.batch_size, workers)
+
+
+def pretrain(cfg: RunConfig, address: str | None = None, in_process: bool = False) -> RunResult:
+    start = time.perf_counter()
+    name = run_name(cfg)
+    cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"name": name})})
+    run_url = join(cfg.storage.path, name)
+    root, manifest = prepare_data(cfg)
+    steps = train_steps(cfg, manifest, 1 if in_process else cfg.scaling.num_workers)
+    if in_process:
+        state = _pretrain_in_process(cfg, root, manifest)
+        checkpoint_url = None
+    else:
+        state, checkpoint_url = _pretrain_on_ray(cfg, address, root, manifest, steps, name)
+    finish_run(cfg, manifest, run_url, state)
+    return RunResult(run_url, checkpoint_url, list(state["history"]),
+                     time.perf_counter() - start)
+
+
+def _pretrain_in_process(cfg: RunConfig, root: str, manifest: Manifest) -> dict:
+    from mmcl.data.shards import read_split
+    from mmcl.train.local import fit_in_memory
+
+    columns = training_columns(manifest)
+    train = read_split(root, cfg.data.train_split, columns=columns, **remote(cfg),
+                       nonfinite=cfg.data.nonfinite)
+
+    def log(summary):
+        print("[mmcl] epoch {epoch}/{total}  step {step}  loss {loss:.4f}  "
+              "{samples_per_s:.0f} samples/s".format(total=cfg.train.epochs, **summary),
+              flush=True)
+
+    return fit_in_memory(cfg, manifest, train, on_epoch=log).state_dict()
+
+
+def make_trainer(cfg: RunConfig, root: str, manifest: Manifest, steps: int, name: str,
+                 loop: Callable[[dict], object] | None = None):
+    """The TorchTrainer of a run: Ray Data streams the training split to `num_workers` DDP
+    workers that run `loop` (default: mmcl's train_loop_per_worker). Same storage path and
+    name = the same run: fit() then resumes from its latest checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from mmcl.data.pipeline import build_dataset, train_data_config
+    from mmcl.train.worker import train_loop_per_worker
+
+    dataset = build_dataset(root, cfg.data.train_split, manifest, training_columns(manifest),
+                            seed=cfg.train.seed, nonfinite=cfg.data.nonfinite, **remote(cfg))
+    return TorchTrainer(
+        loop or train_loop_per_worker,
+        train_loop_config={"run": cfg.model_dump(mode="json"), "manifest": manifest.to_json(),
+                           "steps_per_epoch": steps},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_root(cfg),
+            storage_filesystem=storage_filesystem(cfg),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        datasets={"train": dataset},
+        dataset_config=train_data_config(),
+    )
+
+
+def user_error(err: Exception) -> Exception:
+    """The error a user can act on behind a failed run: a worker's DataError, ObjectiveError
+    or NonFiniteLossError (their messages say what to change), else the run's own error."""
+    from mmcl.data.pipeline import find_data_error
+    from mmcl.objectives.base import ObjectiveError
+    from mmcl.train.engine import NonFiniteLossError
+
+    for failure in getattr(err, "worker_failures", {}).values():
+        cause = failure
+        while cause is not None:
+            if isinstance(cause, (DataError, ObjectiveError, NonFiniteLossError)):
+                return cause
+            cause = cause.__cause__
+        data_error = find_data_error(failure)
+        if data_error is not None:
+            return data_error
+    return err
+
+
+def _pretrain_on_ray(cfg: RunConfig, address, root, manifest, steps, name):
+    from mmcl.train.checkpoint import read_checkpoint_state
+
+    import ray.train
+
+    start_ray(cfg, address)
+    try:
+        result = make_trainer(cfg, root, manifest, steps, name).fit()
+    except ray.train.TrainingFailedError as err:
+        raise user_error(err) from err
+    with result.checkpoint.as_directory() as directory:
+        state = read_checkpoint_state(directory)
+    return state, result.checkpoint.path

@@ -1,0 +1,74 @@
+"""The Ray Train function every worker runs: short and linear, the same for every objective.
+
+resume from the latest checkpoint (if any) -> for each remaining epoch: stream this worker's
+shard of the training split, take steps, report the epoch's metrics (with a checkpoint every
+`train.checkpoint_every` epochs and at the end). Rank 0 returns the epoch history.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from mmcl.config import RunConfig
+from mmcl.data.pipeline import iter_worker_batches
+from mmcl.data.schema import Manifest
+from mmcl.train.checkpoint import read_checkpoint_state, write_checkpoint
+from mmcl.train.engine import Engine
+
+
+def _total_throughput(samples_per_s: float) -> float:
+    value = torch.tensor([samples_per_s], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value)
+    return value.item()
+
+
+def train_loop_per_worker(loop_config: dict) -> list[dict]:
+    cfg = RunConfig.model_validate(loop_config["run"])
+    manifest = Manifest.from_json(loop_config["manifest"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+
+    def wrap(module):
+        return ray.train.torch.prepare_model(
+            module, parallel_strategy_kwargs={
+                "find_unused_parameters": module.has_unused_parameters})
+
+    engine = Engine(cfg, manifest, loop_config["steps_per_epoch"],
+                    ray.train.torch.get_device(), rank, wrap=wrap)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            engine.load_state_dict(read_checkpoint_state(directory))
+        print(f"[mmcl] rank {rank}: resumed at epoch {engine.epoch}, step {engine.step}")
+
+    resumed_from_step = engine.step  # 0 on a fresh run; reported so resumes are visible
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(engine.epoch, cfg.train.epochs):
+        batches = iter_worker_batches(shard, cfg.train.batch_size,
+                                      shuffle_buffer=cfg.data.shuffle_buffer,
+                                      seed=cfg.train.seed, epoch=epoch, rank=rank,
+                                      device=engine.device)
+        summary = engine.train_epoch(batches)
+        summary["samples_per_s_total"] = _total_throughput(summary["samples_per_s"])
+        summary["resumed_from_step"] = resumed_from_step
+        if rank == 0:
+            print("[mmcl] epoch {epoch}/{epochs}  step {step}  loss {loss:.4f}  "
+                  "{samples_per_s_total:.0f} samples/s  data wait {data_wait_fraction:.1%}"
+                  .format(epochs=cfg.train.epochs, **summary), flush=True)
+        last = epoch + 1 == cfg.train.epochs
+        if last or (epoch + 1) % cfg.train.checkpoint_every == 0:
+            with tempfile.TemporaryDirectory() as directory:
+                saved = None
+                if rank == 0:  # one copy of the (replicated) state is enough
+                    write_checkpoint(directory, engine.state_dict(), cfg, manifest)
+                    saved = ray.train.Checkpoint.from_directory(directory)
+                ray.train.report(summary, checkpoint=saved)
+        else:
+            ray.train.report(summary)
+    return engine.history
