@@ -17,15 +17,6 @@ CRITICS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: extra intra-op threads only add contention (on a busy 2-core machine
-    they made these tests ~10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def one_by_one(critic, x, y):
     """s[i, j] = critic(x_i, y_j), one call per pair."""

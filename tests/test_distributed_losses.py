@@ -36,15 +36,6 @@ LABELS = torch.tensor([0, 1, 0, 2, 1, 0, 3, 1])
 SPARSE_LABELS = torch.tensor([0, 0, 1, 2, 0, 3, 4, 5])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: extra intra-op threads only add contention (on a busy 2-core machine
-    they made these tests ~10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _sup_con_two_views(z, labels):
     return sup_con(torch.stack([z["a"], z["b"]], dim=1), labels, TAU)

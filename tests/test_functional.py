@@ -14,15 +14,6 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 TAU = 0.3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: extra intra-op threads only add contention (on a busy 2-core machine
-    they made these tests ~10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def unit(*shape, seed):
     g = torch.Generator().manual_seed(seed)

@@ -12,16 +12,8 @@ from mmcl.data.shards import list_shards, read_manifest, read_split
 from mmcl.data.synth import generate
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    # 4 logical CPUs on a 2-core machine: Ray Data needs whole CPUs beside the consumers.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

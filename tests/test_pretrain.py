@@ -15,20 +15,13 @@ from mmcl.objectives import OBJECTIVES
 from mmcl.train import launcher
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
 
 TINY = ["data.synth.n=400", "train.batch_size=32", "train.warmup_epochs=0",
         "model.embed_dim=16", "model.encoder.hidden=16", "model.proj_hidden=16",
         "model.proj_dim=16", "model.fusion_heads=2", "scaling.num_workers=2",
         "train.checkpoint_every=1"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 def tiny_config(tmp_path, *extra):

@@ -10,13 +10,6 @@ from mmcl.evaluate.probe import (balanced_accuracy, few_label_subset, fit_probe,
                                  select_l2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def blobs(n: int, seed: int, scale: float = 1.0, offset: float = 0.0):
     """Three well separated classes in 5-D (features on an arbitrary scale)."""

@@ -16,14 +16,6 @@ N, TRAIN = 4000, 3000
 HIGH, CHANCE = 0.95, 0.58  # "near 100%" and "near chance" for balanced binary labels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny probes: one thread avoids OpenMP oversubscription on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def data():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -264,9 +265,15 @@ def user_error(err: Exception) -> Exception:
 def _pretrain_on_ray(cfg: RunConfig, address, root, manifest, steps, name):
     from mmcl.train.checkpoint import read_checkpoint_state
 
+    import ray.data
     import ray.train
 
     start_ray(cfg, address)
+    # One overall Ray Data bar on a terminal; none in logs, where bars become pages of
+    # carriage returns (the per-epoch lines of the workers are the progress there).
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_operator_progress_bars = False
+    data_context.enable_progress_bars = sys.stdout.isatty()
     try:
         result = make_trainer(cfg, root, manifest, steps, name).fit()
     except ray.train.TrainingFailedError as err:
