@@ -157,6 +157,7 @@ class Engine:
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),  # dropout and other global draws
             "step": self.step, "epoch": self.epoch, "history": self.history,
             "skipped_batches": self.skipped_batches,
         }
@@ -168,6 +169,8 @@ class Engine:
         for k, s in self.schedulers.items():
             s.load_state_dict(state["schedulers"][k])
         self.generator.set_state(state["generator"])
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.history = list(state["history"])
         self.skipped_batches = state.get("skipped_batches", 0)
