@@ -79,6 +79,57 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def _probe_settings(args):
+    from mmcl.evaluate.diagnostics import ProbeSettings
+    from mmcl.evaluate.embed import EmbedError
+
+    try:
+        return ProbeSettings(
+            **({"l2_grid": tuple(args.l2_grid)} if args.l2_grid else {}),
+            few_label_k=tuple(args.few_label_k),
+            few_label_seeds=tuple(range(args.few_label_seeds)),
+            max_rows=args.max_rows or None, seed=args.probe_seed)
+    except ValueError as err:
+        raise EmbedError(f"probe settings: {err}") from None
+
+
+def cmd_embed(args) -> int:
+    from mmcl.evaluate.embed import embed_run
+
+    result = embed_run(args.run, args.out, args.data, args.splits, use_ray=not args.no_ray,
+                       address=args.address, concurrency=args.concurrency,
+                       batch_size=args.batch_size, use_gpu=args.gpu, overwrite=args.overwrite)
+    print(result.summary())
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from mmcl.evaluate.embed import EmbedError
+    from mmcl.evaluate.report import evaluate_runs, format_markdown
+
+    if args.few_label_seeds < 0 or (args.max_rows is not None and args.max_rows < 0):
+        raise EmbedError("--few-label-seeds and --max-rows must be >= 0")
+    if args.batch_size < 1:
+        raise EmbedError("--batch-size must be >= 1")
+    reports, combined = evaluate_runs(
+        args.run, args.data, out=args.out, settings=_probe_settings(args),
+        use_ray=not args.no_ray, address=args.address, concurrency=args.concurrency,
+        batch_size=args.batch_size, use_gpu=args.gpu,
+        progress=lambda text: print(text, file=sys.stderr, flush=True))
+    print(format_markdown(combined or reports[0]))
+    for report in reports if combined else []:
+        print(f"per run: {report['_path']}")
+    print(f"report: {(combined or reports[0])['_path']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from mmcl.evaluate.report import compare
+
+    compare(args.runs, args.out, progress=print)
+    return 0
+
+
 # -------------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,7 +192,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ray", action="store_true",
                    help="train in this process on in-memory data (debugging, tiny data)")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("embed", help="embed a data set with a trained run (Ray Data)",
+                       description="Batch inference with Ray Data: an actor pool where each "
+                       "actor loads the run's model once embeds every split and writes Parquet "
+                       "(OUT/split=<split>/*.parquet: id, the fused embedding, each modality's "
+                       "own embedding as fixed-shape tensor columns, and the label and factor "
+                       "columns). Streams: the data set may be larger than memory. Rows are "
+                       "not in id order.")
+    p.add_argument("--run", required=True, help="run folder written by `mmcl pretrain`")
+    p.add_argument("--data", help="data set to embed (default: the run's own data set)")
+    p.add_argument("--out", required=True, help="output folder (local path or s3://...)")
+    p.add_argument("--splits", nargs="+", metavar="SPLIT",
+                   help="splits to embed (default: every split of the data set)")
+    _add_embed_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("eval", help="embed, probe and diagnose runs; write eval/report.*",
+                       description="Embed train/val/test (Ray Data), fit linear probes on the "
+                       "frozen embeddings (L2 chosen on val, refit on train+val, scored on "
+                       "test; logistic regression for classification, ridge for regression), "
+                       "few-label probes, and per-factor diagnostics of the fused embedding, "
+                       "each modality's own embedding and the raw features. Writes "
+                       "RUN/eval/report.json and RUN/eval/report.md and prints the tables. "
+                       "Several runs (seeds of one config): also mean ± std over them.")
+    p.add_argument("--run", required=True, nargs="+", metavar="RUN",
+                   help="run folder(s) written by `mmcl pretrain`")
+    p.add_argument("--data", help="data set to evaluate on (default: each run's own)")
+    p.add_argument("--out", help="folder of the several-run report (default: "
+                   "FIRST_RUN/eval/seeds)")
+    _add_embed_args(p)
+    p.add_argument("--few-label-k", type=int, nargs="*", default=[5, 10, 50], metavar="K",
+                   help="labelled tuples per class of the few-label probes (default: 5 10 50; "
+                   "none: off)")
+    p.add_argument("--few-label-seeds", type=int, default=3, metavar="N",
+                   help="draws per few-label k, averaged (default: 3)")
+    p.add_argument("--l2-grid", type=float, nargs="+", metavar="L2",
+                   help="L2 strengths the validation split chooses from (default: 1e-6 .. "
+                   "1e-1, x10 steps)")
+    p.add_argument("--max-rows", type=int, default=100_000, metavar="N",
+                   help="probe on at most N rows per split, a seeded sample (default: "
+                   "100000; 0: all)")
+    p.add_argument("--probe-seed", type=int, default=0, help="seed of that sample")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="compare evaluated runs side by side (+ PNG plots)",
+                       description="Side-by-side markdown tables of several runs' evaluation "
+                       "reports (run `mmcl eval` first) and their final training metrics; "
+                       "PNG plots of the training curves and of probe scores per factor per "
+                       "run when matplotlib is installed (pip install 'mmcl[plot]').")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run folders, eval folders (e.g. RUN/eval/seeds) or report.json files")
+    p.add_argument("--out", help="output folder (default: the runs' storage folder/_report)")
+    p.set_defaults(func=cmd_report)
     return parser
+
+
+def _add_embed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-ray", action="store_true",
+                   help="embed in this process, shard by shard (small data, debugging)")
+    p.add_argument("--address", help="Ray cluster to join: 'auto' or ray://host:port "
+                   "(default: start local Ray)")
+    p.add_argument("--concurrency", type=int, metavar="N",
+                   help="most embedding actors (default: CPUs - 1 up to 4, or one per GPU)")
+    p.add_argument("--batch-size", type=int, default=1024, help="rows per inference batch")
+    gpu = p.add_mutually_exclusive_group()
+    gpu.add_argument("--gpu", dest="gpu", action="store_true", default=None,
+                     help="one GPU per actor (default: when the cluster has GPUs)")
+    gpu.add_argument("--no-gpu", dest="gpu", action="store_false", help="CPU actors only")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -2,17 +2,24 @@
 
     probe = fit_probe(x_train, y_train, "classification")   # or "regression"
     score(probe, x_test, y_test)    -> {"accuracy", "balanced_accuracy"} | {"r2"}
+    score_all(probe, x_test, y_test) -> + "macro_f1" | {"mse", "mae", "r2"}
+    linear_probe(train, val, test, task)      the protocol mmcl reports: L2 chosen on val,
+                                              refit on train+val, scored on test
+    few_label_probe(train, val, test, ks, seeds)   the same with k labelled rows per class
 
 Features are standardised with the training mean/std; classification is multinomial logistic
 regression, regression is ridge regression, both with an L2 penalty `l2 * ||W||^2` (bias not
-penalised) and fitted full batch with L-BFGS in float64 on the CPU, so a fit is deterministic.
-Both metrics are reported because the papers differ (CoMM: balanced accuracy; FactorCL:
-accuracy). `select_l2` picks the penalty on a validation split (CoMM's protocol).
+penalised), in float64 on the CPU, so a fit is deterministic: logistic regression is fitted
+full batch with L-BFGS (strong Wolfe line search, exact gradients without an autograd graph),
+ridge regression is solved in closed form. Accuracy and balanced accuracy are both reported
+because the papers differ (CoMM: balanced accuracy; FactorCL: accuracy); macro-F1 beside
+them. `select_l2` picks the penalty on a validation split (CoMM's protocol); `linear_probe`
+does that, then refits on train+val and scores on test (what `mmcl eval` reports).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 import numpy as np
@@ -71,8 +78,13 @@ def _targets(y, task: ProbeTask, n: int) -> torch.Tensor:
 
 
 def fit_probe(x, y, task: ProbeTask, num_classes: int | None = None, l2: float = 1e-4,
-              max_iter: int = 100) -> Probe:
-    """Fit a linear probe on features x (N, D) and targets y (N,) (regression also (N, K))."""
+              max_iter: int = 100, init: Probe | None = None) -> Probe:
+    """Fit a linear probe on features x (N, D) and targets y (N,) (regression also (N, K)).
+
+    Regression (ridge) is solved exactly: on standardised features the minimiser of
+    0.5 * mean ||z W + b - y||^2 + l2 ||W||^2 is b = mean(y), W = (Z'Z/N + 2 l2 I)^-1 Z'(y -
+    mean(y))/N. Classification runs L-BFGS from zero, or from `init` (a probe fitted on the
+    same features, e.g. the previous L2 of a grid: a warm start that only saves iterations)."""
     if task not in ("classification", "regression"):
         raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
     xs = _features(x)
@@ -90,32 +102,45 @@ def fit_probe(x, y, task: ProbeTask, num_classes: int | None = None, l2: float =
         outputs = num_classes
     else:
         num_classes, outputs = None, yt.shape[1]
-    weight = torch.zeros(z.shape[1], outputs, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(outputs, dtype=torch.float64, requires_grad=True)
     if task == "regression":
-        with torch.no_grad():
-            bias.copy_(yt.mean(dim=0))
+        n, d = z.shape
+        centred = yt - yt.mean(dim=0)
+        gram = z.T @ z / n + 2.0 * float(l2) * torch.eye(d, dtype=torch.float64)
+        rhs = z.T @ centred / n
+        try:
+            w = torch.linalg.solve(gram, rhs)
+        except RuntimeError:  # singular (l2 = 0 and collinear features): least norm
+            w = torch.linalg.pinv(gram) @ rhs
+        b = yt.mean(dim=0)
+        final = float(0.5 * ((z @ w + b - yt) ** 2).sum(dim=1).mean() + l2 * (w ** 2).sum())
+        return Probe(task, mean, std, w, b, None, float(l2), final)
+    weight = torch.zeros(z.shape[1], outputs, dtype=torch.float64)
+    bias = torch.zeros(outputs, dtype=torch.float64)
+    if init is not None and init.task == task and tuple(init.weight.shape) == \
+            tuple(weight.shape) and torch.equal(init.mean, mean) and torch.equal(init.std, std):
+        weight.copy_(init.weight)
+        bias.copy_(init.bias)
+    onehot = F.one_hot(yt, outputs).to(torch.float64)
+    n = len(z)
 
     def objective() -> torch.Tensor:
-        out = z @ weight + bias
-        data = (F.cross_entropy(out, yt) if task == "classification"
-                else 0.5 * ((out - yt) ** 2).sum(dim=1).mean())
-        return data + l2 * (weight ** 2).sum()
+        """Mean cross-entropy + l2 ||W||^2, and its exact gradient put into .grad (no
+        autograd graph: on small probes the graph costs more than the arithmetic)."""
+        logp = torch.log_softmax(z @ weight + bias, dim=1)
+        loss = -(logp * onehot).sum() / n + l2 * (weight ** 2).sum()
+        g = (logp.exp() - onehot) / n
+        weight.grad = z.T @ g + (2.0 * l2) * weight
+        bias.grad = g.sum(dim=0)
+        return loss
 
     opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=int(max_iter),
                             tolerance_grad=1e-7, tolerance_change=1e-10, history_size=20,
                             line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = objective()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
     with torch.no_grad():
+        opt.step(objective)
         final = float(objective())
-    return Probe(task, mean, std, weight.detach(), bias.detach(), num_classes, float(l2), final)
+    return Probe(task, mean, std, weight.detach().clone(), bias.detach().clone(), num_classes,
+                 float(l2), final)
 
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -166,3 +191,152 @@ def few_label_subset(labels, per_class: int, seed: int = 0) -> np.ndarray:
                         size=min(per_class, int((labels == c).sum())), replace=False)
              for c in np.unique(labels)]
     return np.sort(np.concatenate(picks)).astype(np.int64) if picks else np.zeros(0, np.int64)
+
+
+# ------------------------------------------------------------------- all the metrics
+
+
+def macro_f1(y_true, y_pred) -> float:
+    """Unweighted mean F1 over the classes present in y_true or y_pred (sklearn's
+    `f1_score(average="macro")`; a class never predicted and never present is not counted,
+    a class with no true positives scores 0)."""
+    y_true, y_pred = np.asarray(y_true).ravel(), np.asarray(y_pred).ravel()
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"{len(y_true)} targets but {len(y_pred)} predictions")
+    if len(y_true) == 0:
+        return float("nan")
+    scores = []
+    for c in np.union1d(np.unique(y_true), np.unique(y_pred)):
+        tp = int(((y_pred == c) & (y_true == c)).sum())
+        fp = int(((y_pred == c) & (y_true != c)).sum())
+        fn = int(((y_pred != c) & (y_true == c)).sum())
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores))
+
+
+def classification_metrics(y_true, y_pred) -> dict[str, float]:
+    """{"accuracy", "balanced_accuracy", "macro_f1"} of predicted class indices."""
+    y_true, y_pred = np.asarray(y_true).ravel(), np.asarray(y_pred).ravel()
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"{len(y_true)} targets but {len(y_pred)} predictions")
+    if len(y_true) == 0:
+        return {"accuracy": float("nan"), "balanced_accuracy": float("nan"),
+                "macro_f1": float("nan")}
+    return {"accuracy": float((y_true == y_pred).mean()),
+            "balanced_accuracy": balanced_accuracy(y_true, y_pred),
+            "macro_f1": macro_f1(y_true, y_pred)}
+
+
+def regression_metrics(y_true, y_pred) -> dict[str, float]:
+    """{"mse", "mae", "r2"}; for multi-output targets (N, K) each is averaged over outputs.
+    R² = 1 - SS_res / SS_tot against the mean of y_true (0 for a constant prediction at the
+    mean, negative when worse)."""
+    yt = np.asarray(y_true, dtype=np.float64)
+    yp = np.asarray(y_pred, dtype=np.float64)
+    yt = yt[:, None] if yt.ndim == 1 else yt
+    yp = yp[:, None] if yp.ndim == 1 else yp
+    if yt.shape != yp.shape:
+        raise ValueError(f"targets {yt.shape} and predictions {yp.shape} differ in shape")
+    if len(yt) == 0:
+        return {"mse": float("nan"), "mae": float("nan"), "r2": float("nan")}
+    err = yp - yt
+    ss_tot = np.maximum(((yt - yt.mean(axis=0)) ** 2).sum(axis=0), 1e-12)
+    return {"mse": float((err ** 2).mean()), "mae": float(np.abs(err).mean()),
+            "r2": float((1 - (err ** 2).sum(axis=0) / ss_tot).mean())}
+
+
+def score_all(probe: Probe, x, y) -> dict[str, float]:
+    """Every metric mmcl reports: accuracy, balanced accuracy and macro-F1 (classification);
+    MSE, MAE and R² (regression)."""
+    if probe.task == "classification":
+        yt = _targets(y, "classification", len(_features(x))).numpy()
+        return classification_metrics(yt, probe.predict(x))
+    yt = _targets(y, "regression", len(_features(x))).numpy()
+    return regression_metrics(yt, probe.decision(x).numpy())
+
+
+def selection_metric(task: ProbeTask) -> str:
+    """The validation metric `select_l2` maximises."""
+    return "balanced_accuracy" if task == "classification" else "r2"
+
+
+# ------------------------------------------------------------------------ the protocol
+
+
+@dataclass
+class ProbeResult:
+    """One probe run under mmcl's protocol."""
+
+    metrics: dict[str, float]                 # on the test split
+    l2: float                                 # chosen on the validation split
+    val_scores: dict[float, float] = field(default_factory=dict)  # l2 -> validation metric
+    train_rows: int = 0                       # rows of the refit (train + val)
+
+    def to_dict(self) -> dict:
+        return {**self.metrics, "l2": self.l2, "train_rows": self.train_rows,
+                "val_score_by_l2": {f"{k:g}": v for k, v in self.val_scores.items()}}
+
+
+def _cat(a, b) -> np.ndarray:
+    return np.concatenate([np.asarray(a), np.asarray(b)])
+
+
+def linear_probe(x_train, y_train, x_val, y_val, x_test, y_test, task: ProbeTask,
+                 num_classes: int | None = None, grid: Sequence[float] = DEFAULT_L2_GRID,
+                 max_iter: int = 100) -> ProbeResult:
+    """mmcl's probe protocol: for every L2 strength in `grid`, fit on train and score on val
+    (balanced accuracy / R²; ties go to the stronger penalty); refit with the chosen L2 on
+    train+val (standardised with their joint statistics); report every metric on test."""
+    if task == "classification" and num_classes is None:
+        num_classes = int(max(np.max(y_train), np.max(y_val), np.max(y_test))) + 1
+        num_classes = max(2, num_classes)
+    metric = selection_metric(task)
+    val_scores: dict[float, float] = {}
+    best_l2, best = None, -np.inf
+    probe = None
+    for l2 in sorted(grid, reverse=True):   # strong to weak penalty, each warm-started
+        probe = fit_probe(x_train, y_train, task, num_classes, l2, max_iter, init=probe)
+        value = score_all(probe, x_val, y_val)[metric]
+        val_scores[float(l2)] = value
+        if value > best:
+            best_l2, best = float(l2), value
+    if best_l2 is None:  # every score NaN (e.g. an empty val split): the middle of the grid
+        best_l2 = float(sorted(grid)[len(grid) // 2])
+    final = fit_probe(_cat(x_train, x_val), _cat(y_train, y_val), task, num_classes, best_l2,
+                      max_iter)
+    return ProbeResult(score_all(final, x_test, y_test), best_l2,
+                       dict(sorted(val_scores.items())), len(x_train) + len(x_val))
+
+
+def few_label_probe(x_train, y_train, x_val, y_val, x_test, y_test, ks: Sequence[int],
+                    seeds: Sequence[int], num_classes: int | None = None,
+                    grid: Sequence[float] = DEFAULT_L2_GRID,
+                    max_iter: int = 100) -> dict[int, dict[str, dict[str, float]]]:
+    """The few-label regime (classification): for each k and seed, k labelled rows per class
+    from train and k per class from val (`few_label_subset`, seeded), then `linear_probe` on
+    those (L2 chosen on the k-per-class val rows, refit on both) and scored on the whole test
+    split. Returns {k: {metric: {"mean", "std", "n"}}} over the seeds."""
+    y_train, y_val = np.asarray(y_train), np.asarray(y_val)
+    x_train, x_val = np.asarray(x_train), np.asarray(x_val)
+    if num_classes is None:
+        num_classes = max(2, int(max(y_train.max(), y_val.max(), np.max(y_test))) + 1)
+    out: dict[int, dict[str, dict[str, float]]] = {}
+    for k in ks:
+        runs: list[dict[str, float]] = []
+        for seed in seeds:
+            tr = few_label_subset(y_train, int(k), seed=int(seed))
+            va = few_label_subset(y_val, int(k), seed=int(seed) + 7919)
+            res = linear_probe(x_train[tr], y_train[tr], x_val[va], y_val[va], x_test, y_test,
+                               "classification", num_classes, grid, max_iter)
+            runs.append(res.metrics)
+        out[int(k)] = {m: mean_std([r[m] for r in runs]) for m in runs[0]}
+    return out
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    """{"mean", "std" (sample std, ddof=1; 0 for one value), "n"} of finite values."""
+    arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    if arr.size == 0:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
+            "n": int(arr.size)}

@@ -1,0 +1,706 @@
+"""`mmcl eval` and `mmcl report`: from trained runs to tables (and plots) a person reads.
+
+    evaluate_run(run)                embed every split (Ray Data; `use_ray=False`: in
+                                     process), probe every label and factor with every
+                                     representation, write RUN/eval/report.json + report.md
+    evaluate_runs([run1, run2, ...]) the same per run, plus mean ± std over the runs (seeds)
+    compare(report_paths, out)       `mmcl report`: runs side by side (markdown) and PNG plots
+
+report.json (one run):
+    format, kind="run", name, run, objective, objective_config, seed, epochs, data, rows,
+    embedding {out, backend, columns}, representations {kind: description},
+    settings {l2_grid, max_iter, few_label_k, few_label_seeds, few_label_kinds, max_rows,
+              protocol, ...},
+    labels  {column: entry}       columns of role "label" (the tasks)
+    factors {column: entry}       columns of role "factor" (controlled data's latents)
+    final_metrics {last line of metrics.jsonl}, elapsed_s, created
+  entry = {role, task, num_classes, carried_by, description, primary_metric,
+           chance {metric: value},
+           probes {kind: {accuracy, balanced_accuracy, macro_f1 | mse, mae, r2, l2,
+                          train_rows, val_score_by_l2}},
+           carried {kind: bool},  few_label {kind: {k: {metric: {mean, std, n}}}}}
+The several-run report (kind="seeds") has the same shape; every metric is {mean, std, n,
+values} over the runs (few-label: over the runs' means).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from mmcl import storage
+from mmcl.data.schema import LabelSpec
+from mmcl.evaluate import diagnostics as diag
+from mmcl.evaluate.embed import (EmbedError, RunInfo, embed_run, read_embeddings, read_meta,
+                                 read_run)
+from mmcl.evaluate.probe import mean_std
+
+FORMAT = 1
+EVAL_DIR = "eval"
+REPORT_JSON, REPORT_MD = "report.json", "report.md"
+META_KEYS = ("role", "task", "num_classes", "carried_by", "description", "primary_metric")
+METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "balanced acc.",
+                "macro_f1": "macro-F1", "mse": "MSE", "mae": "MAE", "r2": "R²"}
+CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+REGRESSION_METRICS = ("mse", "mae", "r2")
+
+
+class ReportError(EmbedError):
+    """A report cannot be made as asked; the message says what to do."""
+
+
+def _say(progress: Callable[[str], None] | None, text: str) -> None:
+    if progress:
+        progress(text)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_text(url: str, text: str, endpoint_url=None, region=None) -> None:
+    fs, path = storage.filesystem(url, endpoint_url, region)
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write(text)
+
+
+def read_history(run_url: str, endpoint_url=None, region=None) -> list[dict]:
+    """The epochs of metrics.jsonl of a run folder ([] when there is none)."""
+    fs, path = storage.filesystem(run_url, endpoint_url, region)
+    file = storage.join(path, "metrics.jsonl")
+    if not fs.exists(file):
+        return []
+    rows = []
+    for line in fs.cat_file(file).decode().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _clean(value):
+    """JSON without NaN (written as null) and with plain Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def write_report(report: dict, folder: str, endpoint_url=None, region=None) -> tuple[str, str]:
+    """report.json and report.md into `folder`; returns their paths."""
+    json_url, md_url = storage.join(folder, REPORT_JSON), storage.join(folder, REPORT_MD)
+    write_text(json_url, json.dumps(_clean(report), indent=2) + "\n", endpoint_url, region)
+    write_text(md_url, format_markdown(report), endpoint_url, region)
+    return json_url, md_url
+
+
+def find_report(path: str) -> str:
+    """The report.json behind a path: the file itself, FOLDER/report.json (an eval folder or a
+    several-run folder) or RUN/eval/report.json."""
+    fs, p = storage.filesystem(path)
+    for candidate in (p, storage.join(p, REPORT_JSON), storage.join(p, EVAL_DIR, REPORT_JSON)):
+        if candidate.endswith(".json") and fs.isfile(candidate):
+            return candidate
+    raise ReportError(f"no evaluation report at {path}: expected {path}/{EVAL_DIR}/"
+                      f"{REPORT_JSON}. Run `mmcl eval --run {path}` first")
+
+
+def load_report(path: str) -> dict:
+    file = find_report(path)
+    fs, p = storage.filesystem(file)
+    try:
+        report = json.loads(fs.cat_file(p).decode())
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{file} is not valid JSON ({err}); rerun `mmcl eval`") from None
+    if not isinstance(report, dict) or "labels" not in report or "factors" not in report:
+        raise ReportError(f"{file} is not an mmcl evaluation report; rerun `mmcl eval`")
+    report.setdefault("_path", file)
+    return report
+
+
+# ------------------------------------------------------------------------------ eval
+
+
+def evaluate_run(run: str, data: str | None = None, *,
+                 settings: diag.ProbeSettings | None = None, use_ray: bool = True,
+                 address: str | None = None, concurrency: int | None = None,
+                 batch_size: int = 1024, use_gpu: bool | None = None,
+                 progress: Callable[[str], None] | None = None) -> dict:
+    """Embed, probe and diagnose one run; writes RUN/eval/{embeddings/,report.json,report.md}
+    and returns the report."""
+    start = time.perf_counter()
+    settings = settings or diag.ProbeSettings()
+    info = read_run(run)
+    remote = info.remote
+    folder = storage.join(info.url, EVAL_DIR)
+    emb_out = storage.join(folder, "embeddings")
+    splits = [settings.train_split, settings.val_split, settings.test_split]
+    _say(progress, f"[mmcl] {info.name}: embedding {', '.join(splits)} "
+                   f"({'Ray Data' if use_ray else 'in process'}) -> {emb_out}")
+    embedded = embed_run(info.url, emb_out, data, splits, use_ray=use_ray, address=address,
+                         concurrency=concurrency, batch_size=batch_size, use_gpu=use_gpu,
+                         raw=True, overwrite=True, **remote)
+    meta = read_meta(emb_out, **remote)
+    specs = [LabelSpec(**lab) for lab in meta["labels"]]
+    if not specs:
+        raise ReportError(f"the data set at {embedded.data} has no label or factor columns: "
+                          "nothing to probe. Add labels (mmcl data convert takes 1-D arrays)")
+    modalities, raws = meta["modalities"], meta["raw"]
+    arrays, kinds, rows = {}, {}, {}
+    for split in splits:
+        part = diag.subsample(read_embeddings(emb_out, split, **remote), settings.max_rows,
+                              settings.seed)
+        if len(part["id"]) == 0:
+            raise ReportError(f"split {split!r} of {embedded.data} is empty: probes need "
+                              "train, val and test rows")
+        arrays[split] = part
+        kinds[split] = diag.feature_kinds(part, modalities, raws)
+        rows[split] = int(len(part["id"]))
+    _say(progress, f"[mmcl] {info.name}: probing {len(specs)} columns x "
+                   f"{len(kinds[splits[0]])} representations")
+    results = diag.probe_columns(arrays, specs, kinds, settings)
+    history = read_history(info.url, **remote)
+    cfg = info.config
+    report = {
+        "format": FORMAT, "kind": "run", "name": info.name, "run": info.url,
+        "objective": cfg.objective.name,
+        "objective_config": cfg.objective.model_dump(mode="json"),
+        "seed": cfg.train.seed, "epochs": cfg.train.epochs, "data": embedded.data,
+        "rows": rows, "rows_embedded": embedded.rows,
+        "embedding": {"out": emb_out, "backend": embedded.backend,
+                      "columns": embedded.dims},
+        "representations": diag.describe_kinds(modalities, raws),
+        "settings": settings.to_dict(),
+        "labels": {k: v for k, v in results.items() if v["role"] != "factor"},
+        "factors": {k: v for k, v in results.items() if v["role"] == "factor"},
+        "final_metrics": history[-1] if history else {},
+        "elapsed_s": time.perf_counter() - start,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    json_url, md_url = write_report(report, folder, **remote)
+    report["_path"] = json_url
+    _say(progress, f"[mmcl] {info.name}: wrote {json_url} and {md_url} "
+                   f"({report['elapsed_s']:.1f}s)")
+    return report
+
+
+def config_differences(infos: Sequence[RunInfo]) -> list[str]:
+    """Config fields (dotted) that differ between runs, seeds and names aside."""
+    ignore = {"train.seed", "storage.name", "data.synth.seed"}
+
+    def flat(d: Mapping, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, Mapping) and v:
+                out.update(flat(v, key + "."))
+            else:
+                out[key] = json.dumps(v, sort_keys=True, default=str)
+        return out
+
+    flats = [flat(i.config.model_dump(mode="json")) for i in infos]
+    keys = sorted(set().union(*flats))
+    return [k for k in keys if k not in ignore and len({f.get(k) for f in flats}) > 1]
+
+
+def evaluate_runs(runs: Sequence[str], data: str | None = None, *, out: str | None = None,
+                  progress: Callable[[str], None] | None = None, **kwargs) -> tuple[list[dict],
+                                                                                  dict | None]:
+    """`evaluate_run` for each run; with several runs also their mean ± std, written to `out`
+    (default: FIRST_RUN/eval/seeds). Returns (per-run reports, several-run report or None)."""
+    if not runs:
+        raise ReportError("name at least one run folder (--run RUN [RUN ...])")
+    infos = [read_run(r) for r in runs]   # every run checked before any work starts
+    if len({i.url for i in infos}) != len(infos):
+        raise ReportError("the same run is named twice; name each run once")
+    reports = [evaluate_run(i.url, data, progress=progress, **kwargs) for i in infos]
+    if len(reports) == 1:
+        return reports, None
+    differences = config_differences(infos)
+    if differences:
+        _say(progress, "[mmcl] warning: these runs differ in more than their seeds ("
+                       + ", ".join(differences[:8]) + ("..." if len(differences) > 8 else "")
+                       + "); the mean ± std mixes them")
+    combined = aggregate(reports)
+    combined["config_differences"] = differences
+    folder = out or storage.join(infos[0].url, EVAL_DIR, "seeds")
+    json_url, md_url = write_report(combined, folder, **infos[0].remote)
+    combined["_path"] = json_url
+    _say(progress, f"[mmcl] mean ± std over {len(reports)} runs: wrote {json_url} and {md_url}")
+    return reports, combined
+
+
+# ---------------------------------------------------------------------------- seeds
+
+
+def _stats(values: Sequence) -> dict:
+    vals = [float(v) for v in values if isinstance(v, (int, float, np.number))
+            and v is not None and math.isfinite(float(v))]
+    out = mean_std(vals)
+    out["values"] = [float(v) if v is not None else None for v in values]
+    return out
+
+
+def _numbers(d: Mapping) -> list[str]:
+    return [k for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def _agg_entry(entries: Sequence[dict]) -> dict:
+    base = entries[0]
+    out = {k: base.get(k) for k in META_KEYS}
+    out["carried"] = dict(base.get("carried", {}))
+    out["chance"] = {m: _stats([e["chance"].get(m) for e in entries])
+                     for m in _numbers(base["chance"])}
+    out["probes"] = {}
+    for kind, probe in base["probes"].items():
+        if not all(kind in e["probes"] for e in entries):
+            continue
+        out["probes"][kind] = {m: _stats([e["probes"][kind].get(m) for e in entries])
+                               for m in _numbers(probe) if m != "train_rows"}
+        out["probes"][kind]["train_rows"] = probe.get("train_rows")
+    out["few_label"] = {}
+    for kind, by_k in base.get("few_label", {}).items():
+        out["few_label"][kind] = {}
+        for k, metrics in by_k.items():
+            if not all(k in e.get("few_label", {}).get(kind, {}) for e in entries):
+                continue
+            out["few_label"][kind][k] = {
+                m: _stats([e["few_label"][kind][k][m]["mean"] for e in entries])
+                for m in metrics}
+    return out
+
+
+def aggregate(reports: Sequence[dict]) -> dict:
+    """Mean ± sample std over runs of every metric (columns and kinds all runs share)."""
+    base = reports[0]
+    out = {"format": FORMAT, "kind": "seeds", "name": " + ".join(r["name"] for r in reports),
+           "runs": [r["run"] for r in reports], "names": [r["name"] for r in reports],
+           "seeds": [r.get("seed") for r in reports],
+           "objective": base["objective"] if len({r["objective"] for r in reports}) == 1
+           else [r["objective"] for r in reports],
+           "objective_config": base.get("objective_config"),
+           "epochs": base.get("epochs"), "data": base["data"], "rows": base["rows"],
+           "representations": base["representations"], "settings": base["settings"]}
+    for section in ("labels", "factors"):
+        out[section] = {col: _agg_entry([r[section][col] for r in reports])
+                        for col in base[section] if all(col in r[section] for r in reports)}
+    finals = [r.get("final_metrics", {}) for r in reports]
+    out["final_metrics"] = {m: _stats([f.get(m) for f in finals])
+                            for m in _numbers(finals[0]) if m not in ("epoch", "step", "steps")}
+    out["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return out
+
+
+# -------------------------------------------------------------------------- markdown
+
+
+def cell(value, digits: int = 3) -> str:
+    """A table cell: a number, or mean ± std of a {mean, std} dict; '–' when missing."""
+    if isinstance(value, Mapping):
+        mean, std = value.get("mean"), value.get("std")
+        if mean is None or not math.isfinite(mean):
+            return "–"
+        if std is None or not math.isfinite(std) or value.get("n", 2) < 2 and std == 0:
+            return f"{mean:.{digits}f}"
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    if value is None or isinstance(value, bool):
+        return "–"
+    if isinstance(value, (int, float, np.number)):
+        return f"{float(value):.{digits}f}" if math.isfinite(float(value)) else "–"
+    return str(value)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _value(d: Mapping | None, metric: str):
+    return None if d is None else d.get(metric)
+
+
+def _spread_note(report: dict) -> str:
+    if report.get("kind") == "seeds":
+        return f"mean ± std over {len(report['runs'])} runs (seeds {report.get('seeds')})"
+    return "one run"
+
+
+def _labels_tables(report: dict) -> list[str]:
+    parts = []
+    labels = report["labels"]
+    for task, metrics in (("classification", CLASSIFICATION_METRICS),
+                          ("regression", REGRESSION_METRICS)):
+        cols = {c: e for c, e in labels.items() if e["task"] == task}
+        if not cols:
+            continue
+        ref = diag.RAW_ALL if any(diag.RAW_ALL in e["probes"] for e in cols.values()) else None
+        primary = "balanced_accuracy" if task == "classification" else "r2"
+        header = ["label", *[METRIC_NAMES[m] for m in metrics],
+                  f"chance ({METRIC_NAMES[primary]})"]
+        if ref:
+            header.append(f"raw features ({METRIC_NAMES[primary]})")
+        rows = []
+        for col, e in cols.items():
+            fused = e["probes"].get(diag.FUSED_KIND, {})
+            row = [col, *[cell(fused.get(m)) for m in metrics], cell(e["chance"].get(primary))]
+            if ref:
+                row.append(cell(_value(e["probes"].get(ref), primary)))
+            rows.append(row)
+        parts.append(table(header, rows))
+    return parts
+
+
+def _few_label_table(report: dict) -> str | None:
+    rows = []
+    ks: list[str] = []
+    for col, e in report["labels"].items():
+        for kind, by_k in e.get("few_label", {}).items():
+            ks = ks or list(by_k)
+            full = e["probes"].get(kind, {}).get("balanced_accuracy")
+            rows.append([col, kind, *[cell(by_k[k].get("balanced_accuracy")) for k in ks],
+                         cell(full)])
+    if not rows:
+        return None
+    return table(["label", "representation", *[f"k={k}" for k in ks], "all labels"], rows)
+
+
+def _diagnostics_table(report: dict) -> str | None:
+    columns = {**report["labels"], **report["factors"]}
+    if not columns:
+        return None
+    kinds = list(report.get("representations") or
+                 next(iter(columns.values()))["probes"].keys())
+    header = ["column", "role", "metric", "carried by", "chance", *kinds]
+    rows = []
+    for col, e in columns.items():
+        metric = e["primary_metric"]
+        cells = []
+        for kind in kinds:
+            text = cell(_value(e["probes"].get(kind), metric))
+            if e.get("carried", {}).get(kind):
+                text += " ◆"
+            cells.append(text)
+        rows.append([col, e["role"], METRIC_NAMES.get(metric, metric),
+                     " ".join(e["carried_by"]) or "–", cell(e["chance"].get(metric)), *cells])
+    return table(header, rows)
+
+
+def format_markdown(report: dict) -> str:
+    """The report a person reads."""
+    rows = report.get("rows", {})
+    objective = report["objective"]
+    objective = objective if isinstance(objective, str) else ", ".join(objective)
+    final = report.get("final_metrics", {})
+    loss = cell(final.get("loss"), 4) if final.get("loss") is not None else "–"
+    lines = [f"# Evaluation: {report['name']}", "",
+             f"- objective `{objective}`, {report.get('epochs', '?')} epochs, final training "
+             f"loss {loss}; {_spread_note(report)}",
+             f"- data `{report['data']}`: " + ", ".join(f"{k} {v}" for k, v in rows.items())
+             + " rows probed",
+             "- probe: " + report["settings"]["protocol"],
+             "- chance: the majority class of train+val (classification) or their mean "
+             "(regression), scored on test", ""]
+    if report.get("config_differences"):
+        lines += [f"> warning: the runs differ in {', '.join(report['config_differences'])}",
+                  ""]
+    label_tables = _labels_tables(report)
+    if label_tables:
+        lines += ["## Labels (fused embedding, test split)", ""]
+        for t in label_tables:
+            lines += [t, ""]
+    few = _few_label_table(report)
+    if few:
+        s = report["settings"]
+        lines += ["## Few labels (balanced accuracy, test split)", "",
+                  f"k labelled tuples per class from train (and k per class from val to "
+                  f"choose the L2), mean ± std over {len(s['few_label_seeds'])} draws"
+                  + (" (per run; then mean ± std over runs)" if report.get("kind") == "seeds"
+                     else "") + ".", "", few, ""]
+    diagnostics = _diagnostics_table(report)
+    if diagnostics:
+        lines += ["## What each representation holds (test split)", "",
+                  "Balanced accuracy (classification) or R² (regression) of a linear probe "
+                  "per column and representation. ◆: the generator put this column's "
+                  "information into that modality (`carried_by`); a modality's own embedding "
+                  "should score near chance elsewhere. raw:* are the raw features: the "
+                  "reference of what is linearly there before any training.", "",
+                  diagnostics, ""]
+    reps = report.get("representations", {})
+    if reps:
+        lines += ["Representations: " + "; ".join(f"`{k}` {v}" for k, v in reps.items()), ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- compare
+
+
+def _short(report: dict) -> str:
+    return report["name"] if report.get("kind") != "seeds" else \
+        f"{report['names'][0]} (x{len(report['runs'])})"
+
+
+def _unique_names(reports: Sequence[dict]) -> list[str]:
+    names, seen = [], {}
+    for r in reports:
+        n = _short(r)
+        seen[n] = seen.get(n, 0) + 1
+        names.append(n if seen[n] == 1 else f"{n} #{seen[n]}")
+    return names
+
+
+def compare_markdown(reports: Sequence[dict], names: Sequence[str] | None = None) -> str:
+    """Several runs' evaluation reports side by side."""
+    names = list(names or _unique_names(reports))
+    out = [f"# mmcl report: {', '.join(names)}", ""]
+    rows = []
+    for name, r in zip(names, reports):
+        final = r.get("final_metrics", {})
+        obj = r["objective"] if isinstance(r["objective"], str) else ", ".join(r["objective"])
+        seeds = r.get("seeds") if r.get("kind") == "seeds" else r.get("seed")
+        rows.append([name, obj, str(seeds), str(r.get("epochs", "–")),
+                     cell(final.get("loss"), 4), f"`{r['data']}`",
+                     " / ".join(str(v) for v in r.get("rows", {}).values())])
+    out += ["## Runs", "", table(["run", "objective", "seed", "epochs", "final loss", "data",
+                                  "rows train / val / test"], rows), ""]
+    keys: list[str] = []
+    for r in reports:
+        for k, v in r.get("final_metrics", {}).items():
+            if k not in keys and k not in ("epoch", "step", "steps") and \
+                    (isinstance(v, Mapping) or isinstance(v, (int, float))
+                     and not isinstance(v, bool)):
+                keys.append(k)
+    if keys:
+        out += ["### Final training metrics (last epoch of metrics.jsonl)", "",
+                table(["metric", *names],
+                      [[k, *[cell(r.get("final_metrics", {}).get(k), 4) for r in reports]]
+                       for k in keys]), ""]
+    first = reports[0]
+    if len({r["data"] for r in reports}) > 1:
+        out += [f"> note: the runs were evaluated on different data sets; the chance and raw "
+                f"feature columns below are those of `{first['data']}`", ""]
+
+    def shared(section: str) -> list[str]:
+        return [c for c in first[section] if all(c in r[section] for r in reports)]
+
+    labels = shared("labels")
+    if labels:
+        header = ["label", "metric", "chance", "raw features", *names]
+        rows = []
+        for col in labels:
+            e = first["labels"][col]
+            m = e["primary_metric"]
+            rows.append([col, METRIC_NAMES[m], cell(e["chance"].get(m)),
+                         cell(_value(e["probes"].get(diag.RAW_ALL), m)),
+                         *[cell(_value(r["labels"][col]["probes"].get(diag.FUSED_KIND), m))
+                           for r in reports]])
+        out += ["## Labels: fused embedding, test split", "", table(header, rows), ""]
+        rows = []
+        for col in labels:
+            task = first["labels"][col]["task"]
+            metrics = CLASSIFICATION_METRICS if task == "classification" else REGRESSION_METRICS
+            for name, r in zip(names, reports):
+                fused = r["labels"][col]["probes"].get(diag.FUSED_KIND, {})
+                rows.append([col, name, *[cell(fused.get(m)) for m in metrics]])
+        out += ["### Every metric (fused embedding)", "",
+                table(["label", "run", "accuracy / MSE", "balanced acc. / MAE",
+                       "macro-F1 / R²"], rows), ""]
+        rows = []
+        for col in labels:
+            by_run = [r["labels"][col].get("few_label", {}).get(diag.FUSED_KIND, {})
+                      for r in reports]
+            for k in by_run[0]:
+                rows.append([col, k, *[cell(_value(b.get(k), "balanced_accuracy"))
+                                       for b in by_run]])
+        if rows:
+            out += ["## Few labels: fused embedding, balanced accuracy", "",
+                    table(["label", "k per class", *names], rows), ""]
+    columns = [("labels", c) for c in labels] + [("factors", c) for c in shared("factors")]
+    if columns:
+        rows = []
+        for section, col in columns:
+            e = first[section][col]
+            m = e["primary_metric"]
+            rows.append([col, e["role"], " ".join(e["carried_by"]) or "–", METRIC_NAMES[m],
+                         cell(e["chance"].get(m)),
+                         cell(_value(e["probes"].get(diag.RAW_ALL), m)),
+                         *[cell(_value(r[section][col]["probes"].get(diag.FUSED_KIND), m))
+                           for r in reports]])
+        out += ["## What the fused embedding holds, per factor", "",
+                table(["column", "role", "carried by", "metric", "chance", "raw features",
+                       *names], rows), ""]
+        mods = [k for k in first.get("representations", {}) if k.startswith("emb:")]
+        if mods:
+            header = ["column", "carried by", *[f"{n} {k}" for n in names for k in mods]]
+            rows = []
+            for section, col in columns:
+                e = first[section][col]
+                m = e["primary_metric"]
+                rows.append([col, " ".join(e["carried_by"]) or "–",
+                             *[cell(_value(r[section][col]["probes"].get(k), m))
+                               for r in reports for k in mods]])
+            out += ["## What each modality's own embedding holds", "", table(header, rows), ""]
+    out += ["Every number: a linear probe on frozen features (" +
+            first["settings"]["protocol"] + "); balanced accuracy for classification, R² for "
+            "regression unless named. ± is the spread over seeds where a column is a "
+            "several-run report.", ""]
+    return "\n".join(out)
+
+
+SYSTEM_METRICS = {"epoch", "step", "steps", "samples_per_s", "samples_per_s_total",
+                  "data_wait_fraction", "skipped_batches", "resumed_from_step", "lr"}
+
+
+def plot_curves(histories: Mapping[str, list[dict]], path: str) -> str | None:
+    """Training curves (loss, then the objective's own metrics) per run; one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys: list[str] = []
+    for rows in histories.values():
+        for row in rows:
+            for k, v in row.items():
+                if k not in SYSTEM_METRICS and k not in keys and \
+                        isinstance(v, (int, float)) and not isinstance(v, bool):
+                    keys.append(k)
+    if not keys:
+        return None
+    keys = (["loss"] if "loss" in keys else []) + [k for k in keys if k != "loss"]
+    keys = keys[:6]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, rows in histories.items():
+            pts = [(r.get("epoch", i + 1), r[key]) for i, r in enumerate(rows)
+                   if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_factor_bars(reports: Sequence[dict], names: Sequence[str], path: str) -> str | None:
+    """Grouped bars: probe score per column (x) per run (bars), one panel per representation
+    (fused, then each modality's own embedding); error bars for several-run reports."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = reports[0]
+    columns = [("labels", c) for c in first["labels"]] + \
+              [("factors", c) for c in first["factors"]]
+    columns = [(s, c) for s, c in columns if all(c in r[s] for r in reports)]
+    kinds = [k for k in first.get("representations", {}) if k == diag.FUSED_KIND or
+             k.startswith("emb:")]
+    if not columns or not kinds:
+        return None
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(max(6.0, 0.75 * len(columns) *
+                                                         max(1, len(reports)) ** 0.5 + 2),
+                                                     2.8 * len(kinds)), squeeze=False)
+    x = np.arange(len(columns))
+    width = 0.8 / max(1, len(reports))
+    for ax, kind in zip(axes[:, 0], kinds):
+        for i, (name, r) in enumerate(zip(names, reports)):
+            means, errs = [], []
+            for section, col in columns:
+                e = r[section][col]
+                v = _value(e["probes"].get(kind), e["primary_metric"])
+                if isinstance(v, Mapping):
+                    means.append(v.get("mean") if v.get("mean") is not None else np.nan)
+                    errs.append(v.get("std") or 0.0)
+                else:
+                    means.append(np.nan if v is None else float(v))
+                    errs.append(0.0)
+            ax.bar(x + (i - (len(reports) - 1) / 2) * width, means, width, label=name,
+                   yerr=errs if any(errs) else None, capsize=2)
+        ref_kind = diag.RAW_ALL if kind == diag.FUSED_KIND else "raw:" + kind.split(":", 1)[1]
+        refs = []
+        for section, col in columns:
+            e = first[section][col]
+            v = _value(e["probes"].get(ref_kind), e["primary_metric"])
+            v = v.get("mean") if isinstance(v, Mapping) else v
+            refs.append(np.nan if v is None else float(v))
+        if not all(np.isnan(refs)):
+            ax.hlines(refs, x - 0.45, x + 0.45, colors="black", linewidth=1.2,
+                      label=f"{ref_kind} (reference)")
+        ax.set_title(f"{kind}: balanced accuracy (classification) / R² (regression)",
+                     fontsize=9)
+        ax.set_xticks(x)
+        ax.set_xticklabels([c for _, c in columns], rotation=35, ha="right", fontsize=8)
+        ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.05)
+        ax.axhline(0.5, color="grey", lw=0.6, ls="--")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8, ncol=min(4, len(reports)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare(paths: Sequence[str], out: str | None = None,
+            progress: Callable[[str], None] | None = print) -> dict:
+    """`mmcl report`: DIR/report.md side by side, and curves.png + factors.png when matplotlib
+    is installed. Returns {"markdown", "out", "files", "plots_skipped"}."""
+    if not paths:
+        raise ReportError("name at least one run (or eval report) to report on")
+    reports = [load_report(p) for p in paths]
+    names = _unique_names(reports)
+    if out is None:
+        first_run = reports[0]["runs"][0] if reports[0].get("kind") == "seeds" \
+            else reports[0]["run"]
+        out = storage.join(first_run.rstrip("/").rsplit("/", 1)[0], "_report")
+    markdown = compare_markdown(reports, names)
+    md_url = storage.join(out, REPORT_MD)
+    write_text(md_url, markdown)
+    files, skipped = [md_url], None
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        skipped = ("matplotlib is not installed, so no PNG plots were made; install it with "
+                   "`pip install 'mmcl[plot]'` (or `pip install matplotlib`) and rerun "
+                   "`mmcl report`. The tables are in " + md_url)
+    if skipped is None:
+        fs, local = storage.filesystem(out)
+        if storage.is_remote(out):
+            skipped = "plots are written to local folders only; pass a local --out"
+        else:
+            histories = {}
+            for name, r in zip(names, reports):
+                runs = r["runs"] if r.get("kind") == "seeds" else [r["run"]]
+                for i, run in enumerate(runs):
+                    label = name if len(runs) == 1 else f"{name} seed {r['seeds'][i]}"
+                    histories[label] = read_history(run)
+            for made in (plot_curves(histories, storage.join(local, "curves.png")),
+                         plot_factor_bars(reports, names, storage.join(local, "factors.png"))):
+                if made:
+                    files.append(made)
+    if progress:
+        progress(markdown)
+        progress("wrote " + ", ".join(files))
+        if skipped:
+            progress(skipped)
+    return {"markdown": markdown, "out": out, "files": files, "plots_skipped": skipped}
