@@ -15,6 +15,7 @@ from mmcl.objectives import OBJECTIVES
 from mmcl.train import launcher
 
 ray = pytest.importorskip("ray")
+pytest.importorskip("ray.train")  # `ray.train.TrainingFailedError` below, also when run alone
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
 
 TINY = ["data.synth.n=400", "train.batch_size=32", "train.warmup_epochs=0",
