@@ -20,6 +20,17 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config field, e.g. --set train.batch_size=512 (repeatable)")
 
 
+def _add_s3_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths (MinIO, "
+                   "Ceph, ...; default: $AWS_ENDPOINT_URL, else AWS). Credentials come from "
+                   "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile/role, never a flag")
+    p.add_argument("--region", help="S3 region (default: $AWS_REGION)")
+
+
+def _s3(args) -> dict:
+    return {"endpoint_url": args.endpoint_url, "region": args.region}
+
+
 def _load_config(args):
     from mmcl import config
 
@@ -46,8 +57,9 @@ def cmd_data_convert(args) -> int:
     except ValueError:
         raise DataError(f"--split {args.split!r}: give three fractions that sum to 1, "
                         "e.g. --split 0.8,0.1,0.1") from None
-    convert_npz(args.src, args.out, split=fractions, seed=args.seed, overwrite=args.overwrite)
-    print(format_inspect(inspect_dataset(args.out)))
+    convert_npz(args.src, args.out, split=fractions, seed=args.seed, overwrite=args.overwrite,
+                **_s3(args))
+    print(format_inspect(inspect_dataset(args.out, **_s3(args))))
     print(f"wrote {args.out}")
     return 0
 
@@ -55,7 +67,7 @@ def cmd_data_convert(args) -> int:
 def cmd_data_inspect(args) -> int:
     from mmcl.data.inspect import format_inspect, inspect_dataset
 
-    info = inspect_dataset(args.path)
+    info = inspect_dataset(args.path, **_s3(args))
     print(json.dumps(info, indent=2) if args.json else format_inspect(info))
     return 0
 
@@ -64,8 +76,9 @@ def cmd_data_synth(args) -> int:
     from mmcl.data.inspect import format_inspect, inspect_dataset
     from mmcl.data.synth import generate
 
-    generate(args.preset, args.out, n=args.n, seed=args.seed, overwrite=args.overwrite)
-    print(format_inspect(inspect_dataset(args.out)))
+    generate(args.preset, args.out, n=args.n, seed=args.seed, overwrite=args.overwrite,
+             **_s3(args))
+    print(format_inspect(inspect_dataset(args.out, **_s3(args))))
     print(f"wrote {args.out}")
     return 0
 
@@ -98,7 +111,8 @@ def cmd_embed(args) -> int:
 
     result = embed_run(args.run, args.out, args.data, args.splits, use_ray=not args.no_ray,
                        address=args.address, concurrency=args.concurrency,
-                       batch_size=args.batch_size, use_gpu=args.gpu, overwrite=args.overwrite)
+                       batch_size=args.batch_size, use_gpu=args.gpu, overwrite=args.overwrite,
+                       **_s3(args))
     print(result.summary())
     return 0
 
@@ -115,7 +129,7 @@ def cmd_eval(args) -> int:
         args.run, args.data, out=args.out, settings=_probe_settings(args),
         use_ray=not args.no_ray, address=args.address, concurrency=args.concurrency,
         batch_size=args.batch_size, use_gpu=args.gpu,
-        progress=lambda text: print(text, file=sys.stderr, flush=True))
+        progress=lambda text: print(text, file=sys.stderr, flush=True), **_s3(args))
     print(format_markdown(combined or reports[0]))
     for report in reports if combined else []:
         print(f"per run: {report['_path']}")
@@ -161,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions")
     p.add_argument("--seed", type=int, default=0, help="seed of the split")
     p.add_argument("--overwrite", action="store_true", help="replace an existing data set")
+    _add_s3_args(p)
     p.set_defaults(func=cmd_data_convert)
 
     p = dsub.add_parser("inspect", help="summarise a shard data set",
@@ -168,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "mean/std, label balance and controlled factors of a data set.")
     p.add_argument("path", help="data set folder (local path or s3://...)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_s3_args(p)
     p.set_defaults(func=cmd_data_inspect)
 
     p = dsub.add_parser("synth", help="generate a controlled data set (rus, factorcl, weak)",
@@ -180,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=4096, help="tuples over all splits")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing data set")
+    _add_s3_args(p)
     p.set_defaults(func=cmd_data_synth)
 
     p = sub.add_parser("pretrain", help="pretrain encoders with an objective (Ray Train)",
@@ -207,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="splits to embed (default: every split of the data set)")
     _add_embed_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_s3_args(p)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("eval", help="embed, probe and diagnose runs; write eval/report.*",
@@ -235,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probe on at most N rows per split, a seeded sample (default: "
                    "100000; 0: all)")
     p.add_argument("--probe-seed", type=int, default=0, help="seed of that sample")
+    _add_s3_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="compare evaluated runs side by side (+ PNG plots)",
@@ -246,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folders, eval folders (e.g. RUN/eval/seeds) or report.json files")
     p.add_argument("--out", help="output folder (default: the runs' storage folder/_report)")
     p.set_defaults(func=cmd_report)
+
     return parser
 
 

@@ -24,3 +24,104 @@ def local_ray():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+# ------------------------------------------------------------------------ S3 on loopback
+
+
+class MotoS3:
+    """A moto server (the S3 stand-in that s3fs's own tests use) on 127.0.0.1 in this
+    process, with helpers to reset it and to switch its credential checking on and off."""
+
+    def __init__(self):
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        self.endpoint = f"http://127.0.0.1:{self.server._server.server_port}"
+
+    def post(self, path: str, body: bytes = b"") -> None:
+        import urllib.request
+
+        request = urllib.request.Request(self.endpoint + path, data=body, method="POST",
+                                         headers={"Content-Type": "text/plain"})
+        urllib.request.urlopen(request, timeout=30).read()
+
+    def reset(self) -> None:
+        """Forget every bucket, user and key; no credential checks."""
+        self.post("/moto-api/reset-auth", b"inf")
+        self.post("/moto-api/reset")
+
+    def require_auth(self, on: bool = True) -> None:
+        """From now on, S3 requests need a valid IAM access key and signature."""
+        self.post("/moto-api/reset-auth", b"0" if on else b"inf")
+
+    def client(self, service: str, **credentials):
+        import boto3
+
+        return boto3.client(service, endpoint_url=self.endpoint, region_name="us-east-1",
+                            **credentials)
+
+    def stop(self) -> None:
+        self.reset()
+        self.server.stop()
+
+
+def clear_s3fs_cache() -> None:
+    """s3fs instances are cached by their options: start each test from fresh clients."""
+    import s3fs
+
+    from mmcl import storage
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    storage._s3_class().clear_instance_cache()
+
+
+def _isolate_aws_env(monkeypatch) -> None:
+    for key in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN",
+                "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    # No profile files from the machine running the tests, no instance-metadata lookups.
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for key, value in {"AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """One moto server for the whole test session (started on first use)."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("boto3")
+    server = MotoS3()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch):
+    """An AWS environment of the test's own: no endpoint, profile files, instance metadata
+    or credentials from the machine (the test sets what it needs), fresh s3fs clients."""
+    _isolate_aws_env(monkeypatch)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    clear_s3fs_cache()
+    yield monkeypatch
+    clear_s3fs_cache()
+
+
+@pytest.fixture
+def s3_endpoint(moto_s3, aws_env):
+    """A clean moto S3 on loopback with bucket "mmcl-test", AWS env vars pointing at fixed
+    test credentials (not checked: moto accepts any). Yields the endpoint URL; the endpoint
+    itself is not in the environment, so code under test must be given it."""
+    moto_s3.reset()
+    aws_env.setenv("AWS_ACCESS_KEY_ID", "testing")
+    aws_env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    moto_s3.client("s3").create_bucket(Bucket="mmcl-test")
+    yield moto_s3.endpoint

@@ -4,7 +4,6 @@ protection, schema validation against the manifest, non-finite rows, and S3 (mot
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pyarrow as pa
@@ -285,34 +284,10 @@ def test_read_split_nonfinite_fail_and_drop(tmp_path):
 # --------------------------------------------------------------------------------- S3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch):
-    server_mod = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    for key in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
-        monkeypatch.delenv(key, raising=False)
-    port = _free_port()
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="mmcl-test")
-    yield endpoint
-    server.stop()
+# `s3_endpoint` (tests/conftest.py): a moto server on 127.0.0.1 with bucket "mmcl-test".
 
 
 def test_s3_round_trip(tmp_path, npz_path, npz_arrays, s3_endpoint):
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
     root = "s3://mmcl-test/sets/demo"
     manifest = convert_npz(npz_path, root, seed=1, endpoint_url=s3_endpoint)
     files = list_shards(root, "train", endpoint_url=s3_endpoint)

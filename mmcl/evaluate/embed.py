@@ -118,7 +118,8 @@ def read_run(run: str, endpoint_url: str | None = None, region: str | None = Non
         f"in its model/ folder. Pass a run folder written by `mmcl pretrain`")
 
 
-def resolve_run_data(info: RunInfo, data: str | None = None) -> str:
+def resolve_run_data(info: RunInfo, data: str | None = None, endpoint_url: str | None = None,
+                     region: str | None = None) -> str:
     """The data set to embed: `data` if given; else the run's `data.path`; else the controlled
     data set `mmcl pretrain` generated beside the run (storage.path/_data/...), found from the
     run folder itself so that it does not matter where the command runs; generated (seeded,
@@ -131,12 +132,15 @@ def resolve_run_data(info: RunInfo, data: str | None = None) -> str:
     synth = cfg.data.synth
     parent = info.url.rstrip("/").rsplit("/", 1)[0]
     beside = storage.join(parent, "_data", f"{synth.preset}-n{synth.n}-seed{synth.seed}")
-    fs, path = storage.filesystem(beside, **info.remote)
+    remote = {"endpoint_url": endpoint_url or info.remote["endpoint_url"],
+              "region": region or info.remote["region"]}
+    fs, path = storage.filesystem(beside, **remote)
     if fs.exists(storage.join(path, "manifest.json")):
         return beside
     from mmcl.train.launcher import resolve_data
 
-    moved = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"path": parent})})
+    moved = cfg.model_copy(update={"storage": cfg.storage.model_copy(
+        update={"path": parent, **remote})})
     return resolve_data(moved)
 
 
@@ -305,9 +309,11 @@ def embed_run(run: str, out: str, data: str | None = None, splits: Sequence[str]
     if concurrency is not None and concurrency < 1:
         raise EmbedError("--concurrency must be >= 1")
     info = read_run(run, endpoint_url, region)
-    endpoint_url = endpoint_url or info.config.storage.endpoint_url
-    region = region or info.config.storage.region
-    root = resolve_run_data(info, data)
+    # Resolved here (flag, the run's config, then $AWS_ENDPOINT_URL/$AWS_REGION): the actors
+    # that load the model on other machines do not see this machine's environment.
+    endpoint_url = storage.endpoint(endpoint_url or info.config.storage.endpoint_url)
+    region = storage.region_name(region or info.config.storage.region)
+    root = resolve_run_data(info, data, endpoint_url, region)
     data_manifest = read_manifest(root, endpoint_url, region)
     check_modalities(info.manifest, data_manifest, root)
     modalities = info.manifest.modality_names
@@ -367,6 +373,7 @@ def _embed_on_ray(root: str, manifest: Manifest, splits: Sequence[str], out: str
     from mmcl.data.pipeline import build_dataset, find_data_error
 
     ensure_ray(address, min_cpus=2)
+    storage.share_credentials()  # S3 credentials from this environment, to the actors
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if use_gpu is None:

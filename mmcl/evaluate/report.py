@@ -141,13 +141,15 @@ def evaluate_run(run: str, data: str | None = None, *,
                  settings: diag.ProbeSettings | None = None, use_ray: bool = True,
                  address: str | None = None, concurrency: int | None = None,
                  batch_size: int = 1024, use_gpu: bool | None = None,
-                 progress: Callable[[str], None] | None = None) -> dict:
+                 progress: Callable[[str], None] | None = None,
+                 endpoint_url: str | None = None, region: str | None = None) -> dict:
     """Embed, probe and diagnose one run; writes RUN/eval/{embeddings/,report.json,report.md}
-    and returns the report."""
+    and returns the report. `endpoint_url`/`region`: S3 endpoint of the run (default: the
+    run's storage block, then the AWS environment)."""
     start = time.perf_counter()
     settings = settings or diag.ProbeSettings()
-    info = read_run(run)
-    remote = info.remote
+    info = read_run(run, endpoint_url, region)
+    remote = _remote(info, endpoint_url, region)
     folder = storage.join(info.url, EVAL_DIR)
     emb_out = storage.join(folder, "embeddings")
     splits = [settings.train_split, settings.val_split, settings.test_split]
@@ -200,6 +202,12 @@ def evaluate_run(run: str, data: str | None = None, *,
     return report
 
 
+def _remote(info: RunInfo, endpoint_url: str | None, region: str | None) -> dict:
+    """S3 endpoint and region for a run's files: the caller's, else the run's config."""
+    return {"endpoint_url": endpoint_url or info.remote["endpoint_url"],
+            "region": region or info.remote["region"]}
+
+
 def config_differences(infos: Sequence[RunInfo]) -> list[str]:
     """Config fields (dotted) that differ between runs, seeds and names aside."""
     ignore = {"train.seed", "storage.name", "data.synth.seed"}
@@ -220,16 +228,19 @@ def config_differences(infos: Sequence[RunInfo]) -> list[str]:
 
 
 def evaluate_runs(runs: Sequence[str], data: str | None = None, *, out: str | None = None,
-                  progress: Callable[[str], None] | None = None, **kwargs) -> tuple[list[dict],
-                                                                                  dict | None]:
+                  progress: Callable[[str], None] | None = None,
+                  endpoint_url: str | None = None, region: str | None = None,
+                  **kwargs) -> tuple[list[dict], dict | None]:
     """`evaluate_run` for each run; with several runs also their mean ± std, written to `out`
     (default: FIRST_RUN/eval/seeds). Returns (per-run reports, several-run report or None)."""
     if not runs:
         raise ReportError("name at least one run folder (--run RUN [RUN ...])")
-    infos = [read_run(r) for r in runs]   # every run checked before any work starts
+    # every run checked before any work starts
+    infos = [read_run(r, endpoint_url, region) for r in runs]
     if len({i.url for i in infos}) != len(infos):
         raise ReportError("the same run is named twice; name each run once")
-    reports = [evaluate_run(i.url, data, progress=progress, **kwargs) for i in infos]
+    reports = [evaluate_run(i.url, data, progress=progress, endpoint_url=endpoint_url,
+                            region=region, **kwargs) for i in infos]
     if len(reports) == 1:
         return reports, None
     differences = config_differences(infos)
@@ -240,7 +251,7 @@ def evaluate_runs(runs: Sequence[str], data: str | None = None, *, out: str | No
     combined = aggregate(reports)
     combined["config_differences"] = differences
     folder = out or storage.join(infos[0].url, EVAL_DIR, "seeds")
-    json_url, md_url = write_report(combined, folder, **infos[0].remote)
+    json_url, md_url = write_report(combined, folder, **_remote(infos[0], endpoint_url, region))
     combined["_path"] = json_url
     _say(progress, f"[mmcl] mean ± std over {len(reports)} runs: wrote {json_url} and {md_url}")
     return reports, combined

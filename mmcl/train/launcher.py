@@ -24,7 +24,7 @@ from mmcl import config as config_mod
 from mmcl.config import RunConfig
 from mmcl.data.schema import DataError, Manifest
 from mmcl.data.shards import read_manifest, validate
-from mmcl.storage import filesystem, join
+from mmcl.storage import filesystem, is_s3, join, pyarrow_filesystem, share_credentials
 from mmcl.train.local import steps_per_epoch
 
 DATA_CPUS = 1  # Ray Data's read/decode tasks need a whole CPU of their own
@@ -89,6 +89,9 @@ def resolve_data(cfg: RunConfig) -> str:
 
 def prepare_data(cfg: RunConfig) -> tuple[str, Manifest]:
     """Validate the shards against the manifest and restrict it to the run's columns."""
+    # The run storage first: a missing bucket, refused credentials or an unreachable
+    # endpoint is one StorageError before Ray starts (mmcl.storage checks on first use).
+    filesystem(cfg.storage.path, cfg.storage.endpoint_url, cfg.storage.region)
     root = resolve_data(cfg)
     validate(root, splits=[cfg.data.train_split], **remote(cfg))
     manifest = read_manifest(root, **remote(cfg)).select(cfg.data.modalities,
@@ -139,20 +142,23 @@ def run_name(cfg: RunConfig) -> str:
 
 
 def storage_filesystem(cfg: RunConfig):
-    """A pyarrow filesystem for Ray Train when storage is remote with a custom endpoint."""
-    if not cfg.storage.path.startswith("s3://"):
+    """A pyarrow filesystem for Ray Train when storage is on S3: it carries the endpoint and
+    region; credentials reach the workers through mmcl.storage (in memory, never pickled)."""
+    if not is_s3(cfg.storage.path):
         return None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    fs, _ = filesystem(cfg.storage.path, cfg.storage.endpoint_url, cfg.storage.region)
-    return PyFileSystem(FSSpecHandler(fs))
+    return pyarrow_filesystem(cfg.storage.path, cfg.storage.endpoint_url, cfg.storage.region)[1]
 
 
 def storage_root(cfg: RunConfig) -> str:
     """Ray's storage_path: absolute for local folders, bucket/prefix for a custom filesystem."""
-    if cfg.storage.path.startswith("s3://"):
-        return cfg.storage.path[len("s3://"):]
+    if is_s3(cfg.storage.path):
+        return cfg.storage.path.split("://", 1)[1].rstrip("/")
     return os.path.abspath(os.path.expanduser(cfg.storage.path))
+
+
+def checkpoint_url(cfg: RunConfig, path: str) -> str:
+    """A checkpoint path from Ray (bucket/prefix/... for S3 storage) as a URL."""
+    return f"s3://{path}" if is_s3(cfg.storage.path) and "://" not in path else path
 
 
 # ------------------------------------------------------------------------------ outputs
@@ -269,6 +275,7 @@ def _pretrain_on_ray(cfg: RunConfig, address, root, manifest, steps, name):
     import ray.train
 
     start_ray(cfg, address)
+    share_credentials()  # S3 credentials from this environment, to this job's workers
     # One overall Ray Data bar on a terminal; none in logs, where bars become pages of
     # carriage returns (the per-epoch lines of the workers are the progress there).
     data_context = ray.data.DataContext.get_current()
@@ -280,4 +287,4 @@ def _pretrain_on_ray(cfg: RunConfig, address, root, manifest, steps, name):
         raise user_error(err) from err
     with result.checkpoint.as_directory() as directory:
         state = read_checkpoint_state(directory)
-    return state, result.checkpoint.path
+    return state, checkpoint_url(cfg, result.checkpoint.path)
