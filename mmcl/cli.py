@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: the runs' storage folder/_report)")
     p.set_defaults(func=cmd_report)
 
+    from mmcl.tune.cli import add_tune_parser
+
+    add_tune_parser(sub)
     return parser
 
 

@@ -107,13 +107,60 @@ def test_tuple_infonce_rejects_unknown_weighted_modality(rus):
                         manifest)
 
 
-def test_tuple_infonce_reward_is_a_sum_of_accuracies(rus):
+def two_views(arrays, n, modalities, noise=0.05, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    batch = batch_of(arrays, n)
+    views = []
+    for _ in range(2):
+        views.append({**batch, **{m: batch[m] + noise * torch.randn(batch[m].shape, generator=gen)
+                                  for m in modalities}})
+    return views
+
+
+def reference_reward(obj, view1, view2):
+    """A^k by the definition, one fused tuple at a time."""
+    obj.eval()
+    with torch.no_grad():
+        e1, e2 = obj.encoder.encode(view1), obj.encoder.encode(view2)
+        n = len(next(iter(e1.values())))
+        out = {}
+        for k in obj.modalities:
+            hits = 0
+            for i in range(n):
+                query = obj.project({m: e1[m][i:i + 1] for m in obj.modalities})[0]
+                sims = []
+                for j in range(n):
+                    tup = {m: e2[m][i:i + 1] for m in obj.modalities}
+                    tup[k] = e2[k][j:j + 1]
+                    sims.append(float(query @ obj.project(tup)[0]))
+                hits += all(sims[i] > s for j, s in enumerate(sims) if j != i)
+            out[f"A_{k}"] = hits / n
+    return out
+
+
+def test_tuple_infonce_reward_matches_the_slow_definition(rus):
     manifest, arrays = rus
     obj = build_objective(small_config("tuple_infonce"), manifest)
-    reward = obj.reward(batch_of(arrays, 64))
-    parts = [reward[f"A_{m}"] for m in obj.modalities]
-    assert all(0.0 <= p <= 1.0 for p in parts)
-    assert reward["R"] == pytest.approx(sum(parts))
+    view1, view2 = two_views(arrays, 24, obj.modalities)
+    expected = reference_reward(obj, view1, view2)
+    for max_rows in (16384, 48):  # one fused batch, or two candidates per batch
+        reward = obj.reward(view1, view2, max_rows=max_rows)
+        for k, v in expected.items():
+            assert reward[k] == pytest.approx(v, abs=1e-6), (k, max_rows)
+        assert reward["R"] == pytest.approx(sum(expected.values()))
+    assert 0 < reward["R"] <= len(obj.modalities)
+
+
+def test_tuple_infonce_reward_scores_zero_for_a_modality_that_tells_no_tuple_apart(rus):
+    manifest, arrays = rus
+    obj = build_objective(small_config("tuple_infonce"), manifest)
+    view1, view2 = two_views(arrays, 32, obj.modalities)
+    blind = obj.modalities[0]
+    for view in (view1, view2):  # every tuple holds the same value of `blind`
+        view[blind] = view1[blind][:1].expand_as(view1[blind]).clone()
+    reward = obj.reward(view1, view2)
+    assert reward[f"A_{blind}"] == 0.0  # every candidate ties with the true one: misses
+    assert all(reward[f"A_{m}"] > 0 for m in obj.modalities[1:])
 
 
 def test_derangement_has_no_fixed_point():

@@ -41,7 +41,9 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
 
     engine = Engine(cfg, manifest, loop_config["steps_per_epoch"],
                     ray.train.torch.get_device(), rank, wrap=wrap)
-    checkpoint = ray.train.get_checkpoint()
+    # A run resumes from its own latest checkpoint; a new run may start from another run's
+    # (`start_checkpoint`, a ray.train.Checkpoint: Tune's sample optimization does this).
+    checkpoint = ray.train.get_checkpoint() or loop_config.get("start_checkpoint")
     if checkpoint:
         with checkpoint.as_directory() as directory:
             engine.load_state_dict(read_checkpoint_state(directory))
@@ -49,7 +51,9 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
 
     resumed_from_step = engine.step  # 0 on a fresh run; reported so resumes are visible
     shard = ray.train.get_dataset_shard("train")
-    for epoch in range(engine.epoch, cfg.train.epochs):
+    # `stop_epoch` ends the run early, keeping the schedule of all `train.epochs`.
+    stop_epoch = min(cfg.train.epochs, loop_config.get("stop_epoch") or cfg.train.epochs)
+    for epoch in range(engine.epoch, stop_epoch):
         batches = iter_worker_batches(shard, cfg.train.batch_size,
                                       shuffle_buffer=cfg.data.shuffle_buffer,
                                       seed=cfg.train.seed, epoch=epoch, rank=rank,
@@ -61,7 +65,7 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
             print("[mmcl] epoch {epoch}/{epochs}  step {step}  loss {loss:.4f}  "
                   "{samples_per_s_total:.0f} samples/s  data wait {data_wait_fraction:.1%}"
                   .format(epochs=cfg.train.epochs, **summary), flush=True)
-        last = epoch + 1 == cfg.train.epochs
+        last = epoch + 1 == stop_epoch
         if last or (epoch + 1) % cfg.train.checkpoint_every == 0:
             with tempfile.TemporaryDirectory() as directory:
                 saved = None

@@ -1,0 +1,606 @@
+"""`mmcl tune --strategy sample-opt`: TupleInfoNCE's sample optimization (METHODS.md).
+
+The paper's single-pass bilevel search, with Ray Tune running the candidates:
+
+    policy  N(mu, diag(sigma^2)) over x = (log alpha_k, beta_k) per modality k: alpha_k the
+            weight of k-disturbed negatives, beta_k the strength of one augmentation of k
+            (`augment_field`, default noise). mu starts at the run config's values.
+    round r = 1..rounds:
+        sample B candidates x_i ~ N(mu, sigma^2)              (seeded by (seed, r))
+        train each from the round's shared checkpoint for E epochs: B Ray Train runs, in
+            parallel as Tune trials (alpha_k = exp(x), beta_k = clip(x, 0, 1))
+        score each by R = sum_k A^k on the validation tuples (the objective's `reward`:
+            top-1 retrieval of a tuple's second view among its k-disturbed versions, on
+            views drawn with the search's starting augmentation, the same for every
+            candidate; see TupleInfoNCE.reward for why not modality k alone)
+        mu += lr * mean_i( Ahat_i * g_i ),  Ahat_i = (R_i - mean R) / std R  (REINFORCE on
+            standardised advantages), g_i = sigma^2 * grad_mu log p(x_i) = x_i - mu
+            ("natural", the default: one lr fits coordinates of different sigma) or
+            g_i = (x_i - mu) / sigma^2 (`gradient: vanilla`, METHODS.md's formula literally);
+            mu is then kept in bounds (log alpha in log_alpha_bounds, beta in [0, 1])
+        the best candidate's checkpoint starts round r + 1
+
+Every candidate of a search is one learning-rate schedule: `train.epochs` is set to
+pretrain_epochs + rounds x E and each round's runs stop after their E epochs, so the cosine
+decays once over the whole search instead of restarting every round.
+
+`sample_opt:` settings (B, E, rounds, sigma and lr are the paper's):
+    candidates (B), epochs_per_round (E), rounds, sigma ({log_alpha, beta} or one number),
+    lr, gradient (natural|vanilla), search ([alpha, beta]), modalities (default: all),
+    augment_field (noise|dropout|mixup|...), pretrain_epochs (epochs at mu before round 1),
+    eval_batch (candidates per retrieval batch of R), max_concurrent_trials, seed.
+
+State. After every round the search folder's `sample_opt_state.json` holds mu, the round, the
+shared checkpoint and the trajectory (the candidates of a round are written there before they
+start). Running the same command again resumes at the next round; a round that was cut off
+goes on with `Tuner.restore` and the same candidates. Outputs: trajectory.json (mu and R per
+round), trajectory.png (with matplotlib), model/ (the final best candidate: `mmcl.load` opens
+the search folder), and policy_config.yaml (the run config at the final mu).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mmcl import config as config_mod
+from mmcl.config import ConfigError, ModalityAugment, RunConfig
+from mmcl.storage import filesystem, join
+from mmcl.train import launcher
+from mmcl.tune import space as space_mod
+from mmcl.tune.space import TuneFile
+from mmcl.tune.sweep import _write, search_name, section_config, trial_statuses
+from mmcl.tune.trial import (PG_RECORDS, ScoreSpec, Scorer, TuneError, absolute_paths,
+                             ensure_ray, finite, make_janitor, resolve_metric,
+                             run_train_trial, trial_resources)
+
+STATE_NAME = "sample_opt_state.json"
+FORMAT = 1
+AUGMENT_FIELDS = tuple(ModalityAugment.model_fields)
+
+
+class Sigma(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    log_alpha: float = Field(0.5, gt=0, description="std of log alpha_k")
+    beta: float = Field(0.05, gt=0, description="std of beta_k (strengths are in [0, 1])")
+
+
+class SampleOptConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    candidates: int = Field(4, ge=2, description="B: candidates per round (>= 2: advantages "
+                            "are standardised over them)")
+    epochs_per_round: int = Field(1, ge=1, description="E: epochs each candidate trains")
+    rounds: int = Field(5, ge=1)
+    sigma: Sigma = Sigma()
+    lr: float = Field(1.0, gt=0, description="policy learning rate")
+    gradient: Literal["natural", "vanilla"] = "natural"
+    search: list[Literal["alpha", "beta"]] = ["alpha", "beta"]
+    modalities: list[str] | None = None
+    augment_field: str = "noise"
+    pretrain_epochs: int = Field(0, ge=0, description="epochs at mu before round 1")
+    log_alpha_bounds: tuple[float, float] = (-6.0, 6.0)
+    metric: Literal["reward", "probe"] = Field(
+        "reward", description="what the policy maximises: R (the paper's) or the validation "
+        "probe of `label`")
+    label: str | None = None
+    eval_batch: int = Field(256, ge=2)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    seed: int | None = None
+
+    @field_validator("sigma", mode="before")
+    @classmethod
+    def _one_number(cls, v):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return {"log_alpha": v, "beta": v}
+        return v
+
+    @field_validator("search")
+    @classmethod
+    def _search(cls, v):
+        if not v or len(set(v)) != len(v):
+            raise ValueError("list alpha and/or beta, each once")
+        return v
+
+    @field_validator("augment_field")
+    @classmethod
+    def _field(cls, v):
+        if v not in AUGMENT_FIELDS:
+            raise ValueError(f"must be one of {AUGMENT_FIELDS}")
+        return v
+
+    @field_validator("log_alpha_bounds")
+    @classmethod
+    def _bounds(cls, v):
+        if not v[0] < v[1]:
+            raise ValueError("give (low, high) with low < high")
+        return v
+
+
+# ------------------------------------------------------------------------------ policy
+
+
+@dataclass
+class Policy:
+    """N(mu, diag(sigma^2)) over named coordinates `log_alpha.<m>` and `beta.<m>`. mu stays
+    inside [low, high] (log alpha bounds; beta in [0, 1]): outside, every sample would be
+    clipped to the same value and the gradient would carry no signal."""
+
+    names: list[str]
+    mu: np.ndarray
+    sigma: np.ndarray
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        return self.mu + self.sigma * rng.standard_normal((n, len(self.names)))
+
+    def update(self, x: np.ndarray, rewards: np.ndarray, lr: float,
+               gradient: str) -> tuple[np.ndarray, np.ndarray]:
+        """REINFORCE on standardised advantages; returns (new mu, advantages)."""
+        std = rewards.std()
+        adv = (rewards - rewards.mean()) / std if std > 0 else np.zeros_like(rewards)
+        grad = x - self.mu if gradient == "natural" else (x - self.mu) / self.sigma ** 2
+        mu = self.mu + lr * (adv[:, None] * grad).mean(axis=0)
+        if self.low is not None and self.high is not None:
+            mu = np.clip(mu, self.low, self.high)
+        return mu, adv
+
+    def named(self, values: np.ndarray) -> dict[str, float]:
+        return {n: float(v) for n, v in zip(self.names, values)}
+
+
+def coordinates(so: SampleOptConfig, modalities: list[str]) -> list[str]:
+    return [f"log_alpha.{m}" for m in modalities if "alpha" in so.search] + \
+           [f"beta.{m}" for m in modalities if "beta" in so.search]
+
+
+def initial_mu(cfg: RunConfig, names: list[str], so: SampleOptConfig) -> np.ndarray:
+    mu = []
+    for name in names:
+        kind, m = name.split(".", 1)
+        if kind == "log_alpha":
+            w = cfg.objective.negative_weights.get(m, cfg.objective.default_negative_weight)
+            if not w > 0:
+                raise ConfigError(
+                    f"sample optimization searches log alpha, but objective.negative_weights"
+                    f".{m} is {w} (0 switches {m}'s disturbed negatives off); give it a "
+                    f"positive starting weight or drop 'alpha' from sample_opt.search")
+            mu.append(math.log(w))
+        else:
+            mu.append(float(getattr(cfg.augment.for_modality(m), so.augment_field)))
+    return np.asarray(mu, dtype=np.float64)
+
+
+def candidate_params(cfg: RunConfig, names: list[str], x: np.ndarray, so: SampleOptConfig,
+                     total_epochs: int) -> tuple[dict, dict, dict]:
+    """(config overrides by dotted path, alpha by modality, beta by modality) of a sample."""
+    params: dict = {"train.epochs": int(total_epochs)}
+    alpha, beta = {}, {}
+    low, high = so.log_alpha_bounds
+    for name, value in zip(names, x):
+        kind, m = name.split(".", 1)
+        if kind == "log_alpha":
+            alpha[m] = float(math.exp(min(max(float(value), low), high)))
+            params[f"objective.negative_weights.{m}"] = alpha[m]
+        else:
+            beta[m] = float(min(max(float(value), 0.0), 1.0))
+            augment = cfg.augment.for_modality(m).model_dump()
+            augment[so.augment_field] = beta[m]
+            params[f"augment.per_modality.{m}"] = augment
+    return params, alpha, beta
+
+
+# ------------------------------------------------------------------------------- trial
+
+
+def mmcl_candidate(params: dict, spec: dict) -> None:
+    """One candidate of a round (runs in a Tune trial actor): its config, trained from the
+    round's shared checkpoint until the round's last epoch, scored by R."""
+    import ray.train
+
+    index = int(params["candidate"])
+    cfg = config_mod.from_dict(space_mod.with_values(spec["base"], spec["candidates"][index]),
+                               source=f"sample-opt candidate {index}")
+    start = None
+    if spec["start_checkpoint"]:
+        start = ray.train.Checkpoint(spec["start_checkpoint"],
+                                     filesystem=launcher.storage_filesystem(cfg))
+    run_train_trial(cfg, storage_path=spec["runs"], name=f"cand-{index}", spec=spec["score"],
+                    pg_records=spec["records"], start_checkpoint=start,
+                    stop_epoch=spec["stop_epoch"])
+
+
+def run_round(tag: str, url: str, base: RunConfig, tf: TuneFile, candidates: list[dict],
+              start_checkpoint: str | None, stop_epoch: int, score: ScoreSpec,
+              concurrent: int, progress: Callable[[str], None]) -> tuple[list[dict], bool]:
+    """Train the candidates as one Tune experiment `tag` (restored if it was cut off).
+    Returns (one result per candidate, whether the experiment was interrupted)."""
+    from ray import tune
+
+    round_url = join(url, tag)
+    spec = {"base": tf.base, "candidates": candidates, "runs": round_url,
+            "records": join(url, PG_RECORDS), "start_checkpoint": start_checkpoint,
+            "stop_epoch": stop_epoch, "score": score}
+    trainable = tune.with_resources(tune.with_parameters(mmcl_candidate, spec=spec),
+                                    trial_resources())
+    param_space = {"candidate": tune.grid_search(list(range(len(candidates))))}
+    storage_path = f"{launcher.storage_root(base).rstrip('/')}/{search_name(tf, base)}"
+    storage_fs = launcher.storage_filesystem(base)
+    experiment = f"{storage_path}/{tag}"
+    janitor = make_janitor(spec["records"], base)
+    if tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs):
+        progress(f"[mmcl] {tag}: resuming its candidates (Tuner.restore)")
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False,
+                                   param_space=param_space, storage_filesystem=storage_fs)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(metric="score", mode="max",
+                                        max_concurrent_trials=min(concurrent, len(candidates)),
+                                        reuse_actors=False),
+            run_config=tune.RunConfig(name=tag, storage_path=storage_path,
+                                      storage_filesystem=storage_fs, callbacks=[janitor]))
+    results = tuner.fit()  # Tune catches Ctrl-C: it saves the experiment and returns
+    statuses = trial_statuses(experiment, storage_fs)
+    interrupted = len(results) < len(candidates) or any(
+        status not in ("TERMINATED", "ERROR") for status, _ in statuses.values())
+    out = [{"score": float("nan"), "R": float("nan"), "A": {}, "checkpoint": None,
+            "error": "did not run"} for _ in candidates]
+    for result in results:
+        index = int((result.config or {}).get("candidate", -1))
+        if not 0 <= index < len(candidates):
+            continue
+        metrics = result.metrics or {}
+        out[index] = {
+            "score": float(metrics.get("score", float("nan"))),
+            "R": float(metrics.get("val_R", float("nan"))),
+            "probe": float(metrics.get("val_probe", float("nan"))),
+            "A": {k[len("val_A_"):]: float(v) for k, v in metrics.items()
+                  if k.startswith("val_A_")},
+            "checkpoint": metrics.get("checkpoint_path"),
+            "step": metrics.get("step"), "epoch": metrics.get("epoch"),
+            "loss": metrics.get("loss"), "trial": metrics.get("trial_id"),
+            "run": join(round_url, f"cand-{index}"),
+            "error": "" if result.error is None else str(result.error).strip().splitlines()[-1],
+        }
+        if result.error is None and out[index]["epoch"] != stop_epoch:
+            out[index]["error"] = f"stopped at epoch {out[index]['epoch']}, not {stop_epoch}"
+    return out, interrupted
+
+
+# ------------------------------------------------------------------------------- state
+
+
+def read_state(url: str, cfg: RunConfig) -> dict | None:
+    fs, path = filesystem(join(url, STATE_NAME), cfg.storage.endpoint_url, cfg.storage.region)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def write_state(url: str, cfg: RunConfig, state: dict) -> None:
+    """Write-then-rename, so a search killed while saving keeps its previous state."""
+    fs, path = filesystem(join(url, STATE_NAME), cfg.storage.endpoint_url, cfg.storage.region)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    tmp = path + ".tmp"
+    with fs.open(tmp, "w") as f:
+        json.dump(state, f, indent=1, default=float)
+    fs.mv(tmp, path)
+
+
+@dataclass
+class SampleOptResult:
+    url: str
+    state: dict
+    started_at_round: int
+    elapsed_s: float = 0.0
+    files: dict = field(default_factory=dict)
+    interrupted: bool = False
+
+    @property
+    def rounds(self) -> list[dict]:
+        return self.state["rounds"]
+
+    @property
+    def finished(self) -> bool:
+        return self.state["completed"] >= self.state["settings"]["rounds"]
+
+    @property
+    def metric(self) -> str:
+        return self.state["metric"]
+
+    @property
+    def score_start(self) -> float:
+        return self.state["score_start"]
+
+    @property
+    def score_final(self) -> float:
+        return self.rounds[-1]["score_best"] if self.rounds else float("nan")
+
+    def table(self) -> str:
+        names = self.state["names"]
+        probe = self.metric != "reward"
+        m = "probe" if probe else "R"
+        header = ["round", f"{m} mean", f"{m} best", *(["R mean"] if probe else []), "best",
+                  *[f"mu {n}" for n in names]]
+        r_start = [f"{self.state['R_start']:.4f}"] if probe else []
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                 "| " + " | ".join(["start", f"{self.score_start:.4f}", f"{self.score_start:.4f}",
+                                    *r_start, "-",
+                                    *[f"{self.state['mu0'][n]:.3f}" for n in names]]) + " |"]
+        for r in self.rounds:
+            r_mean = [f"{r['R_mean']:.4f}"] if probe else []
+            lines.append("| " + " | ".join([str(r["round"]), f"{r['score_mean']:.4f}",
+                                            f"{r['score_best']:.4f}", *r_mean, str(r["best"]),
+                                            *[f"{r['mu_after'][n]:.3f}" for n in names]])
+                         + " |")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        done = self.state["completed"]
+        total = self.state["settings"]["rounds"]
+        what = "R" if self.metric == "reward" else f"validation probe of {self.state['label']}"
+        lines = [self.table(), ""]
+        if self.finished:
+            lines.append(f"sample optimization finished in {self.elapsed_s:.0f}s: {done} "
+                         f"rounds; {what} {self.score_start:.4f} at the start -> "
+                         f"{self.score_final:.4f} (best candidate of the last round)")
+        else:
+            lines.append(f"sample optimization paused after round {done} of {total}; run the "
+                         f"same command again to resume at round {done + 1}")
+        for what, url in self.files.items():
+            lines.append(f"  {what + ':':<12} {url}")
+        return "\n".join(lines)
+
+
+def plot_trajectory(state: dict, path: str) -> str | None:
+    """trajectory.png: R per round (candidates, mean, best) and mu per coordinate."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rounds = state["rounds"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    xs = [r["round"] for r in rounds]
+    for r in rounds:
+        ys = [c["score"] for c in r["candidates"] if finite(c["score"])]
+        ax1.scatter([r["round"]] * len(ys), ys, s=12, color="0.6")
+    ax1.plot([0, *xs], [state["score_start"], *[r["score_mean"] for r in rounds]], "o-",
+             label="mean of candidates (round 0: start)")
+    ax1.plot(xs, [r["score_best"] for r in rounds], "s--", label="best candidate")
+    if state["metric"] != "reward":
+        ax1.plot([0, *xs], [state["R_start"], *[r["R_mean"] for r in rounds]], "^:",
+                 label="R (mean)")
+    ax1.set_xlabel("round")
+    ax1.set_ylabel("R = sum_k A^k (validation)" if state["metric"] == "reward"
+                   else f"validation probe of {state['label']}")
+    ax1.legend(fontsize=8)
+    for n in state["names"]:
+        ax2.plot([0, *xs], [state["mu0"][n], *[r["mu_after"][n] for r in rounds]], "o-",
+                 label=n)
+    ax2.set_xlabel("round")
+    ax2.set_ylabel("policy mean mu")
+    ax2.legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# -------------------------------------------------------------------------------- main
+
+
+def run_sample_opt(tf: TuneFile, address: str | None = None,
+                   stop_after_round: int | None = None,
+                   progress: Callable[[str], None] = print) -> SampleOptResult:
+    """Run (or resume) a sample optimization. `stop_after_round` pauses the search once that
+    round is complete (the state is saved exactly as when the search is killed there)."""
+    start_time = time.perf_counter()
+    so = section_config(SampleOptConfig, tf.sections.get("sample_opt", {}), "sample_opt",
+                        tf.source)
+    if tf.space:
+        raise ConfigError(f"sample optimization searches alpha and beta with its own policy; "
+                          f"remove the {{tune: ...}} distributions ({', '.join(tf.space)}) or "
+                          f"use --strategy sweep")
+    space_mod.validate(tf)
+    user_tf, tf = tf, absolute_paths(tf)
+    base = tf.base_config()
+    if "alpha" in so.search and base.objective.name != "tuple_infonce":
+        raise ConfigError(f"sample optimization searches TupleInfoNCE's negative weights "
+                          f"alpha; objective.name is '{base.objective.name}'. Use "
+                          f"objective.name=tuple_infonce, or sample_opt.search=[beta]")
+    name = search_name(tf, base)
+    url = join(base.storage.path, name)
+    root, manifest = launcher.prepare_data(base)
+    modalities = so.modalities or manifest.modality_names
+    unknown = sorted(set(modalities) - set(manifest.modality_names))
+    if unknown:
+        raise ConfigError(f"sample_opt.modalities: {unknown} are not modalities of the data "
+                          f"set; it has {manifest.modality_names}")
+    if manifest.splits.get(base.data.val_split, 0) < 2:
+        raise TuneError(f"the '{base.data.val_split}' split has fewer than 2 tuples; R is "
+                        f"scored on it (set data.val_split to a larger split)")
+    names = coordinates(so, modalities)
+    mu0 = initial_mu(base, names, so)
+    sigma = np.asarray([so.sigma.log_alpha if n.startswith("log_alpha") else so.sigma.beta
+                        for n in names])
+    total_epochs = so.pretrain_epochs + so.rounds * so.epochs_per_round
+    seed = base.train.seed if so.seed is None else so.seed
+    resolved = resolve_metric(so.metric, so.label, base, manifest,
+                              manifest.splits.get(base.data.val_split, 0))
+    score = ScoreSpec(metric=resolved.metric,
+                      probe_label=resolved.probe_label if so.metric == "probe" else None,
+                      reward=True, eval_batch=so.eval_batch, seed=base.train.seed,
+                      reward_augment=resolved.reward_augment)
+    # Fail on a config the candidates cannot train with, before Ray starts.
+    first_params = candidate_params(base, names, mu0, so, total_epochs)[0]
+    total_cfg = tf.config_with(first_params, source="sample-opt candidate")
+
+    settings = so.model_dump(mode="json")
+    state = read_state(url, base)
+    if state is None:
+        scorer = Scorer(total_cfg, manifest, root, score)
+        init = scorer.score(scorer.objective(None))
+        state = {"format": FORMAT, "names": names, "settings": settings,
+                 "metric": score.metric, "label": score.probe_label,
+                 "total_epochs": total_epochs, "mu0": dict(zip(names, map(float, mu0))),
+                 "mu": [float(v) for v in mu0], "completed": 0, "pretrained":
+                 so.pretrain_epochs == 0, "start_checkpoint": None, "pending": None,
+                 "score_init": init["score"], "R_init": init.get("val_R", float("nan")),
+                 "score_start": init["score"], "R_start": init.get("val_R", float("nan")),
+                 "rounds": []}
+        write_state(url, base, state)
+    else:
+        keep = ("candidates", "epochs_per_round", "rounds", "pretrain_epochs", "search",
+                "augment_field", "modalities", "metric", "label")
+        changed = [k for k in keep if state["settings"].get(k) != settings.get(k)]
+        if state["names"] != names or changed:
+            raise ConfigError(f"{url} holds a sample optimization with other settings "
+                              f"({', '.join(changed) or 'coordinates'} differ); use a new "
+                              f"storage.name, or the settings it was started with")
+    started_at = state["completed"] + 1
+    bounds = [so.log_alpha_bounds if n.startswith("log_alpha") else (0.0, 1.0) for n in names]
+    policy = Policy(names, np.asarray(state["mu"], dtype=np.float64), sigma,
+                    np.asarray([b[0] for b in bounds]), np.asarray([b[1] for b in bounds]))
+    concurrent = ensure_ray(base, address, so.max_concurrent_trials)
+    progress(f"[mmcl] sample optimization '{name}': B={so.candidates} candidates x "
+             f"E={so.epochs_per_round} epochs x {so.rounds} rounds over {names}; up to "
+             f"{min(concurrent, so.candidates)} candidates at once. Folder: {url}")
+    files = {"state": join(url, STATE_NAME)}
+
+    def apply(x):
+        return candidate_params(base, names, x, so, total_epochs)
+
+    if not state["pretrained"]:
+        progress(f"[mmcl] round 0: {so.pretrain_epochs} epochs at mu before the search")
+        results, interrupted = run_round("round-000", url, base, tf, [apply(policy.mu)[0]],
+                                         None, so.pretrain_epochs, score, concurrent, progress)
+        if interrupted:
+            return _paused(url, state, started_at, start_time, files, progress)
+        if not finite(results[0]["score"]):
+            raise TuneError(f"the pretraining run failed: {results[0]['error']}")
+        state.update(pretrained=True, start_checkpoint=results[0]["checkpoint"],
+                     score_start=results[0]["score"], R_start=results[0]["R"])
+        write_state(url, base, state)
+
+    while state["completed"] < so.rounds:
+        r = state["completed"] + 1
+        if stop_after_round is not None and r > stop_after_round:
+            break
+        pending = state.get("pending")
+        if pending and pending["round"] == r:
+            x = np.asarray(pending["samples"], dtype=np.float64)
+        else:
+            x = policy.sample(np.random.default_rng([seed, r]), so.candidates)
+            state["pending"] = {"round": r, "samples": x.tolist()}
+            write_state(url, base, state)
+        stop_epoch = so.pretrain_epochs + r * so.epochs_per_round
+        applied = [apply(xi) for xi in x]
+        progress(f"[mmcl] round {r}/{so.rounds}: {so.candidates} candidates from "
+                 f"{state['start_checkpoint'] or 'the initial weights'} to epoch {stop_epoch}")
+        results, interrupted = run_round(f"round-{r:03d}", url, base, tf,
+                                         [a[0] for a in applied], state["start_checkpoint"],
+                                         stop_epoch, score, concurrent, progress)
+        if interrupted:
+            return _paused(url, state, started_at, start_time, files, progress)
+        ok = [i for i, res in enumerate(results) if finite(res["score"]) and res["checkpoint"]
+              and not res["error"]]
+        if not ok:
+            raise TuneError(f"every candidate of round {r} failed; first error: "
+                            f"{results[0]['error']}. Fix the cause and run the same command "
+                            f"again (the round resumes)")
+        rewards = np.asarray([results[i]["score"] for i in ok])
+        mu_before = policy.mu.copy()
+        advantages = np.zeros(len(x))
+        if len(ok) >= 2:
+            policy.mu, adv = policy.update(x[ok], rewards, so.lr, so.gradient)
+            advantages[ok] = adv
+        else:
+            progress(f"[mmcl] round {r}: only one candidate finished; mu is not updated")
+        best = ok[int(np.argmax(rewards))]
+        entry = {
+            "round": r, "start_checkpoint": state["start_checkpoint"], "stop_epoch": stop_epoch,
+            "mu": policy.named(mu_before), "mu_after": policy.named(policy.mu),
+            "sigma": policy.named(sigma),
+            "candidates": [{"index": i, "x": policy.named(x[i]), "alpha": applied[i][1],
+                            "beta": applied[i][2], "advantage": float(advantages[i]),
+                            **results[i]} for i in range(len(x))],
+            "score_mean": float(rewards.mean()), "score_best": float(rewards.max()),
+            "R_mean": float(np.mean([results[i]["R"] for i in ok])),
+            "R_best_candidate": float(results[best]["R"]), "best": best,
+            "best_checkpoint": results[best]["checkpoint"],
+        }
+        state["rounds"].append(entry)
+        state.update(mu=[float(v) for v in policy.mu], completed=r, pending=None,
+                     start_checkpoint=results[best]["checkpoint"])
+        write_state(url, base, state)
+        progress(f"[mmcl] round {r}: {score.metric} mean {entry['score_mean']:.4f}, best "
+                 f"{entry['score_best']:.4f} (candidate {best}); R mean {entry['R_mean']:.4f}; "
+                 f"mu {entry['mu_after']}")
+
+    trajectory = {k: state[k] for k in ("names", "settings", "metric", "label", "total_epochs",
+                                        "mu0", "score_init", "R_init", "score_start",
+                                        "R_start", "completed", "rounds")}
+    files["trajectory"] = _write(join(url, "trajectory.json"),
+                                 json.dumps(trajectory, indent=1, default=float), base)
+    fs, path = filesystem(url, base.storage.endpoint_url, base.storage.region)
+    if state["rounds"] and launcher.storage_filesystem(base) is None:
+        png = plot_trajectory(state, join(path, "trajectory.png"))
+        if png:
+            files["plot"] = png
+    result = SampleOptResult(url, state, started_at, time.perf_counter() - start_time, files)
+    if result.finished and state["rounds"]:
+        files.update(_finish(url, base, tf, user_tf, state, manifest, policy, apply))
+    return result
+
+
+def _paused(url, state, started_at, start_time, files, progress) -> SampleOptResult:
+    """A round was cut off (Ctrl-C): its candidates are saved as pending; the next run
+    restores that round's Tune experiment and goes on."""
+    progress(f"[mmcl] interrupted in round {state['completed'] + 1}: run the same command "
+             f"again to resume it")
+    return SampleOptResult(url, state, started_at, time.perf_counter() - start_time, files,
+                           interrupted=True)
+
+
+def _finish(url, base, tf, user_tf, state, manifest, policy, apply) -> dict:
+    """model/ from the last round's best candidate; policy_config.yaml at the final mu."""
+    import ray.train
+
+    from mmcl.train.checkpoint import export_model, read_checkpoint_state
+
+    last = state["rounds"][-1]
+    best = last["candidates"][last["best"]]
+    checkpoint = ray.train.Checkpoint(last["best_checkpoint"],
+                                      filesystem=launcher.storage_filesystem(base))
+    with checkpoint.as_directory() as directory:
+        weights = read_checkpoint_state(directory)
+    cfg_best = tf.config_with(apply(np.asarray([best["x"][n] for n in state["names"]]))[0])
+    export_model(weights, cfg_best, manifest, join(url, "model"), base.storage.endpoint_url,
+                 base.storage.region)
+    params = apply(policy.mu)[0]
+    params.pop("train.epochs")
+    raw = user_tf.raw_with(params)
+    raw.setdefault("storage", {})["name"] = f"{search_name(tf, base)}-policy"
+    header = (f"# The run config at the final policy mean of sample optimization "
+              f"'{search_name(tf, base)}': {json.dumps(policy.named(policy.mu))}\n")
+    text = header + config_mod.dump(config_mod.from_dict(raw, source="policy config"))
+    return {"model": join(url, "model"),
+            "policy config": _write(join(url, "policy_config.yaml"), text, base)}

@@ -1,0 +1,398 @@
+"""`mmcl tune --strategy sweep`: a Ray Tune search over a YAML search space.
+
+    tune file (run config + distributions + `sweep:`) -> validate every edge of the space
+    -> prepare the data once -> start/join Ray, check the CPU budget (trials x (workers + 1))
+    -> Tuner(trial driver): each trial launches one Ray Train run (mmcl.tune.trial), scored
+       every epoch on the validation split; a searcher proposes configs (random/grid built
+       in, Optuna's TPE optional), ASHA stops poor trials early
+    -> the search folder: best_config.yaml (a ready run config), trials.csv / trials.md,
+       summary.json, and every trial's run folder under runs/
+
+`sweep:` settings (all optional):
+    num_samples          trials to sample (random/tpe: default 8; grid: each grid point once)
+    searcher             random | grid | tpe          (tpe needs `pip install 'mmcl[optuna]'`)
+    scheduler            asha | none
+    metric               auto | probe | reward        (auto: probe if the data has a label)
+    label                the probe's label column     (default: the first task label)
+    max_concurrent_trials   default: as many as the cluster's CPUs allow
+    grace_period, reduction_factor    ASHA's (in epochs)
+    max_failures         Tune retries of a crashed trial (its Train run resumes); default 0
+    eval_batch           candidates per retrieval batch of the reward R
+    probe_rows           training rows the validation probe is fitted on
+    seed                 the searcher's seed (default: train.seed)
+
+The search folder is storage.path/storage.name (default name: the tune file's name).
+Running the same command again resumes an interrupted sweep with `Tuner.restore`: unfinished
+trials go on (each trial's Train run resumes from its own checkpoint), crashed trials stay
+recorded as crashed, and a finished sweep only rewrites its outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mmcl import config as config_mod
+from mmcl.config import ConfigError
+from mmcl.storage import filesystem, join
+from mmcl.train import launcher
+from mmcl.tune import space as space_mod
+from mmcl.tune.space import TuneFile
+from mmcl.tune.trial import (PG_RECORDS, ScoreSpec, TuneError, absolute_paths, ensure_ray,
+                             finish_from_checkpoint, finite, make_janitor, resolve_metric,
+                             run_train_trial, trial_resources)
+
+class SweepConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_samples: int | None = Field(None, ge=1)
+    searcher: Literal["random", "grid", "tpe"] = "random"
+    scheduler: Literal["asha", "none"] = "asha"
+    metric: Literal["auto", "probe", "reward"] = "auto"
+    label: str | None = None
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+    max_failures: int = Field(0, ge=0)
+    eval_batch: int = Field(256, ge=2)
+    probe_rows: int = Field(2048, ge=16)
+    seed: int | None = None
+
+
+def section_config(model: type[BaseModel], raw: dict, section: str, source: str):
+    """Validate a tune file's section, with errors that name `section.field`."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"invalid `{section}:` settings in {source}:"]
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"])
+            msg = ("unknown field (check its spelling)" if e["type"] == "extra_forbidden"
+                   else e["msg"])
+            lines.append(f"  {section}.{loc}: {msg} (got {e.get('input')!r})")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def search_name(tf: TuneFile, base) -> str:
+    return base.storage.name or (Path(tf.source).stem if tf.source.endswith((".yaml", ".yml"))
+                                 else "tune")
+
+
+# ----------------------------------------------------------------------------- search
+
+
+def build_search(tf: TuneFile, settings: SweepConfig, seed: int, concurrent: int):
+    """(param_space, search_alg, num_samples) for the Tuner. The built-in generator takes the
+    concurrency limit itself (Tune ignores max_concurrent_trials for a generator instance)."""
+    grid = settings.searcher == "grid"
+    if grid:
+        bad = [p for p, d in tf.space.items() if d.kind not in ("grid", "choice")]
+        if bad:
+            raise ConfigError(f"sweep.searcher=grid needs every searched field to list its "
+                              f"values (grid or choice); {bad} are continuous. Use "
+                              f"searcher: random or tpe, or give them values")
+    param_space = {p: d.to_tune(grid_choices=grid) for p, d in tf.space.items()}
+    only_grids = all(d.is_grid for d in tf.space.values())  # nothing random to repeat
+    num_samples = settings.num_samples or (1 if grid or only_grids else 8)
+    if settings.searcher == "tpe":
+        grids = [p for p, d in tf.space.items() if d.is_grid]
+        if grids:
+            raise ConfigError(f"sweep.searcher=tpe cannot search grids ({grids}); use choice")
+        if not tf.space:
+            raise ConfigError("sweep.searcher=tpe needs at least one searched field")
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("sweep.searcher=tpe needs Optuna: pip install 'mmcl[optuna]' "
+                              "(or use searcher: random)") from None
+        return param_space, OptunaSearch(metric="score", mode="max", seed=seed), num_samples
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return (param_space, BasicVariantGenerator(random_state=seed, max_concurrent=concurrent),
+            num_samples)
+
+
+def mmcl_trial(params: dict, spec: dict) -> None:
+    """One sweep trial (runs in a Tune trial actor): the sampled run config, trained by one
+    Ray Train run whose scored metrics reach Tune."""
+    from ray import tune
+
+    cfg = config_mod.from_dict(space_mod.with_values(spec["base"], params),
+                               source=f"sampled config {params}")
+    run_train_trial(cfg, storage_path=spec["runs"], spec=spec["score"],
+                    name=f"trial-{tune.get_context().get_trial_id()}",
+                    pg_records=spec["records"])
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class SweepResult:
+    name: str
+    url: str
+    metric: str
+    rows: list[dict]
+    params: list[str]
+    best: dict | None
+    best_config_url: str | None
+    elapsed_s: float = 0.0
+    files: dict = field(default_factory=dict)
+    interrupted: bool = False
+
+    def table(self) -> str:
+        return trials_markdown(self.rows, self.params)
+
+    def summary(self) -> str:
+        counts = {s: sum(r["status"] == s for r in self.rows)
+                  for s in ("done", "early-stopped", "error", "unfinished")}
+        state = (f"interrupted after {self.elapsed_s:.0f}s (run the same command again to "
+                 f"resume)" if self.interrupted else f"finished in {self.elapsed_s:.0f}s")
+        lines = [self.table(), "",
+                 f"sweep '{self.name}' {state}: {len(self.rows)} trials ({counts['done']} "
+                 f"done, {counts['early-stopped']} early-stopped, {counts['error']} crashed"
+                 + (f", {counts['unfinished']} unfinished" if counts["unfinished"] else "")
+                 + f"); objective: {self.metric} (score, higher is better)"]
+        if self.best:
+            lines.append(f"  best:        {self.best['trial']}  score {self.best['score']:.4f}"
+                         f"  {self.best['params']}")
+            lines.append(f"  best config: {self.best_config_url}   (mmcl pretrain -c ...)")
+        for what, url in self.files.items():
+            lines.append(f"  {what + ':':<12} {url}")
+        return "\n".join(lines)
+
+
+def _short_error(error) -> str:
+    text = str(error).strip().splitlines()
+    lines = [line.strip() for line in text if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:200]
+
+
+def _trial_id(path: str | None) -> str:
+    """A trial's id from its folder name (`<trainable>_<id>_<index>_<params>_<date>`), for a
+    trial that crashed before it reported anything."""
+    name = Path(path or "").name
+    match = re.search(r"_([0-9a-f]{5}_\d{5})_", name)
+    return match.group(1) if match else name
+
+
+def trial_statuses(experiment: str, storage_fs) -> dict[str, tuple[str, dict]]:
+    """Tune's (status, config) of every trial, read from the experiment's saved state; the
+    status is TERMINATED, ERROR, PENDING, RUNNING or PAUSED."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        analysis = ExperimentAnalysis(experiment, storage_filesystem=storage_fs)
+    except Exception:  # noqa: BLE001 - statuses only refine the table
+        return {}
+    return {t.trial_id: (t.status, dict(t.config or {})) for t in analysis.trials}
+
+
+def trial_rows(results, tf: TuneFile,
+               statuses: dict[str, tuple[str, dict]] | None = None) -> list[dict]:
+    """One row per trial: status done | early-stopped | error | unfinished (an interrupted
+    sweep), epochs run, scores, the sampled values and, for a crash, its error."""
+    rows = []
+    statuses = statuses or {}
+    for result in results:
+        metrics = result.metrics or {}
+        trial = metrics.get("trial_id") or _trial_id(result.path)
+        status, config = statuses.get(trial, ("TERMINATED", {}))
+        params = {p: (result.config or config).get(p) for p in tf.space}
+        try:
+            epochs = tf.config_with(params).train.epochs
+        except ConfigError:
+            epochs = None
+        ran = int(metrics.get("epoch") or 0)
+        if result.error is not None or status == "ERROR":
+            status = "error"
+        elif status != "TERMINATED":
+            status = "unfinished"
+        elif epochs is not None and ran < epochs:
+            status = "early-stopped"
+        else:
+            status = "done"
+        rows.append({
+            "trial": str(trial), "status": status, "epochs": ran, "max_epochs": epochs,
+            "score": metrics.get("score", float("nan")),
+            "val_probe": metrics.get("val_probe", float("nan")),
+            "val_R": metrics.get("val_R", float("nan")),
+            "loss": metrics.get("loss", float("nan")),
+            "params": params,
+            "checkpoint": metrics.get("checkpoint_path"),
+            "error": (_short_error(result.error) if result.error is not None else
+                      "crashed" if status == "error" else ""),
+        })
+    rows.sort(key=lambda r: r["trial"])
+    return rows
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    """The best finished trial by score; early-stopped ones only if none finished."""
+    for statuses in (("done",), ("early-stopped",)):
+        scored = [r for r in rows if r["status"] in statuses and finite(r["score"])]
+        if scored:
+            return max(scored, key=lambda r: r["score"])
+    return None
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def trials_markdown(rows: list[dict], params: list[str]) -> str:
+    header = ["trial", "status", "epochs", "score", "val_probe", "val_R", "loss", *params,
+              "error"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [r["trial"], r["status"], f"{r['epochs']}/{r['max_epochs']}", r["score"],
+                 r["val_probe"], r["val_R"], r["loss"], *[r["params"][p] for p in params],
+                 r["error"].replace("|", "/")]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def trials_csv(rows: list[dict], params: list[str]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["trial", "status", "epochs", "max_epochs", "score", "val_probe", "val_R",
+                     "loss", *params, "checkpoint", "error"])
+    for r in rows:
+        writer.writerow([r["trial"], r["status"], r["epochs"], r["max_epochs"], r["score"],
+                         r["val_probe"], r["val_R"], r["loss"],
+                         *[json.dumps(r["params"][p]) for p in params], r["checkpoint"] or "",
+                         r["error"]])
+    return out.getvalue()
+
+
+def _write(url: str, text: str, cfg) -> str:
+    fs, path = filesystem(url, cfg.storage.endpoint_url, cfg.storage.region)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write(text)
+    return url
+
+
+def best_config_text(tf: TuneFile, params: dict, name: str, header: str) -> str:
+    """The best trial's config as a ready run config: the tune file's run config with the
+    sampled values filled in (data, storage and scaling as the user wrote them)."""
+    raw = tf.raw_with(params)
+    raw.setdefault("storage", {})["name"] = name
+    cfg = config_mod.from_dict(raw, source="best config")
+    return header + config_mod.dump(cfg)
+
+
+# -------------------------------------------------------------------------------- main
+
+
+def run_sweep(tf: TuneFile, address: str | None = None,
+              progress: Callable[[str], None] = print) -> SweepResult:
+    from ray import tune
+
+    start = time.perf_counter()
+    settings = section_config(SweepConfig, tf.sections.get("sweep", {}), "sweep", tf.source)
+    space_mod.validate(tf)
+    user_tf, tf = tf, absolute_paths(tf)
+    base = tf.base_config()
+    name = search_name(tf, base)
+    url = join(base.storage.path, name)
+    root, manifest = launcher.prepare_data(base)
+    spec_score = resolve_metric(settings.metric, settings.label, base, manifest,
+                                manifest.splits.get(base.data.val_split, 0))
+    score = ScoreSpec(metric=spec_score.metric, probe_label=spec_score.probe_label,
+                      reward=spec_score.reward, eval_batch=settings.eval_batch,
+                      probe_rows=settings.probe_rows, seed=base.train.seed,
+                      reward_augment=spec_score.reward_augment)
+    seed = base.train.seed if settings.seed is None else settings.seed
+    build_search(tf, settings, seed, 1)  # a wrong search fails before Ray starts
+    concurrent = ensure_ray(base, address, settings.max_concurrent_trials)
+    param_space, search_alg, num_samples = build_search(tf, settings, seed, concurrent)
+
+    spec = {"base": tf.base, "runs": join(url, "runs"), "records": join(url, PG_RECORDS),
+            "score": score}
+    trainable = tune.with_resources(tune.with_parameters(mmcl_trial, spec=spec),
+                                    trial_resources())
+    storage_path = launcher.storage_root(base)
+    storage_fs = launcher.storage_filesystem(base)
+    experiment = f"{storage_path.rstrip('/')}/{name}"
+    searched_epochs = tf.space["train.epochs"].edge_values() if "train.epochs" in tf.space \
+        else []
+    max_t = max([base.train.epochs, *searched_epochs])
+    scheduler = None
+    if settings.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=int(max_t),
+                                  grace_period=min(settings.grace_period, int(max_t)),
+                                  reduction_factor=settings.reduction_factor)
+    progress(f"[mmcl] sweep '{name}': {len(tf.space)} searched fields, {num_samples} "
+             f"sample(s) with {settings.searcher} search, scheduler {settings.scheduler}, "
+             f"objective {score.metric} on '{base.data.val_split}'; up to {concurrent} trials "
+             f"at once ({launcher.cpus_needed(base)} CPUs each). Folder: {url}")
+    janitor = make_janitor(spec["records"], base)
+    if tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs):
+        progress(f"[mmcl] resuming the interrupted sweep in {url} (Tuner.restore)")
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False,
+                                   param_space=param_space, storage_filesystem=storage_fs)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(metric="score", mode="max", num_samples=num_samples,
+                                        search_alg=search_alg, scheduler=scheduler,
+                                        # the built-in generator limits itself
+                                        max_concurrent_trials=(concurrent if
+                                                               settings.searcher == "tpe"
+                                                               else None),
+                                        reuse_actors=False),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage_path, storage_filesystem=storage_fs,
+                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                callbacks=[janitor]))
+    results = tuner.fit()  # Tune catches Ctrl-C: it saves the experiment and returns
+    statuses = trial_statuses(experiment, storage_fs)
+    rows = trial_rows(results, tf, statuses)
+    expected = num_samples * math.prod(
+        len(d.values) for d in tf.space.values()
+        if d.is_grid or (settings.searcher == "grid" and d.kind == "choice"))
+    interrupted = any(r["status"] == "unfinished" for r in rows) or len(rows) < expected
+    for row in rows:  # ASHA ends a trial at its last report, before it writes its folder
+        finish_from_checkpoint(row["checkpoint"], join(spec["runs"], f"trial-{row['trial']}"),
+                               base)
+    params = list(tf.space)
+    best = best_row(rows)
+    files = {"trials": _write(join(url, "trials.md"), trials_markdown(rows, params) + "\n",
+                              base),
+             "csv": _write(join(url, "trials.csv"), trials_csv(rows, params), base)}
+    best_url = None
+    if best is not None and not interrupted:
+        header = (f"# Best trial {best['trial']} of sweep '{name}' (score {best['score']:.4f}, "
+                  f"{score.metric} on '{base.data.val_split}'); searched: "
+                  f"{json.dumps(best['params'])}\n")
+        best_url = _write(join(url, "best_config.yaml"),
+                          best_config_text(user_tf, best["params"], f"{name}-best", header), base)
+    summary = {"name": name, "metric": score.metric, "label": score.probe_label,
+               "searcher": settings.searcher, "scheduler": settings.scheduler,
+               "space": {p: d.describe() for p, d in tf.space.items()},
+               "interrupted": interrupted, "best": best, "trials": rows}
+    files["summary"] = _write(join(url, "summary.json"),
+                              json.dumps(summary, indent=2, default=str), base)
+    result = SweepResult(name, url, score.metric, rows, params, best, best_url,
+                         time.perf_counter() - start, files, interrupted)
+    if best is None and not interrupted:
+        raise TuneError(f"no trial of sweep '{name}' produced a score; see {files['trials']}"
+                        + (f" (first error: {rows[0]['error']})" if rows and rows[0]["error"]
+                           else ""))
+    return result

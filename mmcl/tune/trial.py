@@ -1,0 +1,534 @@
+"""What a Tune trial is in mmcl: a driver function that launches one Ray Train run.
+
+Ray Train V2 cannot be handed to a Tuner; the documented pattern (Ray's "Hyperparameter Tuning
+with Ray Tune" guide) is a Tune function that builds a TorchTrainer and calls fit(), with
+`ray.tune.integration.ray_train.TuneReportCallback` forwarding each Train report to Tune.
+mmcl's trial adds, on top of that pattern:
+
+- Scoring: `ScoreReportCallback` extends TuneReportCallback. Every report carries a checkpoint
+  (trials checkpoint every epoch); the callback, which runs in the Train controller beside the
+  trial driver, loads the weights and adds the search objective to the metrics before they
+  go to Tune: `val_probe` (a linear probe fitted on (a sample of) the training split's
+  embeddings, L2 chosen on the validation split, scored on it: balanced accuracy or R²),
+  `val_R` and `val_A_<modality>` (TupleInfoNCE's reward on two views of the validation
+  tuples, drawn with the search's base augmentation and the same seeds for every trial),
+  and `score`, the one the search maximises. The test split is never touched.
+- Resources: the trial driver itself reserves no CPU (a small memory bundle), because it only
+  waits for Train; the Train workers get their own placement group from Ray Train, and Ray
+  Data's read tasks run outside both (Ray Data schedules its tasks with its own strategy).
+  So a trial costs exactly what a `mmcl pretrain` run costs, workers x CPUs + 1 CPU for Ray
+  Data (`launcher.cpus_needed`), and the number of concurrent trials is the cluster's CPUs
+  divided by that, checked before the search starts (`ensure_ray`).
+- Early stopping without leaks: when a scheduler (ASHA) stops a trial, Tune ends the trial
+  driver and with it the Train controller, but the workers' placement group, which belongs to
+  the job, outlives them (Ray Train's own cleaner needs the dashboard's state API, which local
+  Ray started by mmcl does not run). Each run's rank 0 records its placement group;
+  `PlacementGroupJanitor`, a Tune callback in the search driver, removes the groups of
+  finished trials, so a long ASHA sweep does not run out of CPUs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from mmcl import config as config_mod
+from mmcl.config import ConfigError, RunConfig
+from mmcl.data.schema import ID_COLUMN, DataError, Manifest
+from mmcl.storage import filesystem, join
+from mmcl.train import launcher
+from mmcl.train.launcher import LaunchError, cpus_needed
+
+# The trial driver only waits for its Train run: no CPU, a token of memory so that Tune has a
+# non-empty bundle to place it with.
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 64 * 1024 ** 2}
+PG_RECORDS = "_placement_groups"
+
+
+class TuneError(LaunchError):
+    """A search cannot run as configured; the message says what to change."""
+
+
+# --------------------------------------------------------------------------- resources
+
+
+def absolute_paths(tf):
+    """A copy of a TuneFile whose local storage and data paths are absolute: Tune runs each
+    trial in its own working directory, where a relative path points somewhere else."""
+    import copy
+    import dataclasses
+
+    from mmcl.storage import is_remote
+
+    base = copy.deepcopy(tf.base)
+    for section, key in (("storage", "path"), ("data", "path")):
+        node = base.setdefault(section, {})
+        value = node.get(key, "./runs" if section == "storage" else None)
+        if value and not is_remote(str(value)):
+            node[key] = os.path.abspath(os.path.expanduser(str(value)))
+    return dataclasses.replace(tf, base=base)
+
+
+def trial_resources() -> dict:
+    return dict(TRIAL_DRIVER_RESOURCES)
+
+
+def ensure_ray(cfg: RunConfig, address: str | None, max_concurrent: int | None) -> int:
+    """Start local Ray (sized for `max_concurrent` trials, at least one) or join a cluster;
+    check that one trial's Train run fits and return how many trials may run at once."""
+    import ray
+
+    need = cpus_needed(cfg)
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            num_cpus = max(os.cpu_count() or 1, need * (max_concurrent or 1))
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                     log_to_driver=True)
+    from mmcl import storage
+
+    share = getattr(storage, "share_credentials", None)
+    if share is not None:  # S3 credentials from this environment, to this job's workers
+        share()
+    cpus = ray.cluster_resources().get("CPU", 0)
+    fit = int(cpus // need)
+    per_trial = (f"{cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPU + "
+                 f"{launcher.DATA_CPUS} for Ray Data = {need} CPUs per trial")
+    if fit < 1:
+        raise TuneError(f"the Ray cluster has {cpus:g} CPUs; one trial needs {per_trial}. "
+                        f"Lower scaling.num_workers or scaling.cpus_per_worker, or add nodes")
+    if cfg.scaling.use_gpu:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        fit = min(fit, int(gpus // cfg.scaling.num_workers))
+        if fit < 1:
+            raise TuneError(f"scaling.use_gpu is on but the cluster has {gpus:g} GPUs for "
+                            f"{cfg.scaling.num_workers} workers per trial; set "
+                            f"scaling.use_gpu=false or add GPU nodes")
+    if max_concurrent is not None and max_concurrent > fit:
+        raise TuneError(f"{max_concurrent} concurrent trials need {max_concurrent * need} CPUs "
+                        f"({per_trial}); the Ray cluster has {cpus:g}. Lower the number of "
+                        f"concurrent trials (or scaling.num_workers), or add nodes")
+    return max_concurrent or fit
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """What a trial reports besides Train's metrics, and which of it is `score`."""
+
+    metric: str = "reward"              # "probe" or "reward"
+    probe_label: str | None = None      # label column of the probe (None: no probe)
+    reward: bool = True                 # compute val_R (fused objectives only)
+    eval_batch: int = 256               # candidates per retrieval batch of R
+    # The views R is computed on: the search's base augmentation (an AugmentConfig dump),
+    # not the trial's, whose strength may be searched: a trial must not score itself on
+    # easier views.
+    reward_augment: dict | None = None
+    probe_rows: int = 2048              # training rows the probe is fitted on (a seeded sample)
+    seed: int = 0
+
+    @property
+    def score_key(self) -> str:
+        return "val_probe" if self.metric == "probe" else "val_R"
+
+
+def default_probe_label(manifest: Manifest) -> str | None:
+    """The label a validation probe scores: the first task label (role "label"),
+    classification first."""
+    labels = [lab for lab in manifest.labels if lab.role == "label"]
+    labels.sort(key=lambda lab: lab.task != "classification")
+    return labels[0].name if labels else None
+
+
+def reward_available(cfg: RunConfig, manifest: Manifest) -> bool:
+    """R needs a fused objective (one tuple embedding from any subset of modalities)."""
+    from mmcl.objectives import build_objective
+    from mmcl.objectives.base import FusedObjective
+
+    return isinstance(build_objective(cfg, manifest), FusedObjective)
+
+
+def resolve_metric(metric: str, label: str | None, cfg: RunConfig, manifest: Manifest,
+                   val_rows: int) -> ScoreSpec:
+    """The ScoreSpec of a search: `metric` auto|probe|reward; `label` the probe's column."""
+    if val_rows == 0:
+        raise TuneError(f"the '{cfg.data.val_split}' split of the data set is empty; a search "
+                        f"scores every trial on it (set data.val_split to a non-empty split)")
+    if label is not None:
+        names = [lab.name for lab in manifest.labels]
+        if label not in names:
+            raise ConfigError(f"sweep.label: {label!r} is not a label column of the data "
+                              f"set; it has {names}")
+    probe_label = label or default_probe_label(manifest)
+    can_reward = reward_available(cfg, manifest)
+    if metric == "auto":
+        metric = "probe" if probe_label else "reward"
+    if metric == "probe" and probe_label is None:
+        raise ConfigError("metric 'probe' needs a label column and the data set has none; "
+                          "use metric: reward (label-free)")
+    if metric == "reward" and not can_reward:
+        raise ConfigError(f"metric 'reward' (TupleInfoNCE's R) needs a fused objective; "
+                          f"'{cfg.objective.name}' has no single tuple embedding. Use "
+                          f"metric: probe")
+    return ScoreSpec(metric=metric, probe_label=probe_label, reward=can_reward,
+                     reward_augment=cfg.augment.model_dump(), seed=cfg.train.seed)
+
+
+def read_rows(root: str, split: str, columns: list[str], manifest: Manifest,
+              max_rows: int | None = None, seed: int = 0, remote: Mapping | None = None
+              ) -> dict[str, np.ndarray]:
+    """Columns of a split in memory, in file order; with `max_rows`, a seeded sample of that
+    many rows read shard by shard (the whole split is never loaded). Rows with NaN/inf in a
+    modality are left out."""
+    from mmcl.data.shards import iter_batches, tensor_to_numpy
+
+    remote = dict(remote or {})
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in [ID_COLUMN, *columns]}
+    rows = 0
+    limit = None if max_rows is None else 4 * max_rows  # read a few times more, then sample
+    for _, batch in iter_batches(root, split, [ID_COLUMN, *columns], **remote):
+        keep = np.ones(batch.num_rows, dtype=bool)
+        arrays = {ID_COLUMN: batch.column(ID_COLUMN).to_numpy().astype(np.int64)}
+        for c in columns:
+            if c in manifest.modality_names:
+                values, valid = tensor_to_numpy(batch.column(c), manifest.modality(c).shape)
+                keep &= valid & np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+                arrays[c] = values
+            else:
+                arrays[c] = batch.column(c).to_numpy(zero_copy_only=False)
+        for c, values in arrays.items():
+            parts[c].append(values[keep])
+        rows += int(keep.sum())
+        if limit is not None and rows >= limit:
+            break
+    out = {c: (np.concatenate(v) if v else np.zeros(0)) for c, v in parts.items()}
+    n = len(out[ID_COLUMN])
+    if max_rows is not None and n > max_rows:
+        pick = np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
+        out = {c: v[pick] for c, v in out.items()}
+    return out
+
+
+class Scorer:
+    """Scores a model's weights on the validation split: probe and/or reward R."""
+
+    def __init__(self, cfg: RunConfig, manifest: Manifest, root: str, spec: ScoreSpec):
+        self.cfg, self.manifest, self.root, self.spec = cfg, manifest, root, spec
+        self._val: dict | None = None
+        self._train: dict | None = None
+
+    def _remote(self) -> dict:
+        return launcher.remote(self.cfg)
+
+    def val(self) -> dict:
+        if self._val is None:
+            cols = self.manifest.modality_names + \
+                ([self.spec.probe_label] if self.spec.probe_label else [])
+            self._val = read_rows(self.root, self.cfg.data.val_split, cols, self.manifest,
+                                  remote=self._remote())
+        return self._val
+
+    def train_sample(self) -> dict:
+        if self._train is None:
+            cols = self.manifest.modality_names + [self.spec.probe_label]
+            self._train = read_rows(self.root, self.cfg.data.train_split, cols, self.manifest,
+                                    max_rows=self.spec.probe_rows, seed=self.spec.seed,
+                                    remote=self._remote())
+        return self._train
+
+    def objective(self, weights: dict | None = None):
+        """The run's objective with `weights`, or with the initial weights a run starts from
+        (the Engine seeds torch with train.seed before building it)."""
+        import torch
+
+        from mmcl.objectives import build_objective
+
+        if weights is None:
+            torch.manual_seed(self.cfg.train.seed)
+        objective = build_objective(self.cfg, self.manifest)
+        if weights is not None:
+            objective.load_state_dict(weights)
+        return objective.eval()
+
+    def _tensors(self, arrays: dict, rows: slice) -> dict:
+        import torch
+
+        return {m: torch.as_tensor(arrays[m][rows]) for m in self.manifest.modality_names}
+
+    def reward(self, objective) -> dict[str, float]:
+        """R = sum_k A^k on the validation tuples, averaged over full batches of
+        `eval_batch` candidates (one smaller batch when the split is smaller). The two views
+        of each batch are drawn with the search's base augmentation from a generator seeded by
+        the search seed and the batch, so every trial is scored on the same views."""
+        import torch
+
+        from mmcl.config import AugmentConfig
+        from mmcl.data.augment import Augmenter
+        from mmcl.objectives.base import FusedObjective
+        from mmcl.objectives.tuple_infonce import TupleInfoNCE
+
+        val = self.val()
+        n = len(val[ID_COLUMN])
+        size = min(self.spec.eval_batch, n)
+        if size < 2:
+            return {"val_R": float("nan")}
+        reward = getattr(objective, "reward", None)
+        if reward is None:
+            if not isinstance(objective, FusedObjective):
+                return {"val_R": float("nan")}
+            reward = functools.partial(TupleInfoNCE.reward, objective)
+        augment = (AugmentConfig.model_validate(self.spec.reward_augment)
+                   if self.spec.reward_augment is not None else self.cfg.augment)
+        augmenter = Augmenter(self.manifest.modalities, augment)
+        totals: dict[str, float] = {}
+        batches = 0
+        for start in range(0, n - size + 1, size):
+            batch = self._tensors(val, slice(start, start + size))
+            generator = torch.Generator().manual_seed(self.spec.seed * 100_003 + batches)
+            view1, view2 = augmenter(batch, generator), augmenter(batch, generator)
+            for k, v in reward(view1, view2).items():
+                totals[k] = totals.get(k, 0.0) + v
+            batches += 1
+        return {f"val_{k}": v / batches for k, v in totals.items()}
+
+    def embed(self, objective, arrays: dict, batch: int = 1024) -> np.ndarray:
+        import torch
+
+        n = len(arrays[ID_COLUMN])
+        with torch.no_grad():
+            parts = [objective.embed(self._tensors(arrays, slice(s, s + batch))).cpu().numpy()
+                     for s in range(0, n, batch)]
+        return np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
+
+    def probe(self, objective) -> dict[str, float]:
+        from mmcl.evaluate.probe import score, select_l2
+
+        label = self.manifest.label(self.spec.probe_label)
+        train, val = self.train_sample(), self.val()
+        x_tr, x_va = self.embed(objective, train), self.embed(objective, val)
+        y_tr, y_va = train[label.name], val[label.name]
+        if label.task == "classification":
+            probe = select_l2(x_tr, y_tr, x_va, y_va, "classification", label.num_classes,
+                              max_iter=50)
+            return {"val_probe": score(probe, x_va, y_va)["balanced_accuracy"]}
+        probe = select_l2(x_tr, y_tr, x_va, y_va, "regression")
+        return {"val_probe": score(probe, x_va, y_va)["r2"]}
+
+    def score(self, objective) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.spec.reward:
+            out.update(self.reward(objective))
+        if self.spec.probe_label:
+            out.update(self.probe(objective))
+        out["score"] = out.get(self.spec.score_key, float("nan"))
+        return out
+
+
+def _score_callback_class():
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ScoreReportCallback(TuneReportCallback):
+        """TuneReportCallback that first scores the reported checkpoint (see module doc)."""
+
+        def __init__(self, cfg_json: dict, manifest_json: str, root: str, spec: ScoreSpec):
+            super().__init__()
+            self._args = (cfg_json, manifest_json, root, spec)
+            self._scorer: Scorer | None = None
+
+        def _get_scorer(self) -> Scorer:
+            if self._scorer is None:
+                cfg_json, manifest_json, root, spec = self._args
+                self._scorer = Scorer(RunConfig.model_validate(cfg_json),
+                                      Manifest.from_json(manifest_json), root, spec)
+            return self._scorer
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if checkpoint is not None:
+                from mmcl.train.checkpoint import read_checkpoint_state
+
+                start = time.perf_counter()
+                try:
+                    with checkpoint.as_directory() as directory:
+                        state = read_checkpoint_state(directory)
+                    scores = self._get_scorer().score(
+                        self._get_scorer().objective(state["objective"]))
+                except Exception as err:  # noqa: BLE001 - a failed score must not kill the run
+                    print(f"[mmcl] scoring the checkpoint failed: {type(err).__name__}: {err}",
+                          flush=True)
+                    scores = {"score": float("nan")}
+                scores["score_seconds"] = time.perf_counter() - start
+                metrics = [{**metrics[0], **scores}, *metrics[1:]]
+            super().after_report(run_context, metrics, checkpoint)
+
+    return ScoreReportCallback
+
+
+# ------------------------------------------------------------------ placement groups
+
+
+def tune_worker_loop(loop_config: dict, extra: dict) -> list[dict]:
+    """mmcl's worker loop, with `extra` keys added to its config (start_checkpoint,
+    stop_epoch); rank 0 first records its placement group for the janitor."""
+    import ray
+    import ray.train
+
+    from mmcl.train.worker import train_loop_per_worker
+
+    records = extra.get("pg_records")
+    if records and ray.train.get_context().get_world_rank() == 0:
+        pg = ray.util.get_current_placement_group()
+        if pg is not None:
+            fs, path = filesystem(records, *extra.get("remote", (None, None)))
+            fs.makedirs(path, exist_ok=True)
+            with fs.open(join(path, f"{extra['trial_id']}.{pg.id.hex()}"), "w") as f:
+                f.write("")
+    keys = ("start_checkpoint", "stop_epoch")
+    return train_loop_per_worker({**loop_config, **{k: extra[k] for k in keys if k in extra}})
+
+
+def _janitor_class():
+    from ray import tune
+
+    class PlacementGroupJanitor(tune.Callback):
+        """Removes the Train workers' placement groups of trials that ended (see module
+        doc). Runs in the search driver, every few seconds and at the end."""
+
+        def __init__(self, records: str, remote: tuple = (None, None), every_s: float = 3.0):
+            self.records, self.remote, self.every_s = records, remote, every_s
+            self.ended: set[str] = set()
+            self._last = 0.0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.ended.add(trial.trial_id)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.ended.add(trial.trial_id)
+
+        def on_step_begin(self, iteration, trials, **info):
+            if self.ended and time.monotonic() - self._last > self.every_s:
+                self._last = time.monotonic()
+                self.sweep()
+
+        def on_experiment_end(self, trials, **info):
+            self.ended.update(t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR"))
+            self.sweep()
+
+        def sweep(self) -> None:
+            import ray
+            from ray.util.placement_group import PlacementGroup
+
+            fs, path = filesystem(self.records, *self.remote)
+            try:
+                names = [os.path.basename(p) for p in fs.ls(path, detail=False)]
+            except FileNotFoundError:
+                return
+            for name in names:
+                trial_id, _, pg_hex = name.partition(".")
+                if trial_id not in self.ended:
+                    continue
+                try:
+                    pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex)))
+                    if ray.util.placement_group_table(pg).get("state") not in (None, "REMOVED"):
+                        ray.util.remove_placement_group(pg)
+                except Exception as err:  # noqa: BLE001 - already gone or never made
+                    print(f"[mmcl] placement group {pg_hex}: {err}", flush=True)
+                fs.rm(join(path, name))
+
+    return PlacementGroupJanitor
+
+
+def make_janitor(records: str, cfg: RunConfig):
+    return _janitor_class()(records, (cfg.storage.endpoint_url, cfg.storage.region))
+
+
+# ------------------------------------------------------------------------ the trial
+
+
+def trial_run_config(cfg: RunConfig, root: str, storage_path: str, name: str) -> RunConfig:
+    """A trial's own run config: its data set resolved, its run folder inside the search's
+    folder, and a checkpoint every epoch (each report is scored from its checkpoint)."""
+    raw = cfg.model_dump(mode="json")
+    raw["data"]["path"] = root
+    raw["storage"].update(path=storage_path, name=name)
+    raw["train"]["checkpoint_every"] = 1
+    return config_mod.from_dict(raw, source="trial config")
+
+
+def run_train_trial(cfg: RunConfig, *, storage_path: str, name: str, spec: ScoreSpec,
+                    pg_records: str, start_checkpoint=None, stop_epoch: int | None = None
+                    ) -> dict:
+    """Inside a Tune trial: prepare the data, run one Ray Train run named `name` in
+    `storage_path` (rerunning a name resumes it), forward its scored metrics to Tune, and
+    leave a standard run folder (model/, config.yaml, metrics.jsonl). Returns the final
+    engine state."""
+    import ray.data
+    import ray.train
+    from ray import tune
+
+    from mmcl.train.checkpoint import read_checkpoint_state
+
+    root, manifest = launcher.prepare_data(cfg)
+    run_cfg = trial_run_config(cfg, root, storage_path, name)
+    steps = launcher.train_steps(run_cfg, manifest, run_cfg.scaling.num_workers)
+    context = ray.data.DataContext.get_current()  # the dataset carries it to Ray Data
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+    extra = {"pg_records": pg_records, "trial_id": tune.get_context().get_trial_id(),
+             "remote": (cfg.storage.endpoint_url, cfg.storage.region)}
+    if start_checkpoint is not None:
+        extra["start_checkpoint"] = start_checkpoint
+    if stop_epoch is not None:
+        extra["stop_epoch"] = int(stop_epoch)
+    trainer = launcher.make_trainer(run_cfg, root, manifest, steps, name,
+                                    loop=functools.partial(tune_worker_loop, extra=extra))
+    trainer.run_config.callbacks.append(_score_callback_class()(
+        run_cfg.model_dump(mode="json"), manifest.to_json(), root, spec))
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise launcher.user_error(err) from err
+    with result.checkpoint.as_directory() as directory:
+        state = read_checkpoint_state(directory)
+    launcher.finish_run(run_cfg, manifest, join(storage_path, name), state)
+    return state
+
+
+def finish_from_checkpoint(checkpoint_path: str, run_url: str, base: RunConfig) -> bool:
+    """Write a trial's standard run folder (model/, config.yaml, metrics.jsonl) from its last
+    checkpoint, when the trial itself could not (a scheduler stops a trial as soon as its
+    last result arrives). False when there is nothing to do."""
+    import ray.train
+
+    from mmcl.train.checkpoint import CONFIG, MANIFEST, read_checkpoint_state
+
+    fs, path = filesystem(join(run_url, "model", "weights.pt"), base.storage.endpoint_url,
+                          base.storage.region)
+    if not checkpoint_path or fs.exists(path):
+        return False
+    checkpoint = ray.train.Checkpoint(checkpoint_path,
+                                      filesystem=launcher.storage_filesystem(base))
+    with checkpoint.as_directory() as directory:
+        state = read_checkpoint_state(directory)
+        cfg = config_mod.load(os.path.join(directory, CONFIG))
+        with open(os.path.join(directory, MANIFEST)) as f:
+            manifest = Manifest.from_json(f.read())
+    launcher.finish_run(cfg, manifest, run_url, state)
+    return True
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+__all__ = ["TuneError", "ScoreSpec", "Scorer", "ensure_ray", "resolve_metric",
+           "run_train_trial", "make_janitor", "trial_resources", "read_rows", "DataError"]

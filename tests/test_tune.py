@@ -1,0 +1,270 @@
+"""Ray Tune: YAML search spaces, a sweep with ASHA on local Ray, and TupleInfoNCE's sample
+optimization (policy update, shared checkpoints between rounds, resume after a kill)."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from mmcl import config
+from mmcl.config import ConfigError
+from mmcl.tune import space
+from mmcl.tune.cli import add_tune_parser, choose_strategy, main as tune_main
+from mmcl.tune.sample_opt import Policy, SampleOptConfig
+from mmcl.tune.sweep import SweepConfig, best_row, section_config
+
+ray = pytest.importorskip("ray")
+
+TINY = {
+    "data": {"synth": {"preset": "rus", "n": 300}},
+    "train": {"batch_size": 32, "warmup_epochs": 0, "epochs": 2, "lr": 3.0e-3},
+    "model": {"embed_dim": 16, "encoder": {"hidden": 16}, "proj_hidden": 16, "proj_dim": 16,
+              "fusion_heads": 2},
+    "objective": {"name": "tuple_infonce", "temperature": 0.1},
+    "scaling": {"num_workers": 1},
+}
+
+
+def tiny(tmp_path, name, **sections):
+    raw = json.loads(json.dumps(TINY))
+    raw["storage"] = {"path": str(tmp_path), "name": name}
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return raw
+
+
+# ------------------------------------------------------------------- no Ray needed
+
+
+def test_space_parses_distributions_and_validates_their_edges():
+    tf = space.parse({
+        "train": {"lr": {"tune": "loguniform", "low": 1e-4, "high": 1e-2},
+                  "batch_size": {"tune": "qrandint", "low": 32, "high": 128, "q": 32}},
+        "objective": {"negative_weights": {"weak": {"tune": "grid", "values": [0.5, 4.0]}}},
+        "augment": {"per_modality": {"weak": {"noise": {"tune": "uniform", "low": 0.0,
+                                                        "high": 0.5}}}},
+        "sweep": {"num_samples": 3},
+    }, ["train.epochs=3", "sweep.searcher=random"])
+    assert set(tf.space) == {"train.lr", "train.batch_size", "objective.negative_weights.weak",
+                             "augment.per_modality.weak.noise"}
+    assert tf.sections["sweep"] == {"num_samples": 3, "searcher": "random"}
+    cfg = space.validate(tf)
+    assert cfg.train.epochs == 3 and cfg.train.lr == 1e-4
+    sampled = tf.config_with({"train.lr": 3e-3, "train.batch_size": 64,
+                              "objective.negative_weights.weak": 4.0,
+                              "augment.per_modality.weak.noise": 0.3})
+    assert sampled.objective.negative_weights == {"weak": 4.0}
+    assert sampled.augment.for_modality("weak").noise == 0.3
+    assert sampled.augment.for_modality("weak").dropout == 0.1  # other fields keep defaults
+
+    with pytest.raises(ConfigError, match=r"(?s)augment.default.noise = 2.0 .*less than or equal"):
+        space.validate(space.parse({"augment": {"default": {
+            "noise": {"tune": "uniform", "low": 0.0, "high": 2.0}}}}))
+    with pytest.raises(ConfigError, match="unknown distribution 'normal'"):
+        space.parse({"train": {"lr": {"tune": "normal", "low": 0, "high": 1}}})
+    assert space.parse({}, ["train.lr={tune: loguniform, low: 1e-4, high: 1e-2}"]).space[
+        "train.lr"].low == 1e-4   # YAML reads 1e-4 as a string
+    with pytest.raises(ConfigError, match="needs low > 0"):
+        space.parse({"train": {"lr": {"tune": "loguniform", "low": 0.0, "high": 1.0}}})
+    with pytest.raises(ConfigError, match="scaling.num_workers cannot be searched"):
+        space.parse({"scaling": {"num_workers": {"tune": "choice", "values": [1, 2]}}})
+    with pytest.raises(ConfigError, match=r"sweep.num_sample: unknown field"):
+        section_config(SweepConfig, {"num_sample": 3}, "sweep", "f.yaml")
+    with pytest.raises(ConfigError, match=r"sample_opt.candidates: .*greater than or equal"):
+        section_config(SampleOptConfig, {"candidates": 1}, "sample_opt", "f.yaml")
+
+
+def test_tune_files_in_configs_are_valid():
+    for name in ("tune_weak.yaml", "sample_opt_weak.yaml"):
+        tf = space.load(os.path.join(os.path.dirname(__file__), "..", "configs", "tune", name))
+        space.validate(tf)
+        section_config(SweepConfig, tf.sections["sweep"], "sweep", name)
+        section_config(SampleOptConfig, tf.sections["sample_opt"], "sample_opt", name)
+    assert choose_strategy(space.load(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                                   "tune", "sample_opt_weak.yaml")), None) == "sample-opt"
+
+
+def test_policy_moves_mu_toward_the_better_candidate():
+    mu0 = np.array([0.0, 0.1])
+    policy = Policy(["log_alpha.a", "beta.a"], mu0, np.array([0.5, 0.05]),
+                    np.array([-6.0, 0.0]), np.array([6.0, 1.0]))
+    x = np.array([[0.4, 0.12], [-0.3, 0.07]])
+    mu, adv = policy.update(x, np.array([2.0, 1.0]), lr=1.0, gradient="natural")
+    assert np.allclose(adv, [1.0, -1.0])
+    assert np.allclose(mu - mu0, 0.5 * (x[0] - x[1]))     # mu += lr * mean_i A_i (x_i - mu)
+    mu, _ = policy.update(x, np.array([2.0, 1.0]), lr=0.01, gradient="vanilla")
+    assert np.allclose(mu - mu0, 0.01 * 0.5 * (x[0] - x[1]) / policy.sigma ** 2)
+    mu, adv = policy.update(x, np.array([1.0, 1.0]), lr=1.0, gradient="natural")
+    assert np.allclose(mu, mu0) and np.allclose(adv, 0.0)  # a tie carries no signal
+    mu, _ = policy.update(x, np.array([1.0, 2.0]), lr=10.0, gradient="natural")
+    assert mu[1] == 0.0                                     # beta's mean stays in [0, 1]
+
+
+def test_searchers_sample_valid_configs():
+    from mmcl.tune.sweep import build_search
+
+    tf = space.parse({"train": {"lr": {"tune": "loguniform", "low": 1e-4, "high": 1e-2}},
+                      "objective": {"temperature": {"tune": "choice", "values": [0.05, 0.1]}}})
+    _, generator, n = build_search(tf, SweepConfig(), seed=0, concurrent=2)
+    assert n == 8 and generator.max_concurrent == 2
+    with pytest.raises(ConfigError, match="searcher=grid needs every searched field"):
+        build_search(tf, SweepConfig(searcher="grid"), 0, 1)
+    grid = space.parse({"train": {"lr": {"tune": "grid", "values": [1e-3, 1e-2]}}})
+    assert build_search(grid, SweepConfig(searcher="grid"), 0, 1)[2] == 1
+    pytest.importorskip("optuna")
+    param_space, tpe, _ = build_search(tf, SweepConfig(searcher="tpe"), seed=0, concurrent=1)
+    tpe.set_search_properties("score", "max", param_space)
+    sample = tpe.suggest("trial-1")
+    cfg = tf.config_with(sample)
+    assert 1e-4 <= cfg.train.lr <= 1e-2 and cfg.objective.temperature in (0.05, 0.1)
+
+
+def test_best_row_prefers_finished_trials_and_cli_reports_user_errors(tmp_path, capsys):
+    from types import SimpleNamespace as Result
+
+    from mmcl.tune.sweep import trial_rows
+
+    tf = space.parse({"train": {"epochs": 3,
+                                "lr": {"tune": "loguniform", "low": 1e-4, "high": 1e-2}}})
+    results = [
+        Result(metrics={"trial_id": "t1", "epoch": 3, "score": 0.5}, config={"train.lr": 1e-3},
+               error=None, path="/x/mmcl_trial_t1"),
+        Result(metrics={"trial_id": "t2", "epoch": 1, "score": 0.9}, config={"train.lr": 2e-3},
+               error=None, path="/x/mmcl_trial_t2"),
+        Result(metrics={}, config={"train.lr": 3e-3}, error=ValueError("boom\nDataError: bad"),
+               path="/x/mmcl_trial_abcde_00002_2_train.lr=0.003_2026"),
+        Result(metrics={}, config={}, error=None, path="/x/mmcl_trial_abcde_00003_3_x_2026")]
+    statuses = {"abcde_00003": ("PENDING", {"train.lr": 4e-3})}
+    rows = {r["trial"]: r for r in trial_rows(results, tf, statuses)}
+    assert {t: r["status"] for t, r in rows.items()} == {
+        "t1": "done", "t2": "early-stopped", "abcde_00002": "error",
+        "abcde_00003": "unfinished"}
+    assert rows["abcde_00002"]["error"] == "DataError: bad"
+    assert rows["abcde_00003"]["params"] == {"train.lr": 4e-3}
+    assert best_row(list(rows.values()))["trial"] == "t1"   # finished beats early-stopped
+    rows = [{"status": "early-stopped", "score": 0.9}, {"status": "done", "score": 0.5},
+            {"status": "error", "score": float("nan")}, {"status": "done", "score": 0.7}]
+    assert best_row(rows)["score"] == 0.7
+    assert best_row([{"status": "error", "score": math.nan}]) is None
+
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_tune_parser(parser.add_subparsers())
+    args = parser.parse_args(["tune", "-c", "x.yaml", "--strategy", "sample-opt"])
+    assert args.strategy == "sample-opt" and args.func.__name__ == "cmd_tune"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: {tune: loguniform, low: -1, high: 1}\n")
+    assert tune_main(["--config", str(bad)]) == 2
+    assert "needs low > 0" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ local Ray
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("local_ray")
+def test_sweep_with_asha_records_trials_and_writes_a_loadable_best_config(tmp_path):
+    from mmcl.tune.sweep import run_sweep
+
+    # Two configs, each twice. The score is continuous (R² of a validation probe of a latent
+    # factor), so the two configs score differently at the first rung and ASHA, which stops a
+    # trial below the median of those before it, stops at least one trial whatever the order.
+    raw = tiny(tmp_path, "sweep", train={"lr": {"tune": "grid", "values": [1e-7, 3e-3]}},
+               sweep={"num_samples": 2, "scheduler": "asha", "metric": "probe",
+                      "label": "z_redundancy", "max_concurrent_trials": 2, "grace_period": 1,
+                      "reduction_factor": 2})
+    result = run_sweep(space.parse(raw, source="tiny"))
+
+    assert len(result.rows) == 4
+    assert all(r["status"] in ("done", "early-stopped") for r in result.rows), result.table()
+    assert all(r["epochs"] >= 1 and math.isfinite(r["score"]) for r in result.rows)
+    assert all(math.isfinite(r["val_R"]) and r["score"] == r["val_probe"] for r in result.rows)
+    stopped = [r for r in result.rows if r["status"] == "early-stopped"]
+    assert stopped and all(r["epochs"] < r["max_epochs"] for r in stopped), result.table()
+    assert all(r["epochs"] == 2 for r in result.rows if r["status"] == "done")
+    assert result.best["status"] == "done"
+    assert result.best["score"] == max(r["score"] for r in result.rows if r["status"] == "done")
+
+    best = config.load(result.best_config_url)
+    assert best.train.lr == result.best["params"]["train.lr"]
+    assert best.storage.name == "sweep-best" and best.storage.path == str(tmp_path)
+    assert best.model.embed_dim == 16
+    table = open(os.path.join(result.url, "trials.md")).read()
+    assert "early-stopped" in table and table.count("\n") == 2 + 4
+    # every finished trial is a standard run folder
+    run = os.path.join(result.url, "runs", f"trial-{result.best['trial']}")
+    assert os.path.exists(os.path.join(run, "model", "weights.pt"))
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("local_ray")
+def test_sample_optimization_updates_mu_chains_checkpoints_and_resumes(tmp_path):
+    from mmcl.tune.sample_opt import read_state, run_sample_opt
+
+    # The policy follows a continuous score here (R² of a validation probe of z_shared): R on
+    # a 60-tuple validation split after one epoch is near chance and two candidates often tie.
+    raw = tiny(tmp_path, "so", data={"synth": {"preset": "weak", "n": 600}},
+               sample_opt={"candidates": 2, "rounds": 2, "epochs_per_round": 1,
+                           "sigma": {"log_alpha": 1.0, "beta": 0.1}, "lr": 1.0,
+                           "metric": "probe", "label": "z_shared"})
+    # "Kill" the search after round 1, then run the same search again.
+    first = run_sample_opt(space.parse(raw, source="tiny"), stop_after_round=1)
+    assert not first.finished and [r["round"] for r in first.rounds] == [1]
+    saved = read_state(first.url, config.from_dict(tiny(tmp_path, "so")))
+    assert saved["completed"] == 1 and saved["pending"] is None
+    assert saved["start_checkpoint"] == first.rounds[0]["best_checkpoint"]
+
+    second = run_sample_opt(space.parse(raw, source="tiny"))
+    assert second.started_at_round == 2 and second.finished
+    r1, r2 = second.rounds
+    assert r1 == first.rounds[0], "round 1 was run again"
+
+    # mu moved toward the better candidate: natural gradient, B=2 -> lr/2 (x_best - x_worst)
+    names = second.state["names"]
+    good, bad = sorted(r1["candidates"], key=lambda c: -c["score"])
+    assert good["score"] > bad["score"], r1
+    assert all(math.isfinite(c["R"]) for c in (good, bad))
+    delta = np.array([r1["mu_after"][n] - r1["mu"][n] for n in names])
+    direction = np.array([good["x"][n] - bad["x"][n] for n in names])
+    inside = np.array([0.0 < r1["mu_after"][n] < 1.0 or n.startswith("log_alpha")
+                       for n in names])  # beta's mean is kept in [0, 1]
+    assert np.allclose(delta[inside], 0.5 * direction[inside]) and delta @ direction > 0
+
+    # round 2 started from round 1's best checkpoint: its runs carry that run's history
+    assert r2["start_checkpoint"] == r1["best_checkpoint"]
+    best1 = r1["candidates"][r1["best"]]
+    with open(os.path.join(best1["run"], "metrics.jsonl")) as f:
+        history1 = [json.loads(line) for line in f]
+    for cand in r2["candidates"]:
+        with open(os.path.join(cand["run"], "metrics.jsonl")) as f:
+            history2 = [json.loads(line) for line in f]
+        assert history2[:1] == history1 and len(history2) == 2
+        assert history2[1]["resumed_from_step"] == history1[-1]["step"]
+
+    traj = json.load(open(os.path.join(second.url, "trajectory.json")))
+    assert [r["round"] for r in traj["rounds"]] == [1, 2] and math.isfinite(traj["R_init"])
+    import mmcl
+
+    model = mmcl.load(second.url)
+    assert model.config.objective.name == "tuple_infonce"
+    assert config.load(second.files["policy config"]).storage.name == "so-policy"
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("local_ray")
+def test_the_cpu_budget_is_checked_before_any_trial_starts(tmp_path):
+    from mmcl.tune.trial import TuneError, ensure_ray
+
+    one = config.from_dict(tiny(tmp_path, "budget"))        # 1 worker + 1 CPU for Ray Data
+    assert ensure_ray(one, None, None) == 2                # local_ray has 4 CPUs
+    with pytest.raises(TuneError, match="3 concurrent trials need 6 CPUs"):
+        ensure_ray(one, None, 3)
+    four = config.from_dict(tiny(tmp_path, "budget", scaling={"num_workers": 4}))
+    with pytest.raises(TuneError, match="has 4 CPUs; one trial needs .* = 5 CPUs"):
+        ensure_ray(four, None, None)
