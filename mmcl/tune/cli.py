@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-EXIT_USER_ERROR = 2
 STRATEGIES = ("sweep", "sample-opt")
 
 
@@ -71,31 +70,13 @@ def cmd_tune(args) -> int:
     return 130 if getattr(result, "interrupted", False) else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmcl")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add_tune_parser(sub)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    """`mmcl tune ...` on its own, with mmcl's handling of user errors (one line, exit 2)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "tune":
-        argv = ["tune", *argv]
-    args = build_parser().parse_args(argv)
-    from mmcl.cli import user_errors
+    """`mmcl tune ...` on its own (`python -m mmcl.tune.cli`, ray_jobs/tune.py): mmcl's own
+    command line, so user errors end the same way (one line, exit 2)."""
+    from mmcl.cli import main as mmcl_main
 
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("mmcl: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - sorted into user errors and bugs below
-        if isinstance(err, user_errors()):
-            print(f"mmcl: error: {err}", file=sys.stderr)
-            return EXIT_USER_ERROR
-        raise
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return mmcl_main(argv if argv[:1] == ["tune"] else ["tune", *argv])
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ from mmcl.tune.space import TuneFile
 from mmcl.tune.sweep import _write, search_name, section_config, trial_statuses
 from mmcl.tune.trial import (PG_RECORDS, ScoreSpec, Scorer, TuneError, absolute_paths,
                              ensure_ray, finite, make_janitor, resolve_metric,
-                             run_train_trial, trial_resources)
+                             restore_or_new_tuner, run_train_trial, trial_resources)
 
 STATE_NAME = "sample_opt_state.json"
 FORMAT = 1
@@ -236,19 +236,16 @@ def run_round(tag: str, url: str, base: RunConfig, tf: TuneFile, candidates: lis
     storage_fs = launcher.storage_filesystem(base)
     experiment = f"{storage_path}/{tag}"
     janitor = make_janitor(spec["records"], base)
-    if tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs):
-        progress(f"[mmcl] {tag}: resuming its candidates (Tuner.restore)")
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False,
-                                   param_space=param_space, storage_filesystem=storage_fs)
-    else:
-        tuner = tune.Tuner(
+    tuner = restore_or_new_tuner(
+        experiment, trainable, param_space, storage_fs,
+        lambda: tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric="score", mode="max",
                                         max_concurrent_trials=min(concurrent, len(candidates)),
                                         reuse_actors=False),
             run_config=tune.RunConfig(name=tag, storage_path=storage_path,
-                                      storage_filesystem=storage_fs, callbacks=[janitor]))
+                                      storage_filesystem=storage_fs, callbacks=[janitor])),
+        on_resume=lambda: progress(f"[mmcl] {tag}: resuming its candidates (Tuner.restore)"))
     results = tuner.fit()  # Tune catches Ctrl-C: it saves the experiment and returns
     statuses = trial_statuses(experiment, storage_fs)
     interrupted = len(results) < len(candidates) or any(

@@ -49,7 +49,7 @@ from mmcl.tune import space as space_mod
 from mmcl.tune.space import TuneFile
 from mmcl.tune.trial import (PG_RECORDS, ScoreSpec, TuneError, absolute_paths, ensure_ray,
                              finish_from_checkpoint, finite, make_janitor, resolve_metric,
-                             run_train_trial, trial_resources)
+                             restore_or_new_tuner, run_train_trial, trial_resources)
 
 class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -342,13 +342,9 @@ def run_sweep(tf: TuneFile, address: str | None = None,
              f"objective {score.metric} on '{base.data.val_split}'; up to {concurrent} trials "
              f"at once ({launcher.cpus_needed(base)} CPUs each). Folder: {url}")
     janitor = make_janitor(spec["records"], base)
-    if tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs):
-        progress(f"[mmcl] resuming the interrupted sweep in {url} (Tuner.restore)")
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False,
-                                   param_space=param_space, storage_filesystem=storage_fs)
-    else:
-        tuner = tune.Tuner(
+    tuner = restore_or_new_tuner(
+        experiment, trainable, param_space, storage_fs,
+        lambda: tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric="score", mode="max", num_samples=num_samples,
                                         search_alg=search_alg, scheduler=scheduler,
@@ -360,7 +356,9 @@ def run_sweep(tf: TuneFile, address: str | None = None,
             run_config=tune.RunConfig(
                 name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                callbacks=[janitor]))
+                callbacks=[janitor])),
+        on_resume=lambda: progress(f"[mmcl] resuming the interrupted sweep in {url} "
+                                   "(Tuner.restore)"))
     results = tuner.fit()  # Tune catches Ctrl-C: it saves the experiment and returns
     statuses = trial_statuses(experiment, storage_fs)
     rows = trial_rows(results, tf, statuses)

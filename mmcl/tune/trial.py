@@ -530,5 +530,20 @@ def finite(value: Any) -> bool:
         math.isfinite(value)
 
 
-__all__ = ["TuneError", "ScoreSpec", "Scorer", "ensure_ray", "resolve_metric",
+
+def restore_or_new_tuner(experiment: str, trainable, param_space: dict, storage_fs,
+                         new_tuner, on_resume=None):
+    """The Tuner of `experiment`: restored with its unfinished trials when an interrupted
+    one is there (crashed trials stay recorded as crashed), else `new_tuner()`."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs):
+        return new_tuner()
+    if on_resume:
+        on_resume()
+    return tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                              resume_errored=False, restart_errored=False,
+                              param_space=param_space, storage_filesystem=storage_fs)
+
+__all__ = ["TuneError", "ScoreSpec", "restore_or_new_tuner", "Scorer", "ensure_ray", "resolve_metric",
            "run_train_trial", "make_janitor", "trial_resources", "read_rows", "DataError"]
