@@ -144,6 +144,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_bench_perf(args) -> int:
+    from mmcl.bench.perf import run_perf
+
+    report = run_perf(quick=args.quick, out=args.out, sections=args.only or None)
+    with open(f"{report['_out']}/perf.md") as f:
+        print(f.read(), end="")
+    print(f"wrote {report['_out']}/perf.json and {report['_out']}/perf.md")
+    failed = [k for k, v in report["sections"].items() if "error" in v]
+    return 1 if failed else 0
+
+
 # -------------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,6 +277,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: the runs' storage folder/_report)")
     p.set_defaults(func=cmd_report)
 
+    bench = sub.add_parser("bench", help="measure performance side by side (JSON + markdown)",
+                           description="Benchmarks. Figures are ratios measured in the same "
+                           "run (interleaved), each with the machine, its load, the versions "
+                           "and the settings.")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="ACTION", required=True)
+    p = bsub.add_parser("perf", help="objective steps, critics, loss memory, reads, the Ray "
+                        "data plane, scaling and start-up",
+                        description="TupleInfoNCE's step against re-encoding and plain tuple "
+                        "contrast (M = 2, 3, 4); FactorCL pair scores against tiling; loss "
+                        "memory against the global batch; shard read throughput against "
+                        "list<float>; the Ray data path against in-memory training (same "
+                        "model, batch, workers), data wait, 1 vs 2 workers; the README demo's "
+                        "start-up. Writes OUT/perf.json and OUT/perf.md.")
+    p.add_argument("--quick", action="store_true",
+                   help="smaller data and fewer rounds (about 2 minutes on 2 cores)")
+    p.add_argument("--out", help="output folder (default: runs/bench/quick or runs/bench/full)")
+    p.add_argument("--only", action="append", metavar="SECTION",
+                   choices=["objective_step", "critics", "loss_memory", "read", "data_plane",
+                            "startup"],
+                   help="run only this section (repeatable; default: all)")
+    p.set_defaults(func=cmd_bench_perf)
     from mmcl.tune.cli import add_tune_parser
 
     add_tune_parser(sub)

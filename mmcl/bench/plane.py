@@ -1,0 +1,99 @@
+"""The Ray Train worker loop of the data-plane benchmark: batch sources interleaved by epoch.
+
+One TorchTrainer fit (same DDP workers, same Engine, model, batch and seed) trains epoch after
+epoch from a schedule of batch sources, so the sources are compared inside the same run, in
+rounds, on the same warm worker processes:
+
+    "memory"        the training split read into memory once (before any clock runs), this
+                    worker's equal share iterated with `mmcl.train.local.memory_batches`
+    any other name  the Ray Data shard of that name (`ray.train.get_dataset_shard(name)`),
+                    streamed exactly as `mmcl.train.worker.train_loop_per_worker` does
+                    (`iter_worker_batches` with the run's shuffle buffer); the bench builds
+                    one dataset per Parquet reader variant
+
+Only where the batches come from differs. No checkpoints are written. Rank 0 writes one entry
+per epoch (source, samples/s summed over workers, data wait averaged over workers, first-batch
+latency, loss) as JSON to `loop_config["out"]`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+
+class _FirstBatch:
+    """Iterates `batches` and records how long the first batch took to arrive (the
+    per-epoch start-up of the data stream)."""
+
+    def __init__(self, batches):
+        self.batches, self.first_batch_s = batches, None
+
+    def __iter__(self):
+        start = time.perf_counter()
+        for batch in self.batches:
+            if self.first_batch_s is None:
+                self.first_batch_s = time.perf_counter() - start
+            yield batch
+
+
+def plane_loop(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    from mmcl.config import RunConfig
+    from mmcl.data.pipeline import iter_worker_batches
+    from mmcl.data.schema import Manifest
+    from mmcl.data.shards import read_split
+    from mmcl.train.engine import Engine
+    from mmcl.train.local import memory_batches
+
+    cfg = RunConfig.model_validate(loop_config["run"])
+    manifest = Manifest.from_json(loop_config["manifest"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    schedule: list[str] = loop_config["schedule"]
+
+    def wrap(module):
+        return ray.train.torch.prepare_model(
+            module, parallel_strategy_kwargs={
+                "find_unused_parameters": module.has_unused_parameters})
+
+    engine = Engine(cfg, manifest, loop_config["steps_per_epoch"],
+                    ray.train.torch.get_device(), rank, wrap=wrap)
+    arrays = None
+    if "memory" in schedule:
+        split = read_split(loop_config["root"], cfg.data.train_split,
+                           columns=loop_config["columns"])
+        per_worker = len(split["id"]) // world
+        arrays = {k: v[rank * per_worker:(rank + 1) * per_worker] for k, v in split.items()}
+    shards = {name: ray.train.get_dataset_shard(name) for name in set(schedule)
+              if name != "memory"}
+
+    history = []
+    for epoch, source in enumerate(schedule):
+        if source == "memory":
+            batches = memory_batches(arrays, cfg.train.batch_size,
+                                     cfg.train.seed * 7919 + rank, epoch)
+        else:
+            batches = iter_worker_batches(shards[source], cfg.train.batch_size,
+                                          shuffle_buffer=cfg.data.shuffle_buffer,
+                                          seed=cfg.train.seed, epoch=epoch, rank=rank,
+                                          device=engine.device)
+        timed = _FirstBatch(batches)
+        summary = engine.train_epoch(timed)
+        stats = torch.tensor([summary["samples_per_s"], summary["data_wait_fraction"],
+                              timed.first_batch_s or 0.0], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+        entry = {"epoch": epoch, "source": source, "steps": summary["steps"],
+                 "samples_per_s_total": float(stats[0]),
+                 "data_wait_fraction": float(stats[1]) / world,
+                 "first_batch_s": float(stats[2]) / world, "loss": summary.get("loss")}
+        history.append(entry)
+        ray.train.report({k: v for k, v in entry.items() if isinstance(v, (int, float))})
+    if rank == 0:
+        with open(loop_config["out"], "w") as f:
+            json.dump(history, f)
