@@ -138,13 +138,16 @@ def reference_reward(obj, view1, view2):
     return out
 
 
-def test_tuple_infonce_reward_matches_the_slow_definition(rus):
+@pytest.mark.parametrize("name", ["tuple_infonce", "tuple"])  # any fused objective: Tune
+def test_disturbed_retrieval_reward_matches_the_slow_definition(name, rus):
+    from mmcl.objectives.tuple_infonce import disturbed_retrieval_reward
+
     manifest, arrays = rus
-    obj = build_objective(small_config("tuple_infonce"), manifest)
+    obj = build_objective(small_config(name), manifest)
     view1, view2 = two_views(arrays, 24, obj.modalities)
     expected = reference_reward(obj, view1, view2)
     for max_rows in (16384, 48):  # one fused batch, or two candidates per batch
-        reward = obj.reward(view1, view2, max_rows=max_rows)
+        reward = disturbed_retrieval_reward(obj, view1, view2, max_rows=max_rows)
         for k, v in expected.items():
             assert reward[k] == pytest.approx(v, abs=1e-6), (k, max_rows)
         assert reward["R"] == pytest.approx(sum(expected.values()))

@@ -85,44 +85,53 @@ class TupleInfoNCE(FusedObjective):
             metrics["tuple"] = loss.detach().item()
         return LossOutput(loss, metrics)
 
-    @torch.no_grad()
     def reward(self, view1: dict[str, Tensor], view2: dict[str, Tensor],
                max_rows: int = 16384) -> dict[str, float]:
-        """The sample-optimization reward R = sum_k A^k on two views of held-out tuples.
+        """The sample-optimization reward R = sum_k A^k (see `disturbed_retrieval_reward`)."""
+        return disturbed_retrieval_reward(self, view1, view2, max_rows)
 
-        A^k: for tuple i's first view, the top-1 accuracy of picking its second view among
-        the batch's candidates for modality k: the second view of tuple i with modality k
-        taken from each tuple j of the batch (j = i is the true tuple). It is the retrieval
-        that links modality k to the rest of its tuple, asked of the representation the
-        objective trains: METHODS.md's literal A^k embeds modality k alone, an input
-        TupleInfoNCE's fusion never sees in training, and stays at chance (3/256 on `weak`
-        in every round). A^k is at chance when the representation ignores modality k, and
-        rises as k is read. Ties count as misses. Computed in eval mode; the caller draws
-        the views (the same seeded draws for every candidate it compares).
-        """
-        was_training = self.training
-        self.eval()
-        e1, e2 = self.encoder.encode(view1), self.encoder.encode(view2)
-        query = self.project(e1)
-        n = query.shape[0]
-        scores = {}
-        for k in self.modalities:
-            sims = torch.cat([self._disturbed_similarities(query, e2, k, columns)
-                              for columns in torch.arange(n).split(max(1, max_rows // n))],
-                             dim=1)  # (n, n): query i against "tuple i with k from j"
-            positive = sims.diagonal().clone()
-            sims.fill_diagonal_(-math.inf)
-            hits = positive > sims.max(dim=1).values
-            scores[f"A_{k}"] = hits.float().mean().item()
-        self.train(was_training)
-        return {"R": sum(scores.values()), **scores}
 
-    def _disturbed_similarities(self, query: Tensor, embeddings: dict[str, Tensor],
-                                modality: str, columns: Tensor) -> Tensor:
-        """(n, len(columns)): query i against the tuple i with `modality` from tuple j, for
-        j in `columns`, fused in one batch of n * len(columns) rows."""
-        n, c = query.shape[0], len(columns)
-        tiled = {m: e.repeat(c, 1) for m, e in embeddings.items()}  # row j*n + i: tuple i
-        tiled[modality] = embeddings[modality][columns].repeat_interleave(n, dim=0)
-        z = self.project(tiled).view(c, n, -1)
-        return torch.einsum("id,jid->ij", query, z)
+@torch.no_grad()
+def disturbed_retrieval_reward(objective: FusedObjective, view1: dict[str, Tensor],
+                               view2: dict[str, Tensor], max_rows: int = 16384
+                               ) -> dict[str, float]:
+    """R = sum_k A^k on two views of held-out tuples, for any fused objective.
+
+    A^k: for tuple i's first view, the top-1 accuracy of picking its second view among the
+    batch's candidates for modality k: the second view of tuple i with modality k taken from
+    each tuple j of the batch (j = i is the true tuple). It is the retrieval that links
+    modality k to the rest of its tuple, asked of the representation the objective trains:
+    METHODS.md's literal A^k embeds modality k alone, an input TupleInfoNCE's fusion never
+    sees in training, and stays at chance (3/256 on `weak` in every round). A^k is at chance
+    when the representation ignores modality k, and rises as k is read. Ties count as misses.
+    Computed in eval mode; the caller draws the views (the same seeded draws for every
+    candidate it compares).
+    """
+    was_training = objective.training
+    objective.eval()
+    e1, e2 = objective.encoder.encode(view1), objective.encoder.encode(view2)
+    query = objective.project(e1)
+    n = query.shape[0]
+    scores = {}
+    for k in objective.modalities:
+        sims = torch.cat([_disturbed_similarities(objective, query, e2, k, columns)
+                          for columns in torch.arange(n).split(max(1, max_rows // n))],
+                         dim=1)  # (n, n): query i against "tuple i with k from j"
+        positive = sims.diagonal().clone()
+        sims.fill_diagonal_(-math.inf)
+        hits = positive > sims.max(dim=1).values
+        scores[f"A_{k}"] = hits.float().mean().item()
+    objective.train(was_training)
+    return {"R": sum(scores.values()), **scores}
+
+
+def _disturbed_similarities(objective: FusedObjective, query: Tensor,
+                            embeddings: dict[str, Tensor], modality: str,
+                            columns: Tensor) -> Tensor:
+    """(n, len(columns)): query i against the tuple i with `modality` from tuple j, for j in
+    `columns`, fused in one batch of n * len(columns) rows."""
+    n, c = query.shape[0], len(columns)
+    tiled = {m: e.repeat(c, 1) for m, e in embeddings.items()}  # row j*n + i: tuple i
+    tiled[modality] = embeddings[modality][columns].repeat_interleave(n, dim=0)
+    z = objective.project(tiled).view(c, n, -1)
+    return torch.einsum("id,jid->ij", query, z)

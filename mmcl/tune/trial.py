@@ -274,7 +274,7 @@ class Scorer:
         from mmcl.config import AugmentConfig
         from mmcl.data.augment import Augmenter
         from mmcl.objectives.base import FusedObjective
-        from mmcl.objectives.tuple_infonce import TupleInfoNCE
+        from mmcl.objectives.tuple_infonce import disturbed_retrieval_reward
 
         val = self.val()
         n = len(val[ID_COLUMN])
@@ -285,7 +285,7 @@ class Scorer:
         if reward is None:
             if not isinstance(objective, FusedObjective):
                 return {"val_R": float("nan")}
-            reward = functools.partial(TupleInfoNCE.reward, objective)
+            reward = functools.partial(disturbed_retrieval_reward, objective)
         augment = (AugmentConfig.model_validate(self.spec.reward_augment)
                    if self.spec.reward_augment is not None else self.cfg.augment)
         augmenter = Augmenter(self.manifest.modalities, augment)
