@@ -131,11 +131,14 @@ def convert_npz(src: str, out: str, split: Sequence[float] = (0.8, 0.1, 0.1), se
     arrays = load_npz(src, endpoint_url, region)
     if not arrays:
         raise DataError(f"{src} holds no arrays")
-    manifest = infer_manifest(arrays, modalities, labels)
-    if not manifest.modalities:
-        raise DataError(f"{src} has no modality arrays (rank 2-4, first axis = tuples); it has "
-                        + ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items()))
-    manifest.description = f"converted from {src} (split {list(split)}, seed {seed})"
-    splits = split_arrays(arrays, manifest, split, seed)
+    try:
+        manifest = infer_manifest(arrays, modalities, labels)
+        if not manifest.modalities:
+            raise DataError("it has no modality arrays (rank 2-4, first axis = tuples), only "
+                            + ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items()))
+        manifest.description = f"converted from {src} (split {list(split)}, seed {seed})"
+        splits = split_arrays(arrays, manifest, split, seed)
+    except DataError as err:  # name the file; nothing has been written yet
+        raise DataError(f"{src}: {err}; nothing was written to {out}") from None
     return write_dataset(out, manifest, splits, overwrite=overwrite, endpoint_url=endpoint_url,
                          region=region)

@@ -341,9 +341,20 @@ def build_dataset(root: str, split: str, manifest: Manifest,
     shuffle = (FileShuffleConfig(seed=file_shuffle_seed(seed, epoch), reseed_after_execution=True)
                if shuffle_files else None)
     # select_columns is pushed down into the Parquet read: other columns are never decoded.
-    with parquet_reader(len(paths)):
-        ds = ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle,
-                                   partitioning=None).select_columns([ID_COLUMN, *mods, *labels])
+    try:
+        with parquet_reader(len(paths)):
+            ds = ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle,
+                                       partitioning=None).select_columns(
+                                           [ID_COLUMN, *mods, *labels])
+    except Exception:  # noqa: BLE001 - a damaged shard becomes a DataError naming it
+        # Ray Data samples the files while it builds the dataset; its error does not say
+        # which file is damaged (RayTaskError(OSError) from _fetch_parquet_file_info).
+        from mmcl.data.shards import find_unreadable_shard
+
+        found = find_unreadable_shard(root, split, endpoint_url, region)
+        if found is None:
+            raise
+        raise found from None
     check = _CheckRows(split, {m: manifest.modality(m).shape for m in mods}, nonfinite,
                        drop_counter)
     # batch_size=None: one call per block, fused into the read task; Arrow in and out.

@@ -81,6 +81,8 @@ class Manifest:
     splits: dict[str, int] = field(default_factory=dict)  # rows per split
     description: str = ""
     version: int = FORMAT_VERSION
+    # Where the manifest was read from (for messages); not part of the file or of equality.
+    location: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.modalities] + [lab.name for lab in self.labels]
@@ -112,14 +114,32 @@ class Manifest:
                         f"{[lab.name for lab in self.labels]}")
 
     def select(self, modalities: list[str] | None, labels: list[str] | None = None) -> "Manifest":
-        """The manifest restricted to the given modalities/labels (None keeps all)."""
+        """The manifest restricted to the given modalities/labels (None keeps all), as a run
+        config's `data.modalities` / `data.label_columns` ask; a name the data set lacks is
+        one DataError naming the field and the data set."""
+        where = f" at {self.location}" if self.location else ""
+        for field_name, asked, have in (("data.modalities", modalities, self.modality_names),
+                                        ("data.label_columns", labels,
+                                         [lab.name for lab in self.labels])):
+            unknown = [n for n in asked or [] if n not in have]
+            if unknown:
+                raise DataError(f"{field_name}: {unknown} not in the data set{where}; it has "
+                                f"{have}")
+            if asked is not None and len(set(asked)) != len(asked):
+                raise DataError(f"{field_name}: {asked} names a column twice")
+        if modalities is not None and not modalities:
+            raise DataError("data.modalities is empty; name at least one modality or leave "
+                            "it unset (all)")
         mods = self.modalities if modalities is None else [self.modality(n) for n in modalities]
         labs = self.labels if labels is None else [self.label(n) for n in labels]
-        return Manifest(list(mods), list(labs), dict(self.splits), self.description, self.version)
+        return Manifest(list(mods), list(labs), dict(self.splits), self.description,
+                        self.version, self.location)
 
     # -- (de)serialisation
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        raw = asdict(self)
+        raw.pop("location")
+        return json.dumps(raw, indent=2)
 
     @classmethod
     def from_json(cls, text: str, source: str = MANIFEST_NAME) -> "Manifest":

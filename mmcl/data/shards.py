@@ -13,6 +13,7 @@ memory for small data, tests and in-process training.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
@@ -108,7 +109,9 @@ def read_manifest(root: str, endpoint_url: str | None = None,
         raise DataError(f"no mmcl data set at {root}: {shown} does not exist. Create one with "
                         f"`mmcl data convert FILE.npz --out {root}` or `mmcl data synth "
                         f"--preset rus --out {root}`") from None
-    return Manifest.from_json(text, source=shown)
+    manifest = Manifest.from_json(text, source=shown)
+    manifest.location = str(root)
+    return manifest
 
 
 def list_shards(root: str, split: str, endpoint_url: str | None = None,
@@ -423,9 +426,51 @@ def _select(manifest: Manifest, columns: Sequence[str] | None) -> tuple[list[str
             [lab for lab in labels if lab in columns])
 
 
+def unreadable_shard(shown: str, err: BaseException) -> DataError:
+    """The DataError for a shard that cannot be read (truncated, corrupt, not Parquet, no
+    permission); its message names the file."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if isinstance(err, PermissionError):
+        return DataError(f"{shown}: cannot read this shard ({first}); fix its permissions")
+    return DataError(f"{shown}: not a readable Parquet file, truncated or corrupt ({first}). "
+                     f"To fix: {_REWRITE_HINT}")
+
+
+# Errors that mean "this file is damaged or unreadable" rather than "the storage is down":
+# a missing file, refused credentials or a lost connection keep their own errors.
+_PASS_THROUGH = (FileNotFoundError, ConnectionError, TimeoutError)
+
+
+@contextmanager
+def _reading(shown: str):
+    try:
+        yield
+    except DataError:
+        raise
+    except _PASS_THROUGH:
+        raise
+    except (OSError, pa.ArrowException) as err:
+        raise unreadable_shard(shown, err) from None
+
+
+def find_unreadable_shard(root: str, split: str, endpoint_url: str | None = None,
+                          region: str | None = None) -> DataError | None:
+    """The DataError naming the first shard of `split` that cannot be read in full (a
+    truncated or corrupt file whose footer still parses), or None when every shard reads.
+    For the error path of readers that do not say which file failed (Ray Data's)."""
+    fs, _ = _fs(root, endpoint_url, region)
+    for shown in list_shards(root, split, endpoint_url, region):
+        try:
+            with _reading(shown), fs.open(_open_path(fs, shown), "rb") as f:
+                pq.ParquetFile(f).read()
+        except DataError as err:
+            return err
+    return None
+
+
 def _read_shard(fs, shown: str, names: list[str], manifest: Manifest) -> pa.Table:
     """One shard's columns, after checking their types against the manifest."""
-    with fs.open(_open_path(fs, shown), "rb") as f:
+    with _reading(shown), fs.open(_open_path(fs, shown), "rb") as f:
         pf = pq.ParquetFile(f)
         problems = [p for c in names if (p := _column_problem(shown, c, pf.schema_arrow,
                                                               manifest))]
@@ -486,18 +531,19 @@ def read_split(root: str, split: str, columns: Sequence[str] | None = None,
         return _empty_split(mods, labels, manifest)
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return _handle_nonfinite(out, {m: np.concatenate([v[m] for v in masks]) for m in mods},
-                             split, nonfinite)
+                             split, nonfinite, where=str(root))
 
 
 def _handle_nonfinite(out: dict[str, np.ndarray], valid: dict[str, np.ndarray], split: str,
-                      nonfinite: NonFinite) -> dict[str, np.ndarray]:
+                      nonfinite: NonFinite, where: str = "") -> dict[str, np.ndarray]:
     keep = np.ones(len(out[ID_COLUMN]), dtype=bool)
     for name, ok in valid.items():
         ok = ok & np.isfinite(out[name].reshape(len(ok), -1)).all(axis=1)
         bad = int((~ok).sum())
         if bad and nonfinite == "fail":
             ids = out[ID_COLUMN][~ok][:5].tolist()
-            raise DataError(f"split {split!r}: modality {name!r} has {bad} row(s) with NaN, inf "
+            raise DataError(f"split {split!r}{' of ' + where if where else ''}: modality "
+                            f"{name!r} has {bad} row(s) with NaN, inf "
                             f"or null values (ids {ids}{'...' if bad > 5 else ''}); clean the "
                             "data or set data.nonfinite=drop to skip such rows")
         keep &= ok
@@ -514,11 +560,12 @@ def iter_batches(root: str, split: str, columns: Sequence[str], batch_size: int 
     manifest = read_manifest(root, endpoint_url, region)
     fs, _ = _fs(root, endpoint_url, region)
     for shown in list_shards(root, split, endpoint_url, region):
-        with fs.open(_open_path(fs, shown), "rb") as f:
+        with _reading(shown), fs.open(_open_path(fs, shown), "rb") as f:
             pf = pq.ParquetFile(f)
             problems = [p for c in columns if c != ID_COLUMN and
                         (p := _column_problem(shown, c, pf.schema_arrow, manifest))]
             if problems:
                 raise DataError("; ".join(problems) + f". To fix: {_REWRITE_HINT}")
+            # read errors surface while iterating: named per file too
             for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns)):
                 yield shown, batch

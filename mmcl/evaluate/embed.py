@@ -339,6 +339,11 @@ def embed_run(run: str, out: str, data: str | None = None, splits: Sequence[str]
     else:
         raw_mods = [m for m in (raw or []) if m in modalities]
     out = _absolute(out)
+    # Weights that do not fit the run's config (a checkpoint of another config) are refused
+    # here, once, before anything is written or an actor starts.
+    from mmcl.train.checkpoint import load as load_model
+
+    load_model(info.model_url, endpoint_url, region)
     _prepare_out(out, overwrite, endpoint_url, region)
     kwargs = dict(model_url=info.model_url, modalities=modalities, labels=label_names,
                   raw=raw_mods, endpoint_url=endpoint_url, region=region)

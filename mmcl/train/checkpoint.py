@@ -16,6 +16,7 @@ import io
 import json
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -53,15 +54,33 @@ def write_checkpoint(directory: str, state: dict, cfg: RunConfig, manifest: Mani
 
 
 def safe_load(data: bytes | str, what: str) -> dict:
-    """torch.load restricted to tensors and plain containers."""
+    """torch.load restricted to tensors and plain containers. A file whose pickle needs
+    anything else (a class, a callable) is refused without running it; a truncated or
+    corrupt file is one CheckpointError too."""
     try:
         source = io.BytesIO(data) if isinstance(data, bytes) else data
         return torch.load(source, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError,
+            IndexError) as err:
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else type(err).__name__
+        if isinstance(err, pickle.UnpicklingError) and "weights only" in text.lower():
+            blocked = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            raise CheckpointError(
+                f"{what} cannot be loaded safely: it holds "
+                + (f"a pickled {blocked.group(1)}" if blocked else "pickled Python objects")
+                + ", not only tensors and plain containers. mmcl loads weights-only files "
+                "(torch.load(weights_only=True)) and never unpickles arbitrary objects; "
+                "only load files you trust, and re-save them as plain state dicts") from None
         raise CheckpointError(
-            f"{what} cannot be loaded safely: {first}. mmcl only loads weights-only files "
-            f"(tensors and plain containers); it never unpickles arbitrary objects") from None
+            f"{what} is not a readable checkpoint file (truncated or corrupt: {first}). "
+            f"Use an earlier checkpoint or rerun the run") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} does not exist") from None
+    except OSError as err:  # torch reports a cut-off zip archive as EINVAL
+        raise CheckpointError(
+            f"{what} is not a readable checkpoint file (truncated or corrupt: {err}). "
+            f"Use an earlier checkpoint or rerun the run") from None
 
 
 def read_checkpoint_state(directory: str) -> dict:
@@ -70,20 +89,111 @@ def read_checkpoint_state(directory: str) -> dict:
 
 def export_model(state: dict, cfg: RunConfig, manifest: Manifest, out_url: str,
                  endpoint_url: str | None = None, region: str | None = None) -> str:
-    """Write the model folder (weights, config, manifest) to a local path or s3:// URL."""
-    fs, path = filesystem(out_url, endpoint_url, region)
-    fs.makedirs(path, exist_ok=True)
+    """Write the model folder (weights, config, manifest) to a local path or s3:// URL.
+
+    Every file is first written under a temporary name; only when all are written are they
+    renamed into place, weights.pt last: a model folder holding weights.pt is complete, and a
+    write that fails (disk or bucket full, storage not writable) leaves an earlier model there
+    untouched and raises one StorageError naming the path."""
     buffer = io.BytesIO()
     torch.save(state["objective"], buffer)
-    files = {WEIGHTS: buffer.getvalue(), CONFIG: config_mod.dump(cfg).encode(),
-             MANIFEST: manifest.to_json().encode()}
-    for name, payload in files.items():
-        # Write then rename, so a reader never sees a half-written weights file.
-        tmp = join(path, f".{name}.tmp")
-        with fs.open(tmp, "wb") as f:
-            f.write(payload)
-        fs.mv(tmp, join(path, name))
+    files = {CONFIG: config_mod.dump(cfg).encode(), MANIFEST: manifest.to_json().encode(),
+             WEIGHTS: buffer.getvalue()}
+    fs, path = filesystem(out_url, endpoint_url, region)
+    target, written = out_url, []
+    try:
+        fs.makedirs(path, exist_ok=True)
+        for name, payload in files.items():
+            target = join(out_url, name)
+            tmp = join(path, f".{name}.tmp")
+            written.append(tmp)
+            with fs.open(tmp, "wb") as f:
+                f.write(payload)
+        for name in files:
+            target = join(out_url, name)
+            fs.mv(join(path, f".{name}.tmp"), join(path, name))
+    except OSError as err:
+        for tmp in written:
+            _remove_quietly(fs, tmp)
+        raise unwritable(target, err) from None
+    except BaseException:
+        for tmp in written:
+            _remove_quietly(fs, tmp)
+        raise
     return out_url
+
+
+def _remove_quietly(fs, path: str) -> None:
+    try:
+        if fs.exists(path):
+            fs.rm(path)
+    except Exception:  # noqa: BLE001 - best effort; the original error matters
+        pass
+
+
+def unwritable(url: str, err: OSError) -> Exception:
+    """The StorageError for a failed write to `url`; its message never holds credentials."""
+    import errno
+
+    from mmcl.storage import StorageError
+
+    reason = {errno.ENOSPC: "no space left on the device",
+              errno.EDQUOT: "disk quota exceeded",
+              errno.EROFS: "read-only file system",
+              errno.EACCES: "permission denied",
+              errno.EPERM: "operation not permitted",
+              errno.ENOTDIR: "a part of the path is a file, not a folder"}.get(
+                  err.errno, err.strerror or type(err).__name__)
+    return StorageError(f"cannot write {url}: {reason}. Free space or fix the permissions "
+                        f"there, or choose another storage.path; the run's earlier files "
+                        f"and checkpoints are left as they were")
+
+
+def check_storage_writable(url: str, endpoint_url: str | None = None,
+                           region: str | None = None) -> None:
+    """Refuse, before any work starts, a local storage folder that cannot be written (a
+    read-only folder or file system, a path through a file): create the folder and write and
+    delete a probe file. S3 storage is checked by mmcl.storage on first use."""
+    from mmcl.storage import is_remote
+
+    if is_remote(url):
+        return
+    fs, path = filesystem(url, endpoint_url, region)
+    probe = join(path, f".mmcl-write-test-{os.getpid()}")
+    try:
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except OSError as err:
+        raise unwritable(url, err) from None
+
+
+def check_weights_fit(expected: Mapping, weights: Mapping, weights_url: str,
+                      config_url: str) -> None:
+    """Refuse weights that do not fit the model a config describes (a checkpoint of another
+    config, or a config edited after training), naming the first differences."""
+    if not isinstance(weights, Mapping):
+        raise CheckpointError(f"{weights_url} does not hold a state dict (found "
+                              f"{type(weights).__name__})")
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    resized = [f"{k}: {list(weights[k].shape)} in the file, {list(v.shape)} in the model"
+               for k, v in expected.items() if k in weights
+               and hasattr(weights[k], "shape") and tuple(weights[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or resized):
+        return
+    parts = []
+    if resized:
+        parts.append(f"{len(resized)} tensor(s) differ in shape (e.g. {resized[0]})")
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    raise CheckpointError(
+        f"{weights_url} does not fit the model that {config_url} describes: "
+        + "; ".join(parts) + ". The weights come from a run with another config (objective, "
+        "model sizes or modalities); use that run's own folder and config")
 
 
 @dataclass
@@ -125,12 +235,9 @@ def load(path: str, endpoint_url: str | None = None, region: str | None = None) 
                                   join(folder, weights_name))
                 weights = state["objective"] if weights_name == STATE else state
                 objective = build_objective(cfg, manifest)
-                try:
-                    objective.load_state_dict(weights)
-                except RuntimeError as err:
-                    raise CheckpointError(
-                        f"{folder}: the weights do not fit the model its config describes "
-                        f"({str(err).splitlines()[0]})") from None
+                check_weights_fit(objective.state_dict(), weights, join(folder, weights_name),
+                                  join(folder, CONFIG))
+                objective.load_state_dict(weights)
                 return TrainedModel(objective.eval(), cfg, manifest)
     raise CheckpointError(
         f"no trained model at {path}: expected {WEIGHTS} or {STATE} with {CONFIG} there or "

@@ -92,12 +92,23 @@ def prepare_data(cfg: RunConfig) -> tuple[str, Manifest]:
     # The run storage first: a missing bucket, refused credentials or an unreachable
     # endpoint is one StorageError before Ray starts (mmcl.storage checks on first use).
     filesystem(cfg.storage.path, cfg.storage.endpoint_url, cfg.storage.region)
+    # A local storage folder that cannot be written (read-only, a path through a file) is
+    # one StorageError naming it, before any work; Ray Train would die in its controller.
+    from mmcl.train.checkpoint import check_storage_writable
+
+    check_storage_writable(cfg.storage.path, cfg.storage.endpoint_url, cfg.storage.region)
     root = resolve_data(cfg)
     validate(root, splits=[cfg.data.train_split], **remote(cfg))
     manifest = read_manifest(root, **remote(cfg)).select(cfg.data.modalities,
                                                          cfg.data.label_columns)
     if manifest.splits.get(cfg.data.train_split, 0) == 0:
         raise DataError(f"the '{cfg.data.train_split}' split of {root} is empty")
+    # The objective and model must fit the data (FactorCL takes 2 modalities, SupCon a class
+    # label, encoder kinds the modality kinds): built once here, before Ray starts, instead
+    # of failing in every Train worker (and again on each of scaling.max_failures restarts).
+    from mmcl.objectives import build_objective
+
+    build_objective(cfg, manifest)
     return root, manifest
 
 
