@@ -1,0 +1,777 @@
+"""`mmcl bench fidelity`: does each objective learn what its paper says it learns?
+
+    mmcl bench fidelity [--seeds 3] [--quick] [--out DIR]
+        -> DIR/fidelity.json, DIR/fidelity.md, DIR/fidelity.png (matplotlib optional),
+           DIR/runs.jsonl (one line per finished run, written as the bench goes)
+
+For every objective (cross, cross_self, tuple, tuple_infonce, comm, factorcl_ssl; supcon as a
+supervised reference; comm with mmcl's concat fusion and with a linear fusion, CoMM's fusion
+ablation) the bench pretrains on the controlled data sets of `mmcl data synth` (`rus`,
+`factorcl`, `weak`) with the same encoders, data, augmentations, epochs, batch size and
+optimiser, then probes every factor of the table with mmcl's own evaluation code
+(`mmcl.evaluate.diagnostics.probe_columns` -> `linear_probe`: L2 chosen on val, refit on
+train+val, balanced accuracy on test) on the representation each objective hands downstream
+(`objective.embed`, the same call `mmcl embed` makes). Two references share the probe: the raw
+features of all modalities (`raw:all`, via `diagnostics.raw_feature_probes`) and a randomly
+initialised encoder (the tuple/CoMM architecture, untrained). Each cell is the mean ± sample
+std over seeds; seed s draws the data set (seed s: new latents and new random mixing maps) and
+the model (init, augmentations, batch order).
+
+Two protocol choices follow the papers' own controlled experiments (see `pretraining_rows` and
+PRESET_OVERRIDES): on `rus` the objectives are pretrained on biased tuples whose synergy bits
+agree, as CoMM's code pretrains its synergy experiment on biased pairs, and probed on the
+unbiased splits; on `weak` the weak modality is augmented with noise at its own data-noise
+level, so that its per-tuple noise is not an instance fingerprint (TupleInfoNCE's setting: a
+modality the contrastive objective can afford to ignore).
+
+Training runs in this process with `mmcl.train.local.fit_in_memory`: the same `Engine` (the
+same augmentations, objective, optimiser, schedule and clipping) that the Ray Train workers
+drive, on in-memory tensors, one torch thread. On a small machine this is much faster than
+starting Ray per run and measures the same objectives; it is written into every output.
+
+The targets of the fidelity issue (what the papers' controlled experiments show, METHODS.md)
+are checked automatically with the thresholds in TARGET_THRESHOLDS; a target that is not met
+is reported as not met.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+CHANCE = 0.5   # every probed column is a balanced binary label; balanced accuracy of a guess
+
+# Columns of the table: (preset, label column, short name, what it measures).
+COLUMNS: tuple[tuple[str, str, str, str], ...] = (
+    ("rus", "redundancy", "R", "redundancy: a bit carried by a, b and c"),
+    ("rus", "unique_a", "U_a", "uniqueness: a bit carried by a only"),
+    ("rus", "unique_b", "U_b", "uniqueness: a bit carried by b only"),
+    ("rus", "unique_c", "U_c", "uniqueness: a bit carried by c only"),
+    ("rus", "synergy", "S", "synergy: XOR of a bit of a and a bit of b"),
+    ("factorcl", "y_shared", "shared", "FactorCL's shared block (x1 and x2)"),
+    ("factorcl", "y_unique1", "U_1", "FactorCL's block unique to x1"),
+    ("factorcl", "y_unique2", "U_2", "FactorCL's block unique to x2"),
+    ("weak", "shared", "shared", "a bit carried by the strong modalities and the weak one"),
+    ("weak", "weak_factor", "weak", "a bit carried by the low-SNR modality only"),
+)
+PRESETS = ("rus", "factorcl", "weak")
+
+
+def column_key(preset: str, column: str) -> str:
+    return f"{preset}:{column}"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row: an objective and the config overrides that make it this row."""
+
+    name: str
+    objective: str
+    overrides: tuple[str, ...] = ()
+    presets: tuple[str, ...] | None = None   # None = every preset
+    kind: str = "self-supervised"
+    note: str = ""
+    linear_fusion: bool = False   # bench-only linear fusion (see `linear_fusion`)
+
+
+METHODS: tuple[Method, ...] = (
+    Method("cross", "cross"),
+    Method("cross_self", "cross_self"),
+    Method("tuple", "tuple"),
+    Method("tuple_infonce", "tuple_infonce", note="alpha_k = 1 for every modality"),
+    Method("comm", "comm", note="transformer fusion (CoMM's)"),
+    Method("comm_concat", "comm", ("model.fusion=concat",),
+           note="model.fusion=concat: mmcl's concat fusion, an MLP (Linear-GELU-Linear) over "
+                "the concatenated modality embeddings, instead of the transformer; still "
+                "non-linear"),
+    Method("comm_linear", "comm", ("model.fusion=concat",), linear_fusion=True,
+           note="CoMM's fusion ablation: a linear fusion (one Linear layer over the "
+                "concatenated modality embeddings; mmcl's ConcatFusion with its MLP replaced "
+                "by a Linear, bench only) instead of the transformer"),
+    Method("factorcl_ssl", "factorcl_ssl", presets=("factorcl",),
+           note="FactorCL is defined for exactly two modalities: run on `factorcl` only"),
+    Method("supcon", "supcon", ("objective.label_column=y",), kind="supervised",
+           note="supervised reference: SupCon on the task label y of each data set"),
+)
+RAW = "raw features"
+RANDOM = "random init"
+REFERENCES = (RAW, RANDOM)
+REFERENCE_NOTES = {
+    RAW: "linear probe on every modality's raw features concatenated (raw:all)",
+    RANDOM: "the tuple/CoMM architecture (MLP encoders + transformer fusion) at its random "
+            "initialisation, fused embedding, not trained",
+}
+
+# Overrides every run shares: one temperature for every InfoNCE-type loss (TupleInfoNCE's
+# code default is 0.07, the others' 0.1; with one value tuple vs tuple_infonce differ only by
+# the disturbed negatives). FactorCL's critics keep their own scale (temperature 1) and a
+# smaller critic (hidden 64 instead of 256, ~6x cheaper per step on CPU).
+COMMON_OVERRIDES: tuple[str, ...] = ()
+OBJECTIVE_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "cross": ("objective.temperature=0.1",),
+    "cross_self": ("objective.temperature=0.1",),
+    "tuple": ("objective.temperature=0.1",),
+    "tuple_infonce": ("objective.temperature=0.1",),
+    "comm": ("objective.temperature=0.1",),
+    "supcon": ("objective.temperature=0.1",),
+    "factorcl_ssl": ("objective.critic_hidden=64",),
+}
+
+# Overrides of one data set, for every row alike. On `weak` the weak modality's own noise (std
+# WEAK_NOISE = 1.0 per feature, drawn once per tuple) is an instance fingerprint that the
+# default augmentation (noise 0.1) keeps: for a contrastive objective the "weak" modality is
+# then the *most* identifying one, not one it can afford to ignore. Augmenting it with noise of
+# its own data noise level (TupleInfoNCE's per-modality augmentation strength beta) makes it
+# weak for the objective as well as for the factor, which is TupleInfoNCE's setting.
+PRESET_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "weak": ("augment.per_modality={weak: {noise: 1.0}}",),
+}
+
+# What "high", "near chance", ... mean in the targets check (balanced accuracy, chance 0.5).
+TARGET_THRESHOLDS = {
+    "high": 0.90,             # redundancy "high"
+    "recovered": 0.80,        # a factor "recovered"
+    "above_chance": 0.65,     # "clearly above chance"
+    "near_chance": 0.60,      # "near chance" (at most)
+    "margin": 0.05,           # "drops" / "clearly above another row": at least this much
+    "weak_margin": 0.02,      # tuple_infonce vs tuple on the weak factor: mean gain at least
+}
+
+
+@dataclass
+class Settings:
+    """Everything that decides the numbers; written into every output."""
+
+    mode: str = "full"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    presets: tuple[str, ...] = PRESETS
+    methods: tuple[str, ...] = tuple(m.name for m in METHODS)
+    n: int = 4096                    # tuples per data set (80/10/10 train/val/test)
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-4
+    model: tuple[str, ...] = ()      # model.* overrides (default: mmcl's defaults)
+    augment: tuple[str, ...] = ()    # augment.* overrides (default: mmcl's defaults)
+    l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
+    probe_max_iter: int = 100
+    threads: int = 1
+    rus_pretrain: str = "biased"     # "biased" (CoMM's protocol) or "unbiased"
+    raw_per_modality: bool = True    # also probe each modality's raw features (JSON only)
+    preset_overrides: dict[str, tuple[str, ...]] = field(
+        default_factory=lambda: {p: tuple(v) for p, v in PRESET_OVERRIDES.items()})
+
+    @classmethod
+    def quick(cls, seeds: int = 1) -> "Settings":
+        """Every row and column, tiny: 1 seed, 384 tuples, 2 epochs, a small model, one L2
+        strength (a smoke test: the numbers are not meaningful)."""
+        return cls(mode="quick", seeds=tuple(range(seeds)), n=384, epochs=2, batch_size=64,
+                   model=("model.embed_dim=32", "model.encoder.hidden=64",
+                          "model.proj_hidden=64", "model.proj_dim=32"),
+                   l2_grid=(1e-3,), probe_max_iter=30, raw_per_modality=False)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["common_overrides"] = list(COMMON_OVERRIDES)
+        d["objective_overrides"] = {k: list(v) for k, v in OBJECTIVE_OVERRIDES.items()}
+        d["split"] = [0.8, 0.1, 0.1]
+        d["rus_pretrain_note"] = (
+            "biased: on rus the objectives are pretrained on the train tuples whose synergy "
+            "bits agree (synergy == 0, about half of them), as CoMM's controlled experiment "
+            "pretrains on biased pairs; every probe uses the unbiased train/val/test splits"
+            if self.rus_pretrain == "biased" else
+            "unbiased: on rus the objectives are pretrained on the whole train split")
+        d["training"] = ("in process (mmcl.train.local.fit_in_memory: the Engine the Ray Train "
+                         "workers run, on in-memory tensors), no Ray, one worker")
+        d["probe"] = ("mmcl.evaluate.diagnostics.probe_columns on objective.embed (the "
+                      "representation mmcl embed writes): logistic regression, L2 from l2_grid "
+                      "chosen on val by balanced accuracy, refit on train+val, balanced "
+                      "accuracy on test")
+        return d
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
+def linear_fusion() -> Iterator[None]:
+    """While active, `model.fusion=concat` builds a *linear* fusion: mmcl's ConcatFusion (with
+    its learned embeddings for left-out modalities) whose MLP is one Linear layer. CoMM's
+    fusion ablation; mmcl's config has no linear fusion, so the bench swaps the class that
+    MultimodalEncoder builds, for the construction of one model only."""
+    from torch import nn
+
+    from mmcl.models import multimodal
+    from mmcl.models.fusion import ConcatFusion
+
+    class LinearFusion(ConcatFusion):
+        def __init__(self, modalities, embed_dim, hidden):
+            super().__init__(modalities, embed_dim, hidden)
+            self.mlp = nn.Linear(len(self.modalities) * embed_dim, embed_dim)
+
+    original = multimodal.ConcatFusion
+    multimodal.ConcatFusion = LinearFusion
+    try:
+        yield
+    finally:
+        multimodal.ConcatFusion = original
+
+
+def pretraining_rows(preset: str, train: dict, settings: "Settings") -> dict:
+    """The training split the objectives are pretrained on. `rus` with rus_pretrain="biased"
+    follows CoMM's controlled experiment (Duplums/CoMM main_trifeatures.py: pretraining data
+    `biased`, probes `biased=False`): only tuples whose two synergy bits agree
+    (synergy_a == synergy_b, i.e. synergy == 0) are pretrained on, so that the synergistic
+    relation is a dependence between modalities a and b that a self-supervised objective can
+    see; the probes use the unbiased splits, where synergy is balanced. With independent bits
+    (unbiased) the XOR label is not a property of the input distribution at all."""
+    if preset == "rus" and settings.rus_pretrain == "biased":
+        keep = np.asarray(train["synergy"]) == 0
+        return {k: np.asarray(v)[keep] for k, v in train.items()}
+    return train
+
+
+def method(name: str) -> Method:
+    for m in METHODS:
+        if m.name == name:
+            return m
+    raise ValueError(f"unknown method {name!r}; choose from {[m.name for m in METHODS]}")
+
+
+def columns_of(preset: str) -> list[tuple[str, str, str, str]]:
+    return [c for c in COLUMNS if c[0] == preset]
+
+
+def runs_on(m: Method, preset: str) -> bool:
+    return m.presets is None or preset in m.presets
+
+
+def run_config(m: Method | None, preset: str, seed: int, settings: Settings):
+    """The RunConfig of one row on one preset and seed (m=None: the random-init reference)."""
+    from mmcl import config
+
+    objective = m.objective if m else "tuple"
+    overrides = [
+        f"objective.name={objective}", *OBJECTIVE_OVERRIDES.get(objective, ()),
+        f"data.synth.preset={preset}", f"data.synth.n={settings.n}",
+        f"data.synth.seed={seed}", f"train.seed={seed}", f"train.epochs={settings.epochs}",
+        f"train.batch_size={settings.batch_size}", f"train.lr={settings.lr}",
+        f"train.optimizer={settings.optimizer}",
+        f"train.weight_decay={settings.weight_decay}", "scaling.num_workers=1",
+        *COMMON_OVERRIDES, *settings.model, *settings.augment,
+        *settings.preset_overrides.get(preset, ()),
+        *((m.overrides if m else ())),
+    ]
+    return config.load(None, overrides)
+
+
+def make_splits(preset: str, n: int, seed: int):
+    """(manifest, {split: {column: array}}) of a controlled data set, split 80/10/10 with the
+    same seeded split `mmcl data synth` writes."""
+    from mmcl.data.convert import split_arrays
+    from mmcl.data.synth import make_arrays
+
+    manifest, arrays = make_arrays(preset, n, seed)
+    return manifest, split_arrays(arrays, manifest, (0.8, 0.1, 0.1), seed)
+
+
+def embed_splits(objective, splits: dict, modalities: Sequence[str],
+                 batch_size: int = 1024) -> dict[str, dict[str, np.ndarray]]:
+    """{split: {kind: features}} with kind "fused" = objective.embed (what `mmcl embed` writes
+    as its `embedding` column), in eval mode, no augmentation."""
+    import torch
+
+    from mmcl.evaluate import diagnostics as diag
+    from mmcl.evaluate.embed import FUSED
+
+    objective.eval()
+    out = {}
+    for split, cols in splits.items():
+        n = len(cols[modalities[0]])
+        parts = []
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                batch = {m: torch.from_numpy(np.ascontiguousarray(
+                    cols[m][start:start + batch_size], dtype=np.float32)) for m in modalities}
+                parts.append(objective.embed(batch).float().cpu().numpy())
+        out[split] = diag.feature_kinds({FUSED: np.concatenate(parts)}, [], [])
+    return out
+
+
+def probe_settings(settings: Settings):
+    from mmcl.evaluate.diagnostics import ProbeSettings
+
+    return ProbeSettings(l2_grid=settings.l2_grid, max_iter=settings.probe_max_iter,
+                         few_label_k=(), max_rows=None)
+
+
+def _specs(manifest, preset: str):
+    names = [c[1] for c in columns_of(preset)]
+    return [manifest.label(n) for n in names]
+
+
+def _scores(results: dict, preset: str, kind: str) -> dict[str, dict]:
+    """{column key: {"balanced_accuracy", "accuracy", "l2"}} of one representation kind."""
+    out = {}
+    for _, col, _, _ in columns_of(preset):
+        probe = results[col]["probes"][kind]
+        out[column_key(preset, col)] = {k: probe[k] for k in ("balanced_accuracy",
+                                                              "accuracy", "l2")}
+    return out
+
+
+# ---------------------------------------------------------------------------- one seed
+
+
+def run_preset(preset: str, seed: int, settings: Settings, log: Callable[[str], None],
+               record: Callable[[dict], None]) -> None:
+    """The references and every method on one preset and seed; each finished run goes to
+    `record` as {"row", "preset", "seed", "scores", ...}."""
+    import torch
+
+    from mmcl.evaluate import diagnostics as diag
+    from mmcl.objectives import build_objective
+    from mmcl.train.local import fit_in_memory
+
+    manifest, splits = make_splits(preset, settings.n, seed)
+    modalities = manifest.modality_names
+    specs = _specs(manifest, preset)
+    probes = probe_settings(settings)
+    label_splits = {s: {k: v for k, v in cols.items() if k not in modalities}
+                    for s, cols in splits.items()}
+    pretrain = pretraining_rows(preset, splits["train"], settings)
+
+    def done(row: str, results: dict, kind: str, **extra) -> None:
+        scores = _scores(results, preset, kind)
+        record({"row": row, "preset": preset, "seed": seed, "scores": scores, **extra})
+        cells = " ".join(f"{k.split(':', 1)[1]}={v['balanced_accuracy']:.3f}"
+                         for k, v in scores.items())
+        log(f"[fidelity] seed {seed} {preset:8s} {row:14s} {cells} "
+            f"({extra.get('train_s', 0):.1f}s train, {extra.get('probe_s', 0):.1f}s probe)")
+
+    # references
+    start = time.perf_counter()
+    kind = diag.RAW_ALL if len(modalities) > 1 else diag.raw_kind(modalities[0])
+    if settings.raw_per_modality:
+        raw = diag.raw_feature_probes(splits, specs, modalities, probes)
+        per_modality = {m: {c: raw[c]["probes"][diag.raw_kind(m)]["balanced_accuracy"]
+                            for c in raw} for m in modalities}
+    else:  # only the reference the table shows: every modality's raw features together
+        features = {s: {kind: np.concatenate([np.asarray(cols[m]).reshape(len(cols[m]), -1)
+                                              for m in modalities], axis=1)}
+                    for s, cols in splits.items()}
+        raw, per_modality = diag.probe_columns(label_splits, specs, features, probes), None
+    done(RAW, raw, kind, probe_s=time.perf_counter() - start,
+         raw_per_modality=per_modality)
+    cfg = run_config(None, preset, seed, settings)
+    torch.manual_seed(cfg.train.seed)
+    start = time.perf_counter()
+    random_model = build_objective(cfg, manifest)
+    results = diag.probe_columns(label_splits, specs,
+                                 embed_splits(random_model, splits, modalities), probes)
+    done(RANDOM, results, diag.FUSED_KIND, probe_s=time.perf_counter() - start)
+
+    for name in settings.methods:
+        m = method(name)
+        if not runs_on(m, preset):
+            continue
+        cfg = run_config(m, preset, seed, settings)
+        start = time.perf_counter()
+        try:
+            with linear_fusion() if m.linear_fusion else nullcontext():
+                engine = fit_in_memory(cfg, manifest, pretrain)
+        except Exception as err:  # noqa: BLE001 - recorded in the table, the bench goes on
+            record({"row": m.name, "preset": preset, "seed": seed,
+                    "error": f"{type(err).__name__}: {err}"})
+            log(f"[fidelity] seed {seed} {preset} {m.name}: FAILED {type(err).__name__}: "
+                f"{err}")
+            continue
+        train_s = time.perf_counter() - start
+        start = time.perf_counter()
+        features = embed_splits(engine.objective, splits, modalities)
+        results = diag.probe_columns(label_splits, specs, features, probes)
+        last = engine.history[-1] if engine.history else {}
+        done(m.name, results, diag.FUSED_KIND, train_s=train_s,
+             probe_s=time.perf_counter() - start, steps=engine.step,
+             final_loss=last.get("loss"), skipped_batches=engine.skipped_batches,
+             embed_dim=int(features["train"][diag.FUSED_KIND].shape[1]))
+
+
+# --------------------------------------------------------------------------- aggregate
+
+
+def row_names(settings: Settings) -> list[str]:
+    return [*settings.methods, *REFERENCES]
+
+
+def column_keys(settings: Settings) -> list[str]:
+    return [column_key(p, c) for p, c, _, _ in COLUMNS if p in settings.presets]
+
+
+def aggregate(runs: Sequence[dict], settings: Settings) -> dict[str, dict[str, dict]]:
+    """{row: {column key: {"mean", "std", "n"} | {"na": why} | {"error": ...}}}."""
+    from mmcl.evaluate.probe import mean_std
+
+    table: dict[str, dict[str, dict]] = {}
+    for row in row_names(settings):
+        cells = {}
+        for key in column_keys(settings):
+            preset = key.split(":", 1)[0]
+            if row not in REFERENCES and not runs_on(method(row), preset):
+                cells[key] = {"na": method(row).note}
+                continue
+            mine = [r for r in runs if r["row"] == row and r["preset"] == preset]
+            values = [r["scores"][key]["balanced_accuracy"] for r in mine if "scores" in r]
+            errors = [r["error"] for r in mine if "error" in r]
+            cell = mean_std(values)
+            if errors:
+                cell["errors"] = errors
+            cells[key] = cell
+        table[row] = cells
+    return table
+
+
+def _mean(table, row: str, key: str) -> float:
+    cell = table.get(row, {}).get(key, {})
+    v = cell.get("mean")
+    return float(v) if v is not None else float("nan")
+
+
+def _std(table, row: str, key: str) -> float:
+    v = table.get(row, {}).get(key, {}).get("std")
+    return float(v) if v is not None and np.isfinite(v) else 0.0
+
+
+def check_targets(table: dict, settings: Settings) -> list[dict]:
+    """The fidelity issue's targets, each {"target", "met" (True/False/None: not run),
+    "detail"} with the numbers it was decided on."""
+    t = TARGET_THRESHOLDS
+    k = column_key
+    out: list[dict] = []
+
+    def add(target: str, checks: list[tuple[str, float, str, float]], needs: list[str]):
+        """checks: (description, value, op, threshold) with op in >=, <=."""
+        if any(r not in table for r in needs) or any(math.isnan(v) for _, v, _, _ in checks):
+            out.append({"target": target, "met": None, "detail": "not run (row or column "
+                        "missing in this bench's settings)"})
+            return
+        parts, ok = [], True
+        for desc, value, op, thr in checks:
+            good = value >= thr if op == ">=" else value <= thr
+            ok &= good
+            parts.append(f"{desc} = {value:.3f} {op} {thr:.2f} {'ok' if good else 'NO'}")
+        out.append({"target": target, "met": bool(ok), "detail": "; ".join(parts)})
+
+    def u_mean(row: str) -> float:
+        return float(np.mean([_mean(table, row, k("rus", f"unique_{m}")) for m in "abc"]))
+
+    def u_max(row: str) -> float:
+        return float(np.max([_mean(table, row, k("rus", f"unique_{m}")) for m in "abc"]))
+
+    def u_min(row: str) -> float:
+        return float(np.min([_mean(table, row, k("rus", f"unique_{m}")) for m in "abc"]))
+
+    add("cross: redundancy high, uniqueness and synergy near chance", [
+        ("R", _mean(table, "cross", k("rus", "redundancy")), ">=", t["high"]),
+        ("max U", u_max("cross"), "<=", t["near_chance"]),
+        ("S", _mean(table, "cross", k("rus", "synergy")), "<=", t["near_chance"]),
+    ], ["cross"])
+    add("cross_self: uniqueness recovered, synergy near chance", [
+        ("min U", u_min("cross_self"), ">=", t["recovered"]),
+        ("S", _mean(table, "cross_self", k("rus", "synergy")), "<=", t["near_chance"]),
+    ], ["cross_self"])
+    add("comm (transformer fusion): redundancy, uniqueness and synergy clearly above chance", [
+        ("R", _mean(table, "comm", k("rus", "redundancy")), ">=", t["above_chance"]),
+        ("min U", u_min("comm"), ">=", t["above_chance"]),
+        ("S", _mean(table, "comm", k("rus", "synergy")), ">=", t["above_chance"]),
+    ], ["comm"])
+    s_comm = _mean(table, "comm", k("rus", "synergy"))
+    for row, what in (("comm_linear", "linear fusion (CoMM's ablation)"),
+                      ("comm_concat", "mmcl's concat fusion (an MLP)")):
+        add(f"comm with {what}: synergy drops", [
+            (f"S(comm) - S({row})", s_comm - _mean(table, row, k("rus", "synergy")), ">=",
+             t["margin"]),
+        ], ["comm", row])
+    fs, fu1, fu2 = (_mean(table, "factorcl_ssl", k("factorcl", c))
+                    for c in ("y_shared", "y_unique1", "y_unique2"))
+    cu = np.mean([_mean(table, "cross", k("factorcl", c)) for c in ("y_unique1", "y_unique2")])
+    add("factorcl_ssl on factorcl: shared and unique recovered, unique clearly above cross", [
+        ("shared", fs, ">=", t["recovered"]),
+        ("min(U_1, U_2)", min(fu1, fu2), ">=", t["recovered"]),
+        ("mean U - cross mean U", (fu1 + fu2) / 2 - cu, ">=", t["margin"]),
+    ], ["factorcl_ssl", "cross"])
+    key = k("weak", "weak_factor")
+    gain = _mean(table, "tuple_infonce", key) - _mean(table, "tuple", key)
+    spread = max(_std(table, "tuple_infonce", key), _std(table, "tuple", key))
+    add("tuple_infonce vs tuple on weak: higher accuracy on the weak factor, equal budget", [
+        ("weak(tuple_infonce) - weak(tuple)", gain, ">=", max(t["weak_margin"], spread)),
+    ], ["tuple_infonce", "tuple"])
+    return out
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+def cell_text(cell: dict) -> str:
+    if "na" in cell:
+        return "n/a"
+    if cell.get("n", 0) == 0:
+        return "error" if cell.get("errors") else "–"
+    text = f"{cell['mean']:.3f}"
+    if cell["n"] > 1:
+        text += f" ± {cell['std']:.3f}"
+    if cell.get("errors"):
+        text += f" ({len(cell['errors'])} failed)"
+    return text
+
+
+def _short_names() -> dict[str, str]:
+    return {column_key(p, c): f"{p}: {s}" for p, c, s, _ in COLUMNS}
+
+
+def to_markdown(report: dict) -> str:
+    from mmcl.bench.env import describe
+
+    settings = report["settings"]
+    table = report["table"]
+    keys = report["columns"]
+    names = _short_names()
+    lines = ["# mmcl bench fidelity: what each objective learns", ""]
+    if report["mode"] == "quick":
+        lines += [f"**Quick mode: a smoke test** ({settings['n']} tuples, {settings['epochs']} "
+                  f"epochs, a small model, one L2 strength): every row and column, but the "
+                  f"numbers are not meaningful; run `mmcl bench fidelity` for them.", ""]
+    lines.append(f"Command: `{report['command']}`  ")
+    lines.append(f"Machine: {describe(report['machine'])}  ")
+    lines.append(f"Wall time: {report['elapsed_s'] / 60:.1f} min ({report['mode']}; "
+                 f"{len(settings['seeds'])} seed(s) {settings['seeds']}; load average "
+                 f"{report['machine']['load_average']} at start, "
+                 f"{report.get('machine_end', {}).get('load_average')} at the end)  ")
+    lines.append(f"Training: {settings['training']}; {settings['threads']} torch thread(s).  ")
+    lines.append(f"Budget (every row): n={settings['n']} tuples per data set (80/10/10), "
+                 f"{settings['epochs']} epochs, batch {settings['batch_size']}, "
+                 f"{settings['optimizer']} lr {settings['lr']} wd {settings['weight_decay']}; "
+                 f"model overrides {settings['model'] or 'none (mmcl defaults)'}; augment "
+                 f"overrides {settings['augment'] or 'none (mmcl defaults)'}; per data set "
+                 f"{settings['preset_overrides']}; per objective "
+                 f"{settings['objective_overrides']}.  ")
+    lines.append(f"rus pretraining: {settings['rus_pretrain_note']}.  ")
+    lines.append(f"Probe: {settings['probe']}; L2 grid {settings['l2_grid']}.  ")
+    lines.append("Cells: balanced accuracy on the test split (chance 0.5), mean ± sample std "
+                 "over seeds (seed s: data set seed s and training seed s).")
+    lines.append("")
+    header = ["row", *[names[k] for k in keys]]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * len(keys)) + "|")
+    for row, cells in table.items():
+        label = f"*{row}*" if row in REFERENCES else row
+        lines.append("| " + " | ".join([label, *[cell_text(cells[k]) for k in keys]]) + " |")
+    lines.append("")
+    lines.append("## Targets")
+    lines.append("")
+    lines.append("| target | met | numbers |")
+    lines.append("|---|:---:|---|")
+    for t in report["targets"]:
+        mark = {True: "met", False: "NOT MET", None: "not run"}[t["met"]]
+        lines.append(f"| {t['target']} | {mark} | {t['detail']} |")
+    lines.append("")
+    lines.append(f"Thresholds (balanced accuracy): {report['thresholds']}")
+    lines.append("")
+    lines.append("## Rows and columns")
+    lines.append("")
+    for m in METHODS:
+        if m.name in table:
+            extra = f" {m.note}." if m.note else ""
+            over = " ".join(m.overrides)
+            lines.append(f"- **{m.name}**: objective `{m.objective}`"
+                         f"{f' with `{over}`' if over else ''} ({m.kind}).{extra}")
+    for ref, note in REFERENCE_NOTES.items():
+        lines.append(f"- *{ref}*: {note}.")
+    for p, c, s, d in COLUMNS:
+        if column_key(p, c) in keys:
+            lines.append(f"- `{p}: {s}` = column `{c}` of `mmcl data synth --preset {p}`: {d}.")
+    lines.append("")
+    lines.append("Representation probed: `objective.embed` (the fused pre-projection embedding "
+                 "for tuple/tuple_infonce/comm/supcon; the concatenated modality embeddings for "
+                 "cross/cross_self; the concatenated head outputs for FactorCL).")
+    if report.get("plot"):
+        lines.append("")
+        lines.append(f"Plot: {report['plot']}")
+    elif report.get("plot_skipped"):
+        lines.append("")
+        lines.append(f"Plot: {report['plot_skipped']}")
+    failed = [r for r in report["runs"] if "error" in r]
+    if failed:
+        lines.append("")
+        lines.append("Failed runs: " + "; ".join(
+            f"{r['row']} on {r['preset']} seed {r['seed']}: {r['error']}" for r in failed))
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: str) -> str | None:
+    """Grouped bars (x: columns, bars: rows, error bars: std over seeds) with the machine,
+    versions, settings and wall time written under the axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mmcl.bench.env import describe
+
+    table, keys = report["table"], report["columns"]
+    rows = list(table)
+    names = _short_names()
+    fig, ax = plt.subplots(figsize=(max(10.0, 1.3 * len(keys) + 3), 6.2))
+    x = np.arange(len(keys))
+    width = 0.85 / max(1, len(rows))
+    cmap = plt.get_cmap("tab10")
+    for i, row in enumerate(rows):
+        means = [table[row][k].get("mean", np.nan) if "na" not in table[row][k] else np.nan
+                 for k in keys]
+        means = [np.nan if v is None else v for v in means]
+        errs = [table[row][k].get("std") or 0.0 for k in keys]
+        style = {"hatch": "//", "edgecolor": "black", "linewidth": 0.3} \
+            if row in REFERENCES else {}
+        color = "lightgrey" if row == RAW else "dimgrey" if row == RANDOM else cmap(i % 10)
+        ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=errs, capsize=1.5,
+               label=row, color=color, error_kw={"linewidth": 0.6}, **style)
+    ax.axhline(CHANCE, color="black", lw=0.7, ls="--")
+    ax.set_xticks(x)
+    ax.set_xticklabels([names[k] for k in keys], rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0.3, 1.02)
+    ax.set_ylabel("balanced accuracy (test), chance 0.5")
+    fig.suptitle(f"mmcl bench fidelity ({report['mode']}): linear probe of each factor, "
+                 f"mean ± std over {len(report['settings']['seeds'])} seed(s)", fontsize=10,
+                 y=0.99)
+    ax.grid(axis="y", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, ncol=len(rows), loc="upper center",
+               bbox_to_anchor=(0.5, 0.945), frameon=False, handlelength=1.2,
+               columnspacing=0.9)
+    s = report["settings"]
+    footer = (f"{describe(report['machine'])}\n"
+              f"wall {report['elapsed_s'] / 60:.1f} min; n={s['n']}, epochs={s['epochs']}, "
+              f"batch={s['batch_size']}, {s['optimizer']} lr={s['lr']}, seeds={s['seeds']}, "
+              f"{s['threads']} torch thread(s); training in process (mmcl.train.local, same "
+              f"Engine as the Ray workers, no Ray)")
+    fig.text(0.01, 0.005, footer, fontsize=6.5, va="bottom", ha="left")
+    fig.tight_layout(rect=(0, 0.07, 1, 0.9))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.bool_):
+        return bool(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# -------------------------------------------------------------------------------- main
+
+
+def run_fidelity(quick: bool = False, seeds: int | None = None, out: str | None = None,
+                 settings: Settings | None = None,
+                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
+                 ) -> dict:
+    """Run the bench; write OUT/fidelity.json, OUT/fidelity.md, OUT/fidelity.png and
+    OUT/runs.jsonl; return the report (with "_out")."""
+    from mmcl.bench.env import load_average, machine
+
+    if settings is None:
+        settings = Settings.quick() if quick else Settings()
+    if seeds is not None:
+        if seeds < 1:
+            raise ValueError("--seeds must be >= 1")
+        settings = replace(settings, seeds=tuple(range(int(seeds))))
+    unknown = sorted(set(settings.presets) - set(PRESETS))
+    if unknown:
+        raise ValueError(f"unknown preset(s) {unknown}; choose from {list(PRESETS)}")
+    for name in settings.methods:
+        method(name)
+    out = out or os.path.join("runs", "bench", "fidelity-quick" if quick else "fidelity")
+    os.makedirs(out, exist_ok=True)
+    command = "mmcl bench fidelity" + (" --quick" if quick else "") + \
+        (f" --seeds {len(settings.seeds)}" if seeds is not None else "")
+    start = time.perf_counter()
+    report: dict = {"mode": settings.mode, "command": command, "machine": machine(),
+                    "settings": settings.to_dict(), "thresholds": dict(TARGET_THRESHOLDS)}
+    runs: list[dict] = []
+    jsonl = os.path.join(out, "runs.jsonl")
+    with open(jsonl, "w") as sink, torch_threads(settings.threads):
+        def record(entry: dict) -> None:
+            runs.append(entry)
+            sink.write(json.dumps(entry, default=_json_default) + "\n")
+            sink.flush()
+
+        log(f"[fidelity] {settings.mode}: {len(settings.seeds)} seed(s) x "
+            f"{len(settings.presets)} data sets x {len(settings.methods)} objectives + "
+            f"{len(REFERENCES)} references; training in process (no Ray) -> {out}")
+        for seed in settings.seeds:
+            for preset in settings.presets:
+                run_preset(preset, seed, settings, log, record)
+    report["machine_end"] = {"load_average": load_average()}
+    report["elapsed_s"] = round(time.perf_counter() - start, 1)
+    report["columns"] = column_keys(settings)
+    report["column_names"] = _short_names()
+    report["table"] = aggregate(runs, settings)
+    report["targets"] = check_targets(report["table"], settings)
+    report["runs"] = runs
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        report["plot"] = None
+        report["plot_skipped"] = ("matplotlib is not installed, so no PNG was made (pip "
+                                  "install 'mmcl[plot]'); the table is in fidelity.md")
+    else:
+        try:
+            report["plot"] = plot(report, os.path.join(out, "fidelity.png"))
+        except Exception as err:  # noqa: BLE001 - the table matters more than the figure
+            report["plot"] = None
+            report["plot_skipped"] = f"the PNG failed ({type(err).__name__}: {err})"
+    with open(os.path.join(out, "fidelity.json"), "w") as f:
+        json.dump(report, f, indent=2, default=_json_default)
+    with open(os.path.join(out, "fidelity.md"), "w") as f:
+        f.write(to_markdown(report))
+    report["_out"] = out
+    return report
+
+
+def render(out: str) -> dict:
+    """Rewrite OUT/fidelity.md (and the PNG) from OUT/fidelity.json, e.g. after the report
+    format changed; the numbers are not recomputed."""
+    with open(os.path.join(out, "fidelity.json")) as f:
+        report = json.load(f)
+    try:
+        report["plot"] = plot(report, os.path.join(out, "fidelity.png"))
+    except ImportError:
+        pass
+    with open(os.path.join(out, "fidelity.md"), "w") as f:
+        f.write(to_markdown(report))
+    return report
+
+
+__all__ = ["run_fidelity", "render", "Settings", "METHODS", "COLUMNS", "check_targets", "aggregate"]

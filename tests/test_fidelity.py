@@ -1,0 +1,105 @@
+"""`mmcl bench fidelity --quick`: runs end to end through the command line and writes a table
+with every row and column, the references and the targets check. No timing is asserted, and
+the quick numbers (tiny data, 2 epochs) are not the paper targets: only what must hold for any
+working bench is checked."""
+
+import json
+
+import pytest
+
+from mmcl.bench import fidelity
+from mmcl.cli import main
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fidelity")
+    rc = main(["bench", "fidelity", "--quick", "--out", str(out)])
+    with open(out / "fidelity.json") as f:
+        report = json.load(f)
+    return rc, out, report
+
+
+def test_quick_bench_writes_every_row_and_column(quick_report, capsys):
+    rc, out, report = quick_report
+    assert rc == 0
+    rows = [m.name for m in fidelity.METHODS] + list(fidelity.REFERENCES)
+    columns = [fidelity.column_key(p, c) for p, c, _, _ in fidelity.COLUMNS]
+    assert list(report["table"]) == rows
+    assert report["columns"] == columns
+    for row in rows:
+        assert list(report["table"][row]) == columns
+        for key, cell in report["table"][row].items():
+            preset = key.split(":", 1)[0]
+            if row == "factorcl_ssl" and preset != "factorcl":
+                assert "na" in cell  # FactorCL needs exactly two modalities
+                continue
+            assert cell["n"] == 1, (row, key, cell)
+            assert 0.0 <= cell["mean"] <= 1.0, (row, key, cell)
+    # every run finished, and each one probed exactly its preset's columns
+    assert not [r for r in report["runs"] if "error" in r]
+    for r in report["runs"]:
+        assert set(r["scores"]) == {k for k in columns if k.startswith(r["preset"] + ":")}
+    markdown = (out / "fidelity.md").read_text()
+    for name in rows + ["## Targets", "Machine:", "Wall time:", "in process"]:
+        assert name in markdown
+    assert report["machine"]["cores"] >= 1 and "torch" in report["machine"]["versions"]
+    assert len((out / "runs.jsonl").read_text().splitlines()) == len(report["runs"])
+
+
+def test_quick_bench_references_and_targets(quick_report):
+    _, out, report = quick_report
+    table = report["table"]
+    raw = table[fidelity.RAW]
+    # The raw features hold the redundant and shared factors linearly: a probe on them is far
+    # above chance even on the quick set (this fails if probes, labels or splits are mixed up).
+    assert raw["rus:redundancy"]["mean"] > 0.8
+    assert raw["factorcl:y_shared"]["mean"] > 0.8
+    assert raw["weak:shared"]["mean"] > 0.8
+    # XOR synergy is not linearly decodable from the raw features.
+    assert raw["rus:synergy"]["mean"] < 0.75
+    targets = report["targets"]
+    assert len(targets) == 7
+    assert all(t["met"] in (True, False) for t in targets), targets  # every target was run
+    assert all(t["detail"] for t in targets)
+    md = (out / "fidelity.md").read_text()
+    marks = [line.split("|")[2].strip() for line in md.split("## Targets")[1].splitlines()
+             if line.startswith("| ") and not line.startswith("| target |")]
+    assert len(marks) == 7 and set(marks) <= {"met", "NOT MET"}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert report["plot"] is None and "matplotlib" in report["plot_skipped"]
+    else:
+        assert (out / "fidelity.png").stat().st_size > 0
+
+
+def test_targets_check_decides_on_the_numbers():
+    """The targets check reads the table: a table shaped like the papers' results meets every
+    target, and moving one number across its threshold fails exactly that target."""
+    settings = fidelity.Settings()
+    good = {"cross": {"rus:redundancy": 0.99, "rus:unique_a": 0.52, "rus:unique_b": 0.5,
+                      "rus:unique_c": 0.51, "rus:synergy": 0.5, "factorcl:y_unique1": 0.55,
+                      "factorcl:y_unique2": 0.55},
+            "cross_self": {"rus:unique_a": 0.9, "rus:unique_b": 0.9, "rus:unique_c": 0.9,
+                           "rus:synergy": 0.5},
+            "comm": {"rus:redundancy": 0.99, "rus:unique_a": 0.9, "rus:unique_b": 0.9,
+                     "rus:unique_c": 0.9, "rus:synergy": 0.72},
+            "comm_linear": {"rus:synergy": 0.5}, "comm_concat": {"rus:synergy": 0.55},
+            "factorcl_ssl": {"factorcl:y_shared": 0.9, "factorcl:y_unique1": 0.85,
+                             "factorcl:y_unique2": 0.85},
+            "tuple": {"weak:weak_factor": 0.6}, "tuple_infonce": {"weak:weak_factor": 0.7}}
+
+    def table(numbers):
+        return {row: {k: {"mean": v, "std": 0.01, "n": 3} for k, v in cells.items()}
+                for row, cells in numbers.items()}
+
+    assert all(t["met"] for t in fidelity.check_targets(table(good), settings))
+    bad = json.loads(json.dumps(good))
+    bad["comm"]["rus:synergy"] = 0.52
+    results = fidelity.check_targets(table(bad), settings)
+    failed = [t["target"] for t in results if not t["met"]]
+    assert all("comm" in t for t in failed) and len(failed) == 3
+    missing = fidelity.check_targets(table({"cross": good["cross"]}), settings)
+    assert [t["met"] for t in missing][0] is True
+    assert all(t["met"] is None for t in missing[1:])
