@@ -82,3 +82,14 @@ def describe(m: dict) -> str:
     return (f"{m['cores']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, {gpu}; "
             f"python {v['python']}, torch {v['torch']}, ray {v['ray']}, pyarrow {v['pyarrow']}, "
             f"mmcl {v['mmcl']}")
+
+
+def json_default(value):
+    """json.dump's fallback for the numpy scalars in bench reports."""
+    import numpy as np
+
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.bool_):
+        return bool(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

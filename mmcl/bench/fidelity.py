@@ -47,6 +47,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from mmcl.bench.env import json_default
+
 CHANCE = 0.5   # every probed column is a balanced binary label; balanced accuracy of a guess
 
 # Columns of the table: (preset, label column, short name, what it measures).
@@ -682,14 +684,6 @@ def plot(report: dict, path: str) -> str | None:
     return path
 
 
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.bool_):
-        return bool(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 # -------------------------------------------------------------------------------- main
 
 
@@ -724,7 +718,7 @@ def run_fidelity(quick: bool = False, seeds: int | None = None, out: str | None 
     with open(jsonl, "w") as sink, torch_threads(settings.threads):
         def record(entry: dict) -> None:
             runs.append(entry)
-            sink.write(json.dumps(entry, default=_json_default) + "\n")
+            sink.write(json.dumps(entry, default=json_default) + "\n")
             sink.flush()
 
         log(f"[fidelity] {settings.mode}: {len(settings.seeds)} seed(s) x "
@@ -753,7 +747,7 @@ def run_fidelity(quick: bool = False, seeds: int | None = None, out: str | None 
             report["plot"] = None
             report["plot_skipped"] = f"the PNG failed ({type(err).__name__}: {err})"
     with open(os.path.join(out, "fidelity.json"), "w") as f:
-        json.dump(report, f, indent=2, default=_json_default)
+        json.dump(report, f, indent=2, default=json_default)
     with open(os.path.join(out, "fidelity.md"), "w") as f:
         f.write(to_markdown(report))
     report["_out"] = out

@@ -42,7 +42,7 @@ from typing import Callable
 
 import numpy as np
 
-from mmcl.bench.env import describe, load_average, machine
+from mmcl.bench.env import describe, json_default, load_average, machine
 from mmcl.bench.timing import interleaved, paired_ratio, peak_memory, quartiles
 
 SECTIONS = ("objective_step", "critics", "loss_memory", "read", "data_plane", "startup")
@@ -887,7 +887,7 @@ def run_perf(quick: bool = False, out: str | None = None,
         report["machine_end"] = {"load_average": load_average()}
         report["elapsed_s"] = round(time.perf_counter() - start, 1)
         with open(os.path.join(out, "perf.json"), "w") as f:
-            json.dump(report, f, indent=2, default=_json_default)
+            json.dump(report, f, indent=2, default=json_default)
         with open(os.path.join(out, "perf.md"), "w") as f:
             f.write(to_markdown(report))
 
@@ -922,14 +922,6 @@ def run_perf(quick: bool = False, out: str | None = None,
     write()
     report["_out"] = out
     return report
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.bool_):
-        return bool(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def _ensure_ray(log) -> bool:
