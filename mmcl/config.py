@@ -290,16 +290,22 @@ def apply_override(raw: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.batch_size=512")
     key, value = assignment.split("=", 1)
-    parts = key.strip().split(".")
+    set_path(raw, key.strip(), _parse_value(value), where=f"--set {key}")
+
+
+def set_path(raw: dict, path: str, value: Any, where: str) -> None:
+    """Set the dotted `path` of a raw config dict in place, creating missing sections; a
+    path through a value is a ConfigError that starts with `where`."""
+    parts = path.split(".")
     node = raw
     for part in parts[:-1]:
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+            raise ConfigError(f"{where}: {part!r} is a value, not a section")
         node = child
-    node[parts[-1]] = _parse_value(value)
+    node[parts[-1]] = value
 
 
 def from_dict(raw: dict | None, overrides: list[str] = (), source: str = "config") -> RunConfig:

@@ -264,5 +264,15 @@ def storage_error(err: BaseException, url: str, where: str) -> BaseException:
     return err
 
 
+def write_text(url: str, text: str, endpoint_url: str | None = None,
+               region: str | None = None) -> str:
+    """Write `text` to a file at `url` (its folder created); returns `url`."""
+    fs, path = filesystem(url, endpoint_url, region)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write(text)
+    return url
+
+
 def join(url: str, *parts: str) -> str:
     return "/".join([str(url).rstrip("/"), *[p.strip("/") for p in parts]])

@@ -48,6 +48,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from mmcl.bench.env import json_default
+from mmcl.bench.timing import torch_threads
 
 CHANCE = 0.5   # every probed column is a balanced binary label; balanced accuracy of a guess
 
@@ -202,18 +203,6 @@ class Settings:
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextmanager

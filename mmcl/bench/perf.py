@@ -43,7 +43,7 @@ from typing import Callable
 import numpy as np
 
 from mmcl.bench.env import describe, json_default, load_average, machine
-from mmcl.bench.timing import interleaved, paired_ratio, peak_memory, quartiles
+from mmcl.bench.timing import interleaved, paired_ratio, peak_memory, quartiles, torch_threads
 
 SECTIONS = ("objective_step", "critics", "loss_memory", "read", "data_plane", "startup")
 MB = 1e6
@@ -78,18 +78,6 @@ def _demo_config(overrides: list[str]):
                      "train.epochs=5", "train.batch_size=128", "scaling.num_workers=2",
                      *overrides]
     return config.load(str(path) if path else None, overrides)
-
-
-@contextmanager
-def torch_threads(n: int):
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _section(name: str, fn: Callable[[], dict], log: Callable[[str], None]) -> dict:

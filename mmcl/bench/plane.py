@@ -39,30 +39,14 @@ class _FirstBatch:
 
 def plane_loop(loop_config: dict) -> None:
     import ray.train
-    import ray.train.torch
-    import torch
-    import torch.distributed as dist
 
-    from mmcl.config import RunConfig
-    from mmcl.data.pipeline import iter_worker_batches
-    from mmcl.data.schema import Manifest
     from mmcl.data.shards import read_split
-    from mmcl.train.engine import Engine
     from mmcl.train.local import memory_batches
+    from mmcl.train.worker import all_reduce_sum, epoch_batches, worker_engine
 
-    cfg = RunConfig.model_validate(loop_config["run"])
-    manifest = Manifest.from_json(loop_config["manifest"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    cfg, engine, rank = worker_engine(loop_config)
+    world = ray.train.get_context().get_world_size()
     schedule: list[str] = loop_config["schedule"]
-
-    def wrap(module):
-        return ray.train.torch.prepare_model(
-            module, parallel_strategy_kwargs={
-                "find_unused_parameters": module.has_unused_parameters})
-
-    engine = Engine(cfg, manifest, loop_config["steps_per_epoch"],
-                    ray.train.torch.get_device(), rank, wrap=wrap)
     arrays = None
     if "memory" in schedule:
         split = read_split(loop_config["root"], cfg.data.train_split,
@@ -78,20 +62,14 @@ def plane_loop(loop_config: dict) -> None:
             batches = memory_batches(arrays, cfg.train.batch_size,
                                      cfg.train.seed * 7919 + rank, epoch)
         else:
-            batches = iter_worker_batches(shards[source], cfg.train.batch_size,
-                                          shuffle_buffer=cfg.data.shuffle_buffer,
-                                          seed=cfg.train.seed, epoch=epoch, rank=rank,
-                                          device=engine.device)
+            batches = epoch_batches(shards[source], cfg, epoch, rank, engine.device)
         timed = _FirstBatch(batches)
         summary = engine.train_epoch(timed)
-        stats = torch.tensor([summary["samples_per_s"], summary["data_wait_fraction"],
-                              timed.first_batch_s or 0.0], dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stats)
+        samples_per_s, wait, first = all_reduce_sum(
+            [summary["samples_per_s"], summary["data_wait_fraction"], timed.first_batch_s or 0.0])
         entry = {"epoch": epoch, "source": source, "steps": summary["steps"],
-                 "samples_per_s_total": float(stats[0]),
-                 "data_wait_fraction": float(stats[1]) / world,
-                 "first_batch_s": float(stats[2]) / world, "loss": summary.get("loss")}
+                 "samples_per_s_total": samples_per_s, "data_wait_fraction": wait / world,
+                 "first_batch_s": first / world, "loss": summary.get("loss")}
         history.append(entry)
         ray.train.report({k: v for k, v in entry.items() if isinstance(v, (int, float))})
     if rank == 0:

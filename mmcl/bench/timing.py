@@ -92,3 +92,16 @@ def peak_memory(fn: Callable[[], Any]) -> int:
         current += e.nbytes()
         peak = max(peak, current)
     return peak
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to `n` inside the block, restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -445,8 +445,6 @@ _PASS_THROUGH = (FileNotFoundError, ConnectionError, TimeoutError)
 def _reading(shown: str):
     try:
         yield
-    except DataError:
-        raise
     except _PASS_THROUGH:
         raise
     except (OSError, pa.ArrowException) as err:

@@ -82,8 +82,12 @@ class RunInfo:
 
     @property
     def remote(self) -> dict:
-        return {"endpoint_url": self.config.storage.endpoint_url,
-                "region": self.config.storage.region}
+        return self.remote_with()
+
+    def remote_with(self, endpoint_url: str | None = None, region: str | None = None) -> dict:
+        """S3 endpoint and region for the run's files: the caller's, else the run's config."""
+        return {"endpoint_url": endpoint_url or self.config.storage.endpoint_url,
+                "region": region or self.config.storage.region}
 
 
 def _absolute(url: str) -> str:
@@ -132,8 +136,7 @@ def resolve_run_data(info: RunInfo, data: str | None = None, endpoint_url: str |
     synth = cfg.data.synth
     parent = info.url.rstrip("/").rsplit("/", 1)[0]
     beside = storage.join(parent, "_data", f"{synth.preset}-n{synth.n}-seed{synth.seed}")
-    remote = {"endpoint_url": endpoint_url or info.remote["endpoint_url"],
-              "region": region or info.remote["region"]}
+    remote = info.remote_with(endpoint_url, region)
     fs, path = storage.filesystem(beside, **remote)
     if fs.exists(storage.join(path, "manifest.json")):
         return beside
@@ -240,16 +243,6 @@ def ensure_ray(address: str | None = None, min_cpus: int = 2) -> None:
         return
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(min_cpus)),
              include_dashboard=False, log_to_driver=True)
-
-
-def _pyarrow_fs(url: str, endpoint_url: str | None, region: str | None):
-    """(path, pyarrow filesystem or None) for Ray's writers."""
-    if not storage.is_remote(url):
-        return url, None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    fs, path = storage.filesystem(url, endpoint_url, region)
-    return path, PyFileSystem(FSSpecHandler(fs))
 
 
 # ------------------------------------------------------------------------------ main
@@ -407,7 +400,8 @@ def _embed_on_ray(root: str, manifest: Manifest, splits: Sequence[str], out: str
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=int(actors)),
         num_gpus=1 if use_gpu else None, num_cpus=None if use_gpu else 1,
         udf_modifying_row_count=False)
-    path, filesystem = _pyarrow_fs(out, kwargs["endpoint_url"], kwargs["region"])
+    path, filesystem = storage.pyarrow_filesystem(out, kwargs["endpoint_url"],
+                                                  kwargs["region"])
     try:
         ds.write_parquet(path, filesystem=filesystem, partition_cols=[SPLIT_COLUMN])
     except DataError:

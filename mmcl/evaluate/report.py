@@ -61,14 +61,6 @@ def _say(progress: Callable[[str], None] | None, text: str) -> None:
 # ----------------------------------------------------------------------------- files
 
 
-def write_text(url: str, text: str, endpoint_url=None, region=None) -> None:
-    fs, path = storage.filesystem(url, endpoint_url, region)
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "w") as f:
-        f.write(text)
-
-
 def read_history(run_url: str, endpoint_url=None, region=None) -> list[dict]:
     """The epochs of metrics.jsonl of a run folder ([] when there is none)."""
     fs, path = storage.filesystem(run_url, endpoint_url, region)
@@ -105,8 +97,9 @@ def _clean(value):
 def write_report(report: dict, folder: str, endpoint_url=None, region=None) -> tuple[str, str]:
     """report.json and report.md into `folder`; returns their paths."""
     json_url, md_url = storage.join(folder, REPORT_JSON), storage.join(folder, REPORT_MD)
-    write_text(json_url, json.dumps(_clean(report), indent=2) + "\n", endpoint_url, region)
-    write_text(md_url, format_markdown(report), endpoint_url, region)
+    storage.write_text(json_url, json.dumps(_clean(report), indent=2) + "\n", endpoint_url,
+                       region)
+    storage.write_text(md_url, format_markdown(report), endpoint_url, region)
     return json_url, md_url
 
 
@@ -149,7 +142,7 @@ def evaluate_run(run: str, data: str | None = None, *,
     start = time.perf_counter()
     settings = settings or diag.ProbeSettings()
     info = read_run(run, endpoint_url, region)
-    remote = _remote(info, endpoint_url, region)
+    remote = info.remote_with(endpoint_url, region)
     folder = storage.join(info.url, EVAL_DIR)
     emb_out = storage.join(folder, "embeddings")
     splits = [settings.train_split, settings.val_split, settings.test_split]
@@ -202,12 +195,6 @@ def evaluate_run(run: str, data: str | None = None, *,
     return report
 
 
-def _remote(info: RunInfo, endpoint_url: str | None, region: str | None) -> dict:
-    """S3 endpoint and region for a run's files: the caller's, else the run's config."""
-    return {"endpoint_url": endpoint_url or info.remote["endpoint_url"],
-            "region": region or info.remote["region"]}
-
-
 def config_differences(infos: Sequence[RunInfo]) -> list[str]:
     """Config fields (dotted) that differ between runs, seeds and names aside."""
     ignore = {"train.seed", "storage.name", "data.synth.seed"}
@@ -251,7 +238,7 @@ def evaluate_runs(runs: Sequence[str], data: str | None = None, *, out: str | No
     combined = aggregate(reports)
     combined["config_differences"] = differences
     folder = out or storage.join(infos[0].url, EVAL_DIR, "seeds")
-    json_url, md_url = write_report(combined, folder, **_remote(infos[0], endpoint_url, region))
+    json_url, md_url = write_report(combined, folder, **infos[0].remote_with(endpoint_url, region))
     combined["_path"] = json_url
     _say(progress, f"[mmcl] mean ± std over {len(reports)} runs: wrote {json_url} and {md_url}")
     return reports, combined
@@ -686,7 +673,7 @@ def compare(paths: Sequence[str], out: str | None = None,
         out = storage.join(first_run.rstrip("/").rsplit("/", 1)[0], "_report")
     markdown = compare_markdown(reports, names)
     md_url = storage.join(out, REPORT_MD)
-    write_text(md_url, markdown)
+    storage.write_text(md_url, markdown)
     files, skipped = [md_url], None
     try:
         import matplotlib  # noqa: F401

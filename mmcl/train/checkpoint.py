@@ -112,13 +112,11 @@ def export_model(state: dict, cfg: RunConfig, manifest: Manifest, out_url: str,
         for name in files:
             target = join(out_url, name)
             fs.mv(join(path, f".{name}.tmp"), join(path, name))
-    except OSError as err:
+    except BaseException as err:
         for tmp in written:
             _remove_quietly(fs, tmp)
-        raise unwritable(target, err) from None
-    except BaseException:
-        for tmp in written:
-            _remove_quietly(fs, tmp)
+        if isinstance(err, OSError):
+            raise unwritable(target, err) from None
         raise
     return out_url
 
@@ -151,14 +149,15 @@ def unwritable(url: str, err: OSError) -> Exception:
 
 def check_storage_writable(url: str, endpoint_url: str | None = None,
                            region: str | None = None) -> None:
-    """Refuse, before any work starts, a local storage folder that cannot be written (a
-    read-only folder or file system, a path through a file): create the folder and write and
-    delete a probe file. S3 storage is checked by mmcl.storage on first use."""
+    """Refuse, before any work starts, storage that cannot be written: on S3 a missing
+    bucket, refused credentials or an unreachable endpoint (mmcl.storage checks a bucket on
+    first use); locally a read-only folder or file system, or a path through a file (the
+    folder is created and a probe file written and deleted)."""
     from mmcl.storage import is_remote
 
+    fs, path = filesystem(url, endpoint_url, region)
     if is_remote(url):
         return
-    fs, path = filesystem(url, endpoint_url, region)
     probe = join(path, f".mmcl-write-test-{os.getpid()}")
     try:
         fs.makedirs(path, exist_ok=True)

@@ -89,11 +89,8 @@ def resolve_data(cfg: RunConfig) -> str:
 
 def prepare_data(cfg: RunConfig) -> tuple[str, Manifest]:
     """Validate the shards against the manifest and restrict it to the run's columns."""
-    # The run storage first: a missing bucket, refused credentials or an unreachable
-    # endpoint is one StorageError before Ray starts (mmcl.storage checks on first use).
-    filesystem(cfg.storage.path, cfg.storage.endpoint_url, cfg.storage.region)
-    # A local storage folder that cannot be written (read-only, a path through a file) is
-    # one StorageError naming it, before any work; Ray Train would die in its controller.
+    # The run storage first: a missing bucket, refused credentials, an unreachable endpoint
+    # or a local folder that cannot be written is one StorageError before Ray starts.
     from mmcl.train.checkpoint import check_storage_writable
 
     check_storage_writable(cfg.storage.path, cfg.storage.endpoint_url, cfg.storage.region)

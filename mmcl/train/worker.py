@@ -21,18 +21,19 @@ from mmcl.train.checkpoint import read_checkpoint_state, write_checkpoint
 from mmcl.train.engine import Engine
 
 
-def _total_throughput(samples_per_s: float) -> float:
-    value = torch.tensor([samples_per_s], dtype=torch.float64)
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """The sums over all workers of per-worker values (the values themselves on one)."""
+    tensor = torch.tensor(values, dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(value)
-    return value.item()
+        dist.all_reduce(tensor)
+    return tensor.tolist()
 
 
-def train_loop_per_worker(loop_config: dict) -> list[dict]:
+def worker_engine(loop_config: dict) -> tuple[RunConfig, Engine, int]:
+    """The run's config, this worker's DDP-wrapped Engine and its world rank."""
     cfg = RunConfig.model_validate(loop_config["run"])
     manifest = Manifest.from_json(loop_config["manifest"])
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
+    rank = ray.train.get_context().get_world_rank()
 
     def wrap(module):
         return ray.train.torch.prepare_model(
@@ -41,6 +42,18 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
 
     engine = Engine(cfg, manifest, loop_config["steps_per_epoch"],
                     ray.train.torch.get_device(), rank, wrap=wrap)
+    return cfg, engine, rank
+
+
+def epoch_batches(shard, cfg: RunConfig, epoch: int, rank: int, device):
+    """This worker's batches of one epoch from its Ray Data shard."""
+    return iter_worker_batches(shard, cfg.train.batch_size,
+                               shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed,
+                               epoch=epoch, rank=rank, device=device)
+
+
+def train_loop_per_worker(loop_config: dict) -> list[dict]:
+    cfg, engine, rank = worker_engine(loop_config)
     # A run resumes from its own latest checkpoint; a new run may start from another run's
     # (`start_checkpoint`, a ray.train.Checkpoint: Tune's sample optimization does this).
     checkpoint = ray.train.get_checkpoint() or loop_config.get("start_checkpoint")
@@ -54,12 +67,8 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
     # `stop_epoch` ends the run early, keeping the schedule of all `train.epochs`.
     stop_epoch = min(cfg.train.epochs, loop_config.get("stop_epoch") or cfg.train.epochs)
     for epoch in range(engine.epoch, stop_epoch):
-        batches = iter_worker_batches(shard, cfg.train.batch_size,
-                                      shuffle_buffer=cfg.data.shuffle_buffer,
-                                      seed=cfg.train.seed, epoch=epoch, rank=rank,
-                                      device=engine.device)
-        summary = engine.train_epoch(batches)
-        summary["samples_per_s_total"] = _total_throughput(summary["samples_per_s"])
+        summary = engine.train_epoch(epoch_batches(shard, cfg, epoch, rank, engine.device))
+        summary["samples_per_s_total"] = all_reduce_sum([summary["samples_per_s"]])[0]
         summary["resumed_from_step"] = resumed_from_step
         if rank == 0:
             print("[mmcl] epoch {epoch}/{epochs}  step {step}  loss {loss:.4f}  "
@@ -70,7 +79,7 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
             with tempfile.TemporaryDirectory() as directory:
                 saved = None
                 if rank == 0:  # one copy of the (replicated) state is enough
-                    write_checkpoint(directory, engine.state_dict(), cfg, manifest)
+                    write_checkpoint(directory, engine.state_dict(), cfg, engine.manifest)
                     saved = ray.train.Checkpoint.from_directory(directory)
                 ray.train.report(summary, checkpoint=saved)
         else:

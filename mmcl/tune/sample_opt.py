@@ -55,7 +55,7 @@ from mmcl.storage import filesystem, join
 from mmcl.train import launcher
 from mmcl.tune import space as space_mod
 from mmcl.tune.space import TuneFile
-from mmcl.tune.sweep import _write, search_name, section_config, trial_statuses
+from mmcl.tune.sweep import _short_error, _write, search_name, section_config, trial_statuses
 from mmcl.tune.trial import (PG_RECORDS, ScoreSpec, Scorer, TuneError, absolute_paths,
                              ensure_ray, finite, make_janitor, resolve_metric,
                              restore_or_new_tuner, run_train_trial, trial_resources)
@@ -267,7 +267,7 @@ def run_round(tag: str, url: str, base: RunConfig, tf: TuneFile, candidates: lis
             "step": metrics.get("step"), "epoch": metrics.get("epoch"),
             "loss": metrics.get("loss"), "trial": metrics.get("trial_id"),
             "run": join(round_url, f"cand-{index}"),
-            "error": "" if result.error is None else str(result.error).strip().splitlines()[-1],
+            "error": "" if result.error is None else _short_error(result.error),
         }
         if result.error is None and out[index]["epoch"] != stop_epoch:
             out[index]["error"] = f"stopped at epoch {out[index]['epoch']}, not {stop_epoch}"

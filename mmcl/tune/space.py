@@ -153,16 +153,7 @@ def with_values(raw: dict, params: Mapping[str, Any]) -> dict:
     """A deep copy of `raw` with each dotted path in `params` set (sections created)."""
     out = copy.deepcopy(raw)
     for path, value in params.items():
-        node = out
-        parts = path.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"search space: {path}: {part!r} is a value, not a section")
-            node = child
-        node[parts[-1]] = copy.deepcopy(value)
+        config_mod.set_path(out, path, copy.deepcopy(value), where=f"search space: {path}")
     return out
 
 

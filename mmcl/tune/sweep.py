@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mmcl import config as config_mod
 from mmcl.config import ConfigError
-from mmcl.storage import filesystem, join
+from mmcl.storage import join, write_text
 from mmcl.train import launcher
 from mmcl.tune import space as space_mod
 from mmcl.tune.space import TuneFile
@@ -278,11 +278,7 @@ def trials_csv(rows: list[dict], params: list[str]) -> str:
 
 
 def _write(url: str, text: str, cfg) -> str:
-    fs, path = filesystem(url, cfg.storage.endpoint_url, cfg.storage.region)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "w") as f:
-        f.write(text)
-    return url
+    return write_text(url, text, cfg.storage.endpoint_url, cfg.storage.region)
 
 
 def best_config_text(tf: TuneFile, params: dict, name: str, header: str) -> str:

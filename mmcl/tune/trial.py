@@ -92,11 +92,9 @@ def ensure_ray(cfg: RunConfig, address: str | None, max_concurrent: int | None) 
             num_cpus = max(os.cpu_count() or 1, need * (max_concurrent or 1))
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                      log_to_driver=True)
-    from mmcl import storage
+    from mmcl.storage import share_credentials
 
-    share = getattr(storage, "share_credentials", None)
-    if share is not None:  # S3 credentials from this environment, to this job's workers
-        share()
+    share_credentials()  # S3 credentials from this environment, to this job's workers
     cpus = ray.cluster_resources().get("CPU", 0)
     fit = int(cpus // need)
     per_trial = (f"{cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPU + "
@@ -149,12 +147,12 @@ def default_probe_label(manifest: Manifest) -> str | None:
     return labels[0].name if labels else None
 
 
-def reward_available(cfg: RunConfig, manifest: Manifest) -> bool:
+def reward_available(cfg: RunConfig) -> bool:
     """R needs a fused objective (one tuple embedding from any subset of modalities)."""
-    from mmcl.objectives import build_objective
+    from mmcl.objectives import OBJECTIVES
     from mmcl.objectives.base import FusedObjective
 
-    return isinstance(build_objective(cfg, manifest), FusedObjective)
+    return issubclass(OBJECTIVES[cfg.objective.name], FusedObjective)
 
 
 def resolve_metric(metric: str, label: str | None, cfg: RunConfig, manifest: Manifest,
@@ -169,7 +167,7 @@ def resolve_metric(metric: str, label: str | None, cfg: RunConfig, manifest: Man
             raise ConfigError(f"sweep.label: {label!r} is not a label column of the data "
                               f"set; it has {names}")
     probe_label = label or default_probe_label(manifest)
-    can_reward = reward_available(cfg, manifest)
+    can_reward = reward_available(cfg)
     if metric == "auto":
         metric = "probe" if probe_label else "reward"
     if metric == "probe" and probe_label is None:
@@ -225,6 +223,8 @@ class Scorer:
         self.cfg, self.manifest, self.root, self.spec = cfg, manifest, root, spec
         self._val: dict | None = None
         self._train: dict | None = None
+        self._objective = None   # built once, then loaded with each report's weights
+        self._augmenter = None
 
     def _remote(self) -> dict:
         return launcher.remote(self.cfg)
@@ -254,10 +254,11 @@ class Scorer:
 
         if weights is None:
             torch.manual_seed(self.cfg.train.seed)
-        objective = build_objective(self.cfg, self.manifest)
-        if weights is not None:
-            objective.load_state_dict(weights)
-        return objective.eval()
+            return build_objective(self.cfg, self.manifest).eval()
+        if self._objective is None:
+            self._objective = build_objective(self.cfg, self.manifest)
+        self._objective.load_state_dict(weights)
+        return self._objective.eval()
 
     def _tensors(self, arrays: dict, rows: slice) -> dict:
         import torch
@@ -286,9 +287,11 @@ class Scorer:
             if not isinstance(objective, FusedObjective):
                 return {"val_R": float("nan")}
             reward = functools.partial(disturbed_retrieval_reward, objective)
-        augment = (AugmentConfig.model_validate(self.spec.reward_augment)
-                   if self.spec.reward_augment is not None else self.cfg.augment)
-        augmenter = Augmenter(self.manifest.modalities, augment)
+        if self._augmenter is None:
+            augment = (AugmentConfig.model_validate(self.spec.reward_augment)
+                       if self.spec.reward_augment is not None else self.cfg.augment)
+            self._augmenter = Augmenter(self.manifest.modalities, augment)
+        augmenter = self._augmenter
         totals: dict[str, float] = {}
         batches = 0
         for start in range(0, n - size + 1, size):
@@ -545,5 +548,6 @@ def restore_or_new_tuner(experiment: str, trainable, param_space: dict, storage_
                               resume_errored=False, restart_errored=False,
                               param_space=param_space, storage_filesystem=storage_fs)
 
-__all__ = ["TuneError", "ScoreSpec", "restore_or_new_tuner", "Scorer", "ensure_ray", "resolve_metric",
-           "run_train_trial", "make_janitor", "trial_resources", "read_rows", "DataError"]
+__all__ = ["TuneError", "ScoreSpec", "restore_or_new_tuner", "Scorer", "ensure_ray",
+           "resolve_metric", "run_train_trial", "make_janitor", "trial_resources", "read_rows",
+           "DataError"]
