@@ -11,6 +11,7 @@ import json
 import sys
 
 EXIT_USER_ERROR = 2
+MAX_ERROR_CHARS = 2000  # an error message longer than this is cut: a user reads it, not a log
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -377,6 +378,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def readable(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """`message` cut to `limit` characters, saying how much was left out."""
+    if len(message) <= limit:
+        return message
+    return f"{message[:limit]} ... ({len(message) - limit} more characters not shown)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -389,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:  # noqa: BLE001 - sorted into user errors and bugs below
         if isinstance(err, user_errors()):
-            print(f"mmcl: error: {err}", file=sys.stderr)
+            print(f"mmcl: error: {readable(str(err))}", file=sys.stderr)
             return EXIT_USER_ERROR
         raise
 

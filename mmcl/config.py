@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
+from mmcl.data.schema import unsafe_name
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
@@ -21,7 +22,9 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are refused in every float field: `train.lr=inf` would otherwise pass and
+    # fail minutes later inside the workers.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------------- data
@@ -47,6 +50,11 @@ class DataConfig(Strict):
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
+    @field_validator("train_split", "val_split", "test_split")
+    @classmethod
+    def _split_is_a_name(cls, v: str) -> str:
+        return _safe_name(v, "a split folder of the data set")
+
     nonfinite: Literal["fail", "drop"] = Field(
         "fail", description="what to do with a row holding NaN or inf: fail, or drop and count")
     shuffle_buffer: int = Field(256, ge=0, description="rows of the in-stream local shuffle")
@@ -236,6 +244,19 @@ class StorageConfig(Strict):
                                      "or $AWS_ENDPOINT_URL")
     region: str | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _one_path_segment(cls, v: str | None) -> str | None:
+        # The run folder is storage.path/name: a name with '/' or '..' would write elsewhere.
+        return None if v is None else _safe_name(v, "one folder inside storage.path")
+
+
+def _safe_name(value: str, what: str) -> str:
+    reason = unsafe_name(value)
+    if reason:
+        raise ValueError(f"{reason}; it names {what}")
+    return value
+
 
 class RunConfig(Strict):
     data: DataConfig = DataConfig()
@@ -258,20 +279,50 @@ class RunConfig(Strict):
 # ------------------------------------------------------------------------- loading/errors
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+MAX_INPUT_REPR = 80  # characters of an offending value quoted in an error
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= MAX_INPUT_REPR else text[:MAX_INPUT_REPR - 3] + "..."
+
+
+def _format_errors(err: ValidationError, source: str,
+                   overrides: dict[str, str] | None = None) -> str:
+    """One line per error; an error caused by a `--set` value names that `--set` as its
+    source instead of the file."""
+    lines, sources = [], []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not _is_union_tag(p))
+        parts = [str(p) for p in e["loc"] if not _is_union_tag(p)]
+        loc = ".".join(parts)
+        origin = _override_for(parts, overrides or {})
+        sources.append(origin or source)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown field (check its spelling; see `mmcl config --show` for all fields)"
+            msg = "unknown field (check its spelling; `mmcl config` prints every field)"
         elif e["type"] == "union_tag_invalid":
             msg = f"unknown objective; choose one of: {', '.join(OBJECTIVE_NAMES)}"
         elif e["type"] == "literal_error" and "expected" in e.get("ctx", {}):
             msg = f"must be one of {e['ctx']['expected']}"
-        lines.append(f"  {loc or '(top level)'}: {msg} (got {e.get('input')!r})"
-                     if e["type"] != "missing" else f"  {loc}: required field is missing")
-    return "\n".join(lines)
+        elif e["type"] == "value_error" and "error" in e.get("ctx", {}):
+            msg = str(e["ctx"]["error"])  # our own validators' messages, without a prefix
+        elif e["type"] == "finite_number":
+            msg = "must be a finite number (not inf or nan)"
+        line = (f"  {loc or '(top level)'}: {msg} (got {_short_repr(e.get('input'))})"
+                if e["type"] != "missing" else f"  {loc}: required field is missing")
+        lines.append(line + (f" [from {origin}]" if origin else ""))
+    where = ", ".join(dict.fromkeys(sources))
+    return "\n".join([f"invalid configuration in {where}:", *lines])
+
+
+def _override_for(parts: list[str], overrides: dict[str, str]) -> str | None:
+    """The `--set KEY=VALUE` whose KEY is the error's field or a section above or below it."""
+    for key, assignment in reversed(list(overrides.items())):
+        key_parts = key.split(".")
+        n = min(len(key_parts), len(parts))
+        if n and key_parts[:n] == parts[:n]:
+            return f"--set {assignment}"
+    return None
 
 
 def _is_union_tag(part: Any) -> bool:
@@ -281,7 +332,7 @@ def _is_union_tag(part: Any) -> bool:
 def _parse_value(text: str) -> Any:
     """`--set` values are YAML scalars or flow collections: 512, 1e-3, true, [a, b], {x: 1}."""
     try:
-        return yaml.safe_load(text)
+        return parse_yaml(text, f"--set value {text!r}")
     except yaml.YAMLError:
         return text
 
@@ -312,12 +363,62 @@ def from_dict(raw: dict | None, overrides: list[str] = (), source: str = "config
     raw = dict(raw or {})
     for assignment in overrides:
         apply_override(raw, assignment)
+    # Errors name the `--set` that caused them (the last one wins, as it does in the config).
+    given = {a.split("=", 1)[0].strip(): a for a in overrides}
     # Switching objective with --set objective.name=X keeps only fields X knows about is not
     # done silently: an unknown field is an error, so the user sees the mismatch.
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(_format_errors(err, source, given)) from None
+
+
+# YAML anchors and aliases are allowed for sharing a section, but a document's aliases may
+# not expand to more than this many nodes: nested aliases ("billion laughs") otherwise
+# grow a 1 KB file into gigabytes once it is copied, validated or printed.
+MAX_YAML_NODES = 10_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a document whose aliases expand beyond MAX_YAML_NODES."""
+
+    def construct_document(self, node):
+        if expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise ConfigError(f"its aliases (*name) expand to more than {MAX_YAML_NODES} "
+                              f"values; write the values out instead")
+        return super().construct_document(node)
+
+
+def expanded_size(node, limit: int) -> int:
+    """How many nodes `node` would be with every alias written out, counted up to `limit`
+    (shared nodes are counted once per use, without walking them once per use)."""
+    sizes: dict[int, int] = {}
+
+    def size(n) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        sizes[id(n)] = limit + 1  # a node reached again while it is walked: a cycle
+        total = 1
+        children = (n.value if isinstance(n, yaml.SequenceNode) else
+                    [part for pair in n.value for part in pair]
+                    if isinstance(n, yaml.MappingNode) else [])
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        sizes[id(n)] = min(total, limit + 1)
+        return sizes[id(n)]
+
+    return size(node)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text to Python objects with mmcl's one loader (safe, alias expansion bounded);
+    every config, search space and recorded config.yaml is read through it."""
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -325,7 +426,7 @@ def load_yaml(path: str | Path) -> dict:
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist; see configs/ for ready ones")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = parse_yaml(path.read_text(), f"config file {path}")
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -136,6 +136,9 @@ def convert_npz(src: str, out: str, split: Sequence[float] = (0.8, 0.1, 0.1), se
         if not manifest.modalities:
             raise DataError("it has no modality arrays (rank 2-4, first axis = tuples), only "
                             + ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items()))
+        tuples = len(arrays[manifest.modality_names[0]])
+        if tuples == 0:  # an empty data set trains nothing, and --overwrite would lose one
+            raise DataError("it holds 0 tuples (the modality arrays' first axis is empty)")
         manifest.description = f"converted from {src} (split {list(split)}, seed {seed})"
         splits = split_arrays(arrays, manifest, split, seed)
     except DataError as err:  # name the file; nothing has been written yet

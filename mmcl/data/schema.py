@@ -17,8 +17,8 @@ probes can measure how much of it an embedding holds).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Literal
 
 ModalityKind = Literal["vector", "sequence", "image"]
 Task = Literal["classification", "regression"]
@@ -30,6 +30,38 @@ _RANK = {"vector": 1, "sequence": 2, "image": 3}
 
 class DataError(ValueError):
     """A data set does not match what mmcl or its manifest expects; the message says where."""
+
+
+MAX_NAME_CHARS = 200  # a path segment; file systems allow 255 bytes
+
+
+def unsafe_name(name: Any, modality: bool = False) -> str | None:
+    """Why `name` cannot be a name that becomes one path segment, a column or a file name
+    (a run, sweep, split, modality or label name), or None when it can: it must be a
+    non-empty string without '/', '\\' or control characters, and not '.' or '..'.
+    Modality names may not contain "__", which marks a modality's mask/presence keys."""
+    if not isinstance(name, str):
+        return f"must be a string, got {type(name).__name__}"
+    if not name.strip():
+        return "must not be empty"
+    if name in (".", "..") or "/" in name or "\\" in name:
+        return f"{name!r} must be one plain name, not a path ('/', '\\', '.' and '..' are " \
+               f"not allowed)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return f"{name!r} must not contain control characters"
+    if len(name) > MAX_NAME_CHARS:
+        return f"must be at most {MAX_NAME_CHARS} characters, got {len(name)}"
+    if modality and "__" in name:
+        return f"{name!r} must not contain '__' (reserved for a modality's mask keys)"
+    return None
+
+
+def check_name(name: Any, what: str, modality: bool = False) -> str:
+    """`name` if it is a safe name (see `unsafe_name`), else a DataError naming `what`."""
+    reason = unsafe_name(name, modality)
+    if reason:
+        raise DataError(f"{what}: {reason}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -85,6 +117,12 @@ class Manifest:
     location: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        for m in self.modalities:  # names become columns, batch keys and file names
+            check_name(m.name, "modality name", modality=True)
+        for lab in self.labels:
+            check_name(lab.name, "label name")
+        for split in self.splits:
+            check_name(split, "split name")
         names = [m.name for m in self.modalities] + [lab.name for lab in self.labels]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -143,20 +181,81 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, source: str = MANIFEST_NAME) -> "Manifest":
+        """Parse a manifest; anything else (another JSON value, a missing or mistyped field)
+        is one DataError that names the file and the field."""
         try:
             raw = json.loads(text)
-            version = raw.get("version", FORMAT_VERSION)
-            if version > FORMAT_VERSION:
-                raise DataError(f"{source}: format version {version} is newer than this mmcl "
-                                f"reads ({FORMAT_VERSION}); upgrade mmcl")
-            return cls(
-                modalities=[ModalitySpec(**m) for m in raw["modalities"]],
-                labels=[LabelSpec(**lab) for lab in raw.get("labels", [])],
-                splits={k: int(v) for k, v in raw.get("splits", {}).items()},
-                description=raw.get("description", ""),
-                version=version,
-            )
-        except DataError:
-            raise
-        except (ValueError, KeyError, TypeError) as err:
-            raise DataError(f"{source} is not a valid mmcl manifest: {err!r}") from None
+        except ValueError as err:
+            raise DataError(f"{source} is not a valid mmcl manifest: not JSON ({err})") from None
+        try:
+            return cls._from_raw(raw)
+        except DataError as err:
+            raise DataError(f"{source} is not a valid mmcl manifest: {err}") from None
+
+    @classmethod
+    def _from_raw(cls, raw: Any) -> "Manifest":
+        if not isinstance(raw, dict):
+            raise DataError(f"it holds a JSON {_json_kind(raw)}, expected an object with "
+                            f"'modalities', 'labels' and 'splits'")
+        version = raw.get("version", FORMAT_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise DataError(f"'version' must be an integer, got a JSON {_json_kind(version)}")
+        if version > FORMAT_VERSION:
+            raise DataError(f"format version {version} is newer than this mmcl reads "
+                            f"({FORMAT_VERSION}); upgrade mmcl")
+        if "modalities" not in raw:
+            raise DataError("it has no 'modalities' list")
+        splits = raw.get("splits", {})
+        if not isinstance(splits, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                for v in splits.values()):
+            raise DataError("'splits' must be an object of split name -> number of rows")
+        description = raw.get("description", "")
+        if not isinstance(description, str):
+            raise DataError("'description' must be a string")
+        try:
+            return cls(modalities=[_entry(ModalitySpec, m, "modality", i) for i, m in
+                                   enumerate(_list_of(raw["modalities"], "modalities"))],
+                       labels=[_entry(LabelSpec, lab, "label", i) for i, lab in
+                               enumerate(_list_of(raw.get("labels", []), "labels"))],
+                       splits=dict(splits), description=description, version=version)
+        except (TypeError, ValueError) as err:
+            if isinstance(err, DataError):
+                raise
+            raise DataError(str(err)[:200]) from None
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+             float: "number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _list_of(value: Any, key: str) -> list:
+    if not isinstance(value, list):
+        raise DataError(f"'{key}' must be a list of objects, got a JSON {_json_kind(value)}")
+    return value
+
+
+def _entry(spec: type, raw: Any, what: str, index: int):
+    """One ModalitySpec/LabelSpec from its JSON object, naming a missing or unknown field."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{what} #{index + 1} must be an object, got a JSON {_json_kind(raw)}")
+    known = {f.name for f in fields(spec)}
+    required = [f.name for f in fields(spec)
+                if f.default is MISSING and f.default_factory is MISSING]
+    missing = [k for k in required if k not in raw]
+    unknown = sorted(set(raw) - known)
+    label = f"{what} #{index + 1}" + (f" ({raw['name']!r})" if isinstance(raw.get("name"), str)
+                                      else "")
+    if missing or unknown:
+        raise DataError(f"{label}: " + "; ".join(
+            ([f"missing {', '.join(map(repr, missing))}"] if missing else [])
+            + ([f"unknown field(s) {', '.join(map(repr, unknown))}"] if unknown else [])))
+    check_name(raw["name"], f"{what} name", modality=what == "modality")
+    try:
+        return spec(**raw)
+    except DataError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise DataError(f"{label}: {str(err)[:200]}") from None

@@ -108,7 +108,7 @@ def read_run(run: str, endpoint_url: str | None = None, region: str | None = Non
         if has_weights and fs.exists(storage.join(folder, CONFIG)) and \
                 fs.exists(storage.join(folder, MANIFEST)):
             cfg = config_mod.from_dict(
-                config_mod.yaml.safe_load(fs.cat_file(storage.join(folder, CONFIG)).decode()),
+                config_mod.parse_yaml(fs.cat_file(storage.join(folder, CONFIG)).decode(), CONFIG),
                 source=storage.join(shown, CONFIG))
             manifest = Manifest.from_json(fs.cat_file(storage.join(folder, MANIFEST)).decode(),
                                           storage.join(shown, MANIFEST))

@@ -226,7 +226,7 @@ def load(path: str, endpoint_url: str | None = None, region: str | None = None) 
         for weights_name in (WEIGHTS, STATE):
             if fs.exists(join(folder, weights_name)) and fs.exists(join(folder, CONFIG)):
                 cfg = config_mod.from_dict(
-                    config_mod.yaml.safe_load(fs.cat_file(join(folder, CONFIG)).decode()),
+                    config_mod.parse_yaml(fs.cat_file(join(folder, CONFIG)).decode(), CONFIG),
                     source=join(folder, CONFIG))
                 manifest = Manifest.from_json(fs.cat_file(join(folder, MANIFEST)).decode(),
                                               join(folder, MANIFEST))

@@ -66,14 +66,14 @@ AUGMENT_FIELDS = tuple(ModalityAugment.model_fields)
 
 
 class Sigma(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     log_alpha: float = Field(0.5, gt=0, description="std of log alpha_k")
     beta: float = Field(0.05, gt=0, description="std of beta_k (strengths are in [0, 1])")
 
 
 class SampleOptConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     candidates: int = Field(4, ge=2, description="B: candidates per round (>= 2: advantages "
                             "are standardised over them)")

@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mmcl import config as config_mod
 from mmcl.config import ConfigError
+from mmcl.data.schema import unsafe_name
 from mmcl.storage import join, write_text
 from mmcl.train import launcher
 from mmcl.tune import space as space_mod
@@ -52,7 +53,7 @@ from mmcl.tune.trial import (PG_RECORDS, ScoreSpec, TuneError, absolute_paths, e
                              restore_or_new_tuner, run_train_trial, trial_resources)
 
 class SweepConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     num_samples: int | None = Field(None, ge=1)
     searcher: Literal["random", "grid", "tpe"] = "random"
@@ -83,8 +84,14 @@ def section_config(model: type[BaseModel], raw: dict, section: str, source: str)
 
 
 def search_name(tf: TuneFile, base) -> str:
-    return base.storage.name or (Path(tf.source).stem if tf.source.endswith((".yaml", ".yml"))
+    """The search folder's name: storage.name (checked by the config), else the tune file's
+    name, which must then be one plain folder name as well."""
+    name = base.storage.name or (Path(tf.source).stem if tf.source.endswith((".yaml", ".yml"))
                                  else "tune")
+    reason = unsafe_name(name)
+    if reason:
+        raise ConfigError(f"sweep name (the tune file's name): {reason}; set storage.name")
+    return name
 
 
 # ----------------------------------------------------------------------------- search
