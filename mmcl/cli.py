@@ -396,10 +396,26 @@ def main(argv: list[str] | None = None) -> int:
         print("mmcl: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - sorted into user errors and bugs below
-        if isinstance(err, user_errors()):
-            print(f"mmcl: error: {readable(str(err))}", file=sys.stderr)
+        cause = user_error_in(err)
+        if cause is not None:
+            print(f"mmcl: error: {readable(str(cause))}", file=sys.stderr)
             return EXIT_USER_ERROR
         raise
+
+
+def user_error_in(err: BaseException) -> BaseException | None:
+    """`err` if it is a user error, else the user error behind it: a cause, or a Ray Train
+    worker's failure (a checkpoint refused on a worker arrives inside a WorkerGroupError)."""
+    kinds, seen, todo = user_errors(), set(), [err]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen or len(seen) > 50:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kinds):
+            return e
+        todo += [e.__cause__, *getattr(e, "worker_failures", {}).values()]
+    return None
 
 
 if __name__ == "__main__":

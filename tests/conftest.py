@@ -1,7 +1,13 @@
 """Shared test set-up: one torch thread, and one local Ray instance per test module."""
 
+import os
+
 import pytest
 import torch
+
+# Tests sign Tune state (mmcl.tune.trust) with a key of their own, never with the user's
+# ~/.config/mmcl/trust.key; a test of the key file sets its own XDG_CONFIG_HOME.
+os.environ.setdefault("MMCL_TRUST_KEY", "mmcl-test-suite-key")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -37,6 +37,11 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
                    "(default: start local Ray sized for the trials)")
     p.add_argument("--stop-after-round", type=int, metavar="N",
                    help="sample-opt: pause after round N (resume by running again)")
+    p.add_argument("--trust-state", action="store_true",
+                   help="re-sign the search folder's saved Tune state as trusted before "
+                   "resuming it (only for a folder you know nobody else wrote: resuming "
+                   "unpickles it); without it, a folder whose signatures do not verify is "
+                   "refused")
     p.set_defaults(func=cmd_tune)
     return p
 
@@ -53,6 +58,8 @@ def cmd_tune(args) -> int:
 
     tf = space.load(args.config, args.overrides)
     strategy = choose_strategy(tf, args.strategy)
+    if args.trust_state:
+        resign(tf)
     if strategy == "sweep":
         if args.stop_after_round is not None:
             from mmcl.config import ConfigError
@@ -68,6 +75,22 @@ def cmd_tune(args) -> int:
                                 stop_after_round=args.stop_after_round)
     print(result.summary())
     return 130 if getattr(result, "interrupted", False) else 0
+
+
+def resign(tf) -> None:
+    """`--trust-state`: sign the search folder as it is now, on the user's word."""
+    from mmcl.storage import join
+    from mmcl.tune import trust
+    from mmcl.tune.sample_opt import STATE_NAME
+    from mmcl.tune.sweep import search_name
+    from mmcl.tune.trial import absolute_paths
+
+    base = absolute_paths(tf).base_config()
+    url = join(base.storage.path, search_name(tf, base))
+    signed = trust.resign_search(url, base.storage.endpoint_url, base.storage.region,
+                                 STATE_NAME)
+    print(f"[mmcl] --trust-state: re-signed {len(signed)} folder(s)/state file(s) in {url}",
+          file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,7 @@ from mmcl.config import ConfigError, ModalityAugment, RunConfig
 from mmcl.storage import filesystem, join
 from mmcl.train import launcher
 from mmcl.tune import space as space_mod
+from mmcl.tune import trust
 from mmcl.tune.space import TuneFile
 from mmcl.tune.sweep import _short_error, _write, search_name, section_config, trial_statuses
 from mmcl.tune.trial import (PG_RECORDS, ScoreSpec, Scorer, TuneError, absolute_paths,
@@ -236,6 +237,8 @@ def run_round(tag: str, url: str, base: RunConfig, tf: TuneFile, candidates: lis
     storage_fs = launcher.storage_filesystem(base)
     experiment = f"{storage_path}/{tag}"
     janitor = make_janitor(spec["records"], base)
+    folder = trust.Folder(round_url, base.storage.endpoint_url, base.storage.region,
+                          what="sample-optimization round")
     tuner = restore_or_new_tuner(
         experiment, trainable, param_space, storage_fs,
         lambda: tune.Tuner(
@@ -244,9 +247,12 @@ def run_round(tag: str, url: str, base: RunConfig, tf: TuneFile, candidates: lis
                                         max_concurrent_trials=min(concurrent, len(candidates)),
                                         reuse_actors=False),
             run_config=tune.RunConfig(name=tag, storage_path=storage_path,
-                                      storage_filesystem=storage_fs, callbacks=[janitor])),
-        on_resume=lambda: progress(f"[mmcl] {tag}: resuming its candidates (Tuner.restore)"))
+                                      storage_filesystem=storage_fs,
+                                      callbacks=[janitor, trust.signature_keeper(folder)])),
+        on_resume=lambda: progress(f"[mmcl] {tag}: resuming its candidates (Tuner.restore)"),
+        folder=folder)
     results = tuner.fit()  # Tune catches Ctrl-C: it saves the experiment and returns
+    trust.sign(folder)  # what this driver's Tune wrote, before anything reads it back
     statuses = trial_statuses(experiment, storage_fs)
     interrupted = len(results) < len(candidates) or any(
         status not in ("TERMINATED", "ERROR") for status, _ in statuses.values())
@@ -277,10 +283,17 @@ def run_round(tag: str, url: str, base: RunConfig, tf: TuneFile, candidates: lis
 # ------------------------------------------------------------------------------- state
 
 
+def state_folder(url: str, cfg: RunConfig) -> "trust.Folder":
+    return trust.Folder(url, cfg.storage.endpoint_url, cfg.storage.region, only=(STATE_NAME,),
+                        what="sample-optimization")
+
+
 def read_state(url: str, cfg: RunConfig) -> dict | None:
+    """The saved state, once its signature verifies (it decides what is restored)."""
     fs, path = filesystem(join(url, STATE_NAME), cfg.storage.endpoint_url, cfg.storage.region)
     if not fs.exists(path):
         return None
+    trust.verify(state_folder(url, cfg))
     with fs.open(path, "r") as f:
         return json.load(f)
 
@@ -293,6 +306,7 @@ def write_state(url: str, cfg: RunConfig, state: dict) -> None:
     with fs.open(tmp, "w") as f:
         json.dump(state, f, indent=1, default=float)
     fs.mv(tmp, path)
+    trust.sign(state_folder(url, cfg))
 
 
 @dataclass

@@ -47,6 +47,7 @@ from mmcl.data.schema import unsafe_name
 from mmcl.storage import join, write_text
 from mmcl.train import launcher
 from mmcl.tune import space as space_mod
+from mmcl.tune import trust
 from mmcl.tune.space import TuneFile
 from mmcl.tune.trial import (PG_RECORDS, ScoreSpec, TuneError, absolute_paths, ensure_ray,
                              finish_from_checkpoint, finite, make_janitor, resolve_metric,
@@ -345,6 +346,7 @@ def run_sweep(tf: TuneFile, address: str | None = None,
              f"objective {score.metric} on '{base.data.val_split}'; up to {concurrent} trials "
              f"at once ({launcher.cpus_needed(base)} CPUs each). Folder: {url}")
     janitor = make_janitor(spec["records"], base)
+    folder = trust.Folder(url, base.storage.endpoint_url, base.storage.region, what="sweep")
     tuner = restore_or_new_tuner(
         experiment, trainable, param_space, storage_fs,
         lambda: tune.Tuner(
@@ -359,10 +361,12 @@ def run_sweep(tf: TuneFile, address: str | None = None,
             run_config=tune.RunConfig(
                 name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                callbacks=[janitor])),
+                callbacks=[janitor, trust.signature_keeper(folder)])),
         on_resume=lambda: progress(f"[mmcl] resuming the interrupted sweep in {url} "
-                                   "(Tuner.restore)"))
+                                   "(Tuner.restore)"),
+        folder=folder)
     results = tuner.fit()  # Tune catches Ctrl-C: it saves the experiment and returns
+    trust.sign(folder)  # what this driver's Tune wrote, before anything reads it back
     statuses = trial_statuses(experiment, storage_fs)
     rows = trial_rows(results, tf, statuses)
     expected = num_samples * math.prod(
@@ -390,6 +394,7 @@ def run_sweep(tf: TuneFile, address: str | None = None,
                "interrupted": interrupted, "best": best, "trials": rows}
     files["summary"] = _write(join(url, "summary.json"),
                               json.dumps(summary, indent=2, default=str), base)
+    trust.sign(folder)
     result = SweepResult(name, url, score.metric, rows, params, best, best_url,
                          time.perf_counter() - start, files, interrupted)
     if best is None and not interrupted:

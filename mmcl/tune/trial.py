@@ -535,11 +535,17 @@ def finite(value: Any) -> bool:
 
 
 def restore_or_new_tuner(experiment: str, trainable, param_space: dict, storage_fs,
-                         new_tuner, on_resume=None):
+                         new_tuner, on_resume=None, folder=None):
     """The Tuner of `experiment`: restored with its unfinished trials when an interrupted
-    one is there (crashed trials stay recorded as crashed), else `new_tuner()`."""
+    one is there (crashed trials stay recorded as crashed), else `new_tuner()`. `folder`
+    (a trust.Folder of the experiment) is verified first: nothing is unpickled from a folder
+    whose signatures do not verify (see mmcl.tune.trust)."""
     from ray import tune
 
+    if folder is not None:
+        from mmcl.tune import trust
+
+        trust.verify(folder)
     if not tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs):
         return new_tuner()
     if on_resume:
@@ -547,6 +553,7 @@ def restore_or_new_tuner(experiment: str, trainable, param_space: dict, storage_
     return tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                               resume_errored=False, restart_errored=False,
                               param_space=param_space, storage_filesystem=storage_fs)
+
 
 __all__ = ["TuneError", "ScoreSpec", "restore_or_new_tuner", "Scorer", "ensure_ray",
            "resolve_metric", "run_train_trial", "make_janitor", "trial_resources", "read_rows",
