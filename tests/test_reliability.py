@@ -243,8 +243,8 @@ def crashing_loop(loop_config):
 real_make_trainer = launcher.make_trainer
 
 
-def make_trainer(cfg, root, manifest, steps, name, loop=None):
-    return real_make_trainer(cfg, root, manifest, steps, name, loop=crashing_loop)
+def make_trainer(cfg, root, manifest, steps, name, loop=None, **kw):
+    return real_make_trainer(cfg, root, manifest, steps, name, loop=crashing_loop, **kw)
 
 
 launcher.make_trainer = make_trainer
@@ -329,8 +329,8 @@ def with_loop(monkeypatch, loop):
     """`mmcl pretrain` as is, with its workers running `loop`."""
     real = launcher.make_trainer
     monkeypatch.setattr(launcher, "make_trainer",
-                        lambda cfg, root, manifest, steps, name, loop_=None:
-                        real(cfg, root, manifest, steps, name, loop=loop))
+                        lambda cfg, root, manifest, steps, name, loop_=None, **kw:
+                        real(cfg, root, manifest, steps, name, loop=loop, **kw))
 
 
 def test_a_nan_loss_stops_the_run_clearly_and_keeps_the_last_checkpoint(data, tmp_path,
