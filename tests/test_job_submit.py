@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.ray
+# A cold `ray start` plus a job that installs its working dir and trains takes minutes on a
+# loaded 2-core machine: more than the suite's default per-test timeout.
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -104,7 +106,7 @@ def wait_for_job_api(env: dict, address: str, timeout_s: float = 300) -> None:
 NO_AGENT = "No available agent to submit job"
 
 
-def submit(env: dict, args: list[str], timeout_s: float = 540) -> subprocess.CompletedProcess:
+def submit(env: dict, args: list[str], timeout_s: float = 900) -> subprocess.CompletedProcess:
     """`ray job submit`, resubmitted while the head's job agent is not up yet: the head
     refuses such a submission before it creates the job, so submitting again is safe."""
     deadline = time.monotonic() + timeout_s
@@ -122,6 +124,13 @@ def head(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "token",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     port, dashboard = free_port(), free_port()
+    # Every port of its own: the defaults (the job agent's 52365, the client server's 10001,
+    # ...) are taken when another Ray runs on the machine, and a job agent that cannot bind
+    # leaves the head answering "No available agent to submit job" for ever.
+    own_ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "ray-client-server-port", "object-manager-port",
+        "node-manager-port")]
     temp = tmp_path_factory.mktemp("ray")
     address = f"http://127.0.0.1:{dashboard}"
     subprocess.run([ray_cli(), "get-auth-token", "--generate"], env=env, check=False,
@@ -130,7 +139,7 @@ def head(tmp_path_factory):
         subprocess.run(
             [ray_cli(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=3",
-             f"--temp-dir={temp}", "--disable-usage-stats"],
+             f"--temp-dir={temp}", "--disable-usage-stats", *own_ports],
             env=env, check=True, capture_output=True, timeout=180)
         wait_for_job_api(env, address)
         yield env, address
@@ -161,3 +170,22 @@ def test_job_cli_without_the_clusters_auth_mode_is_refused(head):
                             capture_output=True, text=True, timeout=120)
     assert listed.returncode != 0
     assert "token" in (listed.stdout + listed.stderr).lower()
+
+
+def test_stopping_the_test_cluster_spares_other_processes(tmp_path):
+    """stop_cluster stops what runs under the test cluster's folder (and its children), not
+    a process of another folder that merely shares its name's prefix."""
+    ours, theirs = tmp_path / "ray0", tmp_path / "ray01"
+    sleeper = "import sys, time; time.sleep(600)"
+    mine = subprocess.Popen([sys.executable, "-c", sleeper, f"{ours}/session_x/logs"])
+    other = subprocess.Popen([sys.executable, "-c", sleeper, f"{theirs}/session_y/logs"])
+    try:
+        assert mine.pid in processes_under(ours)
+        assert other.pid not in processes_under(ours)
+        stop_cluster(ours)
+        assert mine.wait(timeout=60) is not None
+        assert other.poll() is None, "a process of another cluster was stopped"
+    finally:
+        for proc in (mine, other):
+            proc.kill()
+            proc.wait()

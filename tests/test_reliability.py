@@ -95,11 +95,17 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registere
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """One small controlled data set for the module (320 training tuples: 5 steps per epoch
-    on each of 2 workers at batch 32)."""
+    on each of 2 workers at batch 32), in shards of 64 rows so that the file order of an
+    epoch matters."""
+    from mmcl.data.shards import read_manifest, read_split, write_dataset
     from mmcl.data.synth import generate
 
+    one_shard = str(tmp_path_factory.mktemp("one-shard") / "rus")
+    generate("rus", one_shard, n=400, seed=0)
+    manifest = read_manifest(one_shard)
     root = str(tmp_path_factory.mktemp("data") / "rus")
-    generate("rus", root, n=400, seed=0)
+    write_dataset(root, manifest, {name: read_split(one_shard, name) for name in manifest.splits},
+                  max_rows_per_shard=64)
     return root
 
 
@@ -393,6 +399,25 @@ def test_the_driver_killed_mid_checkpoint_then_the_same_command_resumes(data, tm
     for key, value in straight_weights.items():
         assert torch.allclose(resumed_weights[key], value, rtol=1e-4, atol=1e-6), key
     assert history[1]["loss"] == pytest.approx(straight.history[1]["loss"], rel=1e-5)
+
+
+def test_a_dataset_built_for_the_resume_epoch_reads_that_epochs_file_order(data):
+    """What a resumed driver builds (the dataset for epoch 1) reads the file order that an
+    uninterrupted run reads in its second epoch, not epoch 0's again."""
+    from mmcl.data import pipeline
+    from mmcl.data.shards import read_manifest
+
+    manifest = read_manifest(data)
+
+    def epoch_orders(first_epoch: int, epochs: int) -> list[list[int]]:
+        ds = pipeline.build_dataset(data, "train", manifest, ["a"], seed=3, epoch=first_epoch)
+        (split,) = pipeline.split_for_workers(ds, 1)
+        return [[int(i) for b in split.iter_batches(batch_size=None, batch_format="numpy")
+                 for i in b["id"]] for _ in range(epochs)]
+
+    straight = epoch_orders(0, 2)
+    assert straight[0] != straight[1]
+    assert epoch_orders(1, 1)[0] == straight[1]
 
 
 # ------------------------------------------------------------------- non-finite loss
