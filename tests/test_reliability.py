@@ -79,8 +79,9 @@ def local_ray(tmp_path_factory):
     hooks = tmp_path_factory.mktemp("hooks")
     (hooks / "sitecustomize.py").write_text(STALL_HOOK)
     arm = str(tmp_path_factory.mktemp("stall") / "armed")
+    path = os.pathsep.join([str(hooks), *filter(None, [os.environ.get("PYTHONPATH")])])
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(hooks), STALL_ENV: arm}})
+             runtime_env={"env_vars": {"PYTHONPATH": path, STALL_ENV: arm}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield Path(arm)
     ray.shutdown()

@@ -24,9 +24,10 @@ Facts this module relies on (Ray 2.60, verified; see notes/ray_train_v2.md):
 - Each epoch (each new iteration over the shard) re-executes the dataset. A seeded
   FileShuffleConfig gives a different file order on each execution; mmcl's own
   (`EpochFileShuffle`) derives it from (seed, first epoch + execution index), so the order
-  belongs to the epoch, also in a run resumed by a new driver; with `preserve_order=True` the blocks reach
-  the splitter in a fixed order, so which rows each worker sees, and in which order, is
-  repeatable given the seed. Without it the assignment follows task completion order.
+  belongs to the epoch, also in a run resumed by a new driver. With `preserve_order=True`
+  the blocks reach the splitter in a fixed order, so which rows each worker sees, and in
+  which order, is repeatable given the seed. Without it the assignment follows task
+  completion order.
 - An exception raised in a Ray Data UDF reaches the consumer as
   `RayTaskError(UserCodeException)` whose cause chain is lost; only the text survives.
   `iter_worker_batches` turns it back into `DataError` (see `find_data_error`).
