@@ -88,7 +88,8 @@ def cmd_pretrain(args) -> int:
     from mmcl.train.launcher import pretrain
 
     cfg = _load_config(args)
-    result = pretrain(cfg, address=args.address, in_process=args.no_ray)
+    result = pretrain(cfg, address=args.address, in_process=args.no_ray,
+                      continue_from=args.continue_from)
     print(result.summary())
     return 0
 
@@ -228,13 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain encoders with an objective (Ray Train)",
                        description="Pretrain on local Ray (started for you, sized so Ray Data "
-                       "keeps a CPU) or on a cluster (--address). Rerunning with the same "
-                       "storage.path and storage.name resumes from the latest checkpoint.")
+                       "keeps a CPU) or on a cluster (--address). Rerunning an unfinished run "
+                       "(same storage.path and storage.name) resumes from its newest "
+                       "checkpoint; a finished run is never changed: train more with "
+                       "--continue-from RUN --set storage.name=NEW.")
     _add_config_args(p)
     p.add_argument("--address", help="Ray cluster to join: 'auto' or ray://host:port "
                    "(default: start local Ray)")
     p.add_argument("--no-ray", action="store_true",
                    help="train in this process on in-memory data (debugging, tiny data)")
+    p.add_argument("--continue-from", metavar="RUN",
+                   help="a finished run's folder: start this new run (storage.name) from "
+                   "its weights (fresh optimiser and schedule, train.epochs more epochs)")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("embed", help="embed a data set with a trained run (Ray Data)",

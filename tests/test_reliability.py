@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import mmcl
 from mmcl import config
@@ -26,6 +27,64 @@ from mmcl.train.checkpoint import CheckpointError, read_checkpoint_state
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.train")
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
+
+STALL_ENV = "MMCL_TEST_STALL"
+# Put first on the path of every Ray worker of this module: Tune trials run mmcl's own loop
+# in processes the test cannot patch, so this stalls them from the inside. While the file
+# named by $MMCL_TEST_STALL exists, a training step of epoch 2 (0-based 1) first writes
+# "<file>.stalled", then waits until the test removes the file.
+STALL_HOOK = """
+import importlib.abc, importlib.util, os, sys, time
+
+ARM = os.environ.get("MMCL_TEST_STALL")
+
+
+def _patch(engine):
+    real = engine.Engine.train_step
+
+    def train_step(self, batch):
+        if ARM and self.epoch == 1 and os.path.exists(ARM):
+            open(ARM + ".stalled", "w").close()
+            while os.path.exists(ARM):
+                time.sleep(0.2)
+        return real(self, batch)
+
+    engine.Engine.train_step = train_step
+
+
+class _Hook(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "mmcl.train.engine":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if ARM:
+    sys.meta_path.insert(0, _Hook())
+"""
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    """This module's local Ray (as tests/conftest.py's), whose workers load STALL_HOOK."""
+    hooks = tmp_path_factory.mktemp("hooks")
+    (hooks / "sitecustomize.py").write_text(STALL_HOOK)
+    arm = str(tmp_path_factory.mktemp("stall") / "armed")
+    path = os.pathsep.join([str(hooks), *filter(None, [os.environ.get("PYTHONPATH")])])
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path, STALL_ENV: arm}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield Path(arm)
+    ray.shutdown()
 
 TINY = ["train.batch_size=32", "train.warmup_epochs=0", "model.embed_dim=16",
         "model.encoder.hidden=16", "model.proj_hidden=16", "model.proj_dim=16",
@@ -37,11 +96,17 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registere
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """One small controlled data set for the module (320 training tuples: 5 steps per epoch
-    on each of 2 workers at batch 32)."""
+    on each of 2 workers at batch 32), in shards of 64 rows so that the file order of an
+    epoch matters."""
+    from mmcl.data.shards import read_manifest, read_split, write_dataset
     from mmcl.data.synth import generate
 
+    one_shard = str(tmp_path_factory.mktemp("one-shard") / "rus")
+    generate("rus", one_shard, n=400, seed=0)
+    manifest = read_manifest(one_shard)
     root = str(tmp_path_factory.mktemp("data") / "rus")
-    generate("rus", root, n=400, seed=0)
+    write_dataset(root, manifest, {name: read_split(one_shard, name) for name in manifest.splits},
+                  max_rows_per_shard=64)
     return root
 
 
@@ -136,7 +201,8 @@ def registered_epoch(run: Path) -> int:
 def survived(data, tmp_path_factory):
     """One 2-epoch run on 2 workers (train.nonfinite_loss=skip, scaling.max_failures=1) that
     meets two faults: in epoch 1 rank 1's third batch holds a NaN, and in epoch 2 rank 1 is
-    SIGKILLed before its third batch (after Ray Train registered the checkpoint of epoch 1).
+    SIGKILLed before its third batch (registered or not, the checkpoint of epoch 1 is then
+    in storage).
     The tests below read what happened."""
     tmp = tmp_path_factory.mktemp("survived")
     cfg = tiny_config(data, tmp, "storage.name=survived", "train.epochs=2",
@@ -148,10 +214,9 @@ def survived(data, tmp_path_factory):
     def kill_the_worker():
         info = wait_for(lambda: os.path.exists(marker) and json.loads(Path(marker).read_text()),
                         600, "the worker's marker")
-        # A checkpoint counts once Ray Train has registered it (it polls the workers every
-        # ~2 s); the stalled worker waits for that before it is killed.
-        wait_for(lambda: registered_epoch(tmp / "survived") == 1, 120,
-                 "Ray Train to register the checkpoint of epoch 1")
+        # Killed at once, whether or not Ray Train has registered the checkpoint of epoch 1
+        # yet (it polls the workers every ~2 s): its upload finished before the epoch line,
+        # and the restarted workers resume from the newest complete checkpoint in storage.
         os.kill(info["pid"], signal.SIGKILL)
         killed.update(info)
 
@@ -243,8 +308,8 @@ def crashing_loop(loop_config):
 real_make_trainer = launcher.make_trainer
 
 
-def make_trainer(cfg, root, manifest, steps, name, loop=None):
-    return real_make_trainer(cfg, root, manifest, steps, name, loop=crashing_loop)
+def make_trainer(cfg, root, manifest, steps, name, loop=None, **kw):
+    return real_make_trainer(cfg, root, manifest, steps, name, loop=crashing_loop, **kw)
 
 
 launcher.make_trainer = make_trainer
@@ -313,6 +378,10 @@ def test_the_driver_killed_mid_checkpoint_then_the_same_command_resumes(data, tm
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         read_checkpoint_state(str(run / PARTIAL))
 
+    # As if the driver had been killed before Ray Train registered that checkpoint: the
+    # record of registered checkpoints is lost. The checkpoint in storage still counts.
+    (run / SNAPSHOT).unlink()
+
     # The same command again: it resumes from the checkpoint of epoch 1.
     assert main(command) == 0
     history = read_metrics(run)
@@ -320,6 +389,36 @@ def test_the_driver_killed_mid_checkpoint_then_the_same_command_resumes(data, tm
     assert [h["resumed_from_step"] for h in history] == [0, steps]
     assert history[-1]["step"] == 2 * steps
     assert mmcl.load(str(run)).manifest.modality_names == ["a", "b", "c"]
+
+    # The resumed run equals an uninterrupted one with the same seed: same file order and
+    # shuffles in epoch 2, same random draws on both workers.
+    straight = launcher.pretrain(cfg.model_copy(update={"storage": cfg.storage.model_copy(
+        update={"name": "straight"})}))
+    resumed_weights = torch.load(run / "model" / "weights.pt", weights_only=True)
+    straight_weights = torch.load(Path(straight.run_url) / "model" / "weights.pt",
+                                  weights_only=True)
+    for key, value in straight_weights.items():
+        assert torch.allclose(resumed_weights[key], value, rtol=1e-4, atol=1e-6), key
+    assert history[1]["loss"] == pytest.approx(straight.history[1]["loss"], rel=1e-5)
+
+
+def test_a_dataset_built_for_the_resume_epoch_reads_that_epochs_file_order(data):
+    """What a resumed driver builds (the dataset for epoch 1) reads the file order that an
+    uninterrupted run reads in its second epoch, not epoch 0's again."""
+    from mmcl.data import pipeline
+    from mmcl.data.shards import read_manifest
+
+    manifest = read_manifest(data)
+
+    def epoch_orders(first_epoch: int, epochs: int) -> list[list[int]]:
+        ds = pipeline.build_dataset(data, "train", manifest, ["a"], seed=3, epoch=first_epoch)
+        (split,) = pipeline.split_for_workers(ds, 1)
+        return [[int(i) for b in split.iter_batches(batch_size=None, batch_format="numpy")
+                 for i in b["id"]] for _ in range(epochs)]
+
+    straight = epoch_orders(0, 2)
+    assert straight[0] != straight[1]
+    assert epoch_orders(1, 1)[0] == straight[1]
 
 
 # ------------------------------------------------------------------- non-finite loss
@@ -329,8 +428,8 @@ def with_loop(monkeypatch, loop):
     """`mmcl pretrain` as is, with its workers running `loop`."""
     real = launcher.make_trainer
     monkeypatch.setattr(launcher, "make_trainer",
-                        lambda cfg, root, manifest, steps, name, loop_=None:
-                        real(cfg, root, manifest, steps, name, loop=loop))
+                        lambda cfg, root, manifest, steps, name, loop_=None, **kw:
+                        real(cfg, root, manifest, steps, name, loop=loop, **kw))
 
 
 def test_a_nan_loss_stops_the_run_clearly_and_keeps_the_last_checkpoint(data, tmp_path,
@@ -384,7 +483,8 @@ def test_a_corrupt_shard_is_named_on_the_ray_path(data, tmp_path, capsys):
 # ------------------------------------------------------------------------------ Tune
 
 
-def test_a_crashed_trial_is_recorded_and_an_interrupted_sweep_resumes(data, tmp_path):
+def test_a_crashed_trial_is_recorded_and_an_interrupted_sweep_resumes(data, tmp_path,
+                                                                      local_ray):
     """A sweep over modality subsets, two trials at once: one names a modality the data
     lacks and crashes; the other trains on, and the sweep is interrupted (Ctrl-C, as a user
     would) after its first checkpoint. Running the same sweep again resumes it: the crashed
@@ -406,9 +506,15 @@ def test_a_crashed_trial_is_recorded_and_an_interrupted_sweep_resumes(data, tmp_
     }
     folder = tmp_path / "sweep"
     interrupted = {}
+    # The trial that trains stalls in its second epoch until the sweep is interrupted: it
+    # cannot finish first, however the machine is loaded.
+    stall = local_ray
+    stall.write_text("")
 
     def interrupt_after_the_first_checkpoint():
         wait_for(lambda: list(folder.glob("*/error.txt")), 600, "the crashed trial")
+        wait_for(lambda: Path(f"{stall}.stalled").exists(), 600,
+                 "the other trial to stall in its second epoch")
         wait_for(lambda: [p for p in folder.glob("runs/trial-*/" + SNAPSHOT)
                           if registered_epoch(p.parent) >= 1], 600,
                  "the other trial's first checkpoint")
@@ -419,7 +525,10 @@ def test_a_crashed_trial_is_recorded_and_an_interrupted_sweep_resumes(data, tmp_
 
     killer = threading.Thread(target=interrupt_after_the_first_checkpoint, daemon=True)
     killer.start()
-    first = run_sweep(space.parse(raw, source="tiny"), progress=lambda text: None)
+    try:
+        first = run_sweep(space.parse(raw, source="tiny"), progress=lambda text: None)
+    finally:
+        stall.unlink(missing_ok=True)
     killer.join(timeout=5)
     assert interrupted, "the sweep ended before it could be interrupted"
     assert first.interrupted and first.best_config_url is None

@@ -22,10 +22,12 @@ Facts this module relies on (Ray 2.60, verified; see notes/ray_train_v2.md):
   takes the same number of steps, so per-step collectives (all_gather of negatives, DDP's
   all-reduce) cannot deadlock on a short worker.
 - Each epoch (each new iteration over the shard) re-executes the dataset. A seeded
-  `FileShuffleConfig(seed, reseed_after_execution=True)` gives a different file order on each
-  execution, derived from (seed, execution index); with `preserve_order=True` the blocks reach
-  the splitter in a fixed order, so which rows each worker sees, and in which order, is
-  repeatable given the seed. Without it the assignment follows task completion order.
+  FileShuffleConfig gives a different file order on each execution; mmcl's own
+  (`EpochFileShuffle`) derives it from (seed, first epoch + execution index), so the order
+  belongs to the epoch, also in a run resumed by a new driver. With `preserve_order=True`
+  the blocks reach the splitter in a fixed order, so which rows each worker sees, and in
+  which order, is repeatable given the seed. Without it the assignment follows task
+  completion order.
 - An exception raised in a Ray Data UDF reaches the consumer as
   `RayTaskError(UserCodeException)` whose cause chain is lost; only the text survives.
   `iter_worker_batches` turns it back into `DataError` (see `find_data_error`).
@@ -71,7 +73,7 @@ _LOCAL_SALT = 0x10CA_15EE & 0x7FFFFFFF
 
 
 def file_shuffle_seed(seed: int, epoch: int = 0) -> int:
-    """Seed of the file order of the first execution served from `epoch` on."""
+    """Seed of the file order of epoch `epoch` (see mmcl.data.epoch_shuffle)."""
     return derive_seed(_FILE_SALT, seed, epoch)
 
 
@@ -110,6 +112,26 @@ class DropCounter:
         import ray
 
         return ray.get(self.handle.get.remote())
+
+
+class EpochDrops:
+    """Rows dropped per epoch, from a DropCounter (None: nothing is dropped, 0 each epoch).
+    Read after every worker has finished the epoch: each block is counted before a worker
+    receives it, so the epoch's count is complete by then."""
+
+    def __init__(self, counter: DropCounter | None, split: str):
+        self.counter, self.split = counter, split
+        self.seen = self._total()
+
+    def _total(self) -> int:
+        if self.counter is None:
+            return 0
+        return int(self.counter.counts().get(self.split, {}).get("rows", 0))
+
+    def since_last(self) -> int:
+        total = self._total()
+        dropped, self.seen = total - self.seen, total
+        return dropped
 
 
 _COUNTER_CLS = None
@@ -313,14 +335,16 @@ def build_dataset(root: str, split: str, manifest: Manifest,
 
     `columns` names modalities and/or labels to keep (None: every column in the manifest);
     `id` is always kept. With `shuffle_files` the file order is shuffled on every execution
-    (every epoch) from a seed derived from (seed, epoch); `epoch` is the first epoch this
-    dataset serves (pass the resume epoch so a resumed run does not replay epoch 0's order).
+    (every epoch) from a seed derived from (seed, epoch), where execution k serves epoch
+    `epoch` + k; `epoch` is the first epoch this dataset serves (pass the resume epoch: a
+    resumed run then reads each epoch in the order a straight run does).
     Modality columns stay Arrow fixed-shape tensors; consumers get (N, *shape) float32 arrays.
     Rows with NaN/inf/null in a modality raise `DataError` (nonfinite="fail") or are dropped
     and counted in `drop_counter` (nonfinite="drop").
     """
     import ray.data
-    from ray.data import FileShuffleConfig
+
+    from mmcl.data.epoch_shuffle import EpochFileShuffle
 
     if nonfinite not in ("fail", "drop"):
         raise ValueError(f"nonfinite must be 'fail' or 'drop', got {nonfinite!r}")
@@ -338,8 +362,7 @@ def build_dataset(root: str, split: str, manifest: Manifest,
     paths, filesystem = _shard_files(root, split, endpoint_url, region)
     _check_schema(paths[0], filesystem, split, manifest, mods, labels)
 
-    shuffle = (FileShuffleConfig(seed=file_shuffle_seed(seed, epoch), reseed_after_execution=True)
-               if shuffle_files else None)
+    shuffle = EpochFileShuffle(seed=seed, first_epoch=epoch) if shuffle_files else None
     # select_columns is pushed down into the Parquet read: other columns are never decoded.
     try:
         with parquet_reader(len(paths)):

@@ -87,6 +87,54 @@ def read_checkpoint_state(directory: str) -> dict:
     return safe_load(os.path.join(directory, STATE), os.path.join(directory, STATE))
 
 
+@dataclass
+class FoundCheckpoint:
+    url: str
+    epoch: int
+    state: dict
+
+
+def _complete(fs, folder: str, url: str) -> FoundCheckpoint | None:
+    """The checkpoint in `folder` if all of its files are there and its state loads and
+    agrees with its meta.json; None for one cut short (a driver or worker killed while it
+    was uploaded)."""
+    try:
+        if not all(fs.exists(join(folder, n)) for n in (STATE, CONFIG, MANIFEST, META)):
+            return None
+        epoch = int(json.loads(fs.cat_file(join(folder, META)))["epoch"])
+        state = safe_load(fs.cat_file(join(folder, STATE)), url)
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError):
+        return None
+    return FoundCheckpoint(url, epoch, state) if state.get("epoch") == epoch else None
+
+
+def newest_complete_checkpoint(run_url: str | None, endpoint_url: str | None = None,
+                               region: str | None = None) -> FoundCheckpoint | None:
+    """The complete checkpoint of the latest epoch in a run folder, registered with Ray
+    Train or not: a checkpoint whose upload finished counts even when the process that
+    would have registered it was killed first, so at most the current epoch is lost."""
+    if not run_url:
+        return None
+    fs, path = filesystem(run_url, endpoint_url, region)
+    try:
+        names = [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    epochs = []
+    for name in names:
+        if name.startswith("checkpoint_"):
+            try:
+                epochs.append((int(json.loads(fs.cat_file(join(path, name, META)))["epoch"]),
+                               name))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    for _, name in sorted(epochs, reverse=True):
+        found = _complete(fs, join(path, name), join(run_url, name))
+        if found is not None:
+            return found
+    return None
+
+
 def export_model(state: dict, cfg: RunConfig, manifest: Manifest, out_url: str,
                  endpoint_url: str | None = None, region: str | None = None) -> str:
     """Write the model folder (weights, config, manifest) to a local path or s3:// URL.

@@ -8,7 +8,10 @@ A run folder (storage.path/storage.name) holds Ray Train's checkpoints plus, at 
     model/          weights.pt, config.yaml, manifest.json  (mmcl.load opens it, no Ray)
     config.yaml     the resolved config
     metrics.jsonl   one JSON line per epoch
-Rerunning with the same storage path and name resumes from the latest checkpoint.
+    driver.lease    while a driver runs it (mmcl.train.lease): one driver per run folder
+Rerunning an unfinished run (same storage path and name) resumes from its newest complete
+checkpoint. A finished run (model/weights.pt written) is never changed: rerunning it is
+refused; `--continue-from RUN` trains a new run from its weights.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ class LaunchError(RuntimeError):
     """Ray cannot run the job as configured; the message says what to change."""
 
 
+class RunFinishedError(LaunchError):
+    """The run folder holds a finished run, which is never changed."""
+
+
 @dataclass
 class RunResult:
     run_url: str
@@ -47,6 +54,7 @@ class RunResult:
 
     def summary(self) -> str:
         last = self.history[-1] if self.history else {}
+        dropped = max([h.get("dropped_rows", 0) for h in self.history], default=0)
         lines = [f"finished in {self.elapsed_s:.1f}s: {len(self.history)} epochs, "
                  f"final loss {last.get('loss', float('nan')):.4f}",
                  f"  run:        {self.run_url}",
@@ -54,6 +62,9 @@ class RunResult:
                  f"  metrics:    {join(self.run_url, 'metrics.jsonl')}"]
         if self.checkpoint_url:
             lines.append(f"  checkpoint: {self.checkpoint_url}")
+        if dropped:
+            lines.append(f"  dropped:    {dropped} training rows per epoch with NaN, inf or "
+                         f"null values (data.nonfinite=drop; metrics.jsonl: dropped_rows)")
         return "\n".join(lines)
 
 
@@ -194,56 +205,120 @@ def train_steps(cfg: RunConfig, manifest: Manifest, workers: int) -> int:
     return steps_per_epoch(manifest.splits[cfg.data.train_split], cfg.train.batch_size, workers)
 
 
-def pretrain(cfg: RunConfig, address: str | None = None, in_process: bool = False) -> RunResult:
+def is_finished(run_url: str, cfg: RunConfig) -> bool:
+    """A run is finished once its model is exported (weights.pt is written last)."""
+    fs, path = filesystem(run_url, cfg.storage.endpoint_url, cfg.storage.region)
+    return fs.exists(join(path, "model", "weights.pt"))
+
+
+def refuse_finished(cfg: RunConfig, run_url: str) -> None:
+    if is_finished(run_url, cfg):
+        raise RunFinishedError(
+            f"the run {run_url} is finished; a finished run is never changed. To train more, "
+            f"start a new run: another name (--set storage.name=NEW), or from this run's "
+            f"weights: mmcl pretrain --continue-from {run_url} --set storage.name=NEW")
+
+
+def continued_weights(cfg: RunConfig, manifest: Manifest, source: str) -> str:
+    """The weights.pt URL of the finished run `source` (its folder or its model/ folder),
+    checked to fit the model `cfg` builds."""
+    from mmcl.objectives import build_objective
+    from mmcl.train.checkpoint import CheckpointError, check_weights_fit, safe_load
+
+    remote_opts = (cfg.storage.endpoint_url, cfg.storage.region)
+    for folder in (join(source, "model"), source):
+        fs, path = filesystem(folder, *remote_opts)
+        if fs.exists(join(path, "weights.pt")):
+            url = join(folder, "weights.pt")
+            weights = safe_load(fs.cat_file(join(path, "weights.pt")), url)
+            check_weights_fit(build_objective(cfg, manifest).state_dict(), weights, url,
+                              "this run's config")
+            return url
+    raise CheckpointError(f"--continue-from {source}: no finished run there (no "
+                          f"model/weights.pt); pass the folder of a run `mmcl pretrain` "
+                          f"finished")
+
+
+def pretrain(cfg: RunConfig, address: str | None = None, in_process: bool = False,
+             continue_from: str | None = None) -> RunResult:
+    """Train the run storage.path/storage.name: a new one, or an unfinished one resumed.
+    `continue_from`: a finished run whose weights initialise this (new) run."""
+    from mmcl.train.lease import run_lease
+
     start = time.perf_counter()
     name = run_name(cfg)
     cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"name": name})})
     run_url = join(cfg.storage.path, name)
+    refuse_finished(cfg, run_url)
     root, manifest = prepare_data(cfg)
+    init = continued_weights(cfg, manifest, continue_from) if continue_from else None
     steps = train_steps(cfg, manifest, 1 if in_process else cfg.scaling.num_workers)
-    if in_process:
-        state = _pretrain_in_process(cfg, root, manifest)
-        checkpoint_url = None
-    else:
-        state, checkpoint_url = _pretrain_on_ray(cfg, address, root, manifest, steps, name)
-    finish_run(cfg, manifest, run_url, state)
+    with run_lease(run_url, cfg.storage.endpoint_url, cfg.storage.region):
+        refuse_finished(cfg, run_url)  # finished by another driver before the lease
+        if init:
+            print(f"[mmcl] starting from the weights of {continue_from}", flush=True)
+        if in_process:
+            state = _pretrain_in_process(cfg, root, manifest, init)
+            checkpoint_url = None
+        else:
+            state, checkpoint_url = _pretrain_on_ray(cfg, address, root, manifest, steps,
+                                                     name, init)
+        finish_run(cfg, manifest, run_url, state)
     return RunResult(run_url, checkpoint_url, list(state["history"]),
                      time.perf_counter() - start)
 
 
-def _pretrain_in_process(cfg: RunConfig, root: str, manifest: Manifest) -> dict:
+def _pretrain_in_process(cfg: RunConfig, root: str, manifest: Manifest,
+                         init_weights: str | None = None) -> dict:
     from mmcl.data.shards import read_split
+    from mmcl.train.checkpoint import safe_load
     from mmcl.train.local import fit_in_memory
 
     columns = training_columns(manifest)
     train = read_split(root, cfg.data.train_split, columns=columns, **remote(cfg),
                        nonfinite=cfg.data.nonfinite)
+    # read_split drops rows with NaN/inf/null (data.nonfinite=drop); the manifest counts all.
+    dropped = manifest.splits[cfg.data.train_split] - len(train["id"])
+    weights = None
+    if init_weights:
+        fs, path = filesystem(init_weights, cfg.storage.endpoint_url, cfg.storage.region)
+        weights = safe_load(fs.cat_file(path), init_weights)
 
     def log(summary):
         print("[mmcl] epoch {epoch}/{total}  step {step}  loss {loss:.4f}  "
               "{samples_per_s:.0f} samples/s".format(total=cfg.train.epochs, **summary),
               flush=True)
 
-    return fit_in_memory(cfg, manifest, train, on_epoch=log).state_dict()
+    return fit_in_memory(cfg, manifest, train, on_epoch=log, init_weights=weights,
+                         extra_metrics={"dropped_rows": dropped}).state_dict()
 
 
 def make_trainer(cfg: RunConfig, root: str, manifest: Manifest, steps: int, name: str,
-                 loop: Callable[[dict], object] | None = None):
+                 loop: Callable[[dict], object] | None = None, init_weights: str | None = None):
     """The TorchTrainer of a run: Ray Data streams the training split to `num_workers` DDP
     workers that run `loop` (default: mmcl's train_loop_per_worker). Same storage path and
-    name = the same run: fit() then resumes from its latest checkpoint."""
+    name = the same run: fit() then resumes from its newest complete checkpoint, and the
+    dataset starts at that checkpoint's epoch (each epoch's file order is the one a straight
+    run reads). `init_weights`: weights.pt of a finished run, for a new run."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from mmcl.data.pipeline import build_dataset, train_data_config
+    from mmcl.data.pipeline import DropCounter, build_dataset, train_data_config
+    from mmcl.train.checkpoint import newest_complete_checkpoint
     from mmcl.train.worker import train_loop_per_worker
 
+    run_url = join(cfg.storage.path, name)
+    found = newest_complete_checkpoint(run_url, cfg.storage.endpoint_url, cfg.storage.region)
+    drops = DropCounter.create() if cfg.data.nonfinite == "drop" else None
     dataset = build_dataset(root, cfg.data.train_split, manifest, training_columns(manifest),
-                            seed=cfg.train.seed, nonfinite=cfg.data.nonfinite, **remote(cfg))
+                            seed=cfg.train.seed, epoch=found.epoch if found else 0,
+                            nonfinite=cfg.data.nonfinite, drop_counter=drops, **remote(cfg))
     return TorchTrainer(
         loop or train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "manifest": manifest.to_json(),
-                           "steps_per_epoch": steps},
+                           "steps_per_epoch": steps, "run_url": run_url,
+                           "remote": (cfg.storage.endpoint_url, cfg.storage.region),
+                           "drop_counter": drops, "init_weights": init_weights},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
@@ -276,7 +351,7 @@ def user_error(err: Exception) -> Exception:
     return err
 
 
-def _pretrain_on_ray(cfg: RunConfig, address, root, manifest, steps, name):
+def _pretrain_on_ray(cfg: RunConfig, address, root, manifest, steps, name, init=None):
     from mmcl.train.checkpoint import read_checkpoint_state
 
     import ray.data
@@ -290,7 +365,7 @@ def _pretrain_on_ray(cfg: RunConfig, address, root, manifest, steps, name):
     data_context.enable_operator_progress_bars = False
     data_context.enable_progress_bars = sys.stdout.isatty()
     try:
-        result = make_trainer(cfg, root, manifest, steps, name).fit()
+        result = make_trainer(cfg, root, manifest, steps, name, init_weights=init).fit()
     except ray.train.TrainingFailedError as err:
         raise user_error(err) from err
     with result.checkpoint.as_directory() as directory:

@@ -38,13 +38,20 @@ def steps_per_epoch(rows: int, batch_size: int, workers: int = 1) -> int:
 
 def fit_in_memory(cfg: RunConfig, manifest: Manifest, train: Mapping[str, np.ndarray],
                   device: str = "cpu",
-                  on_epoch: Callable[[dict], None] | None = None) -> Engine:
-    """Train for cfg.train.epochs on in-memory columns (modalities + labels)."""
+                  on_epoch: Callable[[dict], None] | None = None,
+                  init_weights: Mapping[str, torch.Tensor] | None = None,
+                  extra_metrics: Mapping[str, float] | None = None) -> Engine:
+    """Train for cfg.train.epochs on in-memory columns (modalities + labels), from
+    `init_weights` (the objective's state dict) if given; `extra_metrics` join every
+    epoch's summary."""
     rows = len(next(iter(train.values())))
     engine = Engine(cfg, manifest, steps_per_epoch(rows, cfg.train.batch_size), device)
+    if init_weights is not None:
+        engine.objective.load_state_dict(init_weights)
     for epoch in range(cfg.train.epochs):
         summary = engine.train_epoch(
             memory_batches(train, cfg.train.batch_size, cfg.train.seed, epoch))
+        summary.update(extra_metrics or {})
         if on_epoch:
             on_epoch(summary)
     return engine

@@ -1,8 +1,9 @@
 """The Ray Train function every worker runs: short and linear, the same for every objective.
 
-resume from the latest checkpoint (if any) -> for each remaining epoch: stream this worker's
-shard of the training split, take steps, report the epoch's metrics (with a checkpoint every
-`train.checkpoint_every` epochs and at the end). Rank 0 returns the epoch history.
+resume from the newest complete checkpoint (if any) -> for each remaining epoch: reseed,
+stream this worker's shard of the training split, take steps, report the epoch's metrics
+(with a checkpoint every `train.checkpoint_every` epochs and at the end), then print the
+epoch line. Rank 0 returns the epoch history.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import torch
 import torch.distributed as dist
 
 from mmcl.config import RunConfig
-from mmcl.data.pipeline import iter_worker_batches
+from mmcl.data.pipeline import EpochDrops, derive_seed, iter_worker_batches
 from mmcl.data.schema import Manifest
-from mmcl.train.checkpoint import read_checkpoint_state, write_checkpoint
+from mmcl.storage import filesystem
+from mmcl.train.checkpoint import (newest_complete_checkpoint, read_checkpoint_state,
+                                   safe_load, write_checkpoint)
 from mmcl.train.engine import Engine
 
 
@@ -52,28 +55,52 @@ def epoch_batches(shard, cfg: RunConfig, epoch: int, rank: int, device):
                                epoch=epoch, rank=rank, device=device)
 
 
-def train_loop_per_worker(loop_config: dict) -> list[dict]:
-    cfg, engine, rank = worker_engine(loop_config)
-    # A run resumes from its own latest checkpoint; a new run may start from another run's
-    # (`start_checkpoint`, a ray.train.Checkpoint: Tune's sample optimization does this).
+def restore(engine: Engine, loop_config: dict, rank: int) -> None:
+    """Resume from the run's newest complete checkpoint in storage: the one Ray Train
+    registered, or a newer one whose upload finished before its worker or driver was killed
+    (not yet registered). A new run may start from another run's checkpoint
+    (`start_checkpoint`, a ray.train.Checkpoint: Tune's sample optimization does this) or
+    from a finished run's weights (`init_weights`: `mmcl pretrain --continue-from`)."""
+    remote = loop_config.get("remote") or (None, None)
+    found = newest_complete_checkpoint(loop_config.get("run_url"), *remote)
     checkpoint = ray.train.get_checkpoint() or loop_config.get("start_checkpoint")
-    if checkpoint:
+    if found is not None:
+        engine.load_state_dict(found.state)
+    elif checkpoint:
         with checkpoint.as_directory() as directory:
             engine.load_state_dict(read_checkpoint_state(directory))
-        print(f"[mmcl] rank {rank}: resumed at epoch {engine.epoch}, step {engine.step}")
+    elif loop_config.get("init_weights"):
+        fs, path = filesystem(loop_config["init_weights"], *remote)
+        engine.objective.load_state_dict(safe_load(fs.cat_file(path),
+                                                   loop_config["init_weights"]))
+        return
+    else:
+        return
+    print(f"[mmcl] rank {rank}: resumed at epoch {engine.epoch}, step {engine.step}")
 
+
+def seed_epoch(engine: Engine, cfg: RunConfig, epoch: int, rank: int) -> None:
+    """Each worker's random draws of an epoch (augmentations, permutations, dropout) follow
+    from (seed, epoch, rank) alone: a checkpoint holds rank 0's generators only, and a
+    resumed run must draw what a straight run draws."""
+    engine.generator.manual_seed(derive_seed(cfg.train.seed, epoch, rank, 0))
+    torch.manual_seed(derive_seed(cfg.train.seed, epoch, rank, 1))
+
+
+def train_loop_per_worker(loop_config: dict) -> list[dict]:
+    cfg, engine, rank = worker_engine(loop_config)
+    restore(engine, loop_config, rank)
     resumed_from_step = engine.step  # 0 on a fresh run; reported so resumes are visible
     shard = ray.train.get_dataset_shard("train")
+    drops = EpochDrops(loop_config.get("drop_counter"), cfg.data.train_split)
     # `stop_epoch` ends the run early, keeping the schedule of all `train.epochs`.
     stop_epoch = min(cfg.train.epochs, loop_config.get("stop_epoch") or cfg.train.epochs)
     for epoch in range(engine.epoch, stop_epoch):
+        seed_epoch(engine, cfg, epoch, rank)
         summary = engine.train_epoch(epoch_batches(shard, cfg, epoch, rank, engine.device))
         summary["samples_per_s_total"] = all_reduce_sum([summary["samples_per_s"]])[0]
         summary["resumed_from_step"] = resumed_from_step
-        if rank == 0:
-            print("[mmcl] epoch {epoch}/{epochs}  step {step}  loss {loss:.4f}  "
-                  "{samples_per_s_total:.0f} samples/s  data wait {data_wait_fraction:.1%}"
-                  .format(epochs=cfg.train.epochs, **summary), flush=True)
+        summary["dropped_rows"] = drops.since_last()  # after the all-reduce: epoch complete
         last = epoch + 1 == stop_epoch
         if last or (epoch + 1) % cfg.train.checkpoint_every == 0:
             with tempfile.TemporaryDirectory() as directory:
@@ -84,4 +111,9 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
                 ray.train.report(summary, checkpoint=saved)
         else:
             ray.train.report(summary)
+        # Only now: an epoch line means that epoch's checkpoint is in storage.
+        if rank == 0:
+            print("[mmcl] epoch {epoch}/{epochs}  step {step}  loss {loss:.4f}  "
+                  "{samples_per_s_total:.0f} samples/s  data wait {data_wait_fraction:.1%}"
+                  .format(epochs=cfg.train.epochs, **summary), flush=True)
     return engine.history
