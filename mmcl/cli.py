@@ -345,8 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: runs/bench/quick or runs/bench/full)")
     p.add_argument("--only", action="append", metavar="SECTION",
                    choices=["objective_step", "critics", "loss_memory", "read", "data_plane",
-                            "startup"],
-                   help="run only this section (repeatable; default: all)")
+                            "startup", "import"],
+                   help="run only this section (repeatable; default: all but import, which "
+                   "runs only when named)")
     p.set_defaults(func=cmd_bench_perf)
     p = bsub.add_parser("fidelity", help="what each objective learns: redundancy, uniqueness, "
                         "synergy, shared/unique and weak-modality factors, mean ± std over seeds",

@@ -72,6 +72,8 @@ def _modality_stats(root: str, split: str, manifest: Manifest, endpoint_url, reg
                 continue  # token ids have no meaningful mean
             finite = np.isfinite(values) & valid.reshape(-1, *([1] * len(m.shape)))
             bad[m.name] += int(finite.size - finite.sum())
+            if m.variable_length:  # a padded sequence's statistics: its real steps only
+                finite &= (np.arange(m.shape[0])[None, :] < n[:, None])[:, :, None]
             stats[m.name].add(values[finite])
     out = {name: {**s.summary(), "nonfinite": bad[name]} for name, s in stats.items()}
     for name, hist in lengths.items():
