@@ -165,3 +165,13 @@ def test_seeded_split_is_stable_per_id():
     assert splits == [_row_split(i, (0.8, 0.1, 0.1), 0) for i in range(2000)]
     assert 0.75 < splits.count("train") / 2000 < 0.85
     assert splits != [_row_split(i, (0.8, 0.1, 0.1), 1) for i in range(2000)]
+
+
+def test_an_empty_multilabel_cell_holds_no_class(table, tmp_path):
+    folder, spec = table
+    rows = rows_of(3)
+    rows[0] = {**rows[0], "tags": ""}
+    rows[1] = {**rows[1], "tags": "big|small"}
+    part = run_block(spec, rows, folder, tmp_path / "out")["splits"]["train"]
+    got = pq.read_table(part["files"][0]).column("tags").combine_chunks().to_numpy_ndarray()
+    assert got.tolist() == [[0, 0, 0], [1, 1, 0], [1, 0, 0]]

@@ -404,6 +404,9 @@ def _fit(img, size: tuple[int, int], how: str):
 
 def _label_value(lab: LabelImport, spec: LabelSpec, value: Any, row_id: int):
     cell = _Cell(row_id, lab.column)
+    if lab.task == "multilabel" and (value is None or isinstance(value, (str, bytes))
+                                     and not value.strip()):
+        return np.zeros(spec.num_classes, np.uint8)  # an empty cell: none of the classes
     if _is_missing(value):
         raise cell.error("the label is missing", "missing label")
     if isinstance(value, bytes):
