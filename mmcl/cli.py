@@ -65,11 +65,29 @@ def cmd_data_convert(args) -> int:
     return 0
 
 
+def cmd_data_import(args) -> int:
+    from mmcl.data.ingest import import_table, load_spec
+    from mmcl.data.inspect import format_inspect, inspect_dataset
+
+    result = import_table(args.src, args.out, load_spec(args.spec), overwrite=args.overwrite,
+                          concurrency=args.concurrency, **_s3(args))
+    print(format_inspect(inspect_dataset(args.out, **_s3(args))))
+    print(result.summary())
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_data_inspect(args) -> int:
     from mmcl.data.inspect import format_inspect, inspect_dataset
 
     info = inspect_dataset(args.path, **_s3(args))
     print(json.dumps(info, indent=2) if args.json else format_inspect(info))
+    if args.contact_sheet:
+        from mmcl.data.inspect import contact_sheet
+
+        shown = contact_sheet(args.path, args.contact_sheet, **_s3(args))
+        print(f"wrote {args.contact_sheet} ({', '.join(shown)})" if shown
+              else "no image modality: no contact sheet written", file=sys.stderr)
     return 0
 
 
@@ -206,11 +224,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_s3_args(p)
     p.set_defaults(func=cmd_data_convert)
 
+    p = dsub.add_parser("import", help="import a table or webdataset folder of real files "
+                        "(images, audio, text, .npy) as a shard data set (Ray Data)",
+                        description="Import a CSV/JSONL/Parquet table (one column per "
+                        "modality and label) or a folder of webdataset .tar shards, decoding "
+                        "and writing in parallel on Ray Data, as the YAML spec describes "
+                        "(see README 'Data'). A failed import writes nothing.")
+    p.add_argument("src", help="table file or webdataset folder (local path or s3://...)")
+    p.add_argument("--out", required=True, help="output folder (local path or s3://...)")
+    p.add_argument("--spec", required=True, help="import spec YAML")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing data set")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="decode actors at most (default: the cluster's CPUs - 1)")
+    _add_s3_args(p)
+    p.set_defaults(func=cmd_data_import)
+
     p = dsub.add_parser("inspect", help="summarise a shard data set",
                         description="Modalities and shapes, rows per split, per-modality "
                         "mean/std, label balance and controlled factors of a data set.")
     p.add_argument("path", help="data set folder (local path or s3://...)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--contact-sheet", metavar="PNG",
+                   help="also write a few decoded images of each image modality to this PNG")
     _add_s3_args(p)
     p.set_defaults(func=cmd_data_inspect)
 
@@ -317,8 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: runs/bench/quick or runs/bench/full)")
     p.add_argument("--only", action="append", metavar="SECTION",
                    choices=["objective_step", "critics", "loss_memory", "read", "data_plane",
-                            "startup"],
-                   help="run only this section (repeatable; default: all)")
+                            "startup", "import"],
+                   help="run only this section (repeatable; default: all but import, which "
+                   "runs only when named)")
     p.set_defaults(func=cmd_bench_perf)
     p = bsub.add_parser("fidelity", help="what each objective learns: redundancy, uniqueness, "
                         "synergy, shared/unique and weak-modality factors, mean ± std over seeds",

@@ -58,6 +58,12 @@ class DataConfig(Strict):
     nonfinite: Literal["fail", "drop"] = Field(
         "fail", description="what to do with a row holding NaN or inf: fail, or drop and count")
     shuffle_buffer: int = Field(256, ge=0, description="rows of the in-stream local shuffle")
+    missing: Literal["fail", "drop", "mask"] = Field(
+        "fail", description="tuples lacking a modality: fail, drop them, or mask (the model "
+        "gets <m>__present; needs an objective and fusion that treat absence exactly)")
+    normalize: bool = Field(
+        True, description="standardise inputs with the manifest's train-split mean/std "
+        "(vectors, sequences, audio in the data layer; images in the image encoder)")
 
 
 # --------------------------------------------------------------------------- augmentation

@@ -46,6 +46,8 @@ from mmcl.bench.env import describe, json_default, load_average, machine
 from mmcl.bench.timing import interleaved, paired_ratio, peak_memory, quartiles, torch_threads
 
 SECTIONS = ("objective_step", "critics", "loss_memory", "read", "data_plane", "startup")
+# Run only when asked for (`--only import`): `mmcl data import` throughput (mmcl.bench.ingest).
+OPTIONAL_SECTIONS = ("import",)
 MB = 1e6
 
 # The goals of the performance issue, checked in the report.
@@ -859,9 +861,10 @@ def run_perf(quick: bool = False, out: str | None = None,
              ) -> dict:
     """Run the benchmark; write OUT/perf.json and OUT/perf.md; return the report."""
     chosen = list(sections or SECTIONS)
-    unknown = sorted(set(chosen) - set(SECTIONS))
+    unknown = sorted(set(chosen) - set(SECTIONS) - set(OPTIONAL_SECTIONS))
     if unknown:
-        raise ValueError(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+        raise ValueError(f"unknown section(s) {unknown}; choose from "
+                         f"{list(SECTIONS + OPTIONAL_SECTIONS)}")
     out = out or os.path.join("runs", "bench", "quick" if quick else "full")
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
@@ -885,7 +888,7 @@ def run_perf(quick: bool = False, out: str | None = None,
             if name in chosen:
                 sec[name] = _section(name, lambda n=name: globals()[n](quick), log)
                 write()
-        needs_ray = {"read", "data_plane"} & set(chosen)
+        needs_ray = {"read", "data_plane", "import"} & set(chosen)
         if needs_ray:
             started_ray = _ensure_ray(log)
         if "read" in chosen:
@@ -893,6 +896,11 @@ def run_perf(quick: bool = False, out: str | None = None,
             write()
         if "data_plane" in chosen:
             sec["data_plane"] = _section("data_plane", lambda: data_plane(quick, workdir), log)
+            write()
+        if "import" in chosen:  # mmcl.bench.ingest: `mmcl data import` on images
+            from mmcl.bench.ingest import import_throughput
+
+            sec["import"] = _section("import", lambda: import_throughput(quick, workdir), log)
             write()
         if started_ray:
             import ray
@@ -969,7 +977,7 @@ def to_markdown(report: dict) -> str:
              "- timings: medians over interleaved rounds (interquartile range in brackets); "
              "ratios are same-round ratios", ""]
     sec = report["sections"]
-    for name in SECTIONS:
+    for name in SECTIONS + OPTIONAL_SECTIONS:
         if name not in sec:
             continue
         s = sec[name]
@@ -1054,6 +1062,12 @@ def _md_loss_memory(s: dict) -> list[str]:
                    f"{r['all_pairs_logits'][0]} x {r['all_pairs_logits'][1]} | "
                    f"{_f(r['all_pairs_mb'], 1)} ({_f(r['all_pairs_growth'], 1)}x) |")
     return out
+
+
+def _md_import(s: dict) -> list[str]:
+    from mmcl.bench.ingest import md_import
+
+    return md_import(s, _f)
 
 
 def _md_read(s: dict) -> list[str]:

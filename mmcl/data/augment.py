@@ -5,6 +5,8 @@ transform off, so all-zero strengths return the input values exactly. Only trans
 a modality's kind apply (others are skipped):
 
     vector    mixup, dropout, noise
+    audio     mixup, dropout, noise (on the standardised waveform)
+    text      none (integer token ids)
     sequence  crop, mixup, time_mask, dropout, noise
     image     crop, flip, color_jitter, mixup, dropout, noise
 
@@ -142,6 +144,8 @@ PIPELINES: dict[str, tuple[tuple[str, Transform], ...]] = {
                  ("dropout", dropout), ("noise", noise)),
     "image": (("crop", crop_image), ("flip", flip), ("color_jitter", color_jitter),
               ("mixup", mixup), ("dropout", dropout), ("noise", noise)),
+    "audio": (("mixup", mixup), ("dropout", dropout), ("noise", noise)),
+    "text": (),  # token ids: nothing here applies (the text encoder sees them as they are)
 }
 
 

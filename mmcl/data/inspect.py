@@ -1,8 +1,10 @@
 """`mmcl data inspect`: what a data set holds, read batch by batch (bounded memory).
 
-`inspect_dataset` returns a JSON-serialisable summary: modalities (kind, shape, mean/std over
-the statistics split, non-finite value count), rows per split, label balance per split (class
-counts for classification, mean/std for regression). `format_inspect` renders it as text.
+`inspect_dataset` returns a JSON-serialisable summary: modalities (kind, shape, dtype,
+mean/std over the statistics split, non-finite value count, missing tuples per split, the
+token / step length histogram of text and padded sequences), rows per split, label balance per
+split (class counts for classification and multilabel, mean/std for regression).
+`format_inspect` renders it as text; `contact_sheet` writes a few decoded images as one PNG.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmcl.data.schema import Manifest
+from mmcl.data.schema import Manifest, length_column, present_column
 from mmcl.data.shards import iter_batches, read_manifest, tensor_to_numpy
 
 BATCH_ROWS = 8192
@@ -53,25 +55,46 @@ def _modality_stats(root: str, split: str, manifest: Manifest, endpoint_url, reg
     """{modality: {"mean", "std", "nonfinite"}} over the finite values of one split."""
     stats = {m.name: RunningStats() for m in manifest.modalities}
     bad = {m.name: 0 for m in manifest.modalities}
-    for _, batch in iter_batches(root, split, manifest.modality_names, BATCH_ROWS,
-                                 endpoint_url, region):
+    lengths = {m.name: np.zeros(m.shape[0] + 1, np.int64) for m in manifest.modalities
+               if m.variable_length}
+    columns = [c for m in manifest.modalities for c in m.storage_columns]
+    for _, batch in iter_batches(root, split, columns, BATCH_ROWS, endpoint_url, region):
         for m in manifest.modalities:
-            values, valid = tensor_to_numpy(batch.column(m.name), m.shape)
+            values, valid = tensor_to_numpy(batch.column(m.name), m.shape, m.dtype)
+            if m.nullable:  # absent values are stored zeros: not part of the statistics
+                present = batch.column(present_column(m.name)).to_numpy(zero_copy_only=False)
+                values, valid = values[present], valid[present]
+            if m.variable_length:
+                n = batch.column(length_column(m.name)).to_numpy(zero_copy_only=False)
+                n = n[present] if m.nullable else n
+                lengths[m.name] += np.bincount(n, minlength=len(lengths[m.name]))
+            if m.kind == "text":
+                continue  # token ids have no meaningful mean
             finite = np.isfinite(values) & valid.reshape(-1, *([1] * len(m.shape)))
             bad[m.name] += int(finite.size - finite.sum())
+            if m.variable_length:  # a padded sequence's statistics: its real steps only
+                finite &= (np.arange(m.shape[0])[None, :] < n[:, None])[:, :, None]
             stats[m.name].add(values[finite])
-    return {name: {**s.summary(), "nonfinite": bad[name]} for name, s in stats.items()}
+    out = {name: {**s.summary(), "nonfinite": bad[name]} for name, s in stats.items()}
+    for name, hist in lengths.items():
+        out[name]["length_histogram"] = hist.tolist()
+    return out
 
 
 def _label_balance(root: str, split: str, manifest: Manifest, endpoint_url, region) -> dict:
     """{label: {"counts": [...]} | {"mean", "std"}} of one split."""
     names = [lab.name for lab in manifest.labels]
     counts = {lab.name: np.zeros(lab.num_classes, np.int64) for lab in manifest.labels
-              if lab.task == "classification"}
+              if lab.task in ("classification", "multilabel")}
+    multi = {lab.name: lab.num_classes for lab in manifest.labels if lab.task == "multilabel"}
     stats = {lab.name: RunningStats() for lab in manifest.labels if lab.task == "regression"}
     if names:
         for _, batch in iter_batches(root, split, names, BATCH_ROWS, endpoint_url, region):
             for name in names:
+                if name in multi:  # tuples holding each class
+                    hot = tensor_to_numpy(batch.column(name), (multi[name],), "uint8")[0]
+                    counts[name] += hot.sum(axis=0).astype(np.int64)
+                    continue
                 values = batch.column(name).to_numpy(zero_copy_only=False)
                 if name in counts:
                     counts[name] += np.bincount(values.astype(np.int64),
@@ -99,10 +122,15 @@ def inspect_dataset(root: str, endpoint_url: str | None = None,
         "splits": dict(manifest.splits),
         "stats_split": stats_split,
         "modalities": [{"name": m.name, "kind": m.kind, "shape": list(m.shape),
-                        "dtype": m.dtype, **mstats.get(m.name, {})}
+                        "dtype": m.dtype, **mstats.get(m.name, {}),
+                        "missing": {split: manifest.missing.get(split, {}).get(m.name, 0)
+                                    for split in manifest.splits},
+                        **({"tokenizer": m.tokenizer, "vocab_size": m.vocab_size}
+                           if m.kind == "text" else {})}
                        for m in manifest.modalities],
         "labels": [{"name": lab.name, "task": lab.task, "role": lab.role,
                     "num_classes": lab.num_classes, "carried_by": list(lab.carried_by),
+                    "classes": list(lab.classes),
                     "description": lab.description,
                     "balance": {split: balance[split][lab.name] for split in balance}}
                    for lab in manifest.labels],
@@ -123,11 +151,74 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _balance_text(lab: dict, split: str) -> str:
     b = lab["balance"].get(split, {})
-    if lab["task"] == "classification":
+    if lab["task"] in ("classification", "multilabel"):
         counts = b.get("counts", [])
         total = sum(counts) or 1
         return " ".join(f"{c}({100 * c / total:.0f}%)" for c in counts)
     return f"mean {_num(b.get('mean'))} std {_num(b.get('std'))}"
+
+
+def _missing_lines(info: dict) -> list[str]:
+    rows = [[m["name"], *[str(m.get("missing", {}).get(s, 0)) for s in info["splits"]]]
+            for m in info["modalities"] if any(m.get("missing", {}).values())]
+    if not rows:
+        return []
+    return ["", "missing modalities (tuples lacking it, per split):",
+            *_table(["name", *info["splits"]], rows)]
+
+
+def _length_lines(info: dict) -> list[str]:
+    """A text histogram of token / step lengths, 8 bins, per variable-length modality."""
+    lines = []
+    for m in info["modalities"]:
+        hist = m.get("length_histogram")
+        if not hist:
+            continue
+        edges = np.linspace(0, len(hist), min(8, len(hist)) + 1).astype(int)
+        bins = [(lo, hi - 1, int(sum(hist[lo:hi]))) for lo, hi in zip(edges[:-1], edges[1:])]
+        peak = max(c for *_, c in bins) or 1
+        what = "tokens" if m["kind"] == "text" else "steps"
+        lines += ["", f"{m['name']}: {what} per tuple (max {len(hist) - 1})"]
+        lines += [f"  {lo:>4}-{hi:<4} {'#' * round(30 * c / peak):<30} {c}"
+                  for lo, hi, c in bins]
+    return lines
+
+
+def contact_sheet(root: str, out_png: str, per_modality: int = 16, split: str | None = None,
+                  endpoint_url: str | None = None, region: str | None = None) -> list[str]:
+    """Write up to `per_modality` decoded images of each image modality side by side (one row
+    per modality) as a PNG; returns the modalities shown (empty: none, nothing written)."""
+    from PIL import Image
+
+    manifest = read_manifest(root, endpoint_url, region)
+    images = [m for m in manifest.modalities if m.kind == "image"]
+    if not images:
+        return []
+    split = split or ("train" if "train" in manifest.splits else next(iter(manifest.splits)))
+    rows = []
+    for m in images:
+        for _, batch in iter_batches(root, split, [m.name], per_modality, endpoint_url, region):
+            values = tensor_to_numpy(batch.column(m.name), m.shape, m.dtype)[0]
+            break
+        else:
+            continue
+        if m.dtype != "uint8":  # float images: stretch each to 0..255 for viewing
+            lo = values.min(axis=(1, 2, 3), keepdims=True)
+            hi = values.max(axis=(1, 2, 3), keepdims=True)
+            values = (values - lo) / np.maximum(hi - lo, 1e-8) * 255
+        tiles = values.astype(np.uint8)
+        tiles = np.repeat(tiles, 3, axis=1) if m.shape[0] == 1 else tiles[:, :3]
+        row = np.concatenate(list(tiles.transpose(0, 2, 3, 1)), axis=1)
+        rows.append(row)
+    width = max(r.shape[1] for r in rows)
+    sheet = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)))
+                            for r in rows], axis=0)
+    from mmcl import storage
+
+    fs, path = storage.filesystem(out_png, endpoint_url, region)
+    with fs.open(path, "wb") as f:
+        Image.fromarray(sheet).save(f, format="PNG")
+    return [m.name for m in images]
 
 
 def format_inspect(info: dict) -> str:
@@ -141,6 +232,7 @@ def format_inspect(info: dict) -> str:
     lines += _table(["name", "kind", "shape", "mean", "std", "non-finite"],
                     [[m["name"], m["kind"], "x".join(map(str, m["shape"])), _num(m.get("mean")),
                       _num(m.get("std")), m.get("nonfinite", "-")] for m in info["modalities"]])
+    lines += _missing_lines(info) + _length_lines(info)
     if info["labels"]:
         splits = list(info["splits"])
         lines += ["", "label columns (class counts per split, or mean/std for regression):"]

@@ -198,8 +198,9 @@ class Embedder:
     def __call__(self, batch: Mapping[str, np.ndarray]) -> pa.Table:
         import torch
 
-        inputs = {m: torch.from_numpy(np.array(batch[m], dtype=np.float32, copy=True))
-                  for m in self.modalities}
+        # Stored dtypes (and `<m>__len` / `<m>__present`): the model's Preparer casts them.
+        inputs = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in batch.items()
+                  if k.split("__")[0] in self.modalities}
         with torch.no_grad():
             fused = self.model.embed(inputs).float().cpu().numpy()
             own = {m: v.float().cpu().numpy()
@@ -417,10 +418,10 @@ def _embed_on_ray(root: str, manifest: Manifest, splits: Sequence[str], out: str
 
 def _embed_in_process(root: str, manifest: Manifest, splits: Sequence[str], out: str,
                       kwargs: dict, nonfinite: str, *, batch_size: int) -> str:
-    from mmcl.data.shards import _handle_nonfinite, iter_batches, tensor_to_numpy
+    from mmcl.data.shards import _handle_nonfinite, iter_batches, storage_columns, tensor_to_numpy
 
     embedder = Embedder(**kwargs, device="auto")
-    columns = [ID_COLUMN, *kwargs["modalities"], *kwargs["labels"]]
+    columns = [ID_COLUMN, *storage_columns(manifest, kwargs["modalities"]), *kwargs["labels"]]
     fs, path = storage.filesystem(out, kwargs["endpoint_url"], kwargs["region"])
     for split in splits:
         folder = storage.join(path, split_folder(split))
@@ -432,8 +433,11 @@ def _embed_in_process(root: str, manifest: Manifest, splits: Sequence[str], out:
                 table = pa.Table.from_batches([record])
                 arrays, valid = {ID_COLUMN: table.column(ID_COLUMN).to_numpy()}, {}
                 for m in kwargs["modalities"]:
-                    arrays[m], valid[m] = tensor_to_numpy(table.column(m),
-                                                          manifest.modality(m).shape)
+                    spec = manifest.modality(m)  # stored dtype, + `__len`/`__present` columns
+                    arrays[m], valid[m] = tensor_to_numpy(table.column(m), spec.shape,
+                                                          spec.dtype)
+                    for aux in spec.storage_columns[1:]:
+                        arrays[aux] = table.column(aux).to_numpy(zero_copy_only=False)
                 for name in kwargs["labels"]:
                     arrays[name] = table.column(name).to_numpy()
                 arrays = _handle_nonfinite(arrays, valid, split, nonfinite)

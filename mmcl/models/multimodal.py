@@ -52,8 +52,11 @@ class MultimodalEncoder(nn.Module):
             if tuple(x.shape[1:]) != spec.shape:
                 raise ValueError(f"modality {spec.name!r}: expected shape (B, "
                                  f"{', '.join(map(str, spec.shape))}), got {tuple(x.shape)}")
-            # Shards may store float16/float64; the encoders' weights are float32.
-            out[spec.name] = self.encoders[spec.name](x.float())
+            # Shards may store float16/float64; the encoders' weights are float32. Text stays
+            # token ids; padded modalities pass their mask (data interface v2).
+            x = x if spec.kind == "text" else x.float()
+            mask = batch.get(f"{spec.name}__mask")
+            out[spec.name] = self.encoders[spec.name](x, mask=mask)
         return out
 
     def fuse(self, embeddings: Mapping[str, Tensor],

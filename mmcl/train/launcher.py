@@ -276,7 +276,7 @@ def _pretrain_in_process(cfg: RunConfig, root: str, manifest: Manifest,
 
     columns = training_columns(manifest)
     train = read_split(root, cfg.data.train_split, columns=columns, **remote(cfg),
-                       nonfinite=cfg.data.nonfinite)
+                       nonfinite=cfg.data.nonfinite, missing=cfg.data.missing)
     # read_split drops rows with NaN/inf/null (data.nonfinite=drop); the manifest counts all.
     dropped = manifest.splits[cfg.data.train_split] - len(train["id"])
     weights = None
@@ -312,7 +312,8 @@ def make_trainer(cfg: RunConfig, root: str, manifest: Manifest, steps: int, name
     drops = DropCounter.create() if cfg.data.nonfinite == "drop" else None
     dataset = build_dataset(root, cfg.data.train_split, manifest, training_columns(manifest),
                             seed=cfg.train.seed, epoch=found.epoch if found else 0,
-                            nonfinite=cfg.data.nonfinite, drop_counter=drops, **remote(cfg))
+                            nonfinite=cfg.data.nonfinite, missing=cfg.data.missing,
+                            drop_counter=drops, **remote(cfg))
     return TorchTrainer(
         loop or train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "manifest": manifest.to_json(),

@@ -1,0 +1,741 @@
+"""`mmcl data import SRC --out DATASET --spec SPEC.yaml`: real files -> a shard data set, on Ray Data.
+
+SRC is a table (CSV, JSONL or Parquet; local or s3://) with a column per modality and label
+columns, or a folder of webdataset tar shards (`key.jpg`, `key.txt`, `key.cls`, ...; a
+"column" is then a file extension). The YAML spec (`ImportSpec`) says, per modality, which
+column, what it holds (`path`: a file relative to the table; `text`: inline text; `numbers`:
+inline numbers; `bytes`: the file's own bytes, as webdataset members are) and the kind with
+its settings; per label column its task and classes; the split column or seeded fractions.
+
+How it streams: Ray Data reads the table; when the table has no id column a single actor
+numbers the rows in table order; a pool of actors decodes blocks (Pillow for images,
+soundfile + scipy's resample_poly for audio, numpy for .npy, a transformers tokenizer for
+text) and writes each block's rows with a `ShardWriter` straight into a temporary folder next
+to the output, returning only a small summary (rows, missing counts, normalisation sums,
+dropped rows) to the driver. The driver holds the manifest and those summaries, nothing else.
+At the end the part files are renamed in order, manifest.json is written, and the temporary
+folder replaces the output (`--overwrite`) -- so a refused or failed import leaves an existing
+data set untouched and writes nothing.
+
+A bad input (missing or unreadable file, wrong channel count, text longer than max_len
+without truncation, a label outside the declared classes, ...) is one DataError naming the
+row id, the column and the file; with `bad_rows: drop` such rows are skipped and counted by
+reason instead. A null (or empty) cell is a missing modality, recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mmcl import storage
+from mmcl.data.schema import (ID_COLUMN, MANIFEST_NAME, DataError, LabelSpec, Manifest,
+                              ModalitySpec, length_column, present_column)
+from mmcl.data.stats import FeatureStats, with_stats
+
+logger = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "val", "test")
+SUMMARY_COLUMN = "summary"
+_SPLIT_COLUMN = "__mmcl_split"
+_TABLE_FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+# ---------------------------------------------------------------------------- the spec
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModalityImport(_Strict):
+    """One modality of the spec."""
+
+    column: str = Field(description="table column (webdataset: file extension, e.g. jpg)")
+    holds: Literal["path", "text", "numbers", "bytes"] = Field(
+        "path", description="a file path relative to the table, inline text, inline numbers "
+        "(a list, or a string of numbers), or the file's bytes (webdataset)")
+    kind: Literal["image", "audio", "vector", "sequence", "text"]
+    dtype: Literal["uint8", "int32", "int64", "float16", "float32"] | None = Field(
+        None, description="storage dtype (default: uint8 images, int64 text, float32 else)")
+    # image
+    size: tuple[int, int] | None = Field(None, description="image (height, width)")
+    channels: int = Field(3, ge=1, le=4, description="image channels the files must have")
+    resize: Literal["resize", "crop"] = Field(
+        "crop", description="resize: stretch to size; crop: scale the shorter side, centre crop")
+    # audio
+    sample_rate: int | None = Field(None, ge=1, description="audio: resample to this rate")
+    length: int | None = Field(None, ge=1, description="audio: samples kept (cut or zero-padded)")
+    # vector / sequence (fixed shape) or variable-length sequence
+    shape: tuple[int, ...] | None = Field(None, description="vector (D,) or sequence (T, D)")
+    max_len: int | None = Field(None, ge=1, description="text tokens / variable sequence steps")
+    features: int | None = Field(None, ge=1, description="variable sequence: features per step")
+    # text
+    tokenizer: str | None = Field(None, description="local folder or Hugging Face hub name")
+    truncation: bool = Field(False, description="cut text longer than max_len (else an error)")
+
+    @model_validator(mode="after")
+    def _settings_fit_kind(self) -> "ModalityImport":
+        need = {"image": ("size",), "audio": ("sample_rate", "length"),
+                "text": ("tokenizer", "max_len")}.get(self.kind, ())
+        missing = [k for k in need if getattr(self, k) is None]
+        if self.kind == "vector" and self.shape is None:
+            missing.append("shape")
+        if self.kind == "sequence" and self.shape is None and (
+                self.max_len is None or self.features is None):
+            missing.append("shape (fixed) or max_len + features (variable length)")
+        if missing:
+            raise ValueError(f"a {self.kind} modality needs {', '.join(missing)}")
+        return self
+
+    @property
+    def variable(self) -> bool:
+        return self.kind == "text" or (self.kind == "sequence" and self.shape is None)
+
+    def storage_dtype(self) -> str:
+        if self.dtype:
+            return self.dtype
+        return {"image": "uint8", "text": "int64"}.get(self.kind, "float32")
+
+    def stored_shape(self) -> tuple[int, ...]:
+        if self.kind == "image":
+            return (self.channels, *self.size)
+        if self.kind == "audio":
+            return (self.length,)
+        if self.kind == "text":
+            return (self.max_len,)
+        if self.variable:
+            return (self.max_len, self.features)
+        return tuple(self.shape)
+
+
+class LabelImport(_Strict):
+    column: str
+    task: Literal["classification", "regression", "multilabel"] = "classification"
+    classes: list[str] | None = Field(
+        None, description="class names (values must be one of them); classification may "
+        "give num_classes instead for integer labels 0..K-1")
+    num_classes: int | None = Field(None, ge=2)
+    separator: str = Field("|", description="multilabel: separator of names in a string cell")
+
+    @model_validator(mode="after")
+    def _classes_declared(self) -> "LabelImport":
+        if self.task == "multilabel" and not self.classes:
+            raise ValueError("a multilabel column needs its classes")
+        if self.task == "classification" and not self.classes and not self.num_classes:
+            raise ValueError("a classification column needs classes (or num_classes)")
+        return self
+
+
+class ImportSpec(_Strict):
+    modalities: dict[str, ModalityImport] = Field(min_length=1)
+    labels: dict[str, LabelImport] = Field(default_factory=dict)
+    id_column: str | None = Field(None, description="column of unique integer tuple ids "
+                                  "(default: row numbers in table order)")
+    split_column: str | None = Field(None, description="column naming each row's split")
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    bad_rows: Literal["fail", "drop"] = Field(
+        "fail", description="a row with a bad input: fail the import, or drop and count it")
+    rows_per_task: int = Field(1024, ge=1, description="rows each decode task writes at once")
+    description: str = ""
+
+
+def load_spec(path: str) -> ImportSpec:
+    """The import spec at `path`; DataError naming the file and the field on any problem."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such spec file") from None
+    except yaml.YAMLError as err:
+        raise DataError(f"{path}: not valid YAML ({err})") from None
+    try:
+        spec = ImportSpec.model_validate(raw or {})
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise DataError(f"{path}: {where}: {first['msg']} ({err.error_count()} problem(s))"
+                        ) from None
+    from mmcl.data.convert import check_fractions
+
+    check_fractions(spec.fractions)
+    for name in [*spec.modalities, *spec.labels]:
+        if "__" in name or name == ID_COLUMN:
+            raise DataError(f"{path}: name {name!r} is reserved or contains '__'")
+    return spec
+
+
+# ---------------------------------------------------------------------------- manifest
+
+
+def _tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as err:  # noqa: BLE001 - any loading failure is the spec's problem
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"tokenizer {name!r} cannot be loaded ({first}); give a local folder "
+                        "saved with save_pretrained, or a hub name on a machine that reaches "
+                        "the hub") from None
+
+
+def _pad_id(tok) -> int:
+    return int(tok.pad_token_id) if tok.pad_token_id is not None else 0
+
+
+def build_manifest(spec: ImportSpec) -> Manifest:
+    """The manifest an import with `spec` writes (before counts and constants)."""
+    mods = []
+    for name, m in spec.modalities.items():
+        extra: dict[str, Any] = {}
+        if m.kind == "text":
+            tok = _tokenizer(m.tokenizer)
+            extra = dict(tokenizer=m.tokenizer, vocab_size=len(tok), pad_id=_pad_id(tok),
+                         mask_id=tok.mask_token_id)
+        if m.kind == "audio":
+            extra = dict(sample_rate=m.sample_rate)
+        mods.append(ModalitySpec(name, m.stored_shape(), m.kind, m.storage_dtype(),
+                                 variable_length=m.variable, nullable=True, **extra))
+    labels = [LabelSpec(name, lab.task, lab.num_classes if not lab.classes else None,
+                        classes=tuple(lab.classes or ()))
+              for name, lab in spec.labels.items()]
+    return Manifest(mods, labels, description=spec.description)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+class RowError(DataError):
+    """One bad input; `reason` is a short category for the summary of dropped rows."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class _Cell:
+    row_id: int
+    column: str
+    file: str = ""
+
+    def error(self, what: str, reason: str) -> RowError:
+        where = f" file {self.file}:" if self.file else ""
+        return RowError(f"row id {self.row_id}, column {self.column!r}:{where} {what}", reason)
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, (str, bytes)) and not value.strip()
+
+
+def _resolve(base: str, value: str) -> str:
+    """A path relative to the table's folder (absolute paths and URLs as they are)."""
+    if "://" in value or os.path.isabs(value):
+        return value
+    return posixpath.join(base, value) if "://" in base else os.path.join(base, value)
+
+
+class Decoder:
+    """Decodes one row's cell per modality into stored values; caches tokenizers."""
+
+    def __init__(self, spec: ImportSpec, manifest: Manifest, base: str,
+                 endpoint_url: str | None, region: str | None):
+        self.spec, self.manifest, self.base = spec, manifest, base
+        self.remote = {"endpoint_url": endpoint_url, "region": region}
+        self.tokenizers = {name: _tokenizer(m.tokenizer) for name, m in spec.modalities.items()
+                           if m.kind == "text"}
+
+    # -- reading a cell's bytes
+    def _read(self, value: Any, m: ModalityImport, cell: _Cell) -> bytes:
+        if m.holds == "bytes" or isinstance(value, bytes):
+            return value if isinstance(value, bytes) else str(value).encode()
+        cell.file = _resolve(self.base, str(value))
+        try:
+            fs, path = storage.filesystem(cell.file, **self.remote)
+            with fs.open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise cell.error("no such file", "missing file") from None
+        except (OSError, PermissionError) as err:
+            raise cell.error(f"cannot read the file ({err})", "unreadable file") from None
+
+    def decode(self, name: str, value: Any, row_id: int) -> tuple[np.ndarray, int | None]:
+        """(stored values, length for variable-length modalities)."""
+        m = self.spec.modalities[name]
+        cell = _Cell(row_id, m.column)
+        return getattr(self, f"_{m.kind}")(name, m, value, cell)
+
+    def _image(self, name, m: ModalityImport, value, cell):
+        from PIL import Image, UnidentifiedImageError
+
+        data = self._read(value, m, cell)
+        try:
+            img = Image.open(io.BytesIO(data))
+            img.draft(None, _draft_size(img.size, m.size))  # JPEG: decode at reduced scale
+            img.load()
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            raise cell.error(f"not a readable image ({err})", "unreadable image") from None
+        if img.mode == "P":
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        channels = len(img.getbands())
+        if channels != m.channels:
+            raise cell.error(f"the image has {channels} channel(s) (mode {img.mode}), the spec "
+                             f"declares channels: {m.channels}", "wrong channel count")
+        if img.mode not in ("L", "RGB", "RGBA", "LA"):
+            img = img.convert("L" if channels == 1 else "RGB")
+        img = _fit(img, m.size, m.resize)
+        arr = np.asarray(img, dtype=np.uint8)
+        arr = arr[:, :, None] if arr.ndim == 2 else arr
+        return np.ascontiguousarray(arr.transpose(2, 0, 1)), None
+
+    def _audio(self, name, m: ModalityImport, value, cell):
+        import soundfile as sf
+        from scipy.signal import resample_poly
+
+        data = self._read(value, m, cell)
+        try:
+            wave, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
+            raise cell.error(f"not a readable audio file ({err})", "unreadable audio") from None
+        wave = wave.mean(axis=1)  # mono
+        if rate != m.sample_rate:
+            g = math.gcd(int(rate), int(m.sample_rate))
+            wave = resample_poly(wave, m.sample_rate // g, int(rate) // g).astype(np.float32)
+        out = np.zeros(m.length, np.float32)
+        out[:min(len(wave), m.length)] = wave[:m.length]
+        return out, None
+
+    def _text(self, name, m: ModalityImport, value, cell):
+        text = value
+        if m.holds in ("path", "bytes"):
+            text = self._read(value, m, cell)
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        tok = self.tokenizers[name]
+        ids = tok(str(text), add_special_tokens=True)["input_ids"]
+        if len(ids) > m.max_len and not m.truncation:
+            raise cell.error(f"the text has {len(ids)} tokens, more than max_len={m.max_len}; "
+                             "raise max_len or set truncation: true", "text too long")
+        ids = ids[:m.max_len]
+        out = np.full(m.max_len, _pad_id(tok), np.int64)
+        out[:len(ids)] = ids
+        return out, len(ids)
+
+    def _numbers(self, value, m: ModalityImport, cell) -> np.ndarray:
+        if m.holds in ("path", "bytes"):
+            data = self._read(value, m, cell)
+            try:
+                return np.load(io.BytesIO(data), allow_pickle=False)
+            except (ValueError, OSError, EOFError) as err:
+                raise cell.error(f"not a readable .npy array ({err})", "unreadable array"
+                                 ) from None
+        try:
+            if isinstance(value, str):
+                text = value.strip().strip("[]").replace(",", " ")
+                return np.array([float(v) for v in text.split()], np.float64)
+            return np.asarray(value, np.float64)
+        except (TypeError, ValueError):
+            raise cell.error(f"cannot read numbers from {str(value)[:40]!r}", "bad numbers"
+                             ) from None
+
+    def _vector(self, name, m: ModalityImport, value, cell):
+        arr = self._numbers(value, m, cell)
+        if arr.size != math.prod(m.shape):
+            raise cell.error(f"{arr.size} numbers, the spec declares shape {list(m.shape)}",
+                             "wrong shape")
+        return arr.reshape(m.shape), None
+
+    def _sequence(self, name, m: ModalityImport, value, cell):
+        arr = self._numbers(value, m, cell)
+        if not m.variable:
+            if arr.size != math.prod(m.shape):
+                raise cell.error(f"shape {list(arr.shape)}, the spec declares "
+                                 f"{list(m.shape)}", "wrong shape")
+            return arr.reshape(m.shape), None
+        arr = arr.reshape(-1, m.features) if arr.size % m.features == 0 else None
+        if arr is None:
+            raise cell.error(f"the values do not split into steps of {m.features} features",
+                             "wrong shape")
+        if len(arr) > m.max_len:
+            raise cell.error(f"{len(arr)} steps, more than max_len={m.max_len}", "too long")
+        out = np.zeros((m.max_len, m.features), np.float64)
+        out[:len(arr)] = arr
+        return out, len(arr)
+
+
+def _draft_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """The smallest size JPEG draft decoding may go to: still covers `target` (h, w)."""
+    w, h = size
+    scale = max(target[1] / w, target[0] / h)
+    return (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale)))
+
+
+def _fit(img, size: tuple[int, int], how: str):
+    from PIL import Image
+
+    height, width = size
+    if how == "resize":
+        return img.resize((width, height), Image.BILINEAR)
+    w, h = img.size
+    scale = max(width / w, height / h)
+    new = (max(width, round(w * scale)), max(height, round(h * scale)))
+    img = img.resize(new, Image.BILINEAR)
+    left, top = (new[0] - width) // 2, (new[1] - height) // 2
+    return img.crop((left, top, left + width, top + height))
+
+
+def _label_value(lab: LabelImport, spec: LabelSpec, value: Any, row_id: int):
+    cell = _Cell(row_id, lab.column)
+    if lab.task == "multilabel" and (value is None or isinstance(value, (str, bytes))
+                                     and not value.strip()):
+        return np.zeros(spec.num_classes, np.uint8)  # an empty cell: none of the classes
+    if _is_missing(value):
+        raise cell.error("the label is missing", "missing label")
+    if isinstance(value, bytes):
+        value = value.decode().strip()
+    if lab.task == "regression":
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise cell.error(f"{value!r} is not a number", "bad label") from None
+    if lab.task == "multilabel":
+        names = value if isinstance(value, (list, tuple, np.ndarray)) else \
+            [v for v in str(value).split(lab.separator) if v.strip()]
+        hot = np.zeros(spec.num_classes, np.uint8)
+        for v in names:
+            hot[_class_index(lab, spec, v, cell)] = 1
+        return hot
+    return _class_index(lab, spec, value, cell)
+
+
+def _class_index(lab: LabelImport, spec: LabelSpec, value: Any, cell: _Cell) -> int:
+    text = str(value).strip()
+    if lab.classes:
+        if text in lab.classes:
+            return lab.classes.index(text)
+        raise cell.error(f"{text!r} is not one of the declared classes {lab.classes}",
+                         "label not in classes")
+    try:
+        index = int(float(text))
+    except ValueError:
+        index = -1
+    if not 0 <= index < spec.num_classes:
+        raise cell.error(f"{text!r} is not a class id 0..{spec.num_classes - 1}",
+                         "label not in classes")
+    return index
+
+
+# ------------------------------------------------------------------------ the Ray stages
+
+
+def _row_split(row_id: int, fractions: tuple[float, float, float], seed: int) -> str:
+    """A seeded, stable split for one id: the same id lands in the same split every time."""
+    from mmcl.data.pipeline import derive_seed
+
+    u = derive_seed(seed, row_id) / 2 ** 31
+    return "train" if u < fractions[0] else ("val" if u < fractions[0] + fractions[1]
+                                             else "test")
+
+
+class _Numberer:
+    """Adds `id` = row number in table order (one actor, ordered execution)."""
+
+    def __init__(self):
+        self.next = 0
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        ids = np.arange(self.next, self.next + table.num_rows, dtype=np.int64)
+        self.next += table.num_rows
+        return table.append_column(ID_COLUMN, pa.array(ids))
+
+
+class _ImportBlock:
+    """The decode-and-write actor: a block of source rows in, one summary row out."""
+
+    def __init__(self, spec_json: str, manifest_json: str, base: str, tmp: str,
+                 endpoint_url: str | None, region: str | None):
+        self.spec = ImportSpec.model_validate_json(spec_json)
+        self.manifest = Manifest.from_json(manifest_json)
+        self.tmp, self.remote = tmp, {"endpoint_url": endpoint_url, "region": region}
+        self.decoder = Decoder(self.spec, self.manifest, base, endpoint_url, region)
+
+    def _row(self, row: dict, row_id: int) -> dict:
+        out: dict[str, Any] = {ID_COLUMN: row_id}
+        for name, m in self.spec.modalities.items():
+            mspec = self.manifest.modality(name)
+            value = row.get(m.column)
+            if _is_missing(value):
+                out[name] = np.zeros(mspec.shape, mspec.dtype)
+                out[present_column(name)] = False
+                if mspec.variable_length:
+                    out[length_column(name)] = 0
+                continue
+            values, length = self.decoder.decode(name, value, row_id)
+            out[name], out[present_column(name)] = values, True
+            if mspec.variable_length:
+                out[length_column(name)] = length
+        for name, lab in self.spec.labels.items():
+            out[name] = _label_value(lab, self.manifest.label(name), row.get(lab.column),
+                                     row_id)
+        return out
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        from mmcl.data.shards import ShardWriter
+
+        by_split: dict[str, list[dict]] = {}
+        dropped: dict[str, int] = {}
+        for row in table.to_pylist():
+            row_id = int(row[ID_COLUMN])
+            split = row[_SPLIT_COLUMN]
+            try:
+                by_split.setdefault(split, []).append(self._row(row, row_id))
+            except RowError as err:
+                if self.spec.bad_rows == "fail":
+                    raise DataError(str(err)) from None
+                dropped[err.reason] = dropped.get(err.reason, 0) + 1
+        summary: dict[str, Any] = {"splits": {}, "dropped": dropped}
+        # Named by the block's first id, so that sorting the names orders the part files
+        # the same way on every run (random names would not).
+        first = int(min(table.column(ID_COLUMN).to_pylist(), default=0))
+        prefix = f"blk{first:+021d}"
+        for split, rows in by_split.items():
+            columns = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
+            with ShardWriter(self.tmp, split, self.manifest, prefix=prefix,
+                             **self.remote) as writer:
+                writer.write(columns)
+            summary["splits"][split] = {
+                "rows": writer.rows, "missing": writer.missing, "files": writer.files,
+                "stats": {k: s.to_dict() for k, s in writer.stats.items() if s.count}}
+        return pa.table({SUMMARY_COLUMN: [json.dumps(summary)]})
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _source_format(src: str, fs, path: str) -> str:
+    """csv / json / parquet / webdataset for SRC (a folder of .tar files is webdataset)."""
+    if fs.isdir(path):
+        entries = fs.ls(path, detail=False)
+        if any(e.endswith(".tar") for e in entries):
+            return "webdataset"
+        raise DataError(f"{src} is a folder without webdataset .tar shards; give a CSV, JSONL "
+                        "or Parquet table, or a folder of .tar shards")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _TABLE_FORMATS:
+        raise DataError(f"{src}: unknown table format {ext!r}; use .csv, .jsonl or .parquet")
+    return _TABLE_FORMATS[ext]
+
+
+def _read_source(src: str, fmt: str, endpoint_url, region):
+    import ray.data
+    import pyarrow.csv as pacsv
+
+    path, filesystem = storage.pyarrow_filesystem(src, endpoint_url, region)
+    if fmt == "webdataset":
+        return ray.data.read_webdataset(path, filesystem=filesystem, decoder=None)
+    if fmt == "csv":
+        # Cells stay strings (paths, numbers lists, class names); empty cells are nulls.
+        return ray.data.read_csv(path, filesystem=filesystem, partitioning=None,
+                                 convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+    if fmt == "json":
+        return ray.data.read_json(path, filesystem=filesystem, partitioning=None,
+                                  lines=True)
+    return ray.data.read_parquet(path, filesystem=filesystem, partitioning=None)
+
+
+def _check_columns(src: str, spec: ImportSpec, names: list[str]) -> None:
+    wanted = [(f"modalities.{k}", m.column) for k, m in spec.modalities.items()]
+    wanted += [(f"labels.{k}", lab.column) for k, lab in spec.labels.items()]
+    wanted += [(key, col) for key, col in (("id_column", spec.id_column),
+                                           ("split_column", spec.split_column)) if col]
+    absent = [f"{key}: {col!r}" for key, col in wanted if col not in names]
+    if absent:
+        raise DataError(f"{src}: column(s) named in the spec are not in the table: "
+                        f"{', '.join(absent)}; the table has {names}")
+
+
+def _add_split(table: pa.Table, spec_json: str) -> pa.Table:
+    """Adds `id` (from the spec's id column) and each row's split."""
+    spec = ImportSpec.model_validate_json(spec_json)
+    if spec.id_column and spec.id_column != ID_COLUMN:
+        table = table.append_column(ID_COLUMN, table.column(spec.id_column))
+    ids = table.column(ID_COLUMN).to_pylist()
+    if spec.split_column:
+        splits = [str(s) for s in table.column(spec.split_column).to_pylist()]
+        bad = [(i, s) for i, s in zip(ids, splits) if s not in SPLIT_NAMES]
+        if bad:
+            raise DataError(f"row id {bad[0][0]}, column {spec.split_column!r}: split "
+                            f"{bad[0][1]!r} is not one of {list(SPLIT_NAMES)}")
+    else:
+        splits = [_row_split(int(i), spec.fractions, spec.seed) for i in ids]
+    return table.append_column(_SPLIT_COLUMN, pa.array(splits, pa.string()))
+
+
+@dataclass
+class ImportResult:
+    manifest: Manifest
+    dropped: dict[str, int]
+    bytes: int
+
+    def summary(self) -> str:
+        m = self.manifest
+        lines = [f"imported {sum(m.splits.values())} tuples: "
+                 + ", ".join(f"{k} {v}" for k, v in m.splits.items())
+                 + f" ({self.bytes / 1e6:.2f} MB)"]
+        missing = {k: v for k, v in m.missing.items() if any(v.values())}
+        if missing:
+            lines.append("missing modalities: " + "; ".join(
+                f"{split}: " + ", ".join(f"{n} {c}" for n, c in counts.items() if c)
+                for split, counts in missing.items()))
+        lines.append("rows dropped: " + (", ".join(f"{n} ({why})" for why, n in
+                                                   self.dropped.items()) or "none"))
+        return "\n".join(lines)
+
+
+def _check_target(fs, path: str, out: str, overwrite: bool) -> None:
+    if fs.exists(path) and fs.ls(path, detail=False) and not overwrite:
+        raise DataError(f"{out} already exists and is not empty; pass --overwrite to replace "
+                        "it, or choose another output folder")
+
+
+def import_table(src: str, out: str, spec: ImportSpec, overwrite: bool = False,
+                 endpoint_url: str | None = None, region: str | None = None,
+                 concurrency: int | None = None) -> ImportResult:
+    """Import SRC into a data set at `out` with `spec` (see the module doc); Ray must be
+    initialised (or is started locally)."""
+    import ray
+    import ray.data
+
+    from mmcl.data.pipeline import find_data_error
+
+    fs, path = storage.filesystem(out, endpoint_url, region)
+    _check_target(fs, path, out, overwrite)
+    sfs, spath = storage.filesystem(src, endpoint_url, region)
+    if not sfs.exists(spath):
+        raise DataError(f"{src}: no such table or folder")
+    fmt = _source_format(src, sfs, spath)
+    manifest = build_manifest(spec)
+    if not ray.is_initialized():
+        ray.init()
+    storage.share_credentials()
+    ds = _read_source(src, fmt, endpoint_url, region)
+    names = list(ds.schema().names)
+    if not spec.id_column and ID_COLUMN in names:  # the table's own ids
+        spec = spec.model_copy(update={"id_column": ID_COLUMN})
+    _check_columns(src, spec, names)
+    base = src.rstrip("/") if fmt == "webdataset" else (
+        posixpath.dirname(src) if "://" in src else os.path.dirname(os.path.abspath(src)))
+    tmp = f"{path.rstrip('/')}.importing-{uuid.uuid4().hex[:8]}"
+    tmp_url = fs.unstrip_protocol(tmp) if storage.is_remote(out) else tmp
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.execution_options.preserve_order
+    try:
+        if not spec.id_column:
+            ctx.execution_options.preserve_order = True  # ids follow the table's row order
+            ds = ds.map_batches(_Numberer, batch_format="pyarrow", batch_size=None,
+                                concurrency=1, num_cpus=0, zero_copy_batch=True)
+        ds = ds.map_batches(_add_split, fn_args=(spec.model_dump_json(),),
+                            batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+        # One CPU stays with the read tasks that feed the decoders.
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+        ds = ds.map_batches(
+            _ImportBlock,
+            fn_constructor_args=(spec.model_dump_json(), manifest.to_json(), base, tmp_url,
+                                 endpoint_url, region),
+            batch_format="pyarrow", batch_size=spec.rows_per_task,
+            concurrency=(1, concurrency or cpus), num_cpus=1)
+        summaries = [json.loads(r[SUMMARY_COLUMN]) for r in ds.iter_rows()]
+        result = _finish(tmp, tmp_url, fs, manifest, summaries, spec)
+    except BaseException as err:
+        if fs.exists(tmp):
+            fs.rm(tmp, recursive=True)
+        if isinstance(err, DataError):
+            raise
+        found = find_data_error(err) if isinstance(err, Exception) else None
+        if found is None:
+            raise
+        raise DataError(f"{src}: {found}; nothing was written to {out}") from None
+    finally:
+        ctx.execution_options.preserve_order = before
+    _swap(fs, tmp, path)
+    return result
+
+
+def _finish(tmp: str, tmp_url: str, fs, manifest: Manifest, summaries: list[dict],
+            spec: ImportSpec) -> ImportResult:
+    """Rename the blocks' files to part-NNNNN in a stable order and write the manifest."""
+    rows: dict[str, int] = {}
+    missing: dict[str, dict[str, int]] = {}
+    stats = {m: FeatureStats() for m in manifest.modality_names}
+    dropped: dict[str, int] = {}
+    files: dict[str, list[str]] = {}
+    for s in summaries:
+        for why, n in s["dropped"].items():
+            dropped[why] = dropped.get(why, 0) + n
+        for split, part in s["splits"].items():
+            rows[split] = rows.get(split, 0) + part["rows"]
+            counts = missing.setdefault(split, {m: 0 for m in manifest.modality_names})
+            for m, n in part["missing"].items():
+                counts[m] += n
+            files.setdefault(split, []).extend(part["files"])
+            if split == "train":
+                for m, raw in part["stats"].items():
+                    stats[m].merge(FeatureStats.from_dict(raw))
+    if not rows:
+        raise DataError("no rows were imported" + (f" (dropped: {dropped})" if dropped else ""))
+    total = 0
+    for split, names in files.items():
+        for i, name in enumerate(sorted(names)):
+            target = storage.join(tmp, split, f"part-{i:05d}.parquet")
+            fs.mv(fs._strip_protocol(name), target)
+            total += fs.size(target)
+    ordered = {s: rows[s] for s in [*SPLIT_NAMES, *sorted(rows)] if s in rows}
+    out = Manifest(list(manifest.modalities), list(manifest.labels), ordered,
+                   manifest.description, manifest.version,
+                   {s: missing[s] for s in ordered})
+    out = with_stats(out, stats)
+    with fs.open(storage.join(tmp, MANIFEST_NAME), "w") as f:
+        f.write(out.to_json())
+    return ImportResult(out, dropped, total)
+
+
+def _swap(fs, tmp: str, path: str) -> None:
+    """Put the finished import in place of `path`. An old data set there loses its manifest
+    (first) and split folders, as `convert --overwrite` does; other files stay."""
+    if not fs.exists(path):
+        fs.mv(tmp, path, recursive=True)
+        return
+    old = storage.join(path, MANIFEST_NAME)
+    names = set(SPLIT_NAMES)
+    if fs.exists(old):
+        try:
+            names |= set(Manifest.from_json(fs.cat_file(old).decode()).splits)
+        except DataError:
+            pass
+        fs.rm(old)
+    for name in sorted(names):
+        if fs.exists(storage.join(path, name)):
+            fs.rm(storage.join(path, name), recursive=True)
+    new = fs.ls(tmp, detail=False)
+    for entry in sorted(new, key=lambda e: e.endswith(MANIFEST_NAME)):  # manifest last
+        fs.mv(entry, storage.join(path, posixpath.basename(entry.rstrip("/"))),
+              recursive=True)
+    fs.rm(tmp, recursive=True)
