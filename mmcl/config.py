@@ -57,15 +57,31 @@ class DataConfig(Strict):
 
 class ModalityAugment(Strict):
     """Strengths in [0, 1]; 0 switches a transform off. Only transforms that fit the modality's
-    kind apply (time masking to sequences, crop/flip/jitter to images)."""
+    kind apply (time masking to sequences, crop/flip/jitter/grayscale/blur to images, token
+    masking/deletion/span crop to text)."""
 
     noise: float = Field(0.1, ge=0, le=1, description="Gaussian noise, std relative to 1")
     dropout: float = Field(0.1, ge=0, le=1, description="fraction of features zeroed")
     time_mask: float = Field(0.0, ge=0, le=1, description="fraction of time steps masked")
-    crop: float = Field(0.0, ge=0, le=1, description="sequence/image crop strength")
+    crop: float = Field(0.0, ge=0, le=1, description="sequence/image crop strength; text: "
+                        "span crop (keep a window of >= (1 - crop) of the tokens)")
     mixup: float = Field(0.0, ge=0, le=1, description="max mixing weight with another row")
     flip: float = Field(0.0, ge=0, le=1, description="probability of a horizontal flip")
-    color_jitter: float = Field(0.0, ge=0, le=1, description="brightness/contrast jitter")
+    color_jitter: float = Field(0.0, ge=0, le=1, description="images: SimCLR colour jitter "
+                                "of strength s (brightness/contrast/saturation 0.8 s, hue "
+                                "0.2 s, applied with probability 0.8)")
+    grayscale: float = Field(0.0, ge=0, le=1, description="images: probability of "
+                             "converting to grayscale (SimCLR: 0.2)")
+    blur: float = Field(0.0, ge=0, le=1, description="images: probability of a Gaussian blur "
+                        "(sigma in [0.1, 2], kernel ~10% of the image; SimCLR: 0.5)")
+    token_mask: float = Field(0.0, ge=0, le=1, description="text: fraction of tokens "
+                              "replaced by mask_token_id")
+    token_delete: float = Field(0.0, ge=0, le=1, description="text: fraction of tokens "
+                                "deleted (the rest move up, the padding grows)")
+    mask_token_id: int | None = Field(None, ge=0, description="text: the tokenizer's mask id "
+                                      "(e.g. [MASK] = 103 in BERT); needed by token_mask")
+    keep_ends: bool = Field(True, description="text: never mask, delete or crop away the "
+                            "first and last real token ([CLS]/[SEP]-style markers)")
 
 
 class AugmentConfig(Strict):
