@@ -50,6 +50,12 @@ class DataConfig(Strict):
     nonfinite: Literal["fail", "drop"] = Field(
         "fail", description="what to do with a row holding NaN or inf: fail, or drop and count")
     shuffle_buffer: int = Field(256, ge=0, description="rows of the in-stream local shuffle")
+    missing: Literal["fail", "drop", "mask"] = Field(
+        "fail", description="tuples lacking a modality: fail, drop them, or mask (the model "
+        "gets <m>__present; needs an objective and fusion that treat absence exactly)")
+    normalize: bool = Field(
+        True, description="standardise inputs with the manifest's train-split mean/std "
+        "(vectors, sequences, audio in the data layer; images in the image encoder)")
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -79,7 +85,8 @@ class ModalityAugment(Strict):
     token_delete: float = Field(0.0, ge=0, le=1, description="text: fraction of tokens "
                                 "deleted (the rest move up, the padding grows)")
     mask_token_id: int | None = Field(None, ge=0, description="text: the tokenizer's mask id "
-                                      "(e.g. [MASK] = 103 in BERT); needed by token_mask")
+                                      "(e.g. [MASK] = 103 in BERT) for token_mask; None = "
+                                      "the data set's (manifest mask_id)")
     keep_ends: bool = Field(True, description="text: never mask, delete or crop away the "
                             "first and last real token ([CLS]/[SEP]-style markers)")
 
@@ -97,14 +104,15 @@ class AugmentConfig(Strict):
 
 # mmcl's own encoder kinds; a plug-in kind is a name registered with
 # mmcl.models.register_encoder or "package.module:ClassName" (checked when the model is built).
-BUILTIN_ENCODER_KINDS = ("auto", "mlp", "gru", "transformer", "cnn", "hf")
+BUILTIN_ENCODER_KINDS = ("auto", "mlp", "gru", "transformer", "cnn", "text", "audio", "hf")
 _PLUGIN_KIND = r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$"
 
 
 class EncoderConfig(Strict):
     kind: str = Field("auto", pattern=_PLUGIN_KIND,
-                      description="auto (mlp for vectors, gru for sequences, cnn for images), "
-                      "mlp, gru, transformer, cnn, hf (a Hugging Face backbone), a name "
+                      description="auto (mlp for vectors, gru for sequences, cnn for images, "
+                      "text for text, audio for audio), mlp, gru, transformer, cnn, text, "
+                      "audio, hf (a Hugging Face backbone), a name "
                       "registered with mmcl.models.register_encoder, or "
                       "'package.module:ClassName'")
     hidden: int = Field(128, ge=1)

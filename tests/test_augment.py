@@ -321,3 +321,10 @@ def test_token_mask_needs_the_mask_id():
         Augmenter([TextSpec()], AugmentConfig(default=ModalityAugment(token_mask=0.2)))
     # token_mask on a config without text modalities is not an error
     Augmenter(SPECS, AugmentConfig(default=ModalityAugment(token_mask=0.2)))
+
+
+def test_the_mask_id_comes_from_the_data_sets_tokenizer():
+    spec = ModalitySpec("caption", (10,), "text", dtype="int64", vocab_size=50, mask_id=7)
+    aug = Augmenter([spec], AugmentConfig(default=ModalityAugment(**{**OFF, "token_mask": 1.0})))
+    out = aug(text_batch(), gen())
+    assert (out["caption"][:, 1:-1][text_batch()["caption__mask"][:, 1:-1]] == 7).all()

@@ -5,6 +5,7 @@ transform off, so all-zero strengths return the input values exactly. Only trans
 a modality's kind apply (others are skipped):
 
     vector    mixup, dropout, noise
+    audio     mixup, dropout, noise (on the standardised waveform)
     sequence  crop, mixup, time_mask, dropout, noise
     image     crop, flip, color_jitter, grayscale, blur, mixup, dropout, noise
     text      crop (span), token_delete, token_mask
@@ -243,6 +244,7 @@ PIPELINES: dict[str, tuple[tuple[str, Transform], ...]] = {
     "image": (("crop", crop_image), ("flip", flip), ("color_jitter", color_jitter_rgb),
               ("grayscale", grayscale), ("blur", blur), ("mixup", mixup),
               ("dropout", dropout), ("noise", noise)),
+    "audio": (("mixup", mixup), ("dropout", dropout), ("noise", noise)),
 }
 TEXT_PIPELINE: tuple[tuple[str, TextTransform], ...] = (
     ("crop", span_crop), ("token_delete", token_delete), ("token_mask", token_mask))
@@ -255,20 +257,28 @@ def plan_for(kind: str, aug: ModalityAugment) -> list[tuple[Transform, float]]:
     return [(fn, getattr(aug, name)) for name, fn in pipeline if getattr(aug, name) > 0]
 
 
+def _with_mask_id(spec: ModalitySpec, aug: ModalityAugment) -> ModalityAugment:
+    """The text settings with the mask id filled in from the data set's tokenizer (the
+    manifest's mask_id) when the config names none; ConfigError when token masking needs
+    one and neither has it."""
+    if aug.mask_token_id is None and getattr(spec, "mask_id", None) is not None:
+        aug = aug.model_copy(update={"mask_token_id": int(spec.mask_id)})
+    if aug.token_mask > 0 and aug.mask_token_id is None:
+        raise ConfigError(
+            f"augment: token_mask for text modality {spec.name!r} needs the tokenizer's mask "
+            f"id and the data set records none: set augment.per_modality.{spec.name}."
+            f"mask_token_id, or token_mask: 0")
+    return aug
+
+
 class Augmenter:
     """Draws augmented views of batches: `augmenter(batch, generator) -> new dict`."""
 
     def __init__(self, specs: list[ModalitySpec], cfg: AugmentConfig):
         self.plans = {spec.name: plan_for(spec.kind, cfg.for_modality(spec.name))
                       for spec in specs}
-        self.text = {spec.name: cfg.for_modality(spec.name) for spec in specs
-                     if spec.kind == "text"}
-        for name, aug in self.text.items():
-            if aug.token_mask > 0 and aug.mask_token_id is None:
-                raise ConfigError(
-                    f"augment: token_mask for text modality {name!r} needs mask_token_id, "
-                    f"the tokenizer's mask id (set augment.per_modality.{name}.mask_token_id, "
-                    f"or token_mask: 0)")
+        self.text = {spec.name: _with_mask_id(spec, cfg.for_modality(spec.name))
+                     for spec in specs if spec.kind == "text"}
 
     def __call__(self, batch: Mapping[str, Tensor],
                  generator: torch.Generator | None = None) -> dict[str, Tensor]:

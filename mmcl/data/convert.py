@@ -140,5 +140,6 @@ def convert_npz(src: str, out: str, split: Sequence[float] = (0.8, 0.1, 0.1), se
         splits = split_arrays(arrays, manifest, split, seed)
     except DataError as err:  # name the file; nothing has been written yet
         raise DataError(f"{src}: {err}; nothing was written to {out}") from None
+    # Normalisation constants come from the training split only (no leak from val/test).
     return write_dataset(out, manifest, splits, overwrite=overwrite, endpoint_url=endpoint_url,
-                         region=region)
+                         region=region, stats_split="train")

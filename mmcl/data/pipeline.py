@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 
 from mmcl import storage
-from mmcl.data.schema import ID_COLUMN, DataError, Manifest
+from mmcl.data.schema import ID_COLUMN, DataError, Manifest, ModalitySpec, present_column
 
 if TYPE_CHECKING:  # Ray is imported lazily: importing mmcl.data stays cheap.
     import ray.data
@@ -55,6 +55,7 @@ if TYPE_CHECKING:  # Ray is imported lazily: importing mmcl.data stays cheap.
 logger = logging.getLogger(__name__)
 
 NonFinite = Literal["fail", "drop"]
+Missing = Literal["fail", "drop", "mask"]
 
 
 # ------------------------------------------------------------------------------ seeds
@@ -159,13 +160,15 @@ def _tensor_rows(column: pa.ChunkedArray | pa.Array, width: int) -> tuple[np.nda
     return np.concatenate(values), np.concatenate(valid)
 
 
-def _expected_type(shape: tuple[int, ...]) -> pa.DataType:
-    return pa.fixed_shape_tensor(pa.float32(), list(shape))
+def _expected_type(shape: tuple[int, ...], dtype: str = "float32") -> pa.DataType:
+    return pa.fixed_shape_tensor(pa.from_numpy_dtype(np.dtype(dtype)), list(shape))
 
 
-def _type_matches(t: pa.DataType, shape: tuple[int, ...]) -> bool:
-    """float32 fixed-shape tensor of `shape`, row-major (no permutation), dim names ignored."""
-    return (isinstance(t, pa.FixedShapeTensorType) and t.value_type == pa.float32()
+def _type_matches(t: pa.DataType, shape: tuple[int, ...], dtype: str = "float32") -> bool:
+    """Fixed-shape tensor of `dtype` and `shape`, row-major (no permutation), dim names
+    ignored."""
+    return (isinstance(t, pa.FixedShapeTensorType)
+            and t.value_type == pa.from_numpy_dtype(np.dtype(dtype))
             and list(t.shape) == list(shape)
             and (t.permutation is None or list(t.permutation) == list(range(len(shape)))))
 
@@ -176,24 +179,43 @@ def _type_error(split: str, name: str, expected: pa.DataType, got: pa.DataType) 
 
 
 class _CheckRows:
-    """The per-block UDF: validates modality column types and handles non-finite rows.
-    Arrow in, Arrow out (Ray decodes the tensor columns when a consumer iterates)."""
+    """The per-block UDF: validates modality column types, handles non-finite rows and (for
+    nullable modalities) absent ones. Arrow in, Arrow out (Ray decodes the tensor columns
+    when a consumer iterates)."""
 
-    def __init__(self, split: str, modalities: dict[str, tuple[int, ...]], nonfinite: NonFinite,
-                 counter: DropCounter | None):
+    def __init__(self, split: str, modalities: dict[str, ModalitySpec], nonfinite: NonFinite,
+                 counter: DropCounter | None, missing: Missing = "mask"):
         self.split, self.modalities, self.nonfinite, self.counter = (
             split, modalities, nonfinite, counter)
+        self.missing = missing
+
+    def _present(self, table: pa.Table, spec: ModalitySpec) -> np.ndarray | None:
+        if not spec.nullable:
+            return None
+        return table.column(present_column(spec.name)).to_numpy(zero_copy_only=False)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         n = table.num_rows
         keep = np.ones(n, dtype=bool)
         bad_by_mod: dict[str, int] = {}
-        for name, shape in self.modalities.items():
+        absent_rows = np.zeros(n, dtype=bool)
+        for name, spec in self.modalities.items():
+            shape = spec.shape
             col = table.column(name)
-            if not _type_matches(col.type, shape):
-                raise _type_error(self.split, name, _expected_type(shape), col.type)
+            if not _type_matches(col.type, shape, spec.dtype):
+                raise _type_error(self.split, name, _expected_type(shape, spec.dtype), col.type)
+            present = self._present(table, spec)
+            if present is not None and self.missing != "mask":
+                if self.missing == "fail" and not present.all():
+                    from mmcl.data.shards import missing_error
+                    raise missing_error(self.split, name, int((~present).sum()))
+                absent_rows |= ~present
+            if np.dtype(spec.dtype).kind != "f":
+                continue  # integers cannot be NaN or inf
             values, valid = _tensor_rows(col, int(np.prod(shape)))
             ok = valid & np.isfinite(values).all(axis=1)
+            if present is not None:  # absent values are zeros in storage, not bad rows
+                ok |= ~present
             nbad = int(n - ok.sum())
             if nbad:
                 bad_by_mod[name] = nbad
@@ -204,6 +226,10 @@ class _CheckRows:
                         f"inf or null values in this block (ids {ids}); clean the data or set "
                         f"data.nonfinite=drop to skip such rows")
                 keep &= ok
+        if absent_rows.any():
+            table = table.filter(pa.array(~absent_rows))
+            keep = keep[~absent_rows]
+            n = table.num_rows
         if not bad_by_mod:
             return table
         dropped = int(n - keep.sum())
@@ -298,17 +324,18 @@ def _check_schema(path: str, filesystem: Any, split: str, manifest: Manifest,
         if name not in schema.names:
             raise DataError(f"split {split!r}: shard {path} has no column {name!r} "
                             f"(it has {schema.names})")
-    for name in modalities:
-        shape = manifest.modality(name).shape
-        if not _type_matches(schema.field(name).type, shape):
-            raise _type_error(split, name, _expected_type(shape), schema.field(name).type)
+    for name in [m for m in modalities if m in manifest.modality_names]:
+        spec = manifest.modality(name)
+        if not _type_matches(schema.field(name).type, spec.shape, spec.dtype):
+            raise _type_error(split, name, _expected_type(spec.shape, spec.dtype),
+                              schema.field(name).type)
 
 
 def build_dataset(root: str, split: str, manifest: Manifest,
                   columns: list[str] | None = None, *, seed: int = 0, epoch: int = 0,
                   shuffle_files: bool = True, nonfinite: NonFinite = "fail",
                   drop_counter: DropCounter | None = None, endpoint_url: str | None = None,
-                  region: str | None = None) -> "ray.data.Dataset":
+                  region: str | None = None, missing: Missing = "mask") -> "ray.data.Dataset":
     """A lazy Ray Dataset of one split: `id`, the selected modality and label columns.
 
     `columns` names modalities and/or labels to keep (None: every column in the manifest);
@@ -317,7 +344,10 @@ def build_dataset(root: str, split: str, manifest: Manifest,
     dataset serves (pass the resume epoch so a resumed run does not replay epoch 0's order).
     Modality columns stay Arrow fixed-shape tensors; consumers get (N, *shape) float32 arrays.
     Rows with NaN/inf/null in a modality raise `DataError` (nonfinite="fail") or are dropped
-    and counted in `drop_counter` (nonfinite="drop").
+    and counted in `drop_counter` (nonfinite="drop"). A modality's `__len` / `__present`
+    columns come with it; tuples lacking a nullable modality raise `DataError` (missing=
+    "fail", checked on the driver from the manifest's counts), are dropped ("drop") or kept
+    ("mask").
     """
     import ray.data
     from ray.data import FileShuffleConfig
@@ -335,8 +365,14 @@ def build_dataset(root: str, split: str, manifest: Manifest,
                             f"{manifest.modality_names} and labels {label_names}")
         mods = [c for c in manifest.modality_names if c in columns]
         labels = [c for c in label_names if c in columns]
+    if missing == "fail":
+        for m in mods:
+            if manifest.missing.get(split, {}).get(m, 0):
+                from mmcl.data.shards import missing_error
+                raise missing_error(split, m, manifest.missing[split][m], root)
+    stored = [c for m in mods for c in manifest.modality(m).storage_columns]
     paths, filesystem = _shard_files(root, split, endpoint_url, region)
-    _check_schema(paths[0], filesystem, split, manifest, mods, labels)
+    _check_schema(paths[0], filesystem, split, manifest, stored, labels)
 
     shuffle = (FileShuffleConfig(seed=file_shuffle_seed(seed, epoch), reseed_after_execution=True)
                if shuffle_files else None)
@@ -345,7 +381,7 @@ def build_dataset(root: str, split: str, manifest: Manifest,
         with parquet_reader(len(paths)):
             ds = ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle,
                                        partitioning=None).select_columns(
-                                           [ID_COLUMN, *mods, *labels])
+                                           [ID_COLUMN, *stored, *labels])
     except Exception:  # noqa: BLE001 - a damaged shard becomes a DataError naming it
         # Ray Data samples the files while it builds the dataset; its error does not say
         # which file is damaged (RayTaskError(OSError) from _fetch_parquet_file_info).
@@ -355,8 +391,8 @@ def build_dataset(root: str, split: str, manifest: Manifest,
         if found is None:
             raise
         raise found from None
-    check = _CheckRows(split, {m: manifest.modality(m).shape for m in mods}, nonfinite,
-                       drop_counter)
+    check = _CheckRows(split, {m: manifest.modality(m) for m in mods}, nonfinite,
+                       drop_counter, missing)
     # batch_size=None: one call per block, fused into the read task; Arrow in and out.
     return ds.map_batches(check, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
 

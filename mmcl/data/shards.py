@@ -1,9 +1,11 @@
 """The tuple shard format: write, list, validate and read Parquet shards of a data set.
 
     root/manifest.json                 written last: its presence marks a complete data set
-    root/<split>/part-00000.parquet    one row per tuple: int64 `id`, one fixed-shape float32
-    root/<split>/part-00001.parquet    tensor column per modality, scalar label columns
-                                       (int64 classification, float32 regression)
+    root/<split>/part-00000.parquet    one row per tuple: int64 `id`, one fixed-shape tensor
+    root/<split>/part-00001.parquet    column per modality (its manifest dtype; float32 in
+                                       version 1) with its `__len` / `__present` columns,
+                                       label columns (int64 classification, float32
+                                       regression, (K,) uint8 multilabel)
 
 `root` is a local path or any fsspec URL (s3://bucket/prefix); S3 endpoint and region come
 from the arguments or the AWS environment (see `mmcl.storage`). Nothing here imports Ray:
@@ -21,9 +23,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmcl import storage
-from mmcl.data.schema import ID_COLUMN, MANIFEST_NAME, DataError, LabelSpec, Manifest
+from mmcl.data.stats import FeatureStats, chunk_stats, with_stats
+from mmcl.data.schema import (ID_COLUMN, LENGTH_SUFFIX, MANIFEST_NAME, PRESENT_SUFFIX,
+                               DataError, LabelSpec, Manifest, ModalitySpec)
 
 NonFinite = Literal["fail", "drop"]
+Missing = Literal["fail", "drop", "mask"]
 DEFAULT_SPLITS = ("train", "val", "test")
 DEFAULT_MAX_ROWS = 100_000
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -34,27 +39,50 @@ _REWRITE_HINT = ("rewrite the data set with `mmcl data convert` / `mmcl data syn
 # ------------------------------------------------------------------------------ types
 
 
-def modality_type(shape: Sequence[int]) -> pa.DataType:
-    """Arrow type of a modality column: a row-major float32 fixed-shape tensor."""
-    return pa.fixed_shape_tensor(pa.float32(), [int(s) for s in shape])
+def modality_type(shape: Sequence[int], dtype: str = "float32") -> pa.DataType:
+    """Arrow type of a modality column: a row-major fixed-shape tensor of `dtype`."""
+    return pa.fixed_shape_tensor(pa.from_numpy_dtype(np.dtype(dtype)), [int(s) for s in shape])
 
 
 def label_type(spec: LabelSpec) -> pa.DataType:
-    """Arrow type of a label column: int64 for classification, float32 for regression."""
+    """Arrow type of a label column: int64 for classification, float32 for regression, a
+    (K,) uint8 tensor for multilabel."""
+    if spec.task == "multilabel":
+        return modality_type((spec.num_classes,), "uint8")
     return pa.int64() if spec.task == "classification" else pa.float32()
+
+
+def modality_fields(spec: ModalitySpec) -> list[pa.Field]:
+    """The Arrow fields a modality is stored as: its tensor, then its length and presence
+    columns where it has them (see mmcl.data.schema)."""
+    fields = [pa.field(spec.name, modality_type(spec.shape, spec.dtype))]
+    if spec.variable_length:
+        fields.append(pa.field(spec.name + LENGTH_SUFFIX, pa.int32()))
+    if spec.nullable:
+        fields.append(pa.field(spec.name + PRESENT_SUFFIX, pa.bool_()))
+    return fields
 
 
 def arrow_schema(manifest: Manifest) -> pa.Schema:
     """The Arrow schema every shard of a data set with this manifest has."""
     fields = [pa.field(ID_COLUMN, pa.int64(), nullable=False)]
-    fields += [pa.field(m.name, modality_type(m.shape)) for m in manifest.modalities]
+    for m in manifest.modalities:
+        fields += modality_fields(m)
     fields += [pa.field(lab.name, label_type(lab)) for lab in manifest.labels]
     return pa.schema(fields)
 
 
-def _is_row_major_tensor(t: pa.DataType, shape: Sequence[int]) -> bool:
-    """float32 fixed-shape tensor of `shape` in row-major order (dim names ignored)."""
-    return (isinstance(t, pa.FixedShapeTensorType) and t.value_type == pa.float32()
+def storage_columns(manifest: Manifest, modalities: Sequence[str] | None = None) -> list[str]:
+    """The stored columns behind `modalities` (None: all): each one's tensor, length and
+    presence columns."""
+    names = manifest.modality_names if modalities is None else modalities
+    return [c for n in names for c in manifest.modality(n).storage_columns]
+
+
+def _is_row_major_tensor(t: pa.DataType, shape: Sequence[int], dtype: str = "float32") -> bool:
+    """Fixed-shape tensor of `dtype` and `shape` in row-major order (dim names ignored)."""
+    return (isinstance(t, pa.FixedShapeTensorType)
+            and t.value_type == pa.from_numpy_dtype(np.dtype(dtype))
             and list(t.shape) == list(shape)
             and (t.permutation is None or list(t.permutation) == list(range(len(shape)))))
 
@@ -67,7 +95,8 @@ def _column_problem(path: str, name: str, schema: pa.Schema, manifest: Manifest)
                 f"columns {schema.names}")
     found = schema.field(name).type
     if name in manifest.modality_names:
-        if _is_row_major_tensor(found, manifest.modality(name).shape):
+        spec = manifest.modality(name)
+        if _is_row_major_tensor(found, spec.shape, spec.dtype):
             return None
         hint = ""
         if pa.types.is_list(found) or pa.types.is_large_list(found) or \
@@ -133,7 +162,7 @@ def _open_path(fs, shown: str) -> str:
 
 def _check_chunk(columns: Mapping[str, np.ndarray], manifest: Manifest) -> dict[str, np.ndarray]:
     """Arrays of one chunk, checked against the manifest and cast to their storage dtypes."""
-    expected = [ID_COLUMN, *manifest.modality_names, *[lab.name for lab in manifest.labels]]
+    expected = arrow_schema(manifest).names
     missing = [c for c in expected if c not in columns]
     if missing:
         raise DataError(f"column(s) {missing} missing from the arrays to write; the manifest "
@@ -157,6 +186,9 @@ def _cast_column(name: str, arr: np.ndarray, manifest: Manifest) -> np.ndarray:
     """One column cast to its storage dtype; DataError naming the column if it cannot be."""
     if arr.dtype.kind not in "biuf":
         raise DataError(f"column {name!r} has dtype {arr.dtype}; it must be numeric")
+    aux = _aux_column(name, arr, manifest)
+    if aux is not None:
+        return aux
     if name == ID_COLUMN:
         if arr.ndim != 1 or arr.dtype.kind not in "biu":
             raise DataError(f"column {ID_COLUMN!r} must be a 1-D integer array, got dtype "
@@ -167,8 +199,13 @@ def _cast_column(name: str, arr: np.ndarray, manifest: Manifest) -> np.ndarray:
         if tuple(arr.shape[1:]) != shape:
             raise DataError(f"modality {name!r}: rows have shape {list(arr.shape[1:])}, the "
                             f"manifest says {list(shape)}")
-        return np.ascontiguousarray(arr, dtype=np.float32)
+        return _to_storage_dtype(name, arr, manifest.modality(name).dtype)
     spec = manifest.label(name)
+    if spec.task == "multilabel":
+        if arr.shape[1:] != (spec.num_classes,) or not np.isin(arr, (0, 1)).all():
+            raise DataError(f"label {name!r} is multilabel: rows must be 0/1 multi-hot vectors "
+                            f"of {spec.num_classes} classes, got shape {list(arr.shape[1:])}")
+        return np.ascontiguousarray(arr, dtype=np.uint8)
     if arr.ndim != 1:
         raise DataError(f"label {name!r} must be 1-D (one value per tuple), got shape "
                         f"{arr.shape}")
@@ -182,6 +219,35 @@ def _cast_column(name: str, arr: np.ndarray, manifest: Manifest) -> np.ndarray:
         raise DataError(f"label {name!r}: values must be in 0..{spec.num_classes - 1} "
                         f"(num_classes={spec.num_classes}), found {values.min()}..{values.max()}")
     return values
+
+
+def _to_storage_dtype(name: str, arr: np.ndarray, dtype: str) -> np.ndarray:
+    """A modality cast to its storage dtype; integer dtypes refuse values they cannot hold."""
+    target = np.dtype(dtype)
+    if target.kind in "iu":
+        info = np.iinfo(target)
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr) & (arr == np.round(arr))):
+            raise DataError(f"modality {name!r} is stored as {dtype} but holds non-integer "
+                            "values")
+        if arr.size and (arr.min() < info.min or arr.max() > info.max):
+            raise DataError(f"modality {name!r}: values {arr.min()}..{arr.max()} do not fit "
+                            f"its dtype {dtype}")
+    return np.ascontiguousarray(arr, dtype=target)
+
+
+def _aux_column(name: str, arr: np.ndarray, manifest: Manifest) -> np.ndarray | None:
+    """A checked length (int32) or presence (bool) column, or None if `name` is neither."""
+    for spec in manifest.modalities:
+        if spec.variable_length and name == spec.name + LENGTH_SUFFIX:
+            size = spec.shape[0]
+            if arr.ndim != 1 or (arr.size and (arr.min() < 0 or arr.max() > size)):
+                raise DataError(f"column {name!r}: lengths must be 1-D in 0..{size}")
+            return arr.astype(np.int32)
+        if spec.nullable and name == spec.name + PRESENT_SUFFIX:
+            if arr.ndim != 1:
+                raise DataError(f"column {name!r}: presence must be 1-D booleans")
+            return arr.astype(bool)
+    return None
 
 
 def _to_table(arrays: Mapping[str, np.ndarray], manifest: Manifest) -> pa.Table:
@@ -202,15 +268,27 @@ def _to_table(arrays: Mapping[str, np.ndarray], manifest: Manifest) -> pa.Table:
 
 
 class ShardWriter:
-    """Streams chunks of tuples into `root/split/part-NNNNN.parquet`, starting a new part file
-    once the current one holds `max_rows_per_shard` rows or about `max_bytes_per_shard` bytes
-    (uncompressed Arrow size). Use as a context manager or call `close()`, which returns the
-    number of rows written. A split with no rows still gets one empty shard (its schema)."""
+    """Streams chunks of tuples into `root/split/part-NNNNN.parquet`: the streaming API for
+    writing a data set from your own code (see README "Data").
+
+    Starts a new part file once the current one holds `max_rows_per_shard` rows or about
+    `max_bytes_per_shard` bytes (uncompressed Arrow size). Use as a context manager or call
+    `close()`, which returns the number of rows written. A split with no rows still gets one
+    empty shard (its schema). `write` takes {column: array} with every stored column: `id`,
+    each modality (N, *shape) in any numeric dtype that casts to its storage dtype, its
+    `<m>__len` (variable-length) and `<m>__present` (nullable) columns, each label.
+
+    While writing it counts absent values (`missing`) and accumulates normalisation sums
+    (`stats`, see mmcl.data.stats); `finish_dataset` turns writers into the manifest.
+    `prefix` names the part files (`<prefix>-NNNNN.parquet`): several writers of one split
+    (parallel tasks) use distinct prefixes and `finish_dataset` renames their files.
+    """
 
     def __init__(self, root: str, split: str, manifest: Manifest, *,
                  max_rows_per_shard: int = DEFAULT_MAX_ROWS,
                  max_bytes_per_shard: int = DEFAULT_MAX_BYTES,
-                 endpoint_url: str | None = None, region: str | None = None):
+                 endpoint_url: str | None = None, region: str | None = None,
+                 prefix: str = "part"):
         if max_rows_per_shard < 1 or max_bytes_per_shard < 1:
             raise ValueError("max_rows_per_shard and max_bytes_per_shard must be >= 1")
         self.root, self.split, self.manifest = root, split, manifest
@@ -219,6 +297,10 @@ class ShardWriter:
         self.dir = storage.join(path, split)
         self.schema = arrow_schema(manifest)
         self.rows = 0
+        self.prefix = prefix
+        self.missing = {m.name: 0 for m in manifest.modalities if m.nullable}
+        self.stats: dict[str, FeatureStats] = {m.name: FeatureStats()
+                                               for m in manifest.modalities}
         self.files: list[str] = []
         self._file = self._writer = None
         self._rows_in_file = self._bytes_in_file = 0
@@ -236,7 +318,12 @@ class ShardWriter:
         """Append a chunk: {column: array}, every manifest column, same first axis."""
         if self._closed:
             raise RuntimeError("this ShardWriter is closed")
-        table = _to_table(_check_chunk(columns, self.manifest), self.manifest)
+        checked = _check_chunk(columns, self.manifest)
+        for spec in self.manifest.modalities:
+            self.stats[spec.name].merge(chunk_stats(spec, checked))
+            if spec.nullable:
+                self.missing[spec.name] += int((~checked[spec.name + PRESENT_SUFFIX]).sum())
+        table = _to_table(checked, self.manifest)
         row_bytes = max(1, table.nbytes // max(1, table.num_rows))
         start = 0
         while start < table.num_rows:
@@ -260,7 +347,7 @@ class ShardWriter:
 
     def _open_file(self) -> None:
         self.fs.makedirs(self.dir, exist_ok=True)
-        path = storage.join(self.dir, shard_name(len(self.files)))
+        path = storage.join(self.dir, f"{self.prefix}-{len(self.files):05d}.parquet")
         self._file = self.fs.open(path, "wb")
         self._writer = pq.ParquetWriter(self._file, self.schema)
         self.files.append(path)
@@ -311,10 +398,11 @@ def _prepare_target(fs, path: str, root: str, splits: Sequence[str], overwrite: 
 def write_dataset(root: str, manifest: Manifest, splits: Mapping[str, Mapping[str, np.ndarray]],
                   overwrite: bool = False, max_rows_per_shard: int = DEFAULT_MAX_ROWS,
                   max_bytes_per_shard: int = DEFAULT_MAX_BYTES, endpoint_url: str | None = None,
-                  region: str | None = None) -> Manifest:
+                  region: str | None = None, stats_split: str | None = None) -> Manifest:
     """Write whole splits ({split: {column: array}}) as a data set; returns the manifest with
     its row counts. manifest.json is written last, so an interrupted write never looks like
-    a complete data set. Ids must be unique over all splits."""
+    a complete data set. Ids must be unique over all splits. With `stats_split` (e.g.
+    "train") the manifest records normalisation constants computed on that split."""
     ids = [np.asarray(cols.get(ID_COLUMN, [])) for cols in splits.values()]
     all_ids = np.concatenate([i.ravel() for i in ids]) if ids else np.zeros(0)
     if len(np.unique(all_ids)) != len(all_ids):
@@ -325,15 +413,28 @@ def write_dataset(root: str, manifest: Manifest, splits: Mapping[str, Mapping[st
     fs, path = _fs(root, endpoint_url, region)
     _prepare_target(fs, path, root, list(splits), overwrite)
     fs.makedirs(path, exist_ok=True)
-    counts = {}
+    writers = {}
     for split, cols in splits.items():
         with ShardWriter(root, split, manifest, max_rows_per_shard=max_rows_per_shard,
                          max_bytes_per_shard=max_bytes_per_shard, endpoint_url=endpoint_url,
                          region=region) as writer:
             writer.write(cols)
-        counts[split] = writer.rows
+        writers[split] = writer
+    return finish_dataset(root, manifest, writers, stats_split, endpoint_url, region)
+
+
+def finish_dataset(root: str, manifest: Manifest, writers: Mapping[str, "ShardWriter"],
+                   stats_split: str | None = None, endpoint_url: str | None = None,
+                   region: str | None = None) -> Manifest:
+    """Write manifest.json for the closed `writers` ({split: writer}): row and missing
+    counts, and the normalisation constants of `stats_split` when given. Returns it."""
+    fs, path = _fs(root, endpoint_url, region)
+    counts = {split: w.rows for split, w in writers.items()}
+    missing = {split: dict(w.missing) for split, w in writers.items() if w.missing}
     out = Manifest(list(manifest.modalities), list(manifest.labels), counts,
-                   manifest.description, manifest.version)
+                   manifest.description, manifest.version, missing)
+    if stats_split is not None and stats_split in writers:
+        out = with_stats(out, writers[stats_split].stats)
     with fs.open(storage.join(path, MANIFEST_NAME), "w") as f:
         f.write(out.to_json())
     return out
@@ -357,7 +458,7 @@ def validate(root: str, splits: Sequence[str] | None = None, endpoint_url: str |
     manifest; returns the manifest. One DataError lists every problem found."""
     manifest = read_manifest(root, endpoint_url, region)
     fs, _ = _fs(root, endpoint_url, region)
-    columns = [ID_COLUMN, *manifest.modality_names, *[lab.name for lab in manifest.labels]]
+    columns = arrow_schema(manifest).names
     problems: list[str] = []
     for split in _split_names(manifest, splits, root):
         files = list_shards(root, split, endpoint_url, region)
@@ -390,23 +491,25 @@ def validate(root: str, splits: Sequence[str] | None = None, endpoint_url: str |
 # ------------------------------------------------------------------------------- reading
 
 
-def tensor_to_numpy(column: pa.ChunkedArray | pa.Array,
-                    shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 values of shape (N, *shape), valid-row mask) of a fixed-shape tensor column.
-    Null rows come back as NaN and invalid."""
+def tensor_to_numpy(column: pa.ChunkedArray | pa.Array, shape: Sequence[int],
+                    dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """(values of shape (N, *shape) and `dtype`, valid-row mask) of a fixed-shape tensor
+    column. Null rows come back invalid (as NaN for float dtypes, 0 for integers)."""
     shape = tuple(int(s) for s in shape)
     width = int(np.prod(shape))
+    target = np.dtype(dtype)
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    values, valid = [np.zeros((0, width), np.float32)], [np.zeros(0, bool)]
+    values, valid = [np.zeros((0, width), target)], [np.zeros(0, bool)]
     for chunk in chunks:
         st = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
         flat = st.values.slice(st.offset * width, len(st) * width)
-        vals = flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        vals = flat.to_numpy(zero_copy_only=False).astype(target, copy=False)
         vals = vals.reshape(len(st), width)
         ok = np.ones(len(st), dtype=bool)
         if st.null_count:
             ok = ~st.is_null().to_numpy(zero_copy_only=False)
-            vals = np.where(ok[:, None], vals, np.float32(np.nan))
+            fill = np.nan if target.kind == "f" else 0
+            vals = np.where(ok[:, None], vals, np.array(fill, target))
         values.append(vals)
         valid.append(ok)
     return np.concatenate(values).reshape(-1, *shape), np.concatenate(valid)
@@ -483,12 +586,21 @@ def _table_to_arrays(table: pa.Table, mods: list[str], labels: list[str], manife
     out = {ID_COLUMN: table.column(ID_COLUMN).to_numpy().astype(np.int64, copy=False)}
     valid = {}
     for m in mods:
-        out[m], valid[m] = tensor_to_numpy(table.column(m), manifest.modality(m).shape)
+        spec = manifest.modality(m)
+        out[m], valid[m] = tensor_to_numpy(table.column(m), spec.shape, spec.dtype)
+        for aux in spec.storage_columns[1:]:
+            out[aux] = table.column(aux).to_numpy(zero_copy_only=False)
+        if spec.nullable:  # absent values are stored as zeros: not a non-finite row
+            valid[m] = valid[m] | ~out[m + PRESENT_SUFFIX]
     for lab in labels:
         col = table.column(lab)
         if col.null_count:
             raise DataError(f"{shown}: label column {lab!r} has {col.null_count} null value(s)")
-        dtype = np.int64 if manifest.label(lab).task == "classification" else np.float32
+        spec = manifest.label(lab)
+        if spec.task == "multilabel":
+            out[lab] = tensor_to_numpy(col, (spec.num_classes,), "uint8")[0]
+            continue
+        dtype = np.int64 if spec.task == "classification" else np.float32
         out[lab] = col.to_numpy().astype(dtype, copy=False)
     return out, valid
 
@@ -496,20 +608,30 @@ def _table_to_arrays(table: pa.Table, mods: list[str], labels: list[str], manife
 def _empty_split(mods: list[str], labels: list[str], manifest: Manifest) -> dict[str, np.ndarray]:
     out = {ID_COLUMN: np.zeros(0, np.int64)}
     for m in mods:
-        out[m] = np.zeros((0, *manifest.modality(m).shape), np.float32)
+        spec = manifest.modality(m)
+        out[m] = np.zeros((0, *spec.shape), spec.dtype)
+        if spec.variable_length:
+            out[m + LENGTH_SUFFIX] = np.zeros(0, np.int32)
+        if spec.nullable:
+            out[m + PRESENT_SUFFIX] = np.zeros(0, bool)
     for lab in labels:
-        task = manifest.label(lab).task
-        out[lab] = np.zeros(0, np.int64 if task == "classification" else np.float32)
+        spec = manifest.label(lab)
+        if spec.task == "multilabel":
+            out[lab] = np.zeros((0, spec.num_classes), np.uint8)
+            continue
+        out[lab] = np.zeros(0, np.int64 if spec.task == "classification" else np.float32)
     return out
 
 
 def read_split(root: str, split: str, columns: Sequence[str] | None = None,
                nonfinite: NonFinite = "fail", endpoint_url: str | None = None,
-               region: str | None = None) -> dict[str, np.ndarray]:
-    """A whole split in memory: {"id": int64 (N,), modality: float32 (N, *shape), label: int64
-    or float32 (N,)}. `columns` picks modalities/labels (None: all; `id` always comes).
+               region: str | None = None, missing: Missing = "mask") -> dict[str, np.ndarray]:
+    """A whole split in memory: {"id": int64 (N,), modality: (N, *shape) in its storage dtype
+    (float32 in version 1), its `__len`/`__present` columns, label: int64 or float32 (N,) or
+    uint8 (N, K)}. `columns` picks modalities/labels (None: all; `id` always comes).
     Rows with NaN/inf/null in a selected modality raise DataError (nonfinite="fail") or are
-    dropped (nonfinite="drop")."""
+    dropped (nonfinite="drop"). Tuples lacking a selected modality raise DataError
+    (missing="fail"), are dropped ("drop") or kept with their presence column ("mask")."""
     if nonfinite not in ("fail", "drop"):
         raise ValueError(f"nonfinite must be 'fail' or 'drop', got {nonfinite!r}")
     manifest = read_manifest(root, endpoint_url, region)
@@ -518,7 +640,8 @@ def read_split(root: str, split: str, columns: Sequence[str] | None = None,
     fs, _ = _fs(root, endpoint_url, region)
     parts, masks = [], []
     for shown in list_shards(root, split, endpoint_url, region):
-        table = _read_shard(fs, shown, [ID_COLUMN, *mods, *labels], manifest)
+        table = _read_shard(fs, shown, [ID_COLUMN, *storage_columns(manifest, mods), *labels],
+                            manifest)
         arrays, valid = _table_to_arrays(table, mods, labels, manifest, shown)
         parts.append(arrays)
         masks.append(valid)
@@ -528,15 +651,44 @@ def read_split(root: str, split: str, columns: Sequence[str] | None = None,
                             f"({storage.join(str(root), split)}/part-*.parquet)")
         return _empty_split(mods, labels, manifest)
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    return _handle_nonfinite(out, {m: np.concatenate([v[m] for v in masks]) for m in mods},
-                             split, nonfinite, where=str(root))
+    out = _handle_nonfinite(out, {m: np.concatenate([v[m] for v in masks]) for m in mods},
+                            split, nonfinite, where=str(root))
+    return handle_missing(out, manifest, mods, split, missing, where=str(root))
+
+
+def missing_error(split: str, modality: str, count: int, where: str = "") -> DataError:
+    return DataError(f"split {split!r}{' of ' + where if where else ''}: modality "
+                     f"{modality!r} is missing in {count} tuple(s); set data.missing=drop to "
+                     f"skip those tuples, or data.missing=mask to train with a presence mask "
+                     f"(objectives and fusions that support absent modalities)")
+
+
+def handle_missing(out: dict[str, np.ndarray], manifest: Manifest, mods: Sequence[str],
+                   split: str, missing: Missing, where: str = "") -> dict[str, np.ndarray]:
+    """Apply `missing` (fail / drop / mask) to in-memory columns of nullable modalities."""
+    if missing not in ("fail", "drop", "mask"):
+        raise ValueError(f"missing must be fail, drop or mask, got {missing!r}")
+    keep = np.ones(len(out[ID_COLUMN]), dtype=bool)
+    for m in mods:
+        if not manifest.modality(m).nullable:
+            continue
+        present = out[m + PRESENT_SUFFIX]
+        absent = int((~present).sum())
+        if absent and missing == "fail":
+            raise missing_error(split, m, absent, where)
+        if missing == "drop":
+            keep &= present
+    if keep.all():
+        return out
+    return {k: v[keep] for k, v in out.items()}
 
 
 def _handle_nonfinite(out: dict[str, np.ndarray], valid: dict[str, np.ndarray], split: str,
                       nonfinite: NonFinite, where: str = "") -> dict[str, np.ndarray]:
     keep = np.ones(len(out[ID_COLUMN]), dtype=bool)
     for name, ok in valid.items():
-        ok = ok & np.isfinite(out[name].reshape(len(ok), -1)).all(axis=1)
+        if out[name].dtype.kind == "f":
+            ok = ok & np.isfinite(out[name].reshape(len(ok), -1)).all(axis=1)
         bad = int((~ok).sum())
         if bad and nonfinite == "fail":
             ids = out[ID_COLUMN][~ok][:5].tolist()

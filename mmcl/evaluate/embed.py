@@ -198,8 +198,9 @@ class Embedder:
     def __call__(self, batch: Mapping[str, np.ndarray]) -> pa.Table:
         import torch
 
-        inputs = {m: torch.from_numpy(np.array(batch[m], dtype=np.float32, copy=True))
-                  for m in self.modalities}
+        # Stored dtypes (and `<m>__len` / `<m>__present`): the model's Preparer casts them.
+        inputs = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in batch.items()
+                  if k.split("__")[0] in self.modalities}
         with torch.no_grad():
             fused = self.model.embed(inputs).float().cpu().numpy()
             own = {m: v.float().cpu().numpy()

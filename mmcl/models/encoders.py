@@ -1,9 +1,14 @@
-"""Per-modality encoders: each maps a batch (B, *spec.shape) of float32 to (B, embed_dim).
+"""Per-modality encoders: each maps a batch (B, *spec.shape) to (B, embed_dim).
+
+Every encoder is called as `encoder(x, mask=None)`; `mask` is the batch's `<m>__mask` (bool
+(B, L), True = a real token or time step) for text and padded sequences. The others ignore
+it (padded steps reach them as zeros).
 
 `build_encoder` picks the network from the modality's kind (vector, sequence, image) and the
-config's `EncoderConfig.kind`. "auto" chooses an MLP for vectors, a GRU for sequences and a
-small CNN for images; an MLP fits every kind (it flattens its input). A kind that does not fit
-the modality is a configuration error, raised before any training starts.
+config's `EncoderConfig.kind`. "auto" chooses an MLP for vectors, a GRU for sequences, a
+small CNN for images, token embeddings + masked mean for text and a strided 1-D CNN for
+audio; an MLP fits every kind but text (it flattens its input). A kind that does not fit the
+modality is a configuration error, raised before any training starts.
 
 Every kind, mmcl's own and plug-ins alike, is looked up in mmcl.models.registry: the built-in
 kinds below register there (which modality kinds each fits comes from ALLOWED_KINDS), "hf"
@@ -27,8 +32,11 @@ ALLOWED_KINDS: dict[str, tuple[str, ...]] = {
     "vector": ("auto", "mlp"),
     "sequence": ("auto", "gru", "mlp", "transformer"),
     "image": ("auto", "cnn", "mlp"),
+    "text": ("auto", "text"),
+    "audio": ("auto", "audio", "mlp"),
 }
-AUTO_KIND = {"vector": "mlp", "sequence": "gru", "image": "cnn"}
+AUTO_KIND = {"vector": "mlp", "sequence": "gru", "image": "cnn", "text": "text",
+             "audio": "audio"}
 
 
 class MLPEncoder(nn.Module):
@@ -44,7 +52,7 @@ class MLPEncoder(nn.Module):
         blocks.append(nn.Linear(width, embed_dim))
         self.net = nn.Sequential(*blocks)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         return self.net(x)
 
 
@@ -59,7 +67,7 @@ class GRUEncoder(nn.Module):
                           dropout=dropout)
         self.out = nn.Linear(cfg.hidden, embed_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         _, h_n = self.rnn(x)  # h_n: (layers, B, hidden)
         return self.out(h_n[-1])
 
@@ -86,7 +94,7 @@ class TransformerEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden)
         self.out = nn.Linear(cfg.hidden, embed_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         h = self.layers(self.inp(x) + self.pos)
         return self.out(self.norm(h).mean(dim=1))
 
@@ -110,8 +118,49 @@ class CNNEncoder(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(cfg.hidden, embed_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         pooled = self.convs(x).mean(dim=(-2, -1))
+        return self.out(self.drop(pooled))
+
+
+class TextEncoder(nn.Module):
+    """Token embedding, mean over the real tokens (`mask`, all tokens without one), MLP.
+    `forward(ids (B, L) int64, mask (B, L) bool | None) -> (B, embed_dim)`."""
+
+    def __init__(self, vocab_size: int, cfg: EncoderConfig, embed_dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, cfg.hidden)
+        self.mlp = MLPEncoder(cfg.hidden, cfg, embed_dim)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        tokens = self.embed(x.long())
+        if mask is None:
+            return self.mlp(tokens.mean(dim=1))
+        weights = mask.to(tokens.dtype).unsqueeze(-1)
+        # An all-padding row (empty text) pools to zeros rather than dividing by zero.
+        pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return self.mlp(pooled)
+
+
+class AudioEncoder(nn.Module):
+    """`layers` (at least 2) stride-4 1-D conv blocks of `hidden` channels over the mono
+    waveform (B, S), global average pool, Linear. GroupNorm for the reason CNNEncoder has."""
+
+    def __init__(self, cfg: EncoderConfig, embed_dim: int):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        width = 1
+        for i in range(max(2, cfg.layers)):
+            kernel = 9 if i == 0 else 5
+            blocks += [nn.Conv1d(width, cfg.hidden, kernel, stride=4, padding=kernel // 2),
+                       nn.GroupNorm(1, cfg.hidden), nn.GELU()]
+            width = cfg.hidden
+        self.convs = nn.Sequential(*blocks)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(cfg.hidden, embed_dim)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        pooled = self.convs(x.unsqueeze(1)).mean(dim=-1)
         return self.out(self.drop(pooled))
 
 
@@ -149,6 +198,10 @@ def _build_builtin(spec: ModalitySpec, cfg: EncoderConfig, embed_dim: int) -> nn
         return MLPEncoder(math.prod(spec.shape), cfg, embed_dim)
     if kind == "gru":
         return GRUEncoder(spec.shape[-1], cfg, embed_dim)
+    if kind == "text":
+        return TextEncoder(int(spec.vocab_size), cfg, embed_dim)
+    if kind == "audio":
+        return AudioEncoder(cfg, embed_dim)
     if kind == "transformer":
         steps, features = spec.shape
         return TransformerEncoder(steps, features, cfg, embed_dim)

@@ -166,6 +166,7 @@ class HFEncoder(nn.Module):
         self.spec, self.cfg = spec, cfg
         self.backbone = load_backbone(cfg)
         self.input_name = getattr(self.backbone, "main_input_name", "input_ids")
+        self._check_vocabulary(spec)
         if cfg.pooling != "pooler" and getattr(self.backbone, "pooler", None) is not None:
             # An unused pooler gets no gradient, which DDP refuses; drop it.
             self.backbone.pooler = None
@@ -187,6 +188,15 @@ class HFEncoder(nn.Module):
             # Buffers (not persistent: they come from the config, which travels with weights).
             self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
             self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def _check_vocabulary(self, spec) -> None:
+        data_vocab = getattr(spec, "vocab_size", None)
+        model_vocab = getattr(self.backbone.config, "vocab_size", None)
+        if self.input_name == "input_ids" and data_vocab and model_vocab \
+                and data_vocab > model_vocab:
+            raise ConfigError(
+                f"modality {spec.name!r}: the data's tokenizer has {data_vocab} token ids, "
+                f"the hf model only {model_vocab}; tokenize with the model's own tokenizer")
 
     def _freeze(self, freeze: str | int) -> None:
         if freeze == "none":

@@ -286,9 +286,13 @@ class TrainedModel:
     manifest: Manifest
 
     def _tensors(self, batch: Mapping) -> dict[str, torch.Tensor]:
+        from mmcl.data.prepare import Preparer
+
         device = next(self.objective.parameters()).device
-        return {k: torch.as_tensor(np.asarray(v)).to(device) for k, v in batch.items()
-                if k in self.manifest.modality_names}
+        # A modality and its `<m>__len` / `<m>__present` columns, prepared as in training.
+        tensors = {k: torch.as_tensor(np.asarray(v)).to(device) for k, v in batch.items()
+                   if k.split("__")[0] in self.manifest.modality_names}
+        return Preparer.for_run(self.manifest, self.config.data)(tensors)
 
     def embed(self, batch: Mapping) -> torch.Tensor:
         """The representation handed downstream, for a batch of tuples (name -> array)."""

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from mmcl.config import RunConfig, TrainConfig
 from mmcl.data.augment import Augmenter
+from mmcl.data.prepare import Preparer
 from mmcl.data.schema import Manifest
 from mmcl.objectives import Objective, OptimGroup, build_objective
 
@@ -83,6 +84,7 @@ class Engine:
         self.objective: Objective = build_objective(cfg, manifest).to(self.device)
         self.model = wrap(self.objective) if wrap else self.objective
         self.augmenter = Augmenter(manifest.modalities, cfg.augment)
+        self.prepare = Preparer.for_run(manifest, cfg.data)
         groups = self.objective.optimizer_groups()
         scales = self.objective.encoder.lr_scales()
         self.optimizers = {name: make_optimizer(g, cfg.train, scales)
@@ -111,7 +113,7 @@ class Engine:
     def train_step(self, batch: Mapping[str, Tensor]) -> dict[str, float] | None:
         """One optimisation step; returns the step's metrics, or None for a skipped batch."""
         self.model.train()
-        batch = to_device(batch, self.device)
+        batch = self.prepare(to_device(batch, self.device))  # dtypes, masks, standardising
         view1 = self.augmenter(batch, self.generator)
         view2 = self.augmenter(batch, self.generator)
         with self.autocast():

@@ -217,7 +217,7 @@ def _pretrain_in_process(cfg: RunConfig, root: str, manifest: Manifest) -> dict:
 
     columns = training_columns(manifest)
     train = read_split(root, cfg.data.train_split, columns=columns, **remote(cfg),
-                       nonfinite=cfg.data.nonfinite)
+                       nonfinite=cfg.data.nonfinite, missing=cfg.data.missing)
 
     def log(summary):
         print("[mmcl] epoch {epoch}/{total}  step {step}  loss {loss:.4f}  "
@@ -239,6 +239,7 @@ def make_trainer(cfg: RunConfig, root: str, manifest: Manifest, steps: int, name
     from mmcl.train.worker import train_loop_per_worker
 
     dataset = build_dataset(root, cfg.data.train_split, manifest, training_columns(manifest),
+                            missing=cfg.data.missing,
                             seed=cfg.train.seed, nonfinite=cfg.data.nonfinite, **remote(cfg))
     return TorchTrainer(
         loop or train_loop_per_worker,
