@@ -263,3 +263,50 @@ def test_export_loads_without_the_model_folder_and_embeds_the_same(models, tmp_p
     assert torch.equal(plain.layernorm.weight, encoder.backbone.layernorm.weight)
     assert not any(k.startswith("encoder.encoders.img.backbone.")
                    for k in torch.load(tmp_path / "model" / "weights.pt", weights_only=True))
+
+
+TEXT_SPEC = ModalitySpec("caption", (12,), "text", "int64", vocab_size=len(VOCAB), pad_id=0,
+                         mask_id=4, tokenizer="local WordLevel")
+TEXT_MANIFEST = Manifest([TEXT_SPEC, VECTOR])
+
+
+def text_cfg(models, *overrides):
+    return config.load(None, [
+        "model.embed_dim=16", "model.proj_hidden=16", "model.proj_dim=8",
+        "model.encoder.hidden=16", "model.encoder.layers=1",
+        "model.encoders.caption.kind=hf", f"model.encoders.caption.model={models['bert']}",
+        "model.encoders.caption.pooling=cls", "train.batch_size=3", "train.warmup_epochs=0",
+        "augment.per_modality.caption.token_mask=0.3",
+        "augment.per_modality.caption.token_delete=0.2",
+        "augment.per_modality.caption.crop=0.3", *overrides])
+
+
+def stored_text_batch(models):
+    ids, mask = token_batch(models)
+    return {"caption": ids.numpy(), "caption__len": mask.sum(1).numpy(),
+            "vec": torch.randn(3, 8, generator=torch.Generator().manual_seed(2)).numpy()}
+
+
+def test_text_model_trains_exports_and_loads_with_padding_that_never_leaks(models, tmp_path):
+    cfg = text_cfg(models)
+    engine = Engine(cfg, TEXT_MANIFEST, steps_per_epoch=2)
+    stored = stored_text_batch(models)
+    as_tensors = {k: torch.as_tensor(v) for k, v in stored.items()}
+    assert engine.train_step(as_tensors) is not None  # augmented ids + masks train
+    engine.objective.eval()
+    expected = engine.objective.embed(engine.prepare(as_tensors))
+
+    model = mmcl.load(export_model(engine.state_dict(), cfg, TEXT_MANIFEST,
+                                   str(tmp_path / "model")))
+    assert torch.allclose(model.embed(stored), expected, atol=1e-6)
+    lengths = torch.as_tensor(stored["caption__len"])
+    padded = torch.arange(12) >= lengths.unsqueeze(1)
+    changed = dict(stored, caption=torch.as_tensor(stored["caption"]).masked_fill(
+        padded, 9).numpy())
+    assert torch.allclose(model.embed(changed), expected, atol=1e-5)
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(models):
+    big = ModalitySpec("caption", (12,), "text", "int64", vocab_size=1000)
+    with pytest.raises(ConfigError, match="1000 token ids, the hf model only 32"):
+        build_encoder(big, hf(models["bert"]), 8)
