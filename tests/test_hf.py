@@ -310,3 +310,20 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(models):
     big = ModalitySpec("caption", (12,), "text", "int64", vocab_size=1000)
     with pytest.raises(ConfigError, match="1000 token ids, the hf model only 32"):
         build_encoder(big, hf(models["bert"]), 8)
+
+
+def test_the_shipped_hf_config_builds_with_local_models(models):
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "configs" / "hf_image_text.yaml"
+    cfg = config.load(path, [f"model.encoders.image.model={models['vit']}", "model.encoders."
+                             "image.freeze=1", f"model.encoders.caption.model={models['bert']}",
+                             "model.encoders.caption.freeze=1"])
+    manifest = Manifest([ModalitySpec("image", (3, 32, 32), "image", "uint8"),
+                         ModalitySpec("caption", (12,), "text", "int64",
+                                      vocab_size=len(VOCAB), mask_id=4)])
+    engine = Engine(cfg, manifest, steps_per_epoch=1)
+    ids, mask = token_batch(models)
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    assert engine.train_step({"image": images, "caption": ids,
+                              "caption__len": mask.sum(1)}) is not None

@@ -142,3 +142,18 @@ def test_a_plugin_encoder_trains_inside_an_objective(plugin_module):
     out = objective(batch, batch, batch, torch.Generator().manual_seed(0))
     out.loss.backward()
     assert objective.encoder.encoders["seq"].out.weight.grad is not None
+
+
+def test_the_shipped_plugin_config_builds_and_trains(monkeypatch):
+    from pathlib import Path
+
+    repo = Path(__file__).parent.parent
+    monkeypatch.syspath_prepend(str(repo / "configs" / "plugins"))
+    cfg = config.load(repo / "configs" / "custom_encoder.yaml")
+    manifest = Manifest([ModalitySpec(m, (8,)) for m in "abc"])
+    objective = build_objective(cfg, manifest)
+    assert type(objective.encoder.encoders["a"]).__name__ == "GatedMLP"
+    assert len(objective.encoder.encoders["a"].branches) == 4
+    assert type(objective.encoder.encoders["c"]).__name__ == "MLPEncoder"
+    batch = {m: torch.randn(4, 8) for m in "abc"}
+    objective(batch, batch, batch, torch.Generator().manual_seed(0)).loss.backward()
