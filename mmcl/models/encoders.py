@@ -179,7 +179,7 @@ def build_encoder(spec: ModalitySpec, cfg: EncoderConfig, embed_dim: int) -> nn.
     """An encoder mapping (B, *spec.shape) to (B, embed_dim) for one modality, of the kind
     the config names (a built-in, a registered or a "module:Class" plug-in kind)."""
     name = AUTO_KIND.get(spec.kind, cfg.kind) if cfg.kind == "auto" else cfg.kind
-    entry = registry.lookup(name)
+    entry = registry.lookup(name, f"model.encoders.{spec.name}.kind (or model.encoder.kind)")
     if entry.fits is not None and spec.kind not in entry.fits:
         if name in registry.BUILTIN:
             resolve_kind(spec, cfg)  # mmcl's own message, listing the kinds that fit

@@ -94,16 +94,19 @@ def import_target(target: str, what: str) -> Builder:
     return found
 
 
-def lookup(kind: str) -> Entry:
-    """The entry for `kind`; "module:Name" kinds are imported and registered on first use."""
+def lookup(kind: str, field: str = "model.encoder.kind") -> Entry:
+    """The entry for `kind`; "module:Name" kinds are imported and registered on first use.
+    `field` names the config field in the message of an unknown kind."""
     if kind in _REGISTRY:
         return _REGISTRY[kind]
     if IMPORT_FORM.match(kind):
         entry = Entry(kind, import_target(kind, f"encoder kind {kind!r}"))
         _REGISTRY[kind] = entry
         return entry
-    raise ConfigError(f"unknown encoder kind {kind!r}; known kinds: {kinds()}, or name a "
-                      f"plug-in as 'package.module:ClassName'")
+    raise ConfigError(f"{field}: unknown encoder kind {kind!r}; known kinds: {kinds()}, or "
+                      f"name a plug-in as 'package.module:ClassName' (a name registered with "
+                      f"mmcl.models.register_encoder must be registered before the model is "
+                      f"built, in every process)")
 
 
 def kinds() -> list[str]:
