@@ -48,6 +48,7 @@ def _transformers():
         raise ConfigError("encoder kind hf needs the `transformers` package: "
                           "pip install transformers") from None
     transformers.logging.set_verbosity_error()  # "weights not initialised" notes for heads
+    transformers.logging.disable_progress_bar()  # one "Loading weights" bar per backbone
     return transformers
 
 
