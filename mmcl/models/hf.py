@@ -171,6 +171,11 @@ class HFEncoder(nn.Module):
         if cfg.pooling != "pooler" and getattr(self.backbone, "pooler", None) is not None:
             # An unused pooler gets no gradient, which DDP refuses; drop it.
             self.backbone.pooler = None
+        spec_augment = getattr(self.backbone, "masked_spec_embed", None)
+        if isinstance(spec_augment, nn.Parameter):
+            # Wav2Vec2-style SpecAugment embedding: it gets a gradient only in steps where a
+            # time mask is drawn, and DDP refuses parameters that are unused in some steps.
+            spec_augment.requires_grad_(False)
         if cfg.pooling == "pooler" and getattr(self.backbone, "pooler", "none") is None:
             raise ConfigError(f"modality {spec.name!r}: this hf model has no pooler; use "
                               f"pooling: cls or mean")
