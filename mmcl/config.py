@@ -71,15 +71,32 @@ class DataConfig(Strict):
 
 class ModalityAugment(Strict):
     """Strengths in [0, 1]; 0 switches a transform off. Only transforms that fit the modality's
-    kind apply (time masking to sequences, crop/flip/jitter to images)."""
+    kind apply (time masking to sequences, crop/flip/jitter/grayscale/blur to images, token
+    masking/deletion/span crop to text)."""
 
     noise: float = Field(0.1, ge=0, le=1, description="Gaussian noise, std relative to 1")
     dropout: float = Field(0.1, ge=0, le=1, description="fraction of features zeroed")
     time_mask: float = Field(0.0, ge=0, le=1, description="fraction of time steps masked")
-    crop: float = Field(0.0, ge=0, le=1, description="sequence/image crop strength")
+    crop: float = Field(0.0, ge=0, le=1, description="sequence/image crop strength; text: "
+                        "span crop (keep a window of >= (1 - crop) of the tokens)")
     mixup: float = Field(0.0, ge=0, le=1, description="max mixing weight with another row")
     flip: float = Field(0.0, ge=0, le=1, description="probability of a horizontal flip")
-    color_jitter: float = Field(0.0, ge=0, le=1, description="brightness/contrast jitter")
+    color_jitter: float = Field(0.0, ge=0, le=1, description="images: SimCLR colour jitter "
+                                "of strength s (brightness/contrast/saturation 0.8 s, hue "
+                                "0.2 s, applied with probability 0.8)")
+    grayscale: float = Field(0.0, ge=0, le=1, description="images: probability of "
+                             "converting to grayscale (SimCLR: 0.2)")
+    blur: float = Field(0.0, ge=0, le=1, description="images: probability of a Gaussian blur "
+                        "(sigma in [0.1, 2], kernel ~10% of the image; SimCLR: 0.5)")
+    token_mask: float = Field(0.0, ge=0, le=1, description="text: fraction of tokens "
+                              "replaced by mask_token_id")
+    token_delete: float = Field(0.0, ge=0, le=1, description="text: fraction of tokens "
+                                "deleted (the rest move up, the padding grows)")
+    mask_token_id: int | None = Field(None, ge=0, description="text: the tokenizer's mask id "
+                                      "(e.g. [MASK] = 103 in BERT) for token_mask; None = "
+                                      "the data set's (manifest mask_id)")
+    keep_ends: bool = Field(True, description="text: never mask, delete or crop away the "
+                            "first and last real token ([CLS]/[SEP]-style markers)")
 
 
 class AugmentConfig(Strict):
@@ -93,15 +110,62 @@ class AugmentConfig(Strict):
 
 # --------------------------------------------------------------------------------- model
 
-EncoderKind = Literal["auto", "mlp", "gru", "transformer", "cnn"]
+# mmcl's own encoder kinds; a plug-in kind is a name registered with
+# mmcl.models.register_encoder or "package.module:ClassName" (checked when the model is built).
+BUILTIN_ENCODER_KINDS = ("auto", "mlp", "gru", "transformer", "cnn", "text", "audio", "hf")
+_PLUGIN_KIND = r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$"
 
 
 class EncoderConfig(Strict):
-    kind: EncoderKind = Field("auto", description="auto: mlp for vectors, gru for sequences, "
-                              "cnn for images")
+    kind: str = Field("auto", pattern=_PLUGIN_KIND,
+                      description="auto (mlp for vectors, gru for sequences, cnn for images, "
+                      "text for text, audio for audio), mlp, gru, transformer, cnn, text, "
+                      "audio, hf (a Hugging Face backbone), a name "
+                      "registered with mmcl.models.register_encoder, or "
+                      "'package.module:ClassName'")
     hidden: int = Field(128, ge=1)
     layers: int = Field(2, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
+    # -- kind "hf"
+    model: str | None = Field(None, description="hf: hub name or local folder of a "
+                              "transformers model")
+    pretrained: bool = Field(True, description="hf: load the model's weights "
+                             "(from_pretrained); false: fresh weights from its config")
+    hf_config: dict[str, Any] | None = Field(
+        None, description="hf: an inline transformers config (needs model_type, e.g. "
+        "{model_type: bert, hidden_size: 64, ...}) for a fresh model; wins over `model`")
+    pooling: Literal["cls", "mean", "pooler"] = Field(
+        "mean", description="hf: first token (cls), mean over real tokens/patches/frames, or "
+        "the model's own pooler output")
+    freeze: Literal["all", "none"] | Annotated[int, Field(ge=0)] = Field(
+        "none", description="hf: all, none, or N = only the last N blocks (and what follows "
+        "them) train")
+    lr_scale: float = Field(1.0, gt=0, description="hf: backbone lr = train.lr * lr_scale")
+    layer_decay: float = Field(1.0, gt=0, le=1, description="hf: layer-wise lr decay; block "
+                               "i of L gets lr_scale * layer_decay**(L + 1 - i), "
+                               "embeddings i = 0")
+    gradient_checkpointing: bool = Field(False, description="hf: recompute block activations "
+                                         "in backward (less memory, ~30% more compute)")
+    image_mean: list[float] | None = Field(None, description="hf images: per-channel mean; "
+                                           "None = the model folder's preprocessor config, "
+                                           "else ImageNet's")
+    image_std: list[float] | None = Field(None, description="hf images: per-channel std "
+                                          "(as image_mean)")
+    # -- plug-in kinds
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="settings a plug-in encoder reads; mmcl's "
+                                    "own kinds take none")
+
+    @model_validator(mode="after")
+    def _fields_fit_kind(self) -> "EncoderConfig":
+        if self.kind == "hf" and not (self.model or self.hf_config):
+            raise ValueError("kind hf needs `model` (hub name or local folder) or `hf_config`")
+        if self.kind in BUILTIN_ENCODER_KINDS and self.options:
+            raise ValueError(f"`options` is for plug-in encoders; kind {self.kind!r} takes "
+                             "none")
+        if (self.image_mean is None) != (self.image_std is None):
+            raise ValueError("give image_mean and image_std together")
+        return self
 
 
 class ModelConfig(Strict):

@@ -165,19 +165,6 @@ def test_flip_flips_whole_samples_with_the_given_probability():
     assert torch.equal(augmenter(flip=1.0)(batch, gen())["img"], x.flip(-1))
 
 
-def test_color_jitter_is_a_per_sample_affine_map():
-    batch = batch_of(n=8)
-    x = batch["img"]
-    out = augmenter(color_jitter=0.5)(batch, gen())["img"]
-    for i in range(len(x)):
-        xi, oi = x[i].flatten(), out[i].flatten()
-        scale = ((oi - oi.mean()) @ (xi - xi.mean())) / (xi - xi.mean()).square().sum()
-        assert 0.5 - 1e-4 <= scale <= 1.5 + 1e-4
-        torch.testing.assert_close(oi, scale * (xi - xi.mean()) + oi.mean(),
-                                   rtol=1e-4, atol=1e-4)
-        assert abs(oi.mean() - xi.mean()) <= 0.5 + 1e-4  # brightness shift within strength
-
-
 def test_mixup_keeps_each_sample_dominant():
     n, strength = VEC.shape[0], 0.8
     batch = {**batch_of(n), "vec": torch.eye(n)}  # one-hot rows reveal the mixing weights
@@ -187,3 +174,158 @@ def test_mixup_keeps_each_sample_dominant():
     torch.testing.assert_close(out.sum(dim=1), torch.ones(n))
     assert ((out > 0).sum(dim=1) <= 2).all()  # mixed with at most one other row
     assert (diag < 1).any()
+
+
+# ------------------------------------------------------ SimCLR image set on [0, 1] images
+
+
+def unit_images(n=16, seed=0):
+    return torch.rand(n, *IMG.shape, generator=gen(seed))
+
+
+def test_color_jitter_stays_in_range_and_changes_samples_differently():
+    x = unit_images()
+    out = augmenter(color_jitter=1.0)({"img": x}, gen())["img"]
+    assert out.min() >= 0 and out.max() <= 1
+    changed = ~torch.isclose(out, x).flatten(1).all(dim=1)
+    assert 6 <= changed.sum() < len(x)  # applied with probability 0.8, per sample
+    ratios = (out.mean(dim=(1, 2, 3)) / x.mean(dim=(1, 2, 3)))[changed]
+    assert ratios.std() > 0.01  # each sample its own factors
+
+
+def test_grayscale_makes_the_chosen_samples_gray_and_keeps_3_channels():
+    x = unit_images()
+    out = augmenter(grayscale=1.0)({"img": x}, gen())["img"]
+    assert out.shape == x.shape
+    torch.testing.assert_close(out[:, 0], out[:, 1])
+    torch.testing.assert_close(out[:, 1], out[:, 2])
+    half = augmenter(grayscale=0.5)(batch_of(n=64) | {"img": unit_images(64)}, gen())["img"]
+    gray = torch.isclose(half[:, 0], half[:, 1]).flatten(1).all(dim=1)
+    assert 10 < gray.sum() < 54
+
+
+def test_blur_smooths_the_image():
+    x = unit_images()
+    out = augmenter(blur=1.0)({"img": x}, gen())["img"]
+    roughness = out.diff(dim=-1).abs().mean(dim=(1, 2, 3))
+    before = x.diff(dim=-1).abs().mean(dim=(1, 2, 3))
+    assert (roughness <= before + 1e-6).all()
+    assert (roughness < 0.8 * before).sum() >= 10  # sigma ~ U(0.1, 2): small sigmas barely blur
+    torch.testing.assert_close(out.mean(), x.mean(), atol=0.02, rtol=0)
+
+
+def test_kornia_transforms_are_seeded_by_the_callers_generator():
+    x = {"img": unit_images()}
+    aug = augmenter(color_jitter=0.8, grayscale=0.5, blur=0.5)
+    torch.manual_seed(123)
+    first = aug(x, gen(4))["img"]
+    torch.manual_seed(999)  # the global RNG does not decide the view...
+    assert torch.equal(aug(x, gen(4))["img"], first)
+    g = gen(4)
+    assert not torch.equal(aug(x, g)["img"], aug(x, g)["img"])  # ...the generator does
+    state = torch.get_rng_state()
+    aug(x, gen(5))
+    assert torch.equal(torch.get_rng_state(), state)  # and it is left as it was
+
+
+# ---------------------------------------------------------------- text: ids with a mask
+
+MASK_ID = 4
+
+
+class TextSpec:
+    """The schema's text kind arrives with data format v2; the augmenter reads these."""
+    name, shape, kind, dtype = "caption", (10,), "text", "int64"
+
+
+def text_batch(lengths=(10, 6, 3, 2)):
+    ids = torch.zeros(len(lengths), 10, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.arange(n) + 10 * (row + 1)  # distinct, increasing tokens
+    mask = torch.arange(10) < torch.tensor(lengths).unsqueeze(1)
+    return {"caption": ids, "caption__mask": mask}
+
+
+def text_augmenter(**strengths) -> Augmenter:
+    aug = ModalityAugment(**{**OFF, "mask_token_id": MASK_ID, **strengths})
+    return Augmenter([TextSpec()], AugmentConfig(default=aug))
+
+
+def real_tokens(out, row):
+    return out["caption"][row][out["caption__mask"][row]].tolist()
+
+
+@pytest.mark.parametrize("strengths", [dict(token_mask=0.5), dict(token_delete=0.5),
+                                       dict(crop=0.7),
+                                       dict(token_mask=0.3, token_delete=0.3, crop=0.5)])
+def test_text_transforms_never_read_the_padding(strengths):
+    batch = text_batch()
+    noisy = dict(batch, caption=batch["caption"].masked_fill(~batch["caption__mask"], 77))
+    aug = text_augmenter(**strengths)
+    a, b = aug(batch, gen()), aug(noisy, gen())
+    assert torch.equal(a["caption__mask"], b["caption__mask"])
+    assert torch.equal(a["caption"][a["caption__mask"]], b["caption"][b["caption__mask"]])
+    assert (a["caption"][~a["caption__mask"]] == 0).all()
+    # Real tokens stay first; the original is left alone.
+    lengths = a["caption__mask"].sum(1, keepdim=True)
+    assert torch.equal(a["caption__mask"], torch.arange(10) < lengths)
+    assert torch.equal(batch["caption"], text_batch()["caption"])
+
+
+def test_token_mask_replaces_about_the_fraction_and_keeps_the_ends():
+    batch = {"caption": torch.arange(200).repeat(64, 1)[:, :10] + 10,
+             "caption__mask": torch.ones(64, 10, dtype=torch.bool)}
+    out = text_augmenter(token_mask=0.5)(batch, gen())
+    masked = out["caption"] == MASK_ID
+    assert not masked[:, [0, -1]].any()  # keep_ends
+    assert 0.4 < masked[:, 1:-1].float().mean() < 0.6
+    assert torch.equal(out["caption"][~masked], batch["caption"][~masked])
+    free = Augmenter([TextSpec()], AugmentConfig(default=ModalityAugment(
+        **{**OFF, "token_mask": 0.5, "mask_token_id": MASK_ID, "keep_ends": False})))
+    assert (free(batch, gen())["caption"][:, 0] == MASK_ID).any()
+
+
+def test_token_delete_keeps_the_order_and_at_least_one_token():
+    out = text_augmenter(token_delete=0.5)(text_batch(), gen())
+    for row in range(4):
+        kept = real_tokens(out, row)
+        original = text_batch()["caption"][row][text_batch()["caption__mask"][row]].tolist()
+        assert kept == sorted(kept) and set(kept) <= set(original)
+        assert kept[0] == original[0] and kept[-1] == original[-1]
+    assert out["caption__mask"].sum() < text_batch()["caption__mask"].sum()
+    everything = text_augmenter(token_delete=1.0)(text_batch(), gen())
+    assert [real_tokens(everything, r) for r in range(4)] == [[10, 19], [20, 25], [30, 32],
+                                                              [40, 41]]
+
+
+def test_span_crop_keeps_a_contiguous_window_of_the_given_size():
+    out = text_augmenter(crop=0.5)(text_batch(), gen())
+    first = real_tokens(out, 0)
+    middle = first[1:-1]
+    assert first[0] == 10 and first[-1] == 19
+    assert middle == list(range(middle[0], middle[0] + len(middle)))
+    assert 4 <= len(middle) <= 8  # a fraction in [0.5, 1] of the 8 editable tokens
+    assert real_tokens(out, 3) == [40, 41]  # nothing editable: unchanged
+
+
+def test_text_without_a_mask_counts_every_position_as_real():
+    batch = {"caption": text_batch()["caption"]}
+    out = text_augmenter(token_delete=0.5)(batch, gen())
+    assert out["caption__mask"].shape == (4, 10)
+
+
+def test_token_mask_needs_the_mask_id():
+    from mmcl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="mask_token_id"):
+        Augmenter([TextSpec()], AugmentConfig(default=ModalityAugment(token_mask=0.2)))
+    # token_mask on a config without text modalities is not an error
+    Augmenter(SPECS, AugmentConfig(default=ModalityAugment(token_mask=0.2)))
+
+
+def test_the_mask_id_comes_from_the_data_sets_tokenizer():
+    spec = ModalitySpec("caption", (10,), "text", dtype="int64", vocab_size=50, mask_id=7)
+    aug = Augmenter([spec], AugmentConfig(default=ModalityAugment(**{**OFF, "token_mask": 1.0})))
+    out = aug(text_batch(), gen())
+    assert real_tokens(out, 0) == [10] + [7] * 8 + [19]  # all but the ends
+    assert real_tokens(out, 2) == [30, 7, 32]

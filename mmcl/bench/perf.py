@@ -11,6 +11,9 @@ Sections (each a dict in perf.json and a part of perf.md):
                     tiled concatenations, N = 128, 256, 512 (values, time, peak memory)
     loss_memory     peak memory of the TupleInfoNCE loss against the global batch: local loss
                     (n_local x N_global logits per worker) against every worker scoring N x N
+    hf_encoders     an image+text step with Hugging Face backbones (ViT + BERT from configs),
+                    trainable against frozen, the encoders' share of the step, bf16 on GPU
+                    (mmcl.bench.encoders_perf)
     read            raw read throughput of the shard format against the same data stored as
                     list<float> columns (pyarrow, and Ray Data)
     data_plane      Ray path (Ray Data from Parquet shards -> DDP workers) against the same
@@ -44,8 +47,10 @@ import numpy as np
 
 from mmcl.bench.env import describe, json_default, load_average, machine
 from mmcl.bench.timing import interleaved, paired_ratio, peak_memory, quartiles, torch_threads
+from mmcl.bench.encoders_perf import hf_encoders, md_hf_encoders as _md_hf_encoders  # noqa: F401
 
-SECTIONS = ("objective_step", "critics", "loss_memory", "read", "data_plane", "startup")
+SECTIONS = ("objective_step", "critics", "loss_memory", "hf_encoders", "read", "data_plane",
+            "startup")
 # Run only when asked for (`--only import`): `mmcl data import` throughput (mmcl.bench.ingest).
 OPTIONAL_SECTIONS = ("import",)
 MB = 1e6
@@ -884,7 +889,7 @@ def run_perf(quick: bool = False, out: str | None = None,
 
     try:
         sec = report["sections"]
-        for name in ("objective_step", "critics", "loss_memory"):
+        for name in ("objective_step", "critics", "loss_memory", "hf_encoders"):
             if name in chosen:
                 sec[name] = _section(name, lambda n=name: globals()[n](quick), log)
                 write()

@@ -6,18 +6,25 @@ a modality's kind apply (others are skipped):
 
     vector    mixup, dropout, noise
     audio     mixup, dropout, noise (on the standardised waveform)
-    text      none (integer token ids)
     sequence  crop, mixup, time_mask, dropout, noise
-    image     crop, flip, color_jitter, mixup, dropout, noise
+    image     crop, flip, color_jitter, grayscale, blur, mixup, dropout, noise
+    text      crop (span), token_delete, token_mask
 
-and they run in that order: geometry first (crop/flip) and photometry (jitter) on the clean
-signal; mixup next, so that masks applied afterwards stay masks (a zeroed step is not half
-refilled by another row); noise last, so masked entries read as noisy readings rather than
-tell-tale exact zeros.
+and they run in that order: geometry first (crop/flip) and photometry (jitter, grayscale,
+blur: the SimCLR set, on [0, 1] images) on the clean signal; mixup next, so that masks applied
+afterwards stay masks (a zeroed step is not half refilled by another row); noise last, so
+masked entries read as noisy readings rather than tell-tale exact zeros.
+
+Text is int64 token ids with its padding mask `m__mask` (True = real token, real tokens
+first); its transforms edit ids and mask together and never touch padding: a crop or a
+deletion moves the remaining tokens up and marks the freed positions as padding (their value,
+0, never reaches an embedding). With `keep_ends` the first and last real token stay.
 
 Every op is batched on the tensors' device, every random draw uses the caller's generator
 (same seed, same view; two calls, two independent views), and no input is modified in place.
-Each modality draws its own randomness, including its own mixup partner.
+Each modality draws its own randomness, including its own mixup partner. kornia's transforms
+(colour jitter, grayscale, blur) draw from torch's global generator: they run under a forked
+RNG seeded from the caller's generator, so they are reproducible the same way.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmcl.config import AugmentConfig, ModalityAugment
+from mmcl.config import AugmentConfig, ConfigError, ModalityAugment
 from mmcl.data.schema import ModalitySpec
 
 Generator = torch.Generator | None
@@ -119,16 +126,6 @@ def flip(x: Tensor, strength: float, gen: Generator) -> Tensor:
     return torch.where(flipped, x.flip(-1), x)
 
 
-def color_jitter(x: Tensor, strength: float, gen: Generator) -> Tensor:
-    """Per-sample contrast scale ~ U(1 - s, 1 + s) about the sample's mean, then a brightness
-    shift ~ U(-s, s) (in the data's standardised units)."""
-    batch = x.shape[0]
-    contrast = _per_sample(1 + strength * (2 * _uniform((batch,), x, gen) - 1), x)
-    brightness = _per_sample(strength * (2 * _uniform((batch,), x, gen) - 1), x)
-    mean = x.mean(dim=tuple(range(1, x.dim())), keepdim=True)
-    return (x - mean) * contrast + mean + brightness
-
-
 def mixup(x: Tensor, strength: float, gen: Generator) -> Tensor:
     """x <- (1 - lam) x + lam x[perm], lam ~ U(0, strength / 2) per sample: the sample itself
     always keeps at least half the weight, so it stays the positive of its own tuple."""
@@ -137,22 +134,141 @@ def mixup(x: Tensor, strength: float, gen: Generator) -> Tensor:
     return (1 - lam) * x + lam * x[perm]
 
 
+# ------------------------------------------------------- SimCLR photometry (kornia, [0, 1])
+
+
+def _seeded_kornia(x: Tensor, make, gen: Generator) -> Tensor:
+    """Run the kornia transform `make()` on x with torch's RNG forked and seeded from `gen`:
+    kornia draws its per-sample parameters from the global generator."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=x.device).item())
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return make()(x)
+
+
+def color_jitter_rgb(x: Tensor, strength: float, gen: Generator) -> Tensor:
+    """SimCLR's colour distortion of strength s on [0, 1] images: brightness, contrast and
+    saturation factors within 1 +- 0.8 s, hue shift within +-0.2 s, in random order, each
+    sample with probability 0.8. Images without 3 channels get brightness and contrast only."""
+    import kornia.augmentation as K
+
+    rgb = x.shape[1] == 3
+    s = strength
+    return _seeded_kornia(x, lambda: K.ColorJitter(
+        0.8 * s, 0.8 * s, 0.8 * s if rgb else 0.0, 0.2 * s if rgb else 0.0, p=0.8), gen)
+
+
+def grayscale(x: Tensor, strength: float, gen: Generator) -> Tensor:
+    """Each RGB sample becomes grayscale (kept 3 channels) with probability `strength`."""
+    import kornia.augmentation as K
+
+    if x.shape[1] != 3:
+        return x
+    return _seeded_kornia(x, lambda: K.RandomGrayscale(p=strength), gen)
+
+
+def blur(x: Tensor, strength: float, gen: Generator) -> Tensor:
+    """A Gaussian blur with sigma ~ U(0.1, 2) and an odd kernel of ~10% of the image side
+    (SimCLR), each sample with probability `strength`."""
+    import kornia.augmentation as K
+
+    side = min(x.shape[-2:])
+    kernel = max(3, int(0.1 * side) // 2 * 2 + 1)
+    return _seeded_kornia(x, lambda: K.RandomGaussianBlur(
+        (kernel, kernel), (0.1, 2.0), p=strength), gen)
+
+
+# ------------------------------------------------------------------- text (ids and mask)
+
+TextTransform = Callable[[Tensor, Tensor, float, Generator, "ModalityAugment"],
+                         tuple[Tensor, Tensor]]
+
+
+def _editable(mask: Tensor, keep_ends: bool) -> Tensor:
+    """The real tokens a transform may change: all of them, or all but the first and last."""
+    if not keep_ends:
+        return mask
+    lengths = mask.sum(dim=1, keepdim=True)
+    pos = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+    return mask & (pos > 0) & (pos < lengths - 1)
+
+
+def _compact(ids: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """The kept tokens moved up in their order, padding (0, mask False) after them."""
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+    count = keep.sum(dim=1, keepdim=True)
+    mask = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) < count
+    return ids.gather(1, order).masked_fill(~mask, 0), mask
+
+
+def token_mask(ids: Tensor, mask: Tensor, strength: float, gen: Generator,
+               aug: ModalityAugment) -> tuple[Tensor, Tensor]:
+    """Each editable token becomes `mask_token_id` with probability `strength`."""
+    chosen = (_uniform(ids.shape, mask.float(), gen) < strength) & _editable(mask, aug.keep_ends)
+    return ids.masked_fill(chosen, aug.mask_token_id), mask
+
+
+def token_delete(ids: Tensor, mask: Tensor, strength: float, gen: Generator,
+                 aug: ModalityAugment) -> tuple[Tensor, Tensor]:
+    """Each editable token is deleted with probability `strength`; a sequence keeps at
+    least one token (its first, when deletion would empty it)."""
+    deleted = (_uniform(ids.shape, mask.float(), gen) < strength) & _editable(mask, aug.keep_ends)
+    keep = mask & ~deleted
+    emptied = ~keep.any(dim=1) & mask.any(dim=1)
+    keep[:, 0] |= emptied
+    return _compact(ids, keep)
+
+
+def span_crop(ids: Tensor, mask: Tensor, strength: float, gen: Generator,
+              aug: ModalityAugment) -> tuple[Tensor, Tensor]:
+    """Keep a random contiguous window of the editable tokens, of a fraction ~ U(1 - s, 1)
+    of them (at least one), plus the ends when `keep_ends`."""
+    editable = _editable(mask, aug.keep_ends)
+    n = editable.sum(dim=1, keepdim=True)                              # (B, 1)
+    frac = 1.0 - strength * _uniform(n.shape, mask.float(), gen)
+    span = (frac * n).round().long().clamp(min=1).minimum(n)
+    start = (_uniform(n.shape, mask.float(), gen) * (n - span + 1)).long().minimum(n - span)
+    # Rank of each editable token among the editable ones: 0..n-1.
+    rank = editable.long().cumsum(dim=1) - 1
+    inside = editable & (rank >= start) & (rank < start + span)
+    keep = inside | (mask & ~editable)  # the ends (if kept) are the non-editable real tokens
+    return _compact(ids, keep)
+
+
 # The transforms each kind admits, in the order they run (see the module docstring).
 PIPELINES: dict[str, tuple[tuple[str, Transform], ...]] = {
     "vector": (("mixup", mixup), ("dropout", dropout), ("noise", noise)),
     "sequence": (("crop", crop_sequence), ("mixup", mixup), ("time_mask", time_mask),
                  ("dropout", dropout), ("noise", noise)),
-    "image": (("crop", crop_image), ("flip", flip), ("color_jitter", color_jitter),
-              ("mixup", mixup), ("dropout", dropout), ("noise", noise)),
+    "image": (("crop", crop_image), ("flip", flip), ("color_jitter", color_jitter_rgb),
+              ("grayscale", grayscale), ("blur", blur), ("mixup", mixup),
+              ("dropout", dropout), ("noise", noise)),
     "audio": (("mixup", mixup), ("dropout", dropout), ("noise", noise)),
-    "text": (),  # token ids: nothing here applies (the text encoder sees them as they are)
 }
+TEXT_PIPELINE: tuple[tuple[str, TextTransform], ...] = (
+    ("crop", span_crop), ("token_delete", token_delete), ("token_mask", token_mask))
 
 
 def plan_for(kind: str, aug: ModalityAugment) -> list[tuple[Transform, float]]:
     """The (transform, strength) steps that run for a modality: those fitting its kind with a
-    strength above 0, in order."""
-    return [(fn, getattr(aug, name)) for name, fn in PIPELINES[kind] if getattr(aug, name) > 0]
+    strength above 0, in order. Kinds without transforms (audio, for now) get none."""
+    pipeline = TEXT_PIPELINE if kind == "text" else PIPELINES.get(kind, ())
+    return [(fn, getattr(aug, name)) for name, fn in pipeline if getattr(aug, name) > 0]
+
+
+def _with_mask_id(spec: ModalitySpec, aug: ModalityAugment) -> ModalityAugment:
+    """The text settings with the mask id filled in from the data set's tokenizer (the
+    manifest's mask_id) when the config names none; ConfigError when token masking needs
+    one and neither has it."""
+    if aug.mask_token_id is None and getattr(spec, "mask_id", None) is not None:
+        aug = aug.model_copy(update={"mask_token_id": int(spec.mask_id)})
+    if aug.token_mask > 0 and aug.mask_token_id is None:
+        raise ConfigError(
+            f"augment: token_mask for text modality {spec.name!r} needs the tokenizer's mask "
+            f"id and the data set records none: set augment.per_modality.{spec.name}."
+            f"mask_token_id, or token_mask: 0")
+    return aug
 
 
 class Augmenter:
@@ -161,18 +277,35 @@ class Augmenter:
     def __init__(self, specs: list[ModalitySpec], cfg: AugmentConfig):
         self.plans = {spec.name: plan_for(spec.kind, cfg.for_modality(spec.name))
                       for spec in specs}
+        self.text = {spec.name: _with_mask_id(spec, cfg.for_modality(spec.name))
+                     for spec in specs if spec.kind == "text"}
 
     def __call__(self, batch: Mapping[str, Tensor],
                  generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """A new dict: modality tensors augmented, every other key (labels, id, factors) the
-        same tensor object. A modality with nothing to apply is passed through uncopied too
-        (nothing downstream writes into views). Non-float tensors are never augmented."""
+        """A new dict: modality tensors augmented, every other key (labels, id) the same
+        tensor object. A modality with nothing to apply is passed through uncopied too
+        (nothing downstream writes into views). Other non-float tensors are never augmented;
+        text is edited together with its padding mask."""
         out = dict(batch)
         for name, plan in self.plans.items():
             x = batch.get(name)
-            if x is None or not plan or not x.is_floating_point():
+            if x is None or not plan:
+                continue
+            if name in self.text:
+                out[name], out[f"{name}__mask"] = self._text(x, batch.get(f"{name}__mask"),
+                                                             plan, self.text[name], generator)
+                continue
+            if not x.is_floating_point():
                 continue
             for fn, strength in plan:
                 x = fn(x, strength, generator)
             out[name] = x
         return out
+
+    @staticmethod
+    def _text(ids: Tensor, mask: Tensor | None, plan, aug: ModalityAugment,
+              generator) -> tuple[Tensor, Tensor]:
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        for fn, strength in plan:
+            ids, mask = fn(ids, mask, strength, generator, aug)
+        return ids, mask

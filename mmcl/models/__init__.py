@@ -3,7 +3,8 @@
 from mmcl.models.encoders import build_encoder
 from mmcl.models.fusion import ConcatFusion, TransformerFusion
 from mmcl.models.heads import ProjectionHead
-from mmcl.models.multimodal import MultimodalEncoder
+from mmcl.models.multimodal import Embeddings, MultimodalEncoder
+from mmcl.models.registry import register_encoder
 
 __all__ = ["build_encoder", "ConcatFusion", "TransformerFusion", "ProjectionHead",
-           "MultimodalEncoder"]
+           "MultimodalEncoder", "Embeddings", "register_encoder"]

@@ -9,6 +9,11 @@ config's `EncoderConfig.kind`. "auto" chooses an MLP for vectors, a GRU for sequ
 small CNN for images, token embeddings + masked mean for text and a strided 1-D CNN for
 audio; an MLP fits every kind but text (it flattens its input). A kind that does not fit the
 modality is a configuration error, raised before any training starts.
+
+Every kind, mmcl's own and plug-ins alike, is looked up in mmcl.models.registry: the built-in
+kinds below register there (which modality kinds each fits comes from ALLOWED_KINDS), "hf"
+(Hugging Face backbones, mmcl.models.hf) registers lazily so that transformers loads only
+when a config uses it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch import Tensor, nn
 
 from mmcl.config import ConfigError, EncoderConfig
 from mmcl.data.schema import ModalitySpec
+from mmcl.models import registry
 
 # Encoder kinds each modality kind accepts ("auto" resolves to the first concrete one).
 ALLOWED_KINDS: dict[str, tuple[str, ...]] = {
@@ -170,7 +176,23 @@ def resolve_kind(spec: ModalitySpec, cfg: EncoderConfig) -> str:
 
 
 def build_encoder(spec: ModalitySpec, cfg: EncoderConfig, embed_dim: int) -> nn.Module:
-    """An encoder mapping (B, *spec.shape) float32 to (B, embed_dim) for one modality."""
+    """An encoder mapping (B, *spec.shape) to (B, embed_dim) for one modality, of the kind
+    the config names (a built-in, a registered or a "module:Class" plug-in kind)."""
+    name = AUTO_KIND.get(spec.kind, cfg.kind) if cfg.kind == "auto" else cfg.kind
+    entry = registry.lookup(name, f"model.encoders.{spec.name}.kind (or model.encoder.kind)")
+    if entry.fits is not None and spec.kind not in entry.fits:
+        if name in registry.BUILTIN:
+            resolve_kind(spec, cfg)  # mmcl's own message, listing the kinds that fit
+        raise ConfigError(f"modality {spec.name!r} is a {spec.kind}; encoder kind {name!r} "
+                          f"fits only {list(entry.fits)} (set model.encoders.{spec.name}.kind)")
+    encoder = entry.builder()(spec, cfg, embed_dim)
+    if not isinstance(encoder, nn.Module):
+        raise ConfigError(f"encoder kind {name!r} built a {type(encoder).__name__} for "
+                          f"modality {spec.name!r}, not a torch.nn.Module")
+    return encoder
+
+
+def _build_builtin(spec: ModalitySpec, cfg: EncoderConfig, embed_dim: int) -> nn.Module:
     kind = resolve_kind(spec, cfg)
     if kind == "mlp":
         return MLPEncoder(math.prod(spec.shape), cfg, embed_dim)
@@ -184,3 +206,15 @@ def build_encoder(spec: ModalitySpec, cfg: EncoderConfig, embed_dim: int) -> nn.
         steps, features = spec.shape
         return TransformerEncoder(steps, features, cfg, embed_dim)
     return CNNEncoder(spec.shape[0], cfg, embed_dim)
+
+
+def _register_builtins() -> None:
+    names = {k for allowed in ALLOWED_KINDS.values() for k in allowed} - {"auto"}
+    for name in sorted(names):
+        fits = tuple(m for m, allowed in ALLOWED_KINDS.items() if name in allowed)
+        registry.register_builtin(name, _build_builtin, fits)
+    # Any modality kind: the backbone's own input decides what it takes.
+    registry.register_builtin("hf", "mmcl.models.hf:HFEncoder", None)
+
+
+_register_builtins()

@@ -3,6 +3,10 @@
 `encode` runs every modality encoder exactly once; objectives then fuse the resulting
 embeddings as often as they need (full tuples, single-modality masks, disturbed tuples)
 without paying for the encoders again.
+
+The batch may carry, per modality m, `m__mask` (bool (B, L), True = a real token or time step;
+handed to m's encoder as `mask=`) and `m__present` (bool (B,), True = m is present in that
+tuple; collected into `Embeddings.present` for the fusion).
 """
 
 from __future__ import annotations
@@ -15,6 +19,24 @@ from mmcl.config import ModelConfig
 from mmcl.data.schema import ModalitySpec
 from mmcl.models.encoders import build_encoder
 from mmcl.models.fusion import ConcatFusion, TransformerFusion, check_keep
+
+
+MASK_SUFFIX, PRESENT_SUFFIX = "__mask", "__present"
+
+
+class Embeddings(dict):
+    """Modality name -> embedding (B, embed_dim), with `.present`: modality -> bool (B,) for
+    the modalities the batch marks as missing in some tuples (None when it marks none)."""
+
+    def __init__(self, *args, present: dict[str, Tensor] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.present = present
+
+
+def _as_model_input(x: Tensor, kind: str) -> Tensor:
+    """Token ids stay integers; everything else becomes float32, since shards may store
+    float16/float64/uint8 and the encoders' weights are float32."""
+    return x.long() if kind == "text" else x.float()
 
 
 class MultimodalEncoder(nn.Module):
@@ -41,9 +63,10 @@ class MultimodalEncoder(nn.Module):
             self.fusion = TransformerFusion(self.modalities, cfg.embed_dim, cfg.fusion_layers,
                                             cfg.fusion_heads)
 
-    def encode(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def encode(self, batch: Mapping[str, Tensor]) -> Embeddings:
         """Each modality's embedding (B, embed_dim); other keys (labels, id) are ignored."""
-        out = {}
+        out = Embeddings()
+        present = {}
         for spec in self.specs:
             if spec.name not in batch:
                 raise ValueError(f"the batch lacks modality {spec.name!r}; it has "
@@ -52,19 +75,34 @@ class MultimodalEncoder(nn.Module):
             if tuple(x.shape[1:]) != spec.shape:
                 raise ValueError(f"modality {spec.name!r}: expected shape (B, "
                                  f"{', '.join(map(str, spec.shape))}), got {tuple(x.shape)}")
-            # Shards may store float16/float64; the encoders' weights are float32. Text stays
-            # token ids; padded modalities pass their mask (data interface v2).
-            x = x if spec.kind == "text" else x.float()
-            mask = batch.get(f"{spec.name}__mask")
-            out[spec.name] = self.encoders[spec.name](x, mask=mask)
+            encoder = self.encoders[spec.name]
+            x = _as_model_input(x, spec.kind)
+            mask = batch.get(spec.name + MASK_SUFFIX)
+            # Encoders of fixed-size inputs need not take a mask: pass one only when present.
+            out[spec.name] = encoder(x) if mask is None else encoder(x, mask=mask.bool())
+            if spec.name + PRESENT_SUFFIX in batch:
+                present[spec.name] = batch[spec.name + PRESENT_SUFFIX].bool()
+        out.present = present or None
         return out
+
+    def lr_scales(self) -> dict[nn.Parameter, float]:
+        """Parameters whose learning rate differs from the run's (hf backbones' lr_scale and
+        layer decay): parameter -> multiplier. Encoders say so through `lr_scales()`."""
+        scales: dict[nn.Parameter, float] = {}
+        for encoder in self.encoders.values():
+            if callable(getattr(encoder, "lr_scales", None)):
+                scales.update(encoder.lr_scales())
+        return scales
 
     def fuse(self, embeddings: Mapping[str, Tensor],
              keep: Iterable[str] | None = None) -> Tensor:
         """The tuple embedding (B, embed_dim) from modality embeddings restricted to `keep`
         (None: all). ValueError for an empty `keep` or a name that is not a modality."""
         kept = None if keep is None else check_keep(keep, self.modalities)
-        return self.fusion(embeddings, kept)
+        present = getattr(embeddings, "present", None)
+        if present is None:
+            return self.fusion(embeddings, kept)
+        return self.fusion(embeddings, kept, present=present)
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         return self.fuse(self.encode(batch))

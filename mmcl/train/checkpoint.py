@@ -8,6 +8,12 @@ A checkpoint directory holds
 An exported model (the run's `model/` folder) holds weights.pt (the objective's state dict),
 config.yaml and manifest.json. Everything loads with torch.load(weights_only=True): a file that
 needs arbitrary unpickling is refused, never executed.
+
+A model with Hugging Face backbones (encoder kind hf) exports each backbone as an ordinary
+transformers folder, backbones/<modality>/{config.json, model.safetensors} (AutoModel.
+from_pretrained reads it too); weights.pt then holds everything else, and config.yaml names
+the backbones' configs inline (`hf_config`, `pretrained: false`), so that mmcl.load rebuilds
+the model without the hub or the original model folder.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from mmcl.storage import filesystem, join
 
 STATE, WEIGHTS, CONFIG, MANIFEST, META = ("state.pt", "weights.pt", "config.yaml",
                                           "manifest.json", "meta.json")
+BACKBONES, BACKBONE_WEIGHTS, BACKBONE_CONFIG = "backbones", "model.safetensors", "config.json"
 FORMAT = 1
 
 
@@ -143,23 +150,27 @@ def export_model(state: dict, cfg: RunConfig, manifest: Manifest, out_url: str,
     renamed into place, weights.pt last: a model folder holding weights.pt is complete, and a
     write that fails (disk or bucket full, storage not writable) leaves an earlier model there
     untouched and raises one StorageError naming the path."""
+    cfg, weights, backbones = split_backbones(state["objective"], cfg, manifest)
     buffer = io.BytesIO()
-    torch.save(state["objective"], buffer)
+    torch.save(weights, buffer)
+    # weights.pt last: renamed into place last, it marks a complete folder.
     files = {CONFIG: config_mod.dump(cfg).encode(), MANIFEST: manifest.to_json().encode(),
-             WEIGHTS: buffer.getvalue()}
+             **backbones, WEIGHTS: buffer.getvalue()}
     fs, path = filesystem(out_url, endpoint_url, region)
     target, written = out_url, []
     try:
         fs.makedirs(path, exist_ok=True)
         for name, payload in files.items():
             target = join(out_url, name)
-            tmp = join(path, f".{name}.tmp")
+            tmp = join(path, _tmp_name(name))
             written.append(tmp)
+            if "/" in name:
+                fs.makedirs(join(path, os.path.dirname(name)), exist_ok=True)
             with fs.open(tmp, "wb") as f:
                 f.write(payload)
         for name in files:
             target = join(out_url, name)
-            fs.mv(join(path, f".{name}.tmp"), join(path, name))
+            fs.mv(join(path, _tmp_name(name)), join(path, name))
     except BaseException as err:
         for tmp in written:
             _remove_quietly(fs, tmp)
@@ -167,6 +178,77 @@ def export_model(state: dict, cfg: RunConfig, manifest: Manifest, out_url: str,
             raise unwritable(target, err) from None
         raise
     return out_url
+
+
+def _tmp_name(name: str) -> str:
+    folder, base = os.path.split(name)
+    return os.path.join(folder, f".{base}.tmp") if folder else f".{base}.tmp"
+
+
+def _hf_modalities(cfg: RunConfig, manifest: Manifest) -> list[str]:
+    return [m for m in manifest.modality_names if cfg.model.encoder_for(m).kind == "hf"]
+
+
+def _backbone_prefix(modality: str) -> str:
+    return f"encoder.encoders.{modality}.backbone."
+
+
+def split_backbones(weights: Mapping, cfg: RunConfig, manifest: Manifest
+                    ) -> tuple[RunConfig, dict, dict[str, bytes]]:
+    """(export config, weights without backbones, backbone files) for export; a model
+    without hf encoders comes back unchanged with no backbone files."""
+    modalities = _hf_modalities(cfg, manifest)
+    if not modalities:
+        return cfg, weights, {}
+    from safetensors.torch import save as save_safetensors
+
+    from mmcl.models.hf import pinned_config
+
+    encoders, files, rest = dict(cfg.model.encoders), {}, dict(weights)
+    for m in modalities:
+        pinned = pinned_config(cfg.model.encoder_for(m))
+        encoders[m] = pinned
+        prefix = _backbone_prefix(m)
+        # clone: safetensors refuses tensors sharing storage (tied embeddings)
+        tensors = {k[len(prefix):]: rest.pop(k).detach().contiguous().clone()
+                   for k in [k for k in rest if k.startswith(prefix)]}
+        folder = f"{BACKBONES}/{m}"
+        files[f"{folder}/{BACKBONE_CONFIG}"] = json.dumps(pinned.hf_config, indent=2).encode()
+        files[f"{folder}/{BACKBONE_WEIGHTS}"] = save_safetensors(tensors,
+                                                                 metadata={"format": "pt"})
+    model = cfg.model.model_copy(update={"encoders": encoders})
+    return cfg.model_copy(update={"model": model}), rest, files
+
+
+def join_backbones(weights: dict, cfg: RunConfig, manifest: Manifest, fs, folder: str) -> dict:
+    """The full state dict of an exported model: weights.pt plus its backbone files."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    full = dict(weights)
+    for m in _hf_modalities(cfg, manifest):
+        url = join(folder, BACKBONES, m, BACKBONE_WEIGHTS)
+        if not fs.exists(url):
+            continue  # a checkpoint's state, or an older export: weights.pt holds it all
+        try:
+            tensors = load_safetensors(fs.cat_file(url))
+        except (SafetensorError, ValueError, OSError) as err:
+            raise CheckpointError(f"{url} is not a readable safetensors file ({err}); "
+                                  f"export the run again") from None
+        full.update({_backbone_prefix(m) + k: v for k, v in tensors.items()})
+    return full
+
+
+def _fresh_backbones(cfg: RunConfig, manifest: Manifest) -> RunConfig:
+    """The config to rebuild a model whose weights come from a file: hf backbones built
+    fresh from their config, not read with from_pretrained (their weights are replaced)."""
+    modalities = _hf_modalities(cfg, manifest)
+    if not modalities:
+        return cfg
+    encoders = dict(cfg.model.encoders)
+    for m in modalities:
+        encoders[m] = cfg.model.encoder_for(m).model_copy(update={"pretrained": False})
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"encoders": encoders})})
 
 
 def _remove_quietly(fs, path: str) -> None:
@@ -285,7 +367,9 @@ def load(path: str, endpoint_url: str | None = None, region: str | None = None) 
                 state = safe_load(fs.cat_file(join(folder, weights_name)),
                                   join(folder, weights_name))
                 weights = state["objective"] if weights_name == STATE else state
-                objective = build_objective(cfg, manifest)
+                if isinstance(weights, Mapping):
+                    weights = join_backbones(weights, cfg, manifest, fs, folder)
+                objective = build_objective(_fresh_backbones(cfg, manifest), manifest)
                 check_weights_fit(objective.state_dict(), weights, join(folder, weights_name),
                                   join(folder, CONFIG))
                 objective.load_state_dict(weights)

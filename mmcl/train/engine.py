@@ -41,13 +41,22 @@ def warmup_cosine(total_steps: int, warmup_steps: int, schedule: str) -> Callabl
     return factor
 
 
-def make_optimizer(group: OptimGroup, train: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(group: OptimGroup, train: TrainConfig,
+                   lr_scales: Mapping[nn.Parameter, float] | None = None) -> torch.optim.Optimizer:
+    """One optimiser for `group`; parameters with an lr multiplier in `lr_scales` (hf
+    backbones) go into torch parameter groups of their own, lr = group lr * multiplier.
+    The unscaled group comes first, so param_groups[0] always carries the run's lr."""
     lr = group.lr if group.lr is not None else train.lr
     wd = group.weight_decay if group.weight_decay is not None else train.weight_decay
+    by_scale: dict[float, list[nn.Parameter]] = {1.0: []}
+    for p in group.params:
+        by_scale.setdefault((lr_scales or {}).get(p, 1.0), []).append(p)
+    param_groups = [{"params": ps, "lr": lr * scale, "lr_scale": scale}
+                    for scale, ps in by_scale.items() if ps or scale == 1.0]
     if train.optimizer == "sgd":
-        return torch.optim.SGD(group.params, lr=lr, momentum=0.9, weight_decay=wd)
+        return torch.optim.SGD(param_groups, lr=lr, momentum=0.9, weight_decay=wd)
     cls = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
-    return cls(group.params, lr=lr, weight_decay=wd)
+    return cls(param_groups, lr=lr, weight_decay=wd)
 
 
 def to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
@@ -77,7 +86,9 @@ class Engine:
         self.augmenter = Augmenter(manifest.modalities, cfg.augment)
         self.prepare = Preparer.for_run(manifest, cfg.data)
         groups = self.objective.optimizer_groups()
-        self.optimizers = {name: make_optimizer(g, cfg.train) for name, g in groups.items()}
+        scales = self.objective.encoder.lr_scales()
+        self.optimizers = {name: make_optimizer(g, cfg.train, scales)
+                           for name, g in groups.items()}
         total = cfg.train.epochs * steps_per_epoch
         warmup = int(round(cfg.train.warmup_epochs * steps_per_epoch))
         self.schedulers = {
