@@ -3,6 +3,8 @@ and which objectives have a space shared by their modalities."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -120,3 +122,34 @@ def test_cross_shared_space_is_the_one_its_loss_compares():
     for m in shared:
         torch.testing.assert_close(shared[m], projected[m])
         torch.testing.assert_close(shared[m].norm(dim=1), torch.ones(32))
+
+
+def test_eval_reports_retrieval_for_a_cross_run_and_names_pairs_without_space(tmp_path):
+    """One tiny CLIP-style run on the 3-modality data, evaluated in process: every pair is
+    scored both ways with its chance, in report.json and report.md."""
+    from mmcl.evaluate.diagnostics import ProbeSettings
+    from mmcl.evaluate.report import evaluate_run
+    from mmcl.train import launcher
+
+    tiny = ["data.synth.n=300", "train.epochs=1", "train.batch_size=50",
+            "train.warmup_epochs=0", *SMALL, f"storage.path={tmp_path}"]
+    cross = launcher.pretrain(config.load(None, ["objective.name=cross", *tiny,
+                                                 "storage.name=cross"]),
+                              in_process=True).run_url
+    settings = ProbeSettings(l2_grid=(1e-2,), few_label_k=(), knn_k=5)
+    report = evaluate_run(cross, settings=settings, use_ray=False)
+    retrieval = report["retrieval"]
+    assert sorted(retrieval["pairs"]) == ["a:b", "a:c", "b:c"]
+    n_test = report["rows_embedded"]["test"]
+    ab = retrieval["pairs"]["a:b"]
+    assert ab["n"] == n_test and ab["a_to_b"]["chance@5"] == pytest.approx(5 / n_test)
+    assert 1 <= ab["b_to_a"]["median_rank"] <= n_test
+    assert "knn" in report["labels"]["y"] and report["labels"]["y"]["knn"]["fused"]["k"] == 5
+    md = open(os.path.join(cross, "eval", "report.md")).read()
+    assert "Cross-modal retrieval" in md and "a → b" in md and "kNN" in md
+
+    # asking for one pair only; an objective on fused tuples has no shared space
+    settings = ProbeSettings(l2_grid=(1e-2,), few_label_k=(), knn_k=0, retrieval=("c:a",))
+    report = evaluate_run(cross, settings=settings, use_ray=False)
+    assert list(report["retrieval"]["pairs"]) == ["c:a"]
+    assert "c_to_a" in report["retrieval"]["pairs"]["c:a"]
