@@ -121,7 +121,8 @@ def _probe_settings(args):
             **({"l2_grid": tuple(args.l2_grid)} if args.l2_grid else {}),
             few_label_k=tuple(args.few_label_k),
             few_label_seeds=tuple(range(args.few_label_seeds)),
-            max_rows=args.max_rows or None, seed=args.probe_seed)
+            max_rows=args.max_rows or None, seed=args.probe_seed,
+            knn_k=args.knn_k, retrieval=tuple(args.retrieval) if args.retrieval else None)
     except ValueError as err:
         raise EmbedError(f"probe settings: {err}") from None
 
@@ -321,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probe on at most N rows per split, a seeded sample (default: "
                    "100000; 0: all)")
     p.add_argument("--probe-seed", type=int, default=0, help="seed of that sample")
+    p.add_argument("--knn-k", type=int, default=20, metavar="K",
+                   help="neighbours of the weighted kNN probe (default: 20, T = 0.07; 0: off)")
+    p.add_argument("--retrieval", nargs="+", metavar="A:B",
+                   help="modality pairs for cross-modal recall@k on test (default: every pair "
+                   "the objective puts in one space; the report names those it cannot)")
     _add_s3_args(p)
     p.set_defaults(func=cmd_eval)
 

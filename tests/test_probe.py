@@ -105,3 +105,87 @@ def test_few_label_subset():
     assert not np.array_equal(idx, few_label_subset(labels, per_class=5, seed=1))
     with pytest.raises(ValueError):
         few_label_subset(labels, per_class=0, seed=0)
+
+
+# ------------------------------------------------- scikit-learn as the probe's oracle
+# mmcl minimises  mean CE + l2 ||W||^2  (W: D x C, softmax over C outputs, bias free);
+# sklearn minimises  C * sum CE + 0.5 ||w||^2.  Dividing sklearn's by C n:  1 / (2 C n) = l2
+# for the multinomial case. For two classes sklearn fits one vector w = w_1 - w_0; at mmcl's
+# optimum w_0 = -w_1, so mmcl's penalty is (l2 / 2) ||w||^2 and C = 1 / (n l2).
+# Ridge: mmcl  0.5 mean ||zW + b - y||^2 + l2 ||W||^2;  sklearn  ||y - zW - b||^2 + alpha
+# ||W||^2, so alpha = 2 n l2.
+
+sklearn = pytest.importorskip("sklearn")
+
+
+def _standardised(x_fit, x_other):
+    from sklearn.preprocessing import StandardScaler   # population std, as mmcl's probe
+
+    scaler = StandardScaler().fit(x_fit)
+    return scaler.transform(x_fit), scaler.transform(x_other)
+
+
+def _noisy_classes(n, classes, seed):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, 6)) * 1.2
+    y = rng.integers(0, classes, size=n)
+    x = (centres[y] + rng.normal(size=(n, 6))) * rng.uniform(0.5, 20, size=6) + 3.0
+    return x, y
+
+
+@pytest.mark.parametrize("classes,l2", [(3, 1e-3), (3, 1e-1), (2, 1e-2)])
+def test_logistic_probe_matches_sklearn(classes, l2):
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = _noisy_classes(1200, classes, seed=classes)
+    xtr, ytr, xte, yte = x[:800], y[:800], x[800:], y[800:]
+    probe = fit_probe(xtr, ytr, "classification", classes, l2=l2, max_iter=500)
+    n = len(xtr)
+    c = 1.0 / (2 * n * l2) if classes > 2 else 1.0 / (n * l2)
+    ztr, zte = _standardised(xtr, xte)
+    ref = LogisticRegression(C=c, tol=1e-10, max_iter=5000).fit(ztr, ytr)
+    ours = score(probe, xte, yte)["accuracy"]
+    assert abs(ours - ref.score(zte, yte)) <= 0.01
+    w = probe.weight.numpy().T                                    # (C, D)
+    if classes == 2:
+        w = (w[1] - w[0])[None]                                   # sklearn's one vector
+    np.testing.assert_allclose(w, ref.coef_, rtol=2e-3, atol=2e-4)
+
+
+@pytest.mark.parametrize("l2", [1e-4, 1e-1])
+def test_ridge_probe_matches_sklearn(l2):
+    from sklearn.linear_model import Ridge
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(500, 8)) * rng.uniform(0.1, 10, size=8) - 2.0
+    y = x @ rng.normal(size=(8, 2)) + rng.normal(size=(500, 2))
+    probe = fit_probe(x[:400], y[:400], "regression", l2=l2)
+    ztr, zte = _standardised(x[:400], x[400:])
+    ref = Ridge(alpha=2 * 400 * l2).fit(ztr, y[:400])
+    np.testing.assert_allclose(probe.weight.numpy().T, ref.coef_, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(probe.decision(x[400:]).numpy(), ref.predict(zte),
+                               rtol=1e-8, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------- kNN
+
+
+def test_knn_probe_votes_by_temperature_weighted_cosine():
+    from mmcl.evaluate.knn import knn_predict, knn_probe
+
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(60, 4))
+    labels = rng.integers(0, 3, size=60)
+    queries = rng.normal(size=(25, 4))
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)   # noqa: E731
+    sims = unit(queries) @ unit(bank).T
+    expected = []
+    for row in sims:            # the rule written out: k nearest, exp(s / T) per class
+        top = np.argsort(-row)[:20]
+        votes = np.bincount(labels[top], weights=np.exp(row[top] / 0.07), minlength=3)
+        expected.append(int(np.argmax(votes)))
+    np.testing.assert_array_equal(knn_predict(bank, labels, queries, 3, chunk_rows=7),
+                                  expected)
+    x, y = blobs(300, seed=4)
+    result = knn_probe(x[:150], y[:150], x[150:200], y[150:200], x[200:], y[200:])
+    assert result["accuracy"] > 0.9 and result["k"] == 20 and result["temperature"] == 0.07

@@ -30,6 +30,7 @@ import numpy as np
 
 from mmcl.data.schema import ID_COLUMN, LabelSpec
 from mmcl.evaluate.embed import FUSED, modality_column, raw_column
+from mmcl.evaluate.knn import knn_probe
 from mmcl.evaluate.probe import (DEFAULT_L2_GRID, classification_metrics, few_label_probe,
                                  linear_probe, regression_metrics, selection_metric)
 
@@ -71,6 +72,10 @@ class ProbeSettings:
     few_label_kinds: tuple[str, ...] = (FUSED_KIND, RAW_ALL)
     max_rows: int | None = 100_000
     seed: int = 0
+    knn_k: int = 20                       # 0: no kNN probe
+    knn_temperature: float = 0.07
+    retrieval: tuple[str, ...] | None = None   # "a:b" pairs; None: every shared-space pair
+    retrieval_ks: tuple[int, ...] = (1, 5, 10)
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
@@ -86,6 +91,18 @@ class ProbeSettings:
             raise ValueError("few-label k must be >= 1 labelled rows per class")
         if self.max_rows is not None and self.max_rows < 1:
             raise ValueError("max_rows must be >= 1 (or None for all rows)")
+        if self.knn_k < 0 or self.knn_temperature <= 0:
+            raise ValueError("kNN needs k >= 0 (0: off) and a temperature > 0")
+        if self.retrieval is not None:
+            self.retrieval = tuple(str(p) for p in self.retrieval)
+            bad = [p for p in self.retrieval if len(p.split(":")) != 2 or
+                   "" in p.split(":") or len(set(p.split(":"))) != 2]
+            if bad:
+                raise ValueError(f"retrieval pairs are two different modalities as a:b, got "
+                                 f"{bad}")
+        self.retrieval_ks = tuple(int(k) for k in self.retrieval_ks)
+        if not self.retrieval_ks or min(self.retrieval_ks) < 1:
+            raise ValueError("retrieval k must be >= 1")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -100,6 +117,11 @@ class ProbeSettings:
             f"'{self.train_split}' and k per class from '{self.val_split}' (the L2 is chosen on "
             f"those), refit on both, scored on all of '{self.test_split}'; mean and sample std "
             f"over few_label_seeds")
+        d["knn_protocol"] = (
+            f"classification columns: L2-normalised features, the {self.knn_k} nearest "
+            f"'{self.train_split}'+'{self.val_split}' rows by cosine similarity vote with "
+            f"weight exp(s / {self.knn_temperature:g}) (InstDisc / solo-learn); every metric "
+            f"on '{self.test_split}'")
         d["max_rows_note"] = ("at most max_rows rows per split (a seeded sample, taken in id "
                               "order) enter the probes")
         return d
@@ -177,7 +199,8 @@ def probe_columns(splits: Mapping[str, Mapping[str, np.ndarray]], specs: Sequenc
     `kinds` maps split name -> {kind: (N, D) features}, rows aligned with `splits`.
     Returns {column: {"role", "task", "num_classes", "carried_by", "description",
     "primary_metric", "chance": {...}, "probes": {kind: {metric..., "l2", ...}},
-    "carried": {kind: bool}, "few_label": {kind: {k: {metric: {"mean", "std", "n"}}}}}}.
+    "carried": {kind: bool}, "few_label": {kind: {k: {metric: {"mean", "std", "n"}}}},
+    "knn": {kind: {accuracy, balanced_accuracy, macro_f1, k, temperature}}}}.
     """
     settings = settings or ProbeSettings()
     tr, va, te = settings.train_split, settings.val_split, settings.test_split
@@ -192,7 +215,7 @@ def probe_columns(splits: Mapping[str, Mapping[str, np.ndarray]], specs: Sequenc
                        "carried_by": list(spec.carried_by), "description": spec.description,
                        "primary_metric": primary_metric(spec),
                        "chance": chance(spec, np.concatenate([y[tr], y[va]]), y[te]),
-                       "probes": {}, "carried": {}, "few_label": {}}
+                       "probes": {}, "carried": {}, "few_label": {}, "knn": {}}
         if progress:
             progress(f"probing {spec.name} ({spec.role}, {spec.task}) on {len(kind_names)} "
                      f"representations")
@@ -201,6 +224,10 @@ def probe_columns(splits: Mapping[str, Mapping[str, np.ndarray]], specs: Sequenc
             result = linear_probe(x[tr], y[tr], x[va], y[va], x[te], y[te], spec.task,
                                   spec.num_classes, settings.l2_grid, settings.max_iter)
             entry["probes"][kind] = result.to_dict()
+            if spec.task == "classification" and settings.knn_k:
+                entry["knn"][kind] = knn_probe(x[tr], y[tr], x[va], y[va], x[te], y[te],
+                                               spec.num_classes, settings.knn_k,
+                                               settings.knn_temperature)
             flag = carried(spec, kind)
             if flag is not None:
                 entry["carried"][kind] = flag

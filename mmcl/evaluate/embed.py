@@ -9,7 +9,9 @@ description written last (its presence marks a complete output):
 
     out/split=train/*.parquet      id (int64), embedding (fixed-shape tensor [d]),
     out/split=val/*.parquet        embedding_<modality> per modality ([d_m]),
-    out/split=test/*.parquet       the data set's label and factor columns, unchanged
+    out/split=test/*.parquet       shared_<modality> where the objective has a space shared by
+                                   the modalities (cross-modal retrieval; see retrieval.py),
+                                   the data set's label and factor columns, unchanged
     out/_embeddings.json           run, data, rows per split, columns, label specs
 
 `pyarrow.parquet.read_table(out)` reads all of it with a `split` column. Embedding columns are
@@ -58,6 +60,12 @@ def modality_column(name: str) -> str:
 def raw_column(name: str) -> str:
     """Output column of one modality's raw features, flattened (evaluation reference only)."""
     return f"raw_{name}"
+
+
+def shared_column(name: str) -> str:
+    """Output column of one modality's embedding in the objective's cross-modal space
+    (`objective.shared_embeddings`; written only for objectives that have one)."""
+    return f"shared_{name}"
 
 
 def split_folder(split: str) -> str:
@@ -205,11 +213,17 @@ class Embedder:
             fused = self.model.embed(inputs).float().cpu().numpy()
             own = {m: v.float().cpu().numpy()
                    for m, v in self.model.modality_embeddings(inputs).items()}
+            shared = {m: v.float().cpu().numpy() for m, v in
+                      self.model.objective.shared_embeddings(
+                          {m: t.to(self.device) for m, t in inputs.items()}).items()}
         cols: dict[str, pa.Array] = {ID_COLUMN: pa.array(np.asarray(batch[ID_COLUMN]),
                                                          pa.int64())}
         cols[FUSED] = _tensor_column(fused)
         for m in self.modalities:
             cols[modality_column(m)] = _tensor_column(own[m].reshape(len(own[m]), -1))
+        for m in self.modalities:
+            if m in shared:   # only objectives with a cross-modal space (retrieval)
+                cols[shared_column(m)] = _tensor_column(shared[m].reshape(len(shared[m]), -1))
         for m in self.raw:
             x = np.asarray(batch[m], dtype=np.float32)
             cols[raw_column(m)] = _tensor_column(x.reshape(len(x), -1))
@@ -313,7 +327,8 @@ def embed_run(run: str, out: str, data: str | None = None, splits: Sequence[str]
     modalities = info.manifest.modality_names
     labels = [lab for lab in data_manifest.labels]
     label_names = [lab.name for lab in labels]
-    names = [ID_COLUMN, FUSED, *map(modality_column, modalities), *map(raw_column, modalities)]
+    names = [ID_COLUMN, FUSED, *map(modality_column, modalities), *map(raw_column, modalities),
+             *map(shared_column, modalities)]
     clash = sorted(set(label_names) & set(names + [SPLIT_COLUMN]))
     if clash:
         raise EmbedError(f"label column(s) {clash} collide with the output's own columns; "

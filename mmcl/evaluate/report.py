@@ -36,7 +36,7 @@ from mmcl import storage
 from mmcl.data.schema import LabelSpec
 from mmcl.evaluate import diagnostics as diag
 from mmcl.evaluate.embed import (EmbedError, RunInfo, embed_run, read_embeddings, read_meta,
-                                 read_run)
+                                 read_run, shared_column)
 from mmcl.evaluate.probe import mean_std
 
 FORMAT = 1
@@ -142,6 +142,7 @@ def evaluate_run(run: str, data: str | None = None, *,
     start = time.perf_counter()
     settings = settings or diag.ProbeSettings()
     info = read_run(run, endpoint_url, region)
+    check_retrieval_pairs(settings, info.manifest.modality_names)
     remote = info.remote_with(endpoint_url, region)
     folder = storage.join(info.url, EVAL_DIR)
     emb_out = storage.join(folder, "embeddings")
@@ -170,6 +171,9 @@ def evaluate_run(run: str, data: str | None = None, *,
     _say(progress, f"[mmcl] {info.name}: probing {len(specs)} columns x "
                    f"{len(kinds[splits[0]])} representations")
     results = diag.probe_columns(arrays, specs, kinds, settings)
+    _say(progress, f"[mmcl] {info.name}: retrieval on {settings.test_split}")
+    retrieval = retrieval_section(emb_out, settings, modalities, embedded.dims,
+                                  info.config.objective.name, remote)
     history = read_history(info.url, **remote)
     cfg = info.config
     report = {
@@ -184,6 +188,7 @@ def evaluate_run(run: str, data: str | None = None, *,
         "settings": settings.to_dict(),
         "labels": {k: v for k, v in results.items() if v["role"] != "factor"},
         "factors": {k: v for k, v in results.items() if v["role"] == "factor"},
+        "retrieval": retrieval,
         "final_metrics": history[-1] if history else {},
         "elapsed_s": time.perf_counter() - start,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -193,6 +198,50 @@ def evaluate_run(run: str, data: str | None = None, *,
     _say(progress, f"[mmcl] {info.name}: wrote {json_url} and {md_url} "
                    f"({report['elapsed_s']:.1f}s)")
     return report
+
+
+def check_retrieval_pairs(settings: diag.ProbeSettings, modalities: Sequence[str]) -> None:
+    """Every modality named in --retrieval a:b is one the run was trained on."""
+    unknown = sorted({m for pair in settings.retrieval or () for m in pair.split(":")}
+                     - set(modalities))
+    if unknown:
+        raise ReportError(f"--retrieval names modalities {unknown} the run does not have "
+                          f"(it has {list(modalities)})")
+
+
+def retrieval_section(emb_out: str, settings: diag.ProbeSettings, modalities: Sequence[str],
+                      columns: Mapping[str, int], objective: str, remote: Mapping) -> dict:
+    """Recall@k and median rank, both ways, for every asked pair (default: every pair of
+    modalities the objective puts in one space), over the whole test split in chunks.
+    Pairs without a shared space are listed, with the reason, instead of scored."""
+    from itertools import combinations
+
+    from mmcl.evaluate.retrieval import retrieval_from_parquet
+
+    shared = [m for m in modalities if shared_column(m) in columns]
+    asked = list(settings.retrieval) if settings.retrieval is not None else \
+        [f"{a}:{b}" for a, b in combinations(modalities, 2)]
+    out: dict = {"split": settings.test_split, "ks": list(settings.retrieval_ks),
+                 "pairs": {}, "no_shared_space": [],
+                 "protocol": "each query ranks every test tuple's other modality by dot "
+                             "product in the objective's shared space (cosine where the loss "
+                             "is cosine); rank = 1 + rows scoring strictly higher; chance "
+                             "recall@k = k/N, median rank (N+1)/2; all test rows (no "
+                             "max_rows sample)"}
+    for pair in asked:
+        a, b = pair.split(":")
+        if a in shared and b in shared:
+            out["pairs"][pair] = retrieval_from_parquet(emb_out, settings.test_split, a, b,
+                                                        settings.retrieval_ks, **remote)
+        else:
+            out["no_shared_space"].append(pair)
+    if out["no_shared_space"]:
+        out["no_shared_space_reason"] = (
+            f"objective {objective!r} defines no embedding space shared by these modalities "
+            "(its shared_embeddings is empty for them): tuple_infonce, tuple and supcon "
+            "compare fused tuples only (their fusion never sees one modality alone); "
+            "factorcl with the concat critic scores pairs with an MLP, not vectors")
+    return out
 
 
 def config_differences(infos: Sequence[RunInfo]) -> list[str]:
@@ -400,6 +449,55 @@ def _diagnostics_table(report: dict) -> str | None:
     return table(header, rows)
 
 
+def _retrieval_rows(retrieval: Mapping | None) -> list[list[str]]:
+    """One row per direction: pair, direction, recall@k (chance k/N), median rank (chance)."""
+    rows = []
+    for pair, r in (retrieval or {}).get("pairs", {}).items():
+        a, b = r.get("modalities", pair.split(":"))
+        for q, g in ((a, b), (b, a)):
+            d = r[f"{q}_to_{g}"]
+            ks = [k for k in (retrieval.get("ks") or [1, 5, 10])]
+            rows.append([f"{q} → {g}", str(r.get("n", "–")),
+                         *[f"{cell(d.get(f'recall@{k}'))} ({cell(d.get(f'chance@{k}'), 4)})"
+                           for k in ks],
+                         f"{cell(d.get('median_rank'), 1)} ({cell(d.get('chance_median_rank'), 1)})"])
+    return rows
+
+
+def _retrieval_lines(report: dict) -> list[str]:
+    retrieval = report.get("retrieval")
+    if not retrieval:
+        return []
+    ks = retrieval.get("ks") or [1, 5, 10]
+    lines = [f"## Cross-modal retrieval ({retrieval.get('split', 'test')} split)", ""]
+    rows = _retrieval_rows(retrieval)
+    if rows:
+        lines += ["Recall@k and median rank, chance in brackets (k/N; (N+1)/2): "
+                  + retrieval.get("protocol", ""), "",
+                  table(["query → gallery", "N", *[f"R@{k}" for k in ks], "median rank"],
+                        rows), ""]
+    if retrieval.get("no_shared_space"):
+        lines += [f"No shared space for {', '.join(retrieval['no_shared_space'])}: "
+                  + retrieval.get("no_shared_space_reason", ""), ""]
+    return lines
+
+
+def _knn_table(report: dict) -> str | None:
+    rows = []
+    for col, e in report["labels"].items():
+        for kind, knn in e.get("knn", {}).items():
+            if kind not in (diag.FUSED_KIND, diag.RAW_ALL) and not kind.startswith("emb:"):
+                continue
+            linear = e["probes"].get(kind, {})
+            rows.append([col, kind, cell(knn.get("accuracy")), cell(linear.get("accuracy")),
+                         cell(knn.get("balanced_accuracy")),
+                         cell(linear.get("balanced_accuracy"))])
+    if not rows:
+        return None
+    return table(["label", "representation", "kNN acc.", "linear acc.", "kNN bal. acc.",
+                  "linear bal. acc."], rows)
+
+
 def format_markdown(report: dict) -> str:
     """The report a person reads."""
     rows = report.get("rows", {})
@@ -423,6 +521,10 @@ def format_markdown(report: dict) -> str:
         lines += ["## Labels (fused embedding, test split)", ""]
         for t in label_tables:
             lines += [t, ""]
+    knn = _knn_table(report)
+    if knn:
+        lines += ["## kNN beside the linear probe (test split)", "",
+                  report["settings"].get("knn_protocol", ""), "", knn, ""]
     few = _few_label_table(report)
     if few:
         s = report["settings"]
@@ -431,6 +533,7 @@ def format_markdown(report: dict) -> str:
                   f"choose the L2), mean ± std over {len(s['few_label_seeds'])} draws"
                   + (" (per run; then mean ± std over runs)" if report.get("kind") == "seeds"
                      else "") + ".", "", few, ""]
+    lines += _retrieval_lines(report)
     diagnostics = _diagnostics_table(report)
     if diagnostics:
         lines += ["## What each representation holds (test split)", "",

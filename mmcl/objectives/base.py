@@ -75,6 +75,13 @@ class Objective(nn.Module):
     def modality_embeddings(self, batch: Batch) -> dict[str, Tensor]:
         return self.encoder.encode(batch)
 
+    @torch.no_grad()
+    def shared_embeddings(self, batch: Batch) -> dict[str, Tensor]:
+        """Each modality's embedding in the space the loss compares modalities in, scored by
+        dot product (cross-modal retrieval); {} when the loss compares no single modality
+        with another (an objective on fused tuples only)."""
+        return {}
+
     # -- helpers shared by objectives
     def require_modalities(self, at_least: int = 2, exactly: int | None = None) -> None:
         m = len(self.modalities)
@@ -120,3 +127,6 @@ class FusedObjective(Objective):
     def project(self, embeddings: Mapping[str, Tensor], keep=None) -> Tensor:
         """normalize(head(fuse(embeddings restricted to `keep`)))."""
         return normalize(self.head(self.encoder.fuse(embeddings, keep)))
+
+    # The default: {}. TupleInfoNCE, Tuple and SupCon compare fused tuples only (their fusion
+    # never sees one modality alone), so single-modality vectors share no trained space.

@@ -12,6 +12,8 @@ original` takes them from the un-augmented tuple and `reduction: sum` sums (its 
 
 from __future__ import annotations
 
+import torch
+
 from mmcl.objectives.base import FusedObjective, LossOutput
 from mmcl.objectives.functional import comm_loss
 from mmcl.objectives.registry import register
@@ -39,3 +41,10 @@ class CoMM(FusedObjective):
             views1, views2 = self.views(e1, e1), self.views(e2, e2)
         loss = comm_loss(views1, views2, self.cfg.temperature, reduction=self.cfg.reduction)
         return LossOutput(loss, {})
+
+    @torch.no_grad()
+    def shared_embeddings(self, batch):
+        """Z_i: the tuple with only modality i kept, fused and projected (the L_i terms put
+        every Z_i in the space of Z)."""
+        encoded = self.encoder.encode(batch)
+        return {m: self.project(encoded, [m]) for m in self.modalities}

@@ -53,6 +53,11 @@ class Cross(Objective):
     def embed(self, batch):
         return torch.cat(list(self.encoder.encode(batch).values()), dim=-1)
 
+    @torch.no_grad()
+    def shared_embeddings(self, batch):
+        """Each modality through its own head, normalised: the space of the InfoNCE."""
+        return self.project(batch)
+
 
 @register
 class CrossSelf(Cross):

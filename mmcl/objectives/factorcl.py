@@ -164,6 +164,18 @@ class FactorCL(Objective):
     def embed(self, batch):
         return torch.cat(list(self.modality_embeddings(batch).values()), dim=-1)
 
+    @torch.no_grad()
+    def shared_embeddings(self, batch):
+        """With the separable critic, I_NCE(X1;X2) scores g(s1) . h(s2) of the shared heads:
+        those are a shared space (dot product). The concat critic scores pairs with an MLP,
+        which defines no embedding space: {}."""
+        critic = self.critics["nce"]
+        if not isinstance(critic, SeparableCritic):
+            return {}
+        encoded = self.encoder.encode(batch)
+        s1, s2 = self.apply_heads("nce", [encoded[m] for m in self.modalities])
+        return dict(zip(self.modalities, (critic.g(s1), critic.h(s2))))
+
 
 @register
 class FactorCLSSL(FactorCL):

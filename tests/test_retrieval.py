@@ -1,0 +1,155 @@
+"""Cross-modal retrieval: exact ranks in chunks, chance on shuffled pairs, the Parquet path,
+and which objectives have a space shared by their modalities."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mmcl import config
+from mmcl.data.synth import make_arrays
+from mmcl.evaluate.embed import _tensor_column, shared_column, split_folder
+from mmcl.evaluate.retrieval import (array_source, retrieval_from_parquet, retrieval_metrics,
+                                     retrieval_ranks)
+from mmcl.objectives import build_objective
+
+SMALL = ["model.embed_dim=16", "model.encoder.hidden=16", "model.proj_hidden=16",
+         "model.proj_dim=16", "model.fusion_heads=2"]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_identical_embeddings_retrieve_their_pair_first():
+    x = _unit(np.random.default_rng(0).normal(size=(300, 16)))
+    r = retrieval_metrics(x, x, chunk_rows=64, names=("a", "b"))
+    for way in ("a_to_b", "b_to_a"):
+        assert r[way]["recall@1"] == 1.0 and r[way]["median_rank"] == 1.0
+        assert r[way]["chance@1"] == pytest.approx(1 / 300)
+        assert r[way]["chance@10"] == pytest.approx(10 / 300)
+    assert r["n"] == 300
+
+
+def test_shuffled_pairs_score_chance_within_noise():
+    rng = np.random.default_rng(1)
+    n = 2000
+    a = _unit(rng.normal(size=(n, 8)))
+    b = _unit(a + 0.1 * rng.normal(size=(n, 8)))[rng.permutation(n)]   # pairs broken
+    r = retrieval_metrics(a, b, chunk_rows=512)
+    for way in ("a_to_b", "b_to_a"):
+        for k in (1, 5, 10):
+            p = k / n   # binomial noise of a recall over n queries: sqrt(p(1-p)/n)
+            assert abs(r[way][f"recall@{k}"] - p) < 4 * np.sqrt(p * (1 - p) / n) + 1 / n
+        assert abs(r[way]["median_rank"] - (n + 1) / 2) < 0.1 * n
+
+
+def test_chunked_ranks_equal_unchunked_exactly():
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(257, 6))
+    b = a + rng.normal(size=(257, 6))
+    whole = retrieval_ranks(array_source(a, b, chunk_rows=10_000))
+    for chunk in (5, 64, 256):
+        parts = retrieval_ranks(array_source(a, b, chunk_rows=chunk))
+        for x, y in zip(whole, parts):
+            np.testing.assert_array_equal(x, y)
+    # the same ranks as a plain N x N argsort (no ties in continuous data)
+    scores = a @ b.T
+    rank_ab = (scores > np.diag(scores)[:, None]).sum(axis=1) + 1
+    rank_ba = (scores.T > np.diag(scores)[:, None]).sum(axis=1) + 1
+    np.testing.assert_array_equal(whole[1], rank_ab)
+    np.testing.assert_array_equal(whole[2], rank_ba)
+
+
+def test_retrieval_over_parquet_in_chunks_matches_memory(tmp_path):
+    """Rows out of id order across several files (as Ray writes them): the same figures."""
+    rng = np.random.default_rng(3)
+    n = 200
+    a = _unit(rng.normal(size=(n, 4)))
+    b = _unit(a + 0.5 * rng.normal(size=(n, 4)))
+    folder = tmp_path / split_folder("test")
+    folder.mkdir()
+    order = rng.permutation(n)
+    for i, rows in enumerate(np.array_split(order, 3)):
+        pq.write_table(pa.table({"id": pa.array(rows + 1000, pa.int64()),
+                                 shared_column("a"): _tensor_column(a[rows]),
+                                 shared_column("b"): _tensor_column(b[rows])}),
+                       folder / f"part-{i}.parquet")
+    from_files = retrieval_from_parquet(str(tmp_path), "test", "a", "b", chunk_rows=37)
+    # float32 on disk: compare with the float32 vectors in memory
+    in_memory = retrieval_metrics(a.astype(np.float32), b.astype(np.float32), chunk_rows=n)
+    assert from_files == in_memory
+    assert 0 < from_files["a_to_b"]["recall@1"] < 1
+
+
+def _objective(name: str, preset: str, *extra):
+    manifest, arrays = make_arrays(preset, 64, seed=0)
+    cfg = config.load(None, [f"objective.name={name}", *SMALL, *extra])
+    torch.manual_seed(0)
+    obj = build_objective(cfg, manifest).eval()
+    batch = {m: torch.as_tensor(arrays[m][:32], dtype=torch.float32)
+             for m in manifest.modality_names}
+    return obj, batch
+
+
+@pytest.mark.parametrize("name,preset,extra,modalities", [
+    ("cross", "rus", (), ["a", "b", "c"]),
+    ("cross_self", "rus", (), ["a", "b", "c"]),
+    ("comm", "rus", (), ["a", "b", "c"]),
+    ("factorcl_ssl", "factorcl", ("objective.critic=separable", "objective.critic_hidden=16"),
+     ["x1", "x2"]),
+    ("factorcl_ssl", "factorcl", ("objective.critic=concat", "objective.critic_hidden=16"), []),
+    ("tuple_infonce", "rus", (), []),
+    ("tuple", "rus", (), []),
+])
+def test_which_objectives_share_a_space_between_modalities(name, preset, extra, modalities):
+    obj, batch = _objective(name, preset, *extra)
+    shared = obj.shared_embeddings(batch)
+    assert sorted(shared) == sorted(modalities)
+    for m, z in shared.items():
+        assert z.shape[0] == 32 and torch.isfinite(z).all()
+
+
+def test_cross_shared_space_is_the_one_its_loss_compares():
+    obj, batch = _objective("cross", "rus")
+    shared = obj.shared_embeddings(batch)
+    projected = obj.project(batch)
+    for m in shared:
+        torch.testing.assert_close(shared[m], projected[m])
+        torch.testing.assert_close(shared[m].norm(dim=1), torch.ones(32))
+
+
+def test_eval_reports_retrieval_for_a_cross_run_and_names_pairs_without_space(tmp_path):
+    """One tiny CLIP-style run on the 3-modality data, evaluated in process: every pair is
+    scored both ways with its chance, in report.json and report.md."""
+    from mmcl.evaluate.diagnostics import ProbeSettings
+    from mmcl.evaluate.report import evaluate_run
+    from mmcl.train import launcher
+
+    tiny = ["data.synth.n=300", "train.epochs=1", "train.batch_size=50",
+            "train.warmup_epochs=0", *SMALL, f"storage.path={tmp_path}"]
+    cross = launcher.pretrain(config.load(None, ["objective.name=cross", *tiny,
+                                                 "storage.name=cross"]),
+                              in_process=True).run_url
+    settings = ProbeSettings(l2_grid=(1e-2,), few_label_k=(), knn_k=5)
+    report = evaluate_run(cross, settings=settings, use_ray=False)
+    retrieval = report["retrieval"]
+    assert sorted(retrieval["pairs"]) == ["a:b", "a:c", "b:c"]
+    n_test = report["rows_embedded"]["test"]
+    ab = retrieval["pairs"]["a:b"]
+    assert ab["n"] == n_test and ab["a_to_b"]["chance@5"] == pytest.approx(5 / n_test)
+    assert 1 <= ab["b_to_a"]["median_rank"] <= n_test
+    assert "knn" in report["labels"]["y"] and report["labels"]["y"]["knn"]["fused"]["k"] == 5
+    md = open(os.path.join(cross, "eval", "report.md")).read()
+    assert "Cross-modal retrieval" in md and "a → b" in md and "kNN" in md
+
+    # asking for one pair only; an objective on fused tuples has no shared space
+    settings = ProbeSettings(l2_grid=(1e-2,), few_label_k=(), knn_k=0, retrieval=("c:a",))
+    report = evaluate_run(cross, settings=settings, use_ray=False)
+    assert list(report["retrieval"]["pairs"]) == ["c:a"]
+    assert "c_to_a" in report["retrieval"]["pairs"]["c:a"]
