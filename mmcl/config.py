@@ -95,7 +95,10 @@ class ModelConfig(Strict):
     encoder: EncoderConfig = EncoderConfig()
     encoders: dict[str, EncoderConfig] = Field(
         default_factory=dict, description="per-modality overrides of `encoder`")
-    fusion: Literal["concat", "transformer"] = "transformer"
+    fusion: Literal["concat", "linear", "transformer"] = Field(
+        "transformer", description="transformer: CoMM's (CLS token over one token per "
+        "modality); concat: an MLP (proj_hidden wide) over the concatenated embeddings; "
+        "linear: one Linear layer over them (CoMM's ablation)")
     fusion_layers: int = Field(1, ge=1)
     fusion_heads: int = Field(4, ge=1)
     proj_hidden: int = Field(128, ge=1)
