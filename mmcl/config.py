@@ -148,6 +148,8 @@ class TupleInfoNCEConfig(_Objective):
         description="alpha_k per modality for k-disturbed negatives (0 switches it off); "
                     "modalities not named take `default_negative_weight`")
     default_negative_weight: float = Field(1.0, ge=0)
+    key_grad: bool = Field(True, description="false: no gradient through the keys (positive "
+                           "and disturbed tuples), as TupleInfoNCE's reference code")
 
     @field_validator("negative_weights")
     @classmethod
@@ -177,6 +179,11 @@ class _FactorCL(_Objective):
     critic: Literal["concat", "separable"] = Field(
         "concat", description="concat: MLP on [x, y] as FactorCL's code; separable: dot product")
     critic_hidden: int = Field(256, ge=1)
+    negatives: int = Field(0, ge=0, description="K: each critic scores every y against its "
+                           "positive and K sampled other rows of the global batch (O(N K) "
+                           "pairs); 0 = all N (O(N^2))")
+    score_chunk: int = Field(0, ge=0, description="all-pairs concat critic scores in chunks of "
+                             "this many columns, recomputed in backward (memory); 0 = at once")
     critic_lr: float = Field(1e-4, gt=0, description="lr of the CLUB critics' own optimiser")
 
 
