@@ -270,7 +270,7 @@ def test_factorcl_refuses_three_modalities(rus):
 
 def test_factorcl_club_critics_move_only_by_their_own_loss(factorcl_data):
     manifest, arrays = factorcl_data
-    obj = build_objective(small_config("factorcl_ssl"), manifest)
+    obj = build_objective(small_config("factorcl_ssl", "objective.negatives=0"), manifest)
     batch = batch_of(arrays)
     out = obj(batch, {k: v * 1.1 if v.is_floating_point() else v for k, v in batch.items()},
               batch)
@@ -288,6 +288,28 @@ def test_factorcl_club_critics_move_only_by_their_own_loss(factorcl_data):
     club_ids = {id(p) for p in obj.club_critics.parameters()}
     assert {id(p) for p in groups["club_critics"].params} == club_ids
     assert not club_ids & {id(p) for p in groups["main"].params}
+
+
+def test_factorcl_sampled_negatives(factorcl_data):
+    """K >= N - 1 is every other row: the all-pairs loss exactly; smaller K samples (another
+    loss, drawn from the step's generator) and the main loss still leaves the CLUB critics
+    alone."""
+    manifest, arrays = factorcl_data
+    batch = batch_of(arrays, n=32)
+    view2 = {k: v * 1.1 if v.is_floating_point() else v for k, v in batch.items()}
+    losses = {}
+    for k in (0, 31, 8):
+        torch.manual_seed(0)
+        obj = build_objective(small_config("factorcl_ssl", f"objective.negatives={k}"), manifest)
+        gen = torch.Generator().manual_seed(4)
+        losses[k] = obj(batch, view2, batch, generator=gen).loss
+    torch.testing.assert_close(losses[31], losses[0], rtol=0, atol=0)
+    assert math.isfinite(losses[8].item()) and losses[8].item() != losses[0].item()
+    obj.club_learning_loss = lambda *a: torch.zeros(())  # only the main loss is left
+    obj.zero_grad()
+    obj(batch, view2, batch, generator=gen).loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in obj.club_critics.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in obj.critics.parameters())
 
 
 def test_factorcl_embedding_concatenates_every_head(factorcl_data):
