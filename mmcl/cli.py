@@ -309,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smaller data and fewer rounds (about 2 minutes on 2 cores)")
     p.add_argument("--out", help="output folder (default: runs/bench/quick or runs/bench/full)")
     p.add_argument("--only", action="append", metavar="SECTION",
-                   choices=["objective_step", "critics", "loss_memory", "read", "data_plane",
-                            "startup"],
+                   choices=["objective_step", "efficiency", "critics", "loss_memory", "read",
+                            "data_plane", "startup"],
                    help="run only this section (repeatable; default: all)")
     p.set_defaults(func=cmd_bench_perf)
     p = bsub.add_parser("fidelity", help="what each objective learns: redundancy, uniqueness, "

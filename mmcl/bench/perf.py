@@ -47,7 +47,7 @@ import numpy as np
 from mmcl.bench.env import describe, json_default, load_average, machine
 from mmcl.bench.timing import interleaved, paired_ratio, peak_memory, quartiles, torch_threads
 
-SECTIONS = ("objective_step", "critics", "loss_memory", "read", "data_plane", "startup")
+SECTIONS = ("objective_step", "efficiency", "critics", "loss_memory", "read", "data_plane", "startup")
 MB = 1e6
 
 # The goals of the performance issue, checked in the report.
@@ -56,6 +56,7 @@ GOALS = {
     "reencode_vs_tuple_infonce_min": 2.0,
     "ray_vs_memory_min": 0.9,
     "data_wait_max": 0.05,
+    "factorcl_ssl_vs_cross_max": 5.0,       # default FactorCL-SSL step / cross step, same batch
 }
 
 
@@ -213,6 +214,69 @@ def objective_step(quick: bool) -> dict:
                 "met": at3["reencode_over_tuple_infonce"]["median"]
                 >= GOALS["reencode_vs_tuple_infonce_min"]},
         },
+    }
+
+
+def efficiency(quick: bool) -> dict:
+    """Every objective at its default config (batch 128, one thread): Engine.train_step time,
+    FLOPs (torch.utils.flop_counter) and FLOP efficiency = achieved FLOP/s over the machine's
+    float32 matmul FLOP/s, the matmul timed in the same interleaved rounds (same-round
+    ratios). Data: `rus` (3 modalities), FactorCL on `factorcl` (2), with a cross step on that
+    batch as FactorCL's denominator."""
+    import torch
+
+    from mmcl import config
+    from mmcl.data.synth import make_arrays
+    from mmcl.objectives import OBJECTIVES
+    from mmcl.train.engine import Engine
+
+    batch_size, threads, size = 128, 1, 256
+    rounds, warmup = (2, 1) if quick else (6, 2)
+    data = {p: make_arrays(p, batch_size, seed=0) for p in ("rus", "factorcl")}
+    batches = {p: {k: torch.as_tensor(v) for k, v in arrays.items()}
+               for p, (_, arrays) in data.items()}
+    runs = {name: "factorcl" if name.startswith("factorcl") else "rus"
+            for name in sorted(OBJECTIVES)}
+    runs["cross@factorcl"] = "factorcl"
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    matmul_flop = 2 * size ** 3 * 8
+
+    def matmuls():
+        for _ in range(8):
+            a @ b
+
+    with torch_threads(threads):
+        engines = {run: Engine(config.load(None, [f"objective.name={run.split('@')[0]}",
+                                                  f"train.batch_size={batch_size}",
+                                                  "train.seed=0"]),
+                               data[preset][0], 10**6)
+                   for run, preset in runs.items()}
+        flops = {run: _step_flops(e, batches[runs[run]]) * 1e6 for run, e in engines.items()}
+        fns = {run: (lambda e=e, r=run: e.train_step(batches[runs[r]]))
+               for run, e in engines.items()}
+        times = interleaved({"matmul": matmuls, **fns}, rounds=rounds, warmup=warmup)
+    rate = [matmul_flop / t for t in times["matmul"]]
+    rows = []
+    for run in engines:
+        per_round = [flops[run] / t / r for t, r in zip(times[run], rate)]
+        rows.append({"objective": run, "data": runs[run],
+                     "step_ms": {q: (v * 1e3 if q != "n" else v)
+                                 for q, v in quartiles(times[run]).items()},
+                     "mflop_per_step": flops[run] / 1e6,
+                     "gflop_per_s": flops[run] / quartiles(times[run])["median"] / 1e9,
+                     "flop_efficiency": quartiles(per_round)["median"]})
+    fcl = paired_ratio(times["factorcl_ssl"], times["cross@factorcl"])
+    return {
+        "settings": {"batch_size": batch_size, "torch_threads": threads, "rounds": rounds,
+                     "config": "each objective's defaults (mmcl's default model)",
+                     "matmul": f"{size}x{size} @ {size}x{size} float32, 8 per call"},
+        "matmul_gflop_per_s": quartiles(rate)["median"] / 1e9,
+        "rows": rows,
+        "factorcl_ssl_over_cross": fcl,
+        "factorcl_ssl_over_cross_flops": flops["factorcl_ssl"] / flops["cross@factorcl"],
+        "goals": {"factorcl_ssl_vs_cross": {
+            "goal": f"<= {GOALS['factorcl_ssl_vs_cross_max']}", "measured": fcl["median"],
+            "met": fcl["median"] <= GOALS["factorcl_ssl_vs_cross_max"]}},
     }
 
 
@@ -873,7 +937,7 @@ def run_perf(quick: bool = False, out: str | None = None,
 
     try:
         sec = report["sections"]
-        for name in ("objective_step", "critics", "loss_memory"):
+        for name in ("objective_step", "efficiency", "critics", "loss_memory"):
             if name in chosen:
                 sec[name] = _section(name, lambda n=name: globals()[n](quick), log)
                 write()
@@ -1008,6 +1072,21 @@ def _md_objective_step(s: dict) -> list[str]:
                    f"**{_f(q['tuple_infonce_over_floor_plus_tuple'])}** | "
                    f"{_f(q['tuple_infonce_over_tuple'])} | "
                    f"{_f(q['reencode_over_tuple_infonce'])} |")
+    return out + [""] + _md_goals(s["goals"])
+
+
+def _md_efficiency(s: dict) -> list[str]:
+    out = _md_settings(s) + [
+        f"- machine matmul rate (same rounds): **{_f(s['matmul_gflop_per_s'])} GFLOP/s**", "",
+        "| objective | data | step ms | MFLOP per step | GFLOP/s | FLOP efficiency |",
+        "|---" * 6 + "|"]
+    for r in s["rows"]:
+        out.append(f"| {r['objective']} | {r['data']} | {_iqr(r['step_ms'], 1)} | "
+                   f"{_f(r['mflop_per_step'], 0)} | {_f(r['gflop_per_s'])} | "
+                   f"**{r['flop_efficiency']:.1%}** |")
+    out += ["", f"- factorcl_ssl / cross on the same `factorcl` batch: time "
+            f"{_f(s['factorcl_ssl_over_cross']['median'])}x (same-round median), FLOPs "
+            f"{_f(s['factorcl_ssl_over_cross_flops'])}x"]
     return out + [""] + _md_goals(s["goals"])
 
 
