@@ -357,8 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smaller data and fewer rounds (about 2 minutes on 2 cores)")
     p.add_argument("--out", help="output folder (default: runs/bench/quick or runs/bench/full)")
     p.add_argument("--only", action="append", metavar="SECTION",
-                   choices=["objective_step", "critics", "loss_memory", "read", "data_plane",
-                            "startup", "import"],
+                   choices=["objective_step", "efficiency", "critics", "loss_memory",
+                            "hf_encoders", "read", "data_plane", "startup", "import"],
                    help="run only this section (repeatable; default: all but import, which "
                    "runs only when named)")
     p.set_defaults(func=cmd_bench_perf)

@@ -173,7 +173,10 @@ class ModelConfig(Strict):
     encoder: EncoderConfig = EncoderConfig()
     encoders: dict[str, EncoderConfig] = Field(
         default_factory=dict, description="per-modality overrides of `encoder`")
-    fusion: Literal["concat", "transformer"] = "transformer"
+    fusion: Literal["concat", "linear", "transformer"] = Field(
+        "transformer", description="transformer: CoMM's (CLS token over one token per "
+        "modality); concat: an MLP (proj_hidden wide) over the concatenated embeddings; "
+        "linear: one Linear layer over them (CoMM's ablation)")
     fusion_layers: int = Field(1, ge=1)
     fusion_heads: int = Field(4, ge=1)
     proj_hidden: int = Field(128, ge=1)
@@ -223,6 +226,8 @@ class TupleInfoNCEConfig(_Objective):
         description="alpha_k per modality for k-disturbed negatives (0 switches it off); "
                     "modalities not named take `default_negative_weight`")
     default_negative_weight: float = Field(1.0, ge=0)
+    key_grad: bool = Field(True, description="false: no gradient through the keys (positive "
+                           "and disturbed tuples), as TupleInfoNCE's reference code")
 
     @field_validator("negative_weights")
     @classmethod
@@ -251,7 +256,14 @@ class _FactorCL(_Objective):
                                      "by it; 1 = FactorCL's code")
     critic: Literal["concat", "separable"] = Field(
         "concat", description="concat: MLP on [x, y] as FactorCL's code; separable: dot product")
-    critic_hidden: int = Field(256, ge=1)
+    # Defaults: hidden 64 and 32 sampled negatives cost ~6x fewer FLOPs than hidden 64 on all
+    # pairs at batch 128 (docs/performance.md) for the same fidelity (mmcl bench fidelity).
+    critic_hidden: int = Field(64, ge=1)
+    negatives: int = Field(32, ge=0, description="K: each critic scores every y against its "
+                           "positive and K sampled other rows of the global batch (O(N K) "
+                           "pairs); 0 = all N (O(N^2))")
+    score_chunk: int = Field(0, ge=0, description="all-pairs concat critic scores in chunks of "
+                             "this many columns, recomputed in backward (memory); 0 = at once")
     critic_lr: float = Field(1e-4, gt=0, description="lr of the CLUB critics' own optimiser")
 
 

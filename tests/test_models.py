@@ -6,8 +6,9 @@ import torch
 
 from mmcl.config import ConfigError, EncoderConfig, ModelConfig
 from mmcl.data.schema import ModalitySpec
-from mmcl.models import (ConcatFusion, MultimodalEncoder, ProjectionHead, TransformerFusion,
-                         build_encoder)
+from mmcl.models import (ConcatFusion, LinearFusion, MultimodalEncoder, ProjectionHead,
+                         TransformerFusion, build_encoder)
+from mmcl.models.fusion import swapped_embeddings
 
 D = 16
 VEC = ModalitySpec("vec", (6,), "vector")
@@ -94,6 +95,102 @@ def test_multimodal_shapes_and_non_modality_keys_ignored(fusion):
     assert isinstance(model.fusion, ConcatFusion if fusion == "concat" else TransformerFusion)
 
 
+def test_linear_fusion_is_one_linear_layer():
+    model = MultimodalEncoder(SPECS, small_cfg(fusion="linear"))
+    assert isinstance(model.fusion, LinearFusion) and not model.fusion.supports_missing
+    assert isinstance(model.fusion.mlp, torch.nn.Linear)
+    assert model(batch_of()).shape == (5, D)
+
+
+def reference_transformer(fusion, e, kept):
+    """nn.TransformerEncoder over the whole sequence, CLS out: what the fusion must equal."""
+    index = [fusion.modalities.index(m) for m in kept]
+    tokens = torch.stack([e[m] for m in kept], dim=1) + fusion.type_embed[index]
+    cls = fusion.cls.expand(tokens.shape[0], -1, -1)
+    return fusion.norm(fusion.layers(torch.cat([cls, tokens], dim=1))[:, 0])
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_cls_only_last_layer_equals_the_full_transformer(layers):
+    torch.manual_seed(0)
+    fusion = TransformerFusion(NAMES, D, layers=layers, heads=2)
+    e = embeddings_of()
+    for kept in (NAMES, ["seq"], ["vec", "img"]):
+        torch.testing.assert_close(fusion(e, kept), reference_transformer(fusion, e, kept),
+                                   rtol=0, atol=1e-5)
+    # Gradients in float64: LayerNorm of the tiny CLS parameter scales its gradient ~50x,
+    # past what float32 rounding can compare at 1e-5.
+    fusion, e = fusion.double(), {m: v.double().requires_grad_() for m, v in e.items()}
+    inputs = list(fusion.parameters()) + list(e.values())
+    for kept in (NAMES, ["vec", "img"]):
+        out, ref = fusion(e, kept), reference_transformer(fusion, e, kept)
+        g = torch.randn_like(out)
+        mine = torch.autograd.grad(out, inputs, g, allow_unused=True)
+        theirs = torch.autograd.grad(ref, inputs, g, allow_unused=True)
+        for a, b in zip(mine, theirs):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_absent_modality_values_change_nothing(layers):
+    torch.manual_seed(0)
+    fusion = TransformerFusion(NAMES, D, layers=layers, heads=2)
+    e = embeddings_of(n=5)
+    present = {"seq": torch.tensor([True, False, True, True, False])}
+    out = fusion(e, present=present)
+    junk = e["seq"].clone()
+    junk[~present["seq"]] = torch.tensor([1e4, float("nan")]).repeat(D // 2)
+    torch.testing.assert_close(fusion({**e, "seq": junk}, present=present), out, rtol=0, atol=0)
+    # An absent row is fused as if its token were dropped; present rows are untouched.
+    dropped = fusion({m: e[m][[1, 4]] for m in ("vec", "img")}, ["vec", "img"])
+    torch.testing.assert_close(out[[1, 4]], dropped, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[[0, 2, 3]], fusion(e)[[0, 2, 3]], rtol=0, atol=0)
+    # MultimodalEncoder.fuse passes an Embeddings dict's `.present` on.
+    model = MultimodalEncoder(SPECS, small_cfg())
+    model.fusion = fusion
+
+    class Embeddings(dict):
+        pass
+
+    carried = Embeddings(e)
+    carried.present = present
+    torch.testing.assert_close(model.fuse(carried), out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["concat", "linear"])
+def test_concat_fusions_refuse_absent_rows(kind):
+    fusion = (ConcatFusion if kind == "concat" else LinearFusion)(NAMES, D, hidden=20)
+    e = embeddings_of(n=3)
+    all_there = {"vec": torch.ones(3, dtype=torch.bool)}
+    torch.testing.assert_close(fusion(e, present=all_there), fusion(e))
+    with pytest.raises(ValueError, match="missing modalities"):
+        fusion(e, present={"vec": torch.tensor([True, False, True])})
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("fusion_kind", ["transformer", "concat"])
+def test_fuse_swapped_equals_fusing_each_swapped_set(layers, fusion_kind):
+    torch.manual_seed(0)
+    model = MultimodalEncoder(SPECS, small_cfg(fusion=fusion_kind, fusion_layers=layers))
+    e = {m: v.requires_grad_() for m, v in embeddings_of(n=6).items()}
+    swaps = [("vec", torch.randperm(6)), ("img", torch.randperm(6)), ("vec", torch.randperm(6))]
+    fast = model.fuse_swapped(e, swaps)
+    plain = torch.cat([model.fuse({**e, m: e[m][rows]}) for m, rows in swaps])
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
+    g = torch.randn_like(fast)
+    inputs = list(model.fusion.parameters()) + list(e.values())
+    for a, b in zip(torch.autograd.grad(fast, inputs, g), torch.autograd.grad(plain, inputs, g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if fusion_kind == "transformer":  # with absent rows, the swapped-in row's absence travels
+        present = {"img": torch.tensor([True, False, True, True, False, True])}
+        torch.testing.assert_close(
+            model.fusion.fuse_swapped(e, swaps, present),
+            model.fusion(swapped_embeddings(e, swaps),
+                         present=swapped_embeddings(present, swaps)), rtol=0, atol=1e-5)
+
+
 def test_transformer_fusion_drops_left_out_modalities():
     torch.manual_seed(0)
     fusion = TransformerFusion(NAMES, D, layers=2, heads=2).eval()
@@ -129,7 +226,7 @@ def test_concat_fusion_uses_the_missing_embedding():
     assert not torch.allclose(fusion(e), out)
 
 
-@pytest.mark.parametrize("fusion", ["concat", "transformer"])
+@pytest.mark.parametrize("fusion", ["concat", "linear", "transformer"])
 def test_gradients_reach_every_encoder_and_every_parameter(fusion):
     # Every parameter gets a gradient from a full-tuple loss: DDP without
     # find_unused_parameters fails on any that does not (ConcatFusion's `missing` included).

@@ -78,13 +78,73 @@ def test_tuple_infonce_runs_each_encoder_once_per_view(rus):
     calls = {m: 0 for m in obj.modalities}
     for m, enc in obj.encoder.encoders.items():
         enc.register_forward_hook(lambda *_, m=m: calls.__setitem__(m, calls[m] + 1))
-    fusion_calls = []
-    obj.encoder.fusion.register_forward_hook(lambda *_: fusion_calls.append(1))
+    fused, swapped = [], []
+    obj.encoder.fusion.register_forward_hook(lambda *_: fused.append(1))
+    fuse_swapped = obj.encoder.fuse_swapped
+    obj.encoder.fuse_swapped = lambda e, swaps: swapped.append(len(swaps)) or fuse_swapped(e, swaps)
     batch = batch_of(arrays)
     obj(batch, batch, batch, generator=torch.Generator().manual_seed(0))
     assert calls == {m: 2 for m in obj.modalities}, calls  # two views, once each
-    # fusion: per view, the tuple itself plus one disturbed set per modality, two directions
-    assert len(fusion_calls) == 2 * (1 + len(obj.modalities))
+    # fusion: the tuple itself per view; all disturbed sets of a direction in one call
+    assert len(fused) == 2
+    assert swapped == [len(obj.modalities)] * 2
+
+
+def reencoding_step(extra, layers):
+    """Loss and gradients of mmcl's TupleInfoNCE step and of the plain re-encoding step
+    (every disturbed tuple through the whole network), same weights and derangements."""
+    from mmcl.bench.reencode import ReencodingTupleInfoNCE
+    from mmcl.data.schema import Manifest, ModalitySpec
+
+    manifest = Manifest([ModalitySpec(f"m{k}", (6,)) for k in range(3)], [])
+    torch.manual_seed(0)
+    cfg = small_config("tuple_infonce", f"model.fusion_layers={layers}", *extra)
+    objective = build_objective(cfg, manifest)
+    gen = torch.Generator().manual_seed(0)
+    views = [{f"m{k}": torch.randn(10, 6, generator=gen) for k in range(3)}
+             for _ in range(2)]
+    out = []
+    for model in (objective, ReencodingTupleInfoNCE(objective)):
+        objective.zero_grad()
+        loss = model(views[0], views[1], views[0], generator=torch.Generator().manual_seed(5)).loss
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in objective.parameters()
+                                    if p.grad is not None]))
+    return out
+
+
+@pytest.mark.parametrize("layers,extra", [
+    (1, []), (2, []), (1, ["objective.symmetric=false"]),
+    (1, ["objective.negative_weights={m1: 0.0}"]), (1, ["model.fusion=concat"])])
+def test_tuple_infonce_fast_path_equals_plain_reencoding(layers, extra):
+    """Batched disturbed sets, CLS-only last layer and first-layer reuse change nothing: loss
+    and every gradient equal the plain re-encoding step's to 1e-5 (absolute, or relative for
+    the few large entries)."""
+    (fast, fast_grads), (plain, plain_grads) = reencoding_step(extra, layers)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
+    assert len(fast_grads) == len(plain_grads) > 0
+    for a, b in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_tuple_infonce_key_grad_false_stops_exactly_the_key_gradients(rus):
+    """One direction (view1 -> view2): the keys are view 2's tuple and its disturbed sets.
+    Without key gradients view 2 gets none, view 1 (the anchor) gets exactly what it got."""
+    manifest, arrays = rus
+    grads = {}
+    for key_grad in (True, False):
+        torch.manual_seed(0)
+        obj = build_objective(small_config("tuple_infonce", "objective.symmetric=false",
+                                           f"objective.key_grad={key_grad}"), manifest)
+        views = [{m: torch.as_tensor(arrays[m][:16]).clone().requires_grad_()
+                  for m in obj.modalities} for _ in range(2)]
+        loss = obj(views[0], views[1], views[0], generator=torch.Generator().manual_seed(3)).loss
+        loss.backward()
+        grads[key_grad] = [{m: v.grad for m, v in view.items()} for view in views]
+    for m in manifest.modality_names:
+        torch.testing.assert_close(grads[False][0][m], grads[True][0][m], rtol=0, atol=0)
+        assert grads[True][1][m].abs().sum() > 0
+        assert grads[False][1][m] is None or not grads[False][1][m].any()
 
 
 def test_tuple_infonce_weights_change_the_loss(rus):
@@ -210,7 +270,7 @@ def test_factorcl_refuses_three_modalities(rus):
 
 def test_factorcl_club_critics_move_only_by_their_own_loss(factorcl_data):
     manifest, arrays = factorcl_data
-    obj = build_objective(small_config("factorcl_ssl"), manifest)
+    obj = build_objective(small_config("factorcl_ssl", "objective.negatives=0"), manifest)
     batch = batch_of(arrays)
     out = obj(batch, {k: v * 1.1 if v.is_floating_point() else v for k, v in batch.items()},
               batch)
@@ -228,6 +288,28 @@ def test_factorcl_club_critics_move_only_by_their_own_loss(factorcl_data):
     club_ids = {id(p) for p in obj.club_critics.parameters()}
     assert {id(p) for p in groups["club_critics"].params} == club_ids
     assert not club_ids & {id(p) for p in groups["main"].params}
+
+
+def test_factorcl_sampled_negatives(factorcl_data):
+    """K >= N - 1 is every other row: the all-pairs loss exactly; smaller K samples (another
+    loss, drawn from the step's generator) and the main loss still leaves the CLUB critics
+    alone."""
+    manifest, arrays = factorcl_data
+    batch = batch_of(arrays, n=32)
+    view2 = {k: v * 1.1 if v.is_floating_point() else v for k, v in batch.items()}
+    losses = {}
+    for k in (0, 31, 8):
+        torch.manual_seed(0)
+        obj = build_objective(small_config("factorcl_ssl", f"objective.negatives={k}"), manifest)
+        gen = torch.Generator().manual_seed(4)
+        losses[k] = obj(batch, view2, batch, generator=gen).loss
+    torch.testing.assert_close(losses[31], losses[0], rtol=0, atol=0)
+    assert math.isfinite(losses[8].item()) and losses[8].item() != losses[0].item()
+    obj.club_learning_loss = lambda *a: torch.zeros(())  # only the main loss is left
+    obj.zero_grad()
+    obj(batch, view2, batch, generator=gen).loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in obj.club_critics.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in obj.critics.parameters())
 
 
 def test_factorcl_embedding_concatenates_every_head(factorcl_data):

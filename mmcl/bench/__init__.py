@@ -8,7 +8,7 @@ load average before and after), the versions and the settings it was taken with.
 
 Modules: `env` (machine and versions), `timing` (interleaved timing, CPU peak memory from the
 torch profiler), `reencode` (the reference code's TupleInfoNCE step, kept here as the
-baseline only, and the proposed faster step), `plane` (the Ray Train worker loop whose epochs
+baseline only), `plane` (the Ray Train worker loop whose epochs
 cycle through batch sources: Ray Data readers and in-memory tensors), `startup` (the README
 demo, timed phase by phase), `perf` (the sections, JSON and markdown). See
 docs/performance.md for the figures.

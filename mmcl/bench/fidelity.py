@@ -41,9 +41,8 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -82,7 +81,6 @@ class Method:
     presets: tuple[str, ...] | None = None   # None = every preset
     kind: str = "self-supervised"
     note: str = ""
-    linear_fusion: bool = False   # bench-only linear fusion (see `linear_fusion`)
 
 
 METHODS: tuple[Method, ...] = (
@@ -95,10 +93,9 @@ METHODS: tuple[Method, ...] = (
            note="model.fusion=concat: mmcl's concat fusion, an MLP (Linear-GELU-Linear) over "
                 "the concatenated modality embeddings, instead of the transformer; still "
                 "non-linear"),
-    Method("comm_linear", "comm", ("model.fusion=concat",), linear_fusion=True,
-           note="CoMM's fusion ablation: a linear fusion (one Linear layer over the "
-                "concatenated modality embeddings; mmcl's ConcatFusion with its MLP replaced "
-                "by a Linear, bench only) instead of the transformer"),
+    Method("comm_linear", "comm", ("model.fusion=linear",),
+           note="model.fusion=linear, CoMM's fusion ablation: one Linear layer over the "
+                "concatenated modality embeddings instead of the transformer"),
     Method("factorcl_ssl", "factorcl_ssl", presets=("factorcl",),
            note="FactorCL is defined for exactly two modalities: run on `factorcl` only"),
     Method("supcon", "supcon", ("objective.label_column=y",), kind="supervised",
@@ -203,30 +200,6 @@ class Settings:
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-@contextmanager
-def linear_fusion() -> Iterator[None]:
-    """While active, `model.fusion=concat` builds a *linear* fusion: mmcl's ConcatFusion (with
-    its learned embeddings for left-out modalities) whose MLP is one Linear layer. CoMM's
-    fusion ablation; mmcl's config has no linear fusion, so the bench swaps the class that
-    MultimodalEncoder builds, for the construction of one model only."""
-    from torch import nn
-
-    from mmcl.models import multimodal
-    from mmcl.models.fusion import ConcatFusion
-
-    class LinearFusion(ConcatFusion):
-        def __init__(self, modalities, embed_dim, hidden):
-            super().__init__(modalities, embed_dim, hidden)
-            self.mlp = nn.Linear(len(self.modalities) * embed_dim, embed_dim)
-
-    original = multimodal.ConcatFusion
-    multimodal.ConcatFusion = LinearFusion
-    try:
-        yield
-    finally:
-        multimodal.ConcatFusion = original
 
 
 def pretraining_rows(preset: str, train: dict, settings: "Settings") -> dict:
@@ -390,8 +363,7 @@ def run_preset(preset: str, seed: int, settings: Settings, log: Callable[[str], 
         cfg = run_config(m, preset, seed, settings)
         start = time.perf_counter()
         try:
-            with linear_fusion() if m.linear_fusion else nullcontext():
-                engine = fit_in_memory(cfg, manifest, pretrain)
+            engine = fit_in_memory(cfg, manifest, pretrain)
         except Exception as err:  # noqa: BLE001 - recorded in the table, the bench goes on
             record({"row": m.name, "preset": preset, "seed": seed,
                     "error": f"{type(err).__name__}: {err}"})

@@ -3,7 +3,12 @@
 Each critic has two methods:
 - `critic(x, y)` -> (N,) scores f(x_i, y_i) of aligned pairs;
 - `critic.pair_scores(x, y)` -> (Nx, Ny) with s[i, j] = f(x_i, y_j), every pair, computed
-  without materialising the Nx * Ny concatenations.
+  without materialising the Nx * Ny concatenations;
+- `critic.sampled_scores(x, y, rows)` -> (Ny, K) with s[j, k] = f(x_{rows[j, k]}, y_j): only
+  the K pairs per y that `rows` names (FactorCL's sampled negatives: O(Ny K), not O(Nx Ny)).
+ConcatCritic's all-pairs scores can run in chunks of y columns (`chunk`), each chunk
+recomputed in the backward pass (activation checkpointing), so their peak memory is one
+chunk's Nx x chunk x hidden activations instead of all Nx x Ny.
 
 `pair_scores` reads the parameters through the module's attributes on every call, so
 torch.func.functional_call can swap in detached copies (FactorCL's frozen CLUB critics do).
@@ -14,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2) -> nn.Sequential:
@@ -37,20 +43,41 @@ class ConcatCritic(nn.Module):
     also build Nx * Ny copies of the (x_dim + y_dim)-wide input and multiply each by W.
     """
 
-    def __init__(self, x_dim: int, y_dim: int, hidden: int, layers: int = 2):
+    def __init__(self, x_dim: int, y_dim: int, hidden: int, layers: int = 2, chunk: int = 0):
         super().__init__()
         self.x_dim, self.y_dim = x_dim, y_dim
+        self.chunk = chunk  # y columns per chunk of pair_scores; 0 = all at once
         self.net = mlp(x_dim + y_dim, hidden, 1, layers)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         return self.net(torch.cat([x, y], dim=-1)).squeeze(-1)
 
-    def pair_scores(self, x: Tensor, y: Tensor) -> Tensor:
+    def first_layer(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """W_x x + c (Nx, hidden) and W_y y (Ny, hidden): the first layer, split by side (the
+        bias counted once, on the x side)."""
         first = self.net[0]
         w_x, w_y = first.weight[:, :self.x_dim], first.weight[:, self.x_dim:]
-        hx = F.linear(x, w_x, first.bias)  # (Nx, hidden), bias counted once, on the x side
-        hy = F.linear(y, w_y)  # (Ny, hidden)
+        return F.linear(x, w_x, first.bias), F.linear(y, w_y)
+
+    def pair_scores(self, x: Tensor, y: Tensor) -> Tensor:
+        hx, hy = self.first_layer(x, y)
+        if not self.chunk or self.chunk >= len(y):
+            return self._rest(hx, hy)
+        parts = []
+        for part in hy.split(self.chunk):
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(self._rest, hx, part, use_reentrant=False))
+            else:
+                parts.append(self._rest(hx, part))
+        return torch.cat(parts, dim=1)
+
+    def _rest(self, hx: Tensor, hy: Tensor) -> Tensor:
         h = hx[:, None, :] + hy[None, :, :]  # (Nx, Ny, hidden) = first layer on every [x_i, y_j]
+        return self.net[1:](h).squeeze(-1)
+
+    def sampled_scores(self, x: Tensor, y: Tensor, rows: Tensor) -> Tensor:
+        hx, hy = self.first_layer(x, y)
+        h = hx[rows] + hy[:, None, :]  # (Ny, K, hidden)
         return self.net[1:](h).squeeze(-1)
 
 
@@ -69,6 +96,9 @@ class SeparableCritic(nn.Module):
     def pair_scores(self, x: Tensor, y: Tensor) -> Tensor:
         return self.g(x) @ self.h(y).T
 
+    def sampled_scores(self, x: Tensor, y: Tensor, rows: Tensor) -> Tensor:
+        return torch.einsum("jkd,jd->jk", self.g(x)[rows], self.h(y))
+
 
 def tiled_pair_scores(critic: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """The naive reference for `pair_scores`: tile all Nx * Ny pairs and call critic(x, y).
@@ -79,4 +109,19 @@ def tiled_pair_scores(critic: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return critic(x_tiled, y_tiled).reshape(nx, ny)
 
 
-__all__ = ["ConcatCritic", "SeparableCritic", "mlp", "tiled_pair_scores"]
+def sample_rows(n_rows: int, offset: int, n_cols: int, k: int,
+                generator: torch.Generator | None = None) -> Tensor:
+    """(n_cols, 1 + k) rows of x for each column j: its positive offset + j first, then k
+    distinct other rows. The k row offsets 1..n_rows-1 are drawn without replacement once per
+    call and shared by the columns (row (offset + j + o) mod n_rows), so each column's
+    negatives are distinct, never its positive, and each uniform over the other rows."""
+    if not 1 <= k <= n_rows - 1:
+        raise ValueError(f"k must be in 1..{n_rows - 1} (rows other than the positive), got {k}")
+    device = generator.device if generator is not None else "cpu"
+    shifts = torch.randperm(n_rows - 1, generator=generator, device=device)[:k] + 1
+    positive = torch.arange(offset, offset + n_cols, device=device)
+    rows = (positive[:, None] + torch.cat([shifts.new_zeros(1), shifts])[None, :]) % n_rows
+    return rows
+
+
+__all__ = ["ConcatCritic", "SeparableCritic", "mlp", "sample_rows", "tiled_pair_scores"]

@@ -8,6 +8,12 @@ and the loss is -(S + U): six terms of weight 1, as FactorCL's code. In FactorCL
 context C is the other augmented view (C_i = X_i'); in FactorCL-SUP it is the label Y.
 Conditioning concatenates the context to each critic input.
 
+Cost: a critic scores pairs through an MLP, so all N^2 pairs of a batch are O(N^2 hidden^2).
+With `negatives: K` each y is scored against its positive and K sampled other rows of the
+global batch (O(N K)); the bounds are then the same bounds with 1 + K candidates
+(functional.nce_lower_bound_sampled / club_upper_bound_sampled). `negatives: 0` scores all
+pairs, optionally in chunks (`score_chunk`) for memory.
+
 I_NCE uses a critic trained by the main loss. I_CLUB uses a critic f* trained only by its own
 InfoNCE learning loss on detached inputs; the main loss sees f* with detached parameters. One
 backward of the sum then gives every parameter exactly the gradient of its own loss, and the
@@ -24,9 +30,10 @@ from torch import Tensor, nn
 
 from mmcl.models import ProjectionHead
 from mmcl.objectives.base import LossOutput, Objective, OptimGroup
-from mmcl.objectives.critics import ConcatCritic, SeparableCritic
+from mmcl.objectives.critics import ConcatCritic, SeparableCritic, sample_rows
 from mmcl.objectives.distributed import gather_no_grad, gather_with_grad, world
-from mmcl.objectives.functional import club_upper_bound, nce_lower_bound
+from mmcl.objectives.functional import (club_upper_bound, club_upper_bound_sampled,
+                                        nce_lower_bound, nce_lower_bound_sampled)
 from mmcl.objectives.registry import register
 
 # Head pairs: the first two estimate the shared information, the other three the unique.
@@ -35,15 +42,20 @@ UNIQUE_HEADS = ("self", "club", "nce_cond")
 
 
 class _PairScores(nn.Module):
-    """Lets torch.func.functional_call evaluate a critic's pair scores with swapped-in
-    (detached) parameters."""
+    """Lets torch.func.functional_call evaluate a critic's pair scores (all pairs, or the
+    sampled rows) with swapped-in (detached) parameters."""
 
     def __init__(self, critic: nn.Module):
         super().__init__()
         self.critic = critic
 
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.critic.pair_scores(x, y)
+    def forward(self, x: Tensor, y: Tensor, rows: Tensor | None = None) -> Tensor:
+        return critic_scores(self.critic, x, y, rows)
+
+
+def critic_scores(critic: nn.Module, x: Tensor, y: Tensor, rows: Tensor | None) -> Tensor:
+    """All pair scores (rows None) or the sampled ones (`rows`: see critics.sample_rows)."""
+    return critic.pair_scores(x, y) if rows is None else critic.sampled_scores(x, y, rows)
 
 
 class FactorCL(Objective):
@@ -77,38 +89,46 @@ class FactorCL(Objective):
     def make_critic(self, x_dim: int, y_dim: int) -> nn.Module:
         if self.cfg.critic == "separable":
             return SeparableCritic(x_dim, y_dim, hidden=self.cfg.critic_hidden)
-        return ConcatCritic(x_dim, y_dim, hidden=self.cfg.critic_hidden)
+        return ConcatCritic(x_dim, y_dim, hidden=self.cfg.critic_hidden,
+                            chunk=self.cfg.score_chunk)
 
     def apply_heads(self, head: str, embeddings: list[Tensor]) -> list[Tensor]:
         return [h(e) for h, e in zip(self.heads[head], embeddings)]
 
-    def scores(self, critic: nn.Module, x: Tensor, y: Tensor, frozen: bool = False):
-        """Pair scores of every x in the global batch against the local y's, and the row of
-        local y_0's positive."""
+    def scores(self, critic: nn.Module, x: Tensor, y: Tensor, frozen: bool = False,
+               generator: torch.Generator | None = None):
+        """Critic scores of x's from the global batch against the local y's, and the row of
+        local y_0's positive: all pairs (R, C) with that offset, or, with sampled negatives,
+        (C, 1 + K) with the positive first and offset None."""
         rank, _ = world()
         x_all = gather_with_grad(x) if x.requires_grad else gather_no_grad(x)
+        offset = rank * x.shape[0]
+        rows = None
+        k = self.cfg.negatives
+        if k and k < len(x_all) - 1:
+            rows = sample_rows(len(x_all), offset, len(y), k, generator).to(y.device)
         if frozen:
             params = {f"critic.{n}": p.detach() for n, p in critic.named_parameters()}
-            s = torch.func.functional_call(_PairScores(critic), params, (x_all, y))
+            s = torch.func.functional_call(_PairScores(critic), params, (x_all, y, rows))
         else:
-            s = critic.pair_scores(x_all, y)
-        return s / self.cfg.temperature, rank * x.shape[0]
+            s = critic_scores(critic, x_all, y, rows)
+        return s / self.cfg.temperature, None if rows is not None else offset
 
-    def nce(self, critic, x, y) -> Tensor:
-        s, offset = self.scores(critic, x, y)
-        return nce_lower_bound(s, offset=offset)
+    def nce(self, critic, x, y, generator=None) -> Tensor:
+        s, offset = self.scores(critic, x, y, generator=generator)
+        return nce_lower_bound_sampled(s) if offset is None else nce_lower_bound(s, offset)
 
-    def club(self, critic, x, y) -> Tensor:
-        s, offset = self.scores(critic, x, y, frozen=True)
-        return club_upper_bound(s, offset=offset)
+    def club(self, critic, x, y, generator=None) -> Tensor:
+        s, offset = self.scores(critic, x, y, frozen=True, generator=generator)
+        return club_upper_bound_sampled(s) if offset is None else club_upper_bound(s, offset)
 
-    def club_learning_loss(self, critic, x, y) -> Tensor:
-        s, offset = self.scores(critic, x.detach(), y.detach())
-        return -nce_lower_bound(s, offset=offset)
+    def club_learning_loss(self, critic, x, y, generator=None) -> Tensor:
+        return -self.nce(critic, x.detach(), y.detach(), generator)
 
     # -- the objective
     def forward(self, view1, view2, batch, generator=None):
         m1, m2 = self.modalities
+        g = generator  # draws the sampled negatives, if any
         encoded, encoded_aug = self.encoder.encode(view1), self.encoder.encode(view2)
         e = [encoded[m] for m in (m1, m2)]
         e_aug = [encoded_aug[m] for m in (m1, m2)]
@@ -124,21 +144,21 @@ class FactorCL(Objective):
         club_cond_x, club_cond_y = torch.cat([c1, cc1], 1), torch.cat([c2, cc2], 1)
 
         terms = {
-            "nce_x1x2": self.nce(self.critics["nce"], s1, s2),
+            "nce_x1x2": self.nce(self.critics["nce"], s1, s2, g),
             "club_x1x2_cond": self.club(self.club_critics["club_cond"], club_cond_x,
-                                        club_cond_y),
-            "nce_x1c1": self.nce(self.critics["self1"], u1, uc1),
-            "nce_x2c2": self.nce(self.critics["self2"], u2, uc2),
-            "club_x1x2": self.club(self.club_critics["club"], k1, k2),
+                                        club_cond_y, g),
+            "nce_x1c1": self.nce(self.critics["self1"], u1, uc1, g),
+            "nce_x2c2": self.nce(self.critics["self2"], u2, uc2, g),
+            "club_x1x2": self.club(self.club_critics["club"], k1, k2, g),
             "nce_x1x2_cond": self.nce(self.critics["nce_cond"], torch.cat([n1, nc1], 1),
-                                      torch.cat([n2, nc2], 1)),
+                                      torch.cat([n2, nc2], 1), g),
         }
         shared = terms["nce_x1x2"] - terms["club_x1x2_cond"]
         unique = (terms["nce_x1c1"] + terms["nce_x2c2"] - terms["club_x1x2"]
                   + terms["nce_x1x2_cond"])
-        critic_loss = (self.club_learning_loss(self.club_critics["club"], k1, k2)
+        critic_loss = (self.club_learning_loss(self.club_critics["club"], k1, k2, g)
                        + self.club_learning_loss(self.club_critics["club_cond"], club_cond_x,
-                                                 club_cond_y))
+                                                 club_cond_y, g))
         loss = -(shared + unique) + critic_loss
         metrics = {k: v.detach().item() for k, v in terms.items()}
         metrics.update(shared=shared.detach().item(), unique=unique.detach().item(),

@@ -258,5 +258,35 @@ def club_upper_bound(scores: Tensor, offset: int = 0) -> Tensor:
     return _positives(scores, offset).mean() - scores.mean()
 
 
-__all__ = ["club_upper_bound", "comm_loss", "info_nce", "nce_lower_bound", "nt_xent",
-           "sup_con", "tuple_info_nce"]
+def _check_sampled(scores: Tensor) -> int:
+    if scores.dim() != 2 or scores.shape[1] < 2:
+        raise ValueError(f"sampled scores must be (C, 1 + K) with K >= 1, got shape "
+                         f"{tuple(scores.shape)}")
+    return scores.shape[1]
+
+
+def nce_lower_bound_sampled(scores: Tensor) -> Tensor:
+    """I_NCE from sampled critic scores: s[j, 0] = f(x_j, y_j) (the positive), s[j, 1:] =
+    f(x_i, y_j) for K sampled other rows i:
+
+        I_NCE = mean_j s[j, 0] - mean_j logsumexp_k s[j, k] + log(1 + K),
+
+    the bound of `nce_lower_bound` with 1 + K candidates per y instead of all R (at most
+    log(1 + K): biased low when I(X; Y) approaches it).
+    """
+    return (scores[:, 0].mean() - torch.logsumexp(scores, dim=1).mean()
+            + math.log(_check_sampled(scores)))
+
+
+def club_upper_bound_sampled(scores: Tensor) -> Tensor:
+    """NCE-CLUB from sampled critic scores (layout of `nce_lower_bound_sampled`):
+    mean_j s[j, 0] - mean_{j, k>=1} s[j, k], the product-of-marginals mean estimated from the
+    K sampled pairs per y (unbiased for it; `club_upper_bound` also counts the positive in the
+    mean, a difference of O(1/R))."""
+    _check_sampled(scores)
+    return scores[:, 0].mean() - scores[:, 1:].mean()
+
+
+__all__ = ["club_upper_bound", "club_upper_bound_sampled", "comm_loss", "info_nce",
+           "nce_lower_bound", "nce_lower_bound_sampled", "nt_xent", "sup_con",
+           "tuple_info_nce"]

@@ -8,7 +8,13 @@ positive only in modality k, so rejecting it forces the encoder to read modality
 modalities can no longer be ignored.
 
 Cost: the modality encoders run once per view. A disturbed set needs only modality k's
-*embedding* from another row, so only the fusion and the head run again per disturbed set.
+*embedding* from another row, so only the fusion and the head run again per disturbed set,
+all sets of a direction in one call (`MultimodalEncoder.fuse_swapped`); the transformer
+fusion reuses the original tuples' first-layer keys and values (token k's rows permuted) and
+computes only the CLS query's attention, output projection, feed-forward and the head per
+disturbed tuple: what a disturbed negative inherently needs.
+`key_grad: false` stops the gradient through the keys (positive and disturbed tuples), as
+the reference code does; the disturbed sets are then computed without autograd.
 Unlike the reference code, the permutation is a derangement (no tuple is ever its own disturbed
 negative) and alpha_k is an exact weight, not a block replication count.
 """
@@ -20,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-from mmcl.objectives.base import FusedObjective, LossOutput, ObjectiveError
+from mmcl.objectives.base import FusedObjective, LossOutput, ObjectiveError, normalize
 from mmcl.objectives.functional import tuple_info_nce
 from mmcl.objectives.registry import register
 
@@ -60,19 +66,29 @@ class TupleInfoNCE(FusedObjective):
         """(modality, log alpha) for every modality whose disturbed negatives are on."""
         return [(m, w) for m, w in zip(self.modalities, self.log_weights) if w > -math.inf]
 
-    def disturbed(self, embeddings: dict[str, Tensor], modality: str,
-                  generator: torch.Generator | None) -> Tensor:
-        """Projected embeddings of the tuples with `modality` taken from another row."""
-        n = embeddings[modality].shape[0]
-        perm = derangement(n, generator, embeddings[modality].device)
-        return self.project({**embeddings, modality: embeddings[modality][perm]})
+    def disturbed(self, embeddings: dict[str, Tensor], generator: torch.Generator | None
+                  ) -> list[Tensor]:
+        """Projected embeddings of the k-disturbed tuples, one set per active modality k
+        (modality k taken from another row by a derangement drawn in modality order), all
+        sets fused and projected in one call."""
+        active = self.active_modalities()
+        if not active:
+            return []
+        n = next(iter(embeddings.values())).shape[0]
+        swaps = [(m, derangement(n, generator, embeddings[m].device)) for m, _ in active]
+        z = normalize(self.head(self.encoder.fuse_swapped(embeddings, swaps)))
+        return list(z.split(n))
 
     def direction(self, anchor: Tensor, positive: Tensor, key_embeddings: dict[str, Tensor],
                   generator) -> Tensor:
-        active = self.active_modalities()
-        disturbed = [self.disturbed(key_embeddings, m, generator) for m, _ in active]
-        return tuple_info_nce(anchor, positive, disturbed, [w for _, w in active],
-                              self.cfg.temperature)
+        if self.cfg.key_grad:
+            disturbed = self.disturbed(key_embeddings, generator)
+        else:
+            positive = positive.detach()
+            with torch.no_grad():
+                disturbed = self.disturbed(key_embeddings, generator)
+        return tuple_info_nce(anchor, positive, disturbed,
+                              [w for _, w in self.active_modalities()], self.cfg.temperature)
 
     def forward(self, view1, view2, batch, generator=None):
         e1, e2 = self.encoder.encode(view1), self.encoder.encode(view2)
