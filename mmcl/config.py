@@ -282,7 +282,7 @@ class RunConfig(Strict):
 MAX_INPUT_REPR = 80  # characters of an offending value quoted in an error
 
 
-def _short_repr(value: Any) -> str:
+def short_repr(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= MAX_INPUT_REPR else text[:MAX_INPUT_REPR - 3] + "..."
 
@@ -295,7 +295,7 @@ def _format_errors(err: ValidationError, source: str,
     for e in err.errors():
         parts = [str(p) for p in e["loc"] if not _is_union_tag(p)]
         loc = ".".join(parts)
-        origin = _override_for(parts, overrides or {})
+        origin = override_for(parts, overrides or {})
         sources.append(origin or source)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
@@ -308,14 +308,14 @@ def _format_errors(err: ValidationError, source: str,
             msg = str(e["ctx"]["error"])  # our own validators' messages, without a prefix
         elif e["type"] == "finite_number":
             msg = "must be a finite number (not inf or nan)"
-        line = (f"  {loc or '(top level)'}: {msg} (got {_short_repr(e.get('input'))})"
+        line = (f"  {loc or '(top level)'}: {msg} (got {short_repr(e.get('input'))})"
                 if e["type"] != "missing" else f"  {loc}: required field is missing")
         lines.append(line + (f" [from {origin}]" if origin else ""))
     where = ", ".join(dict.fromkeys(sources))
     return "\n".join([f"invalid configuration in {where}:", *lines])
 
 
-def _override_for(parts: list[str], overrides: dict[str, str]) -> str | None:
+def override_for(parts: list[str], overrides: dict[str, str]) -> str | None:
     """The `--set KEY=VALUE` whose KEY is the error's field or a section above or below it."""
     for key, assignment in reversed(list(overrides.items())):
         key_parts = key.split(".")
@@ -359,12 +359,15 @@ def set_path(raw: dict, path: str, value: Any, where: str) -> None:
     node[parts[-1]] = value
 
 
-def from_dict(raw: dict | None, overrides: list[str] = (), source: str = "config") -> RunConfig:
+def from_dict(raw: dict | None, overrides: list[str] = (), source: str = "config",
+              set_by: list[str] = ()) -> RunConfig:
+    """Validate a raw config after applying `overrides`; `set_by` lists `--set` assignments
+    already applied to `raw` (a tune file's), named as the source of the errors they cause."""
     raw = dict(raw or {})
     for assignment in overrides:
         apply_override(raw, assignment)
     # Errors name the `--set` that caused them (the last one wins, as it does in the config).
-    given = {a.split("=", 1)[0].strip(): a for a in overrides}
+    given = {a.split("=", 1)[0].strip(): a for a in [*set_by, *overrides] if "=" in a}
     # Switching objective with --set objective.name=X keeps only fields X knows about is not
     # done silently: an unknown field is an error, so the user sees the mismatch.
     try:

@@ -208,6 +208,17 @@ def test_a_set_error_names_the_set_and_a_file_error_names_the_file(tmp_path):
     assert "[from --set train.lr=inf]" in lr and "--set" not in epochs
 
 
+def test_a_set_error_in_a_tune_file_names_the_set(tmp_path, capsys):
+    tune_file = tmp_path / "t.yaml"
+    tune_file.write_text("train:\n  epochs: 1\nsweep:\n  num_samples: 1\n")
+    for assignment, field in (("train.lr=inf", "train.lr"),
+                              ("sweep.reduction_factor=.inf", "sweep.reduction_factor")):
+        assert main(["tune", "-c", str(tune_file), "--set", assignment]) == EXIT_USER_ERROR
+        err = one_error(capsys)
+        first = err.splitlines()[0]
+        assert f"--set {assignment}" in first and "t.yaml" not in first and field in err
+
+
 def test_the_unknown_field_hint_names_a_command_that_prints_every_field(capsys):
     message = str(pytest.raises(ConfigError, config.load, None, ["train.bach=1"]).value)
     hint = message.split("`")[1]
