@@ -360,3 +360,19 @@ def test_a_planted_tuner_pkl_is_never_unpickled_and_a_signed_sweep_resumes(tmp_p
     assert "unsigned" in one_error(capsys) and not marker.exists()
     assert main([*command, "--trust-state"]) == 0
     assert trust.problems(trust.Folder(str(folder))) == []
+
+
+def test_signatures_work_the_same_on_s3(s3_endpoint, tmp_path):
+    """A sweep folder in a bucket: signed, verified, a planted file found."""
+    import s3fs
+
+    local = fake_experiment(tmp_path / "sweep")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    fs.put(str(local), "mmcl-test/searches/sweep", recursive=True)
+    folder = trust.Folder("s3://mmcl-test/searches/sweep", endpoint_url=s3_endpoint)
+    assert len(folder.signed_files()) == 4 and trust.problems(folder)
+    trust.sign(folder)
+    assert trust.problems(folder) == []
+    fs.pipe("mmcl-test/searches/sweep/tuner.pkl", pickle.dumps(Planted(str(tmp_path / "x"))))
+    with pytest.raises(trust.UntrustedState, match="changed since mmcl signed them: tuner.pkl"):
+        trust.verify(folder)
