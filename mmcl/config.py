@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from mmcl.data.schema import unsafe_name
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mmcl.data.schema import unsafe_name
 
 
 class ConfigError(ValueError):
@@ -50,14 +51,14 @@ class DataConfig(Strict):
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
+    nonfinite: Literal["fail", "drop"] = Field(
+        "fail", description="what to do with a row holding NaN or inf: fail, or drop and count")
+    shuffle_buffer: int = Field(256, ge=0, description="rows of the in-stream local shuffle")
+
     @field_validator("train_split", "val_split", "test_split")
     @classmethod
     def _split_is_a_name(cls, v: str) -> str:
         return _safe_name(v, "a split folder of the data set")
-
-    nonfinite: Literal["fail", "drop"] = Field(
-        "fail", description="what to do with a row holding NaN or inf: fail, or drop and count")
-    shuffle_buffer: int = Field(256, ge=0, description="rows of the in-stream local shuffle")
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -422,6 +423,8 @@ def parse_yaml(text: str, source: str) -> Any:
         return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: its values are nested too deeply") from None
 
 
 def load_yaml(path: str | Path) -> dict:

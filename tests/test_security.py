@@ -83,6 +83,11 @@ def test_ordinary_anchors_still_work_and_set_values_use_the_same_loader(tmp_path
     assert config.load(path).augment.per_modality["a"].noise == 0.2
     with pytest.raises(ConfigError, match="aliases"):
         config.parse_yaml(alias_bomb(), "x")
+    with pytest.raises(ConfigError, match="aliases"):  # a value that holds itself
+        config.parse_yaml("a: &a [*a]", "x")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        config.parse_yaml("a: " + "[" * 5000 + "]" * 5000, "x")
+    assert config.load(None, ["data.modalities=[a, b]"]).data.modalities == ["a", "b"]
 
 
 def test_every_error_message_is_capped(monkeypatch, capsys):
