@@ -381,3 +381,18 @@ def test_signatures_work_the_same_on_s3(s3_endpoint, tmp_path):
     fs.pipe("mmcl-test/searches/sweep/tuner.pkl", pickle.dumps(Planted(str(tmp_path / "x"))))
     with pytest.raises(trust.UntrustedState, match="changed since mmcl signed them: tuner.pkl"):
         trust.verify(folder)
+
+
+def test_the_keeper_renews_signatures_while_tune_runs_and_pickles_without_its_state(tmp_path):
+    root = fake_experiment(tmp_path / "sweep")
+    keeper = trust.signature_keeper(trust.Folder(str(root)))
+    keeper.on_step_end(iteration=1, trials=[])
+    assert trust.problems(keeper.folder) == []
+    (root / "experiment_state-2.json").write_text("{}")  # Tune saves its state again
+    keeper.on_checkpoint(iteration=2, trials=[], trial=None, checkpoint=None)
+    assert trust.problems(keeper.folder) == []
+    from ray import cloudpickle
+
+    restored = cloudpickle.loads(cloudpickle.dumps(keeper))  # it travels inside tuner.pkl
+    assert restored.folder == keeper.folder and restored._cache == {}
+    assert b"mmcl-test-suite-key" not in cloudpickle.dumps(keeper)
