@@ -171,6 +171,7 @@ def test_a_manifest_that_is_not_one_is_a_single_readable_error(tmp_path, capsys,
 
 def test_a_checkpoint_refused_on_a_worker_is_one_line(monkeypatch, capsys):
     """Ray Train hands a worker's exception to the driver inside a WorkerGroupError."""
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
     from ray.train.v2.api.exceptions import WorkerGroupError
 
     import mmcl.cli as cli
@@ -179,8 +180,9 @@ def test_a_checkpoint_refused_on_a_worker_is_one_line(monkeypatch, capsys):
     refused = CheckpointError("state.pt cannot be loaded safely: it needs unpickling")
 
     def resume(args):
+        wrapped = UserExceptionWithTraceback(refused, "Traceback (most recent call last):\n...")
         try:
-            raise WorkerGroupError("worker 0 failed", {0: refused})
+            raise WorkerGroupError("worker 0 failed", {0: wrapped})
         except WorkerGroupError as err:
             raise launcher.user_error(err) from err
 
