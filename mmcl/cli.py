@@ -453,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def user_error_in(err: BaseException) -> BaseException | None:
     """`err` if it is a user error, else the user error behind it: a cause, or a Ray Train
-    worker's failure (a checkpoint refused on a worker arrives inside a WorkerGroupError)."""
+    worker's failure (a checkpoint refused on a worker arrives inside a WorkerGroupError,
+    wrapped with its traceback text in a UserExceptionWithTraceback)."""
     kinds, seen, todo = user_errors(), set(), [err]
     while todo:
         e = todo.pop(0)
@@ -462,7 +463,8 @@ def user_error_in(err: BaseException) -> BaseException | None:
         seen.add(id(e))
         if isinstance(e, kinds):
             return e
-        todo += [e.__cause__, *getattr(e, "worker_failures", {}).values()]
+        todo += [e.__cause__, getattr(e, "_base_exc", None), getattr(e, "cause", None),
+                 *getattr(e, "worker_failures", {}).values()]
     return None
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from mmcl.data.schema import unsafe_name
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mmcl.data.schema import unsafe_name
 
 
 class ConfigError(ValueError):
@@ -50,14 +51,15 @@ class DataConfig(Strict):
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
+    nonfinite: Literal["fail", "drop"] = Field(
+        "fail", description="what to do with a row holding NaN or inf: fail, or drop and count")
+    shuffle_buffer: int = Field(256, ge=0, description="rows of the in-stream local shuffle")
+
     @field_validator("train_split", "val_split", "test_split")
     @classmethod
     def _split_is_a_name(cls, v: str) -> str:
         return _safe_name(v, "a split folder of the data set")
 
-    nonfinite: Literal["fail", "drop"] = Field(
-        "fail", description="what to do with a row holding NaN or inf: fail, or drop and count")
-    shuffle_buffer: int = Field(256, ge=0, description="rows of the in-stream local shuffle")
     missing: Literal["fail", "drop", "mask"] = Field(
         "fail", description="tuples lacking a modality: fail, drop them, or mask (the model "
         "gets <m>__present; needs an objective and fusion that treat absence exactly)")
@@ -364,7 +366,7 @@ class RunConfig(Strict):
 MAX_INPUT_REPR = 80  # characters of an offending value quoted in an error
 
 
-def _short_repr(value: Any) -> str:
+def short_repr(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= MAX_INPUT_REPR else text[:MAX_INPUT_REPR - 3] + "..."
 
@@ -377,7 +379,7 @@ def _format_errors(err: ValidationError, source: str,
     for e in err.errors():
         parts = [str(p) for p in e["loc"] if not _is_union_tag(p)]
         loc = ".".join(parts)
-        origin = _override_for(parts, overrides or {})
+        origin = override_for(parts, overrides or {})
         sources.append(origin or source)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
@@ -390,14 +392,14 @@ def _format_errors(err: ValidationError, source: str,
             msg = str(e["ctx"]["error"])  # our own validators' messages, without a prefix
         elif e["type"] == "finite_number":
             msg = "must be a finite number (not inf or nan)"
-        line = (f"  {loc or '(top level)'}: {msg} (got {_short_repr(e.get('input'))})"
+        line = (f"  {loc or '(top level)'}: {msg} (got {short_repr(e.get('input'))})"
                 if e["type"] != "missing" else f"  {loc}: required field is missing")
         lines.append(line + (f" [from {origin}]" if origin else ""))
     where = ", ".join(dict.fromkeys(sources))
     return "\n".join([f"invalid configuration in {where}:", *lines])
 
 
-def _override_for(parts: list[str], overrides: dict[str, str]) -> str | None:
+def override_for(parts: list[str], overrides: dict[str, str]) -> str | None:
     """The `--set KEY=VALUE` whose KEY is the error's field or a section above or below it."""
     for key, assignment in reversed(list(overrides.items())):
         key_parts = key.split(".")
@@ -441,12 +443,15 @@ def set_path(raw: dict, path: str, value: Any, where: str) -> None:
     node[parts[-1]] = value
 
 
-def from_dict(raw: dict | None, overrides: list[str] = (), source: str = "config") -> RunConfig:
+def from_dict(raw: dict | None, overrides: list[str] = (), source: str = "config",
+              set_by: list[str] = ()) -> RunConfig:
+    """Validate a raw config after applying `overrides`; `set_by` lists `--set` assignments
+    already applied to `raw` (a tune file's), named as the source of the errors they cause."""
     raw = dict(raw or {})
     for assignment in overrides:
         apply_override(raw, assignment)
     # Errors name the `--set` that caused them (the last one wins, as it does in the config).
-    given = {a.split("=", 1)[0].strip(): a for a in overrides}
+    given = {a.split("=", 1)[0].strip(): a for a in [*set_by, *overrides] if "=" in a}
     # Switching objective with --set objective.name=X keeps only fields X knows about is not
     # done silently: an unknown field is an error, so the user sees the mismatch.
     try:
@@ -501,6 +506,8 @@ def parse_yaml(text: str, source: str) -> Any:
         return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: its values are nested too deeply") from None
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -83,6 +83,11 @@ def test_ordinary_anchors_still_work_and_set_values_use_the_same_loader(tmp_path
     assert config.load(path).augment.per_modality["a"].noise == 0.2
     with pytest.raises(ConfigError, match="aliases"):
         config.parse_yaml(alias_bomb(), "x")
+    with pytest.raises(ConfigError, match="aliases"):  # a value that holds itself
+        config.parse_yaml("a: &a [*a]", "x")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        config.parse_yaml("a: " + "[" * 5000 + "]" * 5000, "x")
+    assert config.load(None, ["data.modalities=[a, b]"]).data.modalities == ["a", "b"]
 
 
 def test_every_error_message_is_capped(monkeypatch, capsys):
@@ -166,6 +171,7 @@ def test_a_manifest_that_is_not_one_is_a_single_readable_error(tmp_path, capsys,
 
 def test_a_checkpoint_refused_on_a_worker_is_one_line(monkeypatch, capsys):
     """Ray Train hands a worker's exception to the driver inside a WorkerGroupError."""
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
     from ray.train.v2.api.exceptions import WorkerGroupError
 
     import mmcl.cli as cli
@@ -174,8 +180,9 @@ def test_a_checkpoint_refused_on_a_worker_is_one_line(monkeypatch, capsys):
     refused = CheckpointError("state.pt cannot be loaded safely: it needs unpickling")
 
     def resume(args):
+        wrapped = UserExceptionWithTraceback(refused, "Traceback (most recent call last):\n...")
         try:
-            raise WorkerGroupError("worker 0 failed", {0: refused})
+            raise WorkerGroupError("worker 0 failed", {0: wrapped})
         except WorkerGroupError as err:
             raise launcher.user_error(err) from err
 
@@ -206,6 +213,17 @@ def test_a_set_error_names_the_set_and_a_file_error_names_the_file(tmp_path):
     lr = next(line for line in lines if "train.lr" in line)
     epochs = next(line for line in lines if "train.epochs" in line)
     assert "[from --set train.lr=inf]" in lr and "--set" not in epochs
+
+
+def test_a_set_error_in_a_tune_file_names_the_set(tmp_path, capsys):
+    tune_file = tmp_path / "t.yaml"
+    tune_file.write_text("train:\n  epochs: 1\nsweep:\n  num_samples: 1\n")
+    for assignment, field in (("train.lr=inf", "train.lr"),
+                              ("sweep.reduction_factor=.inf", "sweep.reduction_factor")):
+        assert main(["tune", "-c", str(tune_file), "--set", assignment]) == EXIT_USER_ERROR
+        err = one_error(capsys)
+        first = err.splitlines()[0]
+        assert f"--set {assignment}" in first and "t.yaml" not in first and field in err
 
 
 def test_the_unknown_field_hint_names_a_command_that_prints_every_field(capsys):
@@ -349,3 +367,34 @@ def test_a_planted_tuner_pkl_is_never_unpickled_and_a_signed_sweep_resumes(tmp_p
     assert "unsigned" in one_error(capsys) and not marker.exists()
     assert main([*command, "--trust-state"]) == 0
     assert trust.problems(trust.Folder(str(folder))) == []
+
+
+def test_signatures_work_the_same_on_s3(s3_endpoint, tmp_path):
+    """A sweep folder in a bucket: signed, verified, a planted file found."""
+    import s3fs
+
+    local = fake_experiment(tmp_path / "sweep")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    fs.put(str(local), "mmcl-test/searches/sweep", recursive=True)
+    folder = trust.Folder("s3://mmcl-test/searches/sweep", endpoint_url=s3_endpoint)
+    assert len(folder.signed_files()) == 4 and trust.problems(folder)
+    trust.sign(folder)
+    assert trust.problems(folder) == []
+    fs.pipe("mmcl-test/searches/sweep/tuner.pkl", pickle.dumps(Planted(str(tmp_path / "x"))))
+    with pytest.raises(trust.UntrustedState, match="changed since mmcl signed them: tuner.pkl"):
+        trust.verify(folder)
+
+
+def test_the_keeper_renews_signatures_while_tune_runs_and_pickles_without_its_state(tmp_path):
+    root = fake_experiment(tmp_path / "sweep")
+    keeper = trust.signature_keeper(trust.Folder(str(root)))
+    keeper.on_step_end(iteration=1, trials=[])
+    assert trust.problems(keeper.folder) == []
+    (root / "experiment_state-2.json").write_text("{}")  # Tune saves its state again
+    keeper.on_checkpoint(iteration=2, trials=[], trial=None, checkpoint=None)
+    assert trust.problems(keeper.folder) == []
+    from ray import cloudpickle
+
+    restored = cloudpickle.loads(cloudpickle.dumps(keeper))  # it travels inside tuner.pkl
+    assert restored.folder == keeper.folder and restored._cache == {}
+    assert b"mmcl-test-suite-key" not in cloudpickle.dumps(keeper)

@@ -425,7 +425,7 @@ def run_sample_opt(tf: TuneFile, address: str | None = None,
     round is complete (the state is saved exactly as when the search is killed there)."""
     start_time = time.perf_counter()
     so = section_config(SampleOptConfig, tf.sections.get("sample_opt", {}), "sample_opt",
-                        tf.source)
+                        tf.source, tf.overrides)
     if tf.space:
         raise ConfigError(f"sample optimization searches alpha and beta with its own policy; "
                           f"remove the {{tune: ...}} distributions ({', '.join(tf.space)}) or "

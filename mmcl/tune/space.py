@@ -128,13 +128,15 @@ class TuneFile:
     space: dict[str, Distribution] = field(default_factory=dict)
     sections: dict[str, dict] = field(default_factory=dict)
     source: str = "config"
+    overrides: tuple[str, ...] = ()  # the `--set`s applied, named by the errors they cause
 
     def raw_with(self, params: Mapping[str, Any]) -> dict:
         """The run config's raw mapping with `params` (dotted path -> value) filled in."""
         return with_values(self.base, params)
 
     def config_with(self, params: Mapping[str, Any], source: str | None = None) -> RunConfig:
-        return config_mod.from_dict(self.raw_with(params), source=source or self.source)
+        return config_mod.from_dict(self.raw_with(params), source=source or self.source,
+                                    set_by=self.overrides)
 
     def representative(self) -> dict[str, Any]:
         """One valid value per distribution (its first edge value)."""
@@ -253,7 +255,7 @@ def parse(raw: dict, overrides: list[str] | tuple = (), source: str = "config") 
             raise ConfigError(
                 f"search space: {path} cannot be searched: scaling and storage are shared by "
                 f"every trial (the CPU budget is checked once, before the search starts)")
-    return TuneFile(base, space, sections, source)
+    return TuneFile(base, space, sections, source, tuple(overrides))
 
 
 def load(path: str, overrides: list[str] | tuple = ()) -> TuneFile:

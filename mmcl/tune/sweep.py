@@ -70,18 +70,26 @@ class SweepConfig(BaseModel):
     seed: int | None = None
 
 
-def section_config(model: type[BaseModel], raw: dict, section: str, source: str):
-    """Validate a tune file's section, with errors that name `section.field`."""
+def section_config(model: type[BaseModel], raw: dict, section: str, source: str,
+                   overrides: tuple[str, ...] = ()):
+    """Validate a tune file's section, with errors that name `section.field` and, for a value
+    given with `--set`, that `--set`."""
     try:
         return model.model_validate(raw)
     except ValidationError as err:
-        lines = [f"invalid `{section}:` settings in {source}:"]
+        given = {a.split("=", 1)[0].strip(): a for a in overrides if "=" in a}
+        lines, sources = [], []
         for e in err.errors():
             loc = ".".join(str(p) for p in e["loc"])
+            origin = config_mod.override_for([section, *loc.split(".")], given)
+            sources.append(origin or source)
             msg = ("unknown field (check its spelling)" if e["type"] == "extra_forbidden"
                    else e["msg"])
-            lines.append(f"  {section}.{loc}: {msg} (got {e.get('input')!r})")
-        raise ConfigError("\n".join(lines)) from None
+            lines.append(f"  {section}.{loc}: {msg} (got {config_mod.short_repr(e.get('input'))})"
+                         + (f" [from {origin}]" if origin else ""))
+        where = ", ".join(dict.fromkeys(sources))
+        raise ConfigError("\n".join([f"invalid `{section}:` settings in {where}:", *lines])
+                          ) from None
 
 
 def search_name(tf: TuneFile, base) -> str:
@@ -306,7 +314,8 @@ def run_sweep(tf: TuneFile, address: str | None = None,
     from ray import tune
 
     start = time.perf_counter()
-    settings = section_config(SweepConfig, tf.sections.get("sweep", {}), "sweep", tf.source)
+    settings = section_config(SweepConfig, tf.sections.get("sweep", {}), "sweep", tf.source,
+                              tf.overrides)
     space_mod.validate(tf)
     user_tf, tf = tf, absolute_paths(tf)
     base = tf.base_config()

@@ -303,4 +303,8 @@ def _keeper_class():
 
 
 def signature_keeper(folder: Folder):
-    return _keeper_class()(folder)
+    """The Tune callback that keeps `folder` signed; on object storage it lists the folder at
+    most every 10 s (each renewal is one listing), on a local disk every second."""
+    from mmcl.storage import is_remote
+
+    return _keeper_class()(folder, every_s=10.0 if is_remote(folder.url) else 1.0)
