@@ -118,6 +118,20 @@ def submit(env: dict, args: list[str], timeout_s: float = 900) -> subprocess.Com
         time.sleep(2)
 
 
+def start_head(env: dict, args: list[str], temp: Path, attempts: int = 3) -> None:
+    """`ray start --head`, tried again after stopping what it left: on a loaded machine the
+    raylet can give up waiting for its dashboard agent ("The current node timed out during
+    startup")."""
+    for attempt in range(attempts):
+        started = subprocess.run([ray_cli(), "start", "--head", *args], env=env,
+                                 capture_output=True, text=True, timeout=300)
+        if started.returncode == 0:
+            return
+        stop_cluster(temp)
+    pytest.fail(f"ray start failed {attempts} times: {started.stdout[-1500:]}"
+                f"{started.stderr[-1500:]}")
+
+
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     # The job's `python` is whatever the head's PATH finds first: make it this environment's.
@@ -136,11 +150,10 @@ def head(tmp_path_factory):
     subprocess.run([ray_cli(), "get-auth-token", "--generate"], env=env, check=False,
                    capture_output=True)
     try:
-        subprocess.run(
-            [ray_cli(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=3",
-             f"--temp-dir={temp}", "--disable-usage-stats", *own_ports],
-            env=env, check=True, capture_output=True, timeout=180)
+        start_head(env, [f"--port={port}", "--node-ip-address=127.0.0.1",
+                         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                         "--num-cpus=3", f"--temp-dir={temp}", "--disable-usage-stats",
+                         *own_ports], temp)
         wait_for_job_api(env, address)
         yield env, address
     finally:
