@@ -182,7 +182,11 @@ def load_spec(path: str) -> ImportSpec:
 
 
 def _tokenizer(name: str):
-    from transformers import AutoTokenizer
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise DataError("text modalities need Hugging Face transformers: pip install "
+                        "'mmcl[text]'") from None
 
     try:
         return AutoTokenizer.from_pretrained(name)
