@@ -70,7 +70,7 @@ def cmd_data_import(args) -> int:
     from mmcl.data.inspect import format_inspect, inspect_dataset
 
     result = import_table(args.src, args.out, load_spec(args.spec), overwrite=args.overwrite,
-                          concurrency=args.concurrency, **_s3(args))
+                          concurrency=args.concurrency, address=args.address, **_s3(args))
     print(format_inspect(inspect_dataset(args.out, **_s3(args))))
     print(result.summary())
     print(f"wrote {args.out}")
@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing data set")
     p.add_argument("--concurrency", type=int, default=None,
                    help="decode actors at most (default: the cluster's CPUs - 1)")
+    p.add_argument("--address", help="Ray cluster to join: 'auto' or ray://host:port "
+                   "(default: start local Ray)")
     _add_s3_args(p)
     p.set_defaults(func=cmd_data_import)
 

@@ -95,7 +95,7 @@ def test_rgbd_pairs_with_missing_depth_drop_mask_and_fail(tmp_path):
     table, spec = rgbd_table(tmp_path / "src")
     import_cli(table, tmp_path / "ds", write_spec(tmp_path / "spec.yaml", spec))
     m = read_manifest(str(tmp_path / "ds"))
-    assert sum(c["depth"] for c in m.missing.values()) == 12
+    assert sum(c["depth"] for c in m.missing.values()) == 13  # ids 0, 5, ..., 60
     assert sum(c["rgb"] for c in m.missing.values()) == 0
     assert m.modality("depth").shape == (1, 12, 12)
 

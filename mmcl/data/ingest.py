@@ -182,7 +182,11 @@ def load_spec(path: str) -> ImportSpec:
 
 
 def _tokenizer(name: str):
-    from transformers import AutoTokenizer
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise DataError("text modalities need Hugging Face transformers: pip install "
+                        "'mmcl[text]'") from None
 
     try:
         return AutoTokenizer.from_pretrained(name)
@@ -618,9 +622,9 @@ def _check_target(fs, path: str, out: str, overwrite: bool) -> None:
 
 def import_table(src: str, out: str, spec: ImportSpec, overwrite: bool = False,
                  endpoint_url: str | None = None, region: str | None = None,
-                 concurrency: int | None = None) -> ImportResult:
-    """Import SRC into a data set at `out` with `spec` (see the module doc); Ray must be
-    initialised (or is started locally)."""
+                 concurrency: int | None = None, address: str | None = None) -> ImportResult:
+    """Import SRC into a data set at `out` with `spec` (see the module doc) on the Ray
+    initialised here, the cluster at `address`, or a local Ray started for it."""
     import ray
     import ray.data
 
@@ -634,7 +638,11 @@ def import_table(src: str, out: str, spec: ImportSpec, overwrite: bool = False,
     fmt = _source_format(src, sfs, spath)
     manifest = build_manifest(spec)
     if not ray.is_initialized():
-        ray.init()
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:  # "local": never join a cluster someone else started on this machine
+            ray.init(address="local", num_cpus=max(2, os.cpu_count() or 1),
+                     include_dashboard=False, log_to_driver=True)
     storage.share_credentials()
     ds = _read_source(src, fmt, endpoint_url, region)
     names = list(ds.schema().names)
