@@ -353,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "contrast (M = 2, 3, 4); FactorCL pair scores against tiling; loss "
                         "memory against the global batch; shard read throughput against "
                         "list<float>; the Ray data path against in-memory training (same "
-                        "model, batch, workers), data wait, 1 vs 2 workers; the README demo's "
+                        "model, batch, workers), data wait, 1 vs 2 workers; an image+text step "
+                        "with hf backbones, trainable vs frozen; the README demo's "
                         "start-up. Writes OUT/perf.json and OUT/perf.md.")
     p.add_argument("--quick", action="store_true",
                    help="smaller data and fewer rounds (about 2 minutes on 2 cores)")

@@ -114,7 +114,8 @@ def test_bench_perf_quick_runs_and_writes_json_and_markdown(tmp_path):
     for key in ("cores", "gpu", "load_average", "versions", "torch_threads"):
         assert key in report["machine"], key
     sections = report["sections"]
-    assert set(sections) == {"objective_step", "efficiency", "critics", "loss_memory", "read",
+    assert set(sections) == {"objective_step", "efficiency", "critics", "loss_memory",
+                             "hf_encoders", "read",
                              "data_plane", "startup"}
     for name, section in sections.items():
         assert "error" not in section, (name, section.get("error"))
@@ -137,7 +138,9 @@ def test_bench_perf_quick_runs_and_writes_json_and_markdown(tmp_path):
     assert {"pyarrow", "ray_data"} <= set(sections["read"])
     assert sections["startup"]["instrumented"]["returncode"] == 0
     markdown = (out / "perf.md").read_text()
-    for heading in ("# mmcl bench perf (quick)", "## objective_step", "## efficiency", "## critics",
-                    "## loss_memory", "## read", "## data_plane", "## startup"):
+    for heading in ("# mmcl bench perf (quick)", "## objective_step", "## efficiency",
+                    "## critics", "## loss_memory", "## hf_encoders", "## read", "## data_plane",
+                    "## startup"):
         assert heading in markdown, heading
     assert "| model | M |" in markdown and "| N |" in markdown
+    assert "frozen / trainable step" in markdown

@@ -63,7 +63,9 @@ from mmcl.tune.trial import (PG_RECORDS, ScoreSpec, Scorer, TuneError, absolute_
 
 STATE_NAME = "sample_opt_state.json"
 FORMAT = 1
-AUGMENT_FIELDS = tuple(ModalityAugment.model_fields)
+# The strengths in [0, 1] (not the text settings mask_token_id / keep_ends).
+AUGMENT_FIELDS = tuple(n for n, f in ModalityAugment.model_fields.items()
+                       if f.annotation is float)
 
 
 class Sigma(BaseModel):
