@@ -85,9 +85,9 @@ def test_tuple_infonce_runs_each_encoder_once_per_view(rus):
     batch = batch_of(arrays)
     obj(batch, batch, batch, generator=torch.Generator().manual_seed(0))
     assert calls == {m: 2 for m in obj.modalities}, calls  # two views, once each
-    # fusion: the tuple itself per view; all disturbed sets of a direction in one call
-    assert len(fused) == 2
-    assert swapped == [len(obj.modalities)] * 2
+    # fusion: one call per view, the tuples themselves and their disturbed sets together
+    assert len(fused) == 0
+    assert swapped == [1 + len(obj.modalities)] * 2
 
 
 def reencoding_step(extra, layers):

@@ -21,6 +21,7 @@ negative) and alpha_k is an exact weight, not a block replication count.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -66,36 +67,51 @@ class TupleInfoNCE(FusedObjective):
         """(modality, log alpha) for every modality whose disturbed negatives are on."""
         return [(m, w) for m, w in zip(self.modalities, self.log_weights) if w > -math.inf]
 
-    def disturbed(self, embeddings: dict[str, Tensor], generator: torch.Generator | None
-                  ) -> list[Tensor]:
-        """Projected embeddings of the k-disturbed tuples, one set per active modality k
-        (modality k taken from another row by a derangement drawn in modality order), all
-        sets fused and projected in one call."""
-        active = self.active_modalities()
-        if not active:
+    def swaps(self, embeddings: dict[str, Tensor], generator: torch.Generator | None
+              ) -> list[tuple[str, Tensor]]:
+        """One (modality k, derangement) per active modality k, drawn in modality order."""
+        n = next(iter(embeddings.values())).shape[0]
+        return [(m, derangement(n, generator, embeddings[m].device))
+                for m, _ in self.active_modalities()]
+
+    def project_with_disturbed(self, embeddings: dict[str, Tensor], swaps
+                               ) -> tuple[Tensor, list[Tensor]]:
+        """The projected tuples and their disturbed sets, all in one fusion call: the tuples
+        themselves are the identity swap, so the transformer fusion's first-layer queries,
+        keys and values serve both (a disturbed tuple then costs only what it changes)."""
+        n = next(iter(embeddings.values())).shape[0]
+        identity = (self.modalities[0], torch.arange(n, device=embeddings[self.modalities[0]]
+                                                     .device))
+        z = normalize(self.head(self.encoder.fuse_swapped(embeddings, [identity, *swaps])))
+        tuples, *disturbed = z.split(n)
+        return tuples, disturbed
+
+    def disturbed(self, embeddings: dict[str, Tensor], swaps) -> list[Tensor]:
+        """Projected embeddings of the disturbed sets alone."""
+        if not swaps:
             return []
         n = next(iter(embeddings.values())).shape[0]
-        swaps = [(m, derangement(n, generator, embeddings[m].device)) for m, _ in active]
-        z = normalize(self.head(self.encoder.fuse_swapped(embeddings, swaps)))
-        return list(z.split(n))
-
-    def direction(self, anchor: Tensor, positive: Tensor, key_embeddings: dict[str, Tensor],
-                  generator) -> Tensor:
-        if self.cfg.key_grad:
-            disturbed = self.disturbed(key_embeddings, generator)
-        else:
-            positive = positive.detach()
-            with torch.no_grad():
-                disturbed = self.disturbed(key_embeddings, generator)
-        return tuple_info_nce(anchor, positive, disturbed,
-                              [w for _, w in self.active_modalities()], self.cfg.temperature)
+        return list(normalize(self.head(self.encoder.fuse_swapped(embeddings, swaps))).split(n))
 
     def forward(self, view1, view2, batch, generator=None):
         e1, e2 = self.encoder.encode(view1), self.encoder.encode(view2)
-        z1, z2 = self.project(e1), self.project(e2)
-        loss = self.direction(z1, z2, e2, generator)
+        log_weights = [w for _, w in self.active_modalities()]
+        # Keys of direction 1 are view 2's (its derangements drawn first), then direction 2's.
+        swaps2 = self.swaps(e2, generator)
+        swaps1 = self.swaps(e1, generator) if self.cfg.symmetric else []
+        if self.cfg.key_grad and swaps2:
+            z1, disturbed1 = (self.project_with_disturbed(e1, swaps1) if swaps1
+                              else (self.project(e1), []))
+            z2, disturbed2 = self.project_with_disturbed(e2, swaps2)
+        else:
+            z1, z2 = self.project(e1), self.project(e2)
+            with torch.no_grad() if not self.cfg.key_grad else contextlib.nullcontext():
+                disturbed2, disturbed1 = self.disturbed(e2, swaps2), self.disturbed(e1, swaps1)
+        tau = self.cfg.temperature
+        keys1, keys2 = (z1, z2) if self.cfg.key_grad else (z1.detach(), z2.detach())
+        loss = tuple_info_nce(z1, keys2, disturbed2, log_weights, tau)
         if self.cfg.symmetric:
-            loss = 0.5 * (loss + self.direction(z2, z1, e1, generator))
+            loss = 0.5 * (loss + tuple_info_nce(z2, keys1, disturbed1, log_weights, tau))
         metrics = {}
         if not self.active_modalities():  # the plain tuple loss, for comparison in logs
             metrics["tuple"] = loss.detach().item()
