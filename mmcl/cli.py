@@ -87,7 +87,7 @@ def cmd_pretrain(args) -> int:
     from mmcl.train.launcher import pretrain
 
     cfg = _load_config(args)
-    result = pretrain(cfg, address=args.address, in_process=args.no_ray)
+    result = pretrain(cfg, address=args.address, in_process=args.no_ray, verbose=args.verbose)
     print(result.summary())
     return 0
 
@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: start local Ray)")
     p.add_argument("--no-ray", action="store_true",
                    help="train in this process on in-memory data (debugging, tiny data)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show all of Ray's own output (quiet by default: a progress bar and "
+                   "one line per epoch)")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("embed", help="embed a data set with a trained run (Ray Data)",

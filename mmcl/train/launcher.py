@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -116,21 +115,24 @@ def cpus_needed(cfg: RunConfig) -> int:
     return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + DATA_CPUS
 
 
-def start_ray(cfg: RunConfig, address: str | None) -> None:
-    """Start local Ray sized so Ray Data keeps a CPU, or join a cluster and check it fits."""
+def start_ray(cfg: RunConfig, address: str | None, verbose: bool = True) -> None:
+    """Start local Ray sized so Ray Data keeps a CPU, or join a cluster and check it fits.
+    Not verbose: the driver's `ray` logger prints warnings and errors only."""
     import ray
+
+    from mmcl.train import console
 
     if ray.is_initialized():
         available = ray.cluster_resources().get("CPU", 0)
     elif address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, **console.driver_init_kwargs(verbose))
         available = ray.cluster_resources().get("CPU", 0)
     else:
         # Logical CPUs may exceed physical cores; what matters is that the training workers
         # never take the last CPU that Ray Data's read tasks wait for.
         num_cpus = max(os.cpu_count() or 1, cpus_needed(cfg))
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 log_to_driver=True)
+                 log_to_driver=True, **console.driver_init_kwargs(verbose))
         available = num_cpus
     if available < cpus_needed(cfg):
         raise LaunchError(
@@ -194,18 +196,23 @@ def train_steps(cfg: RunConfig, manifest: Manifest, workers: int) -> int:
     return steps_per_epoch(manifest.splits[cfg.data.train_split], cfg.train.batch_size, workers)
 
 
-def pretrain(cfg: RunConfig, address: str | None = None, in_process: bool = False) -> RunResult:
+def pretrain(cfg: RunConfig, address: str | None = None, in_process: bool = False,
+             verbose: bool = False) -> RunResult:
     start = time.perf_counter()
     name = run_name(cfg)
     cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"name": name})})
     run_url = join(cfg.storage.path, name)
     root, manifest = prepare_data(cfg)
+    from mmcl.train.tracking import check_backend
+
+    check_backend(cfg.tracking)  # a missing optional extra is one error before Ray starts
     steps = train_steps(cfg, manifest, 1 if in_process else cfg.scaling.num_workers)
     if in_process:
         state = _pretrain_in_process(cfg, root, manifest)
         checkpoint_url = None
     else:
-        state, checkpoint_url = _pretrain_on_ray(cfg, address, root, manifest, steps, name)
+        state, checkpoint_url = _pretrain_on_ray(cfg, address, root, manifest, steps, name,
+                                                 verbose)
     finish_run(cfg, manifest, run_url, state)
     return RunResult(run_url, checkpoint_url, list(state["history"]),
                      time.perf_counter() - start)
@@ -219,16 +226,21 @@ def _pretrain_in_process(cfg: RunConfig, root: str, manifest: Manifest) -> dict:
     train = read_split(root, cfg.data.train_split, columns=columns, **remote(cfg),
                        nonfinite=cfg.data.nonfinite)
 
-    def log(summary):
-        print("[mmcl] epoch {epoch}/{total}  step {step}  loss {loss:.4f}  "
-              "{samples_per_s:.0f} samples/s".format(total=cfg.train.epochs, **summary),
-              flush=True)
+    from mmcl.train.console import epoch_line
+    from mmcl.train.tracking import RunLog
 
-    return fit_in_memory(cfg, manifest, train, on_epoch=log).state_dict()
+    def log(summary):
+        print(epoch_line(summary, cfg.train.epochs), flush=True)
+
+    run_log = RunLog(cfg, join(cfg.storage.path, cfg.storage.name), in_ray=False)
+    try:
+        return fit_in_memory(cfg, manifest, train, on_epoch=log, run_log=run_log).state_dict()
+    finally:
+        run_log.close()
 
 
 def make_trainer(cfg: RunConfig, root: str, manifest: Manifest, steps: int, name: str,
-                 loop: Callable[[dict], object] | None = None):
+                 loop: Callable[[dict], object] | None = None, verbose: bool = True):
     """The TorchTrainer of a run: Ray Data streams the training split to `num_workers` DDP
     workers that run `loop` (default: mmcl's train_loop_per_worker). Same storage path and
     name = the same run: fit() then resumes from its latest checkpoint."""
@@ -236,6 +248,7 @@ def make_trainer(cfg: RunConfig, root: str, manifest: Manifest, steps: int, name
     from ray.train.torch import TorchTrainer
 
     from mmcl.data.pipeline import build_dataset, train_data_config
+    from mmcl.train import console
     from mmcl.train.worker import train_loop_per_worker
 
     dataset = build_dataset(root, cfg.data.train_split, manifest, training_columns(manifest),
@@ -243,7 +256,8 @@ def make_trainer(cfg: RunConfig, root: str, manifest: Manifest, steps: int, name
     return TorchTrainer(
         loop or train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "manifest": manifest.to_json(),
-                           "steps_per_epoch": steps},
+                           "steps_per_epoch": steps, "progress_bar": console.show_bar(),
+                           "run_url": checkpoint_url(cfg, f"{storage_root(cfg)}/{name}")},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
@@ -251,7 +265,8 @@ def make_trainer(cfg: RunConfig, root: str, manifest: Manifest, steps: int, name
             name=name, storage_path=storage_root(cfg),
             storage_filesystem=storage_filesystem(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=console.train_logging(verbose)),
         datasets={"train": dataset},
         dataset_config=train_data_config(),
     )
@@ -276,21 +291,19 @@ def user_error(err: Exception) -> Exception:
     return err
 
 
-def _pretrain_on_ray(cfg: RunConfig, address, root, manifest, steps, name):
+def _pretrain_on_ray(cfg: RunConfig, address, root, manifest, steps, name, verbose=False):
+    from mmcl.train import console
     from mmcl.train.checkpoint import read_checkpoint_state
 
-    import ray.data
     import ray.train
 
-    start_ray(cfg, address)
+    console.quiet_driver(verbose)  # before ray.init, which logs the first notices
+    start_ray(cfg, address, verbose)
+    console.filter_worker_logs(verbose)
     share_credentials()  # S3 credentials from this environment, to this job's workers
-    # One overall Ray Data bar on a terminal; none in logs, where bars become pages of
-    # carriage returns (the per-epoch lines of the workers are the progress there).
-    data_context = ray.data.DataContext.get_current()
-    data_context.enable_operator_progress_bars = False
-    data_context.enable_progress_bars = sys.stdout.isatty()
+    console.quiet_data(verbose)
     try:
-        result = make_trainer(cfg, root, manifest, steps, name).fit()
+        result = make_trainer(cfg, root, manifest, steps, name, verbose=verbose).fit()
     except ray.train.TrainingFailedError as err:
         raise user_error(err) from err
     with result.checkpoint.as_directory() as directory:

@@ -38,13 +38,18 @@ def steps_per_epoch(rows: int, batch_size: int, workers: int = 1) -> int:
 
 def fit_in_memory(cfg: RunConfig, manifest: Manifest, train: Mapping[str, np.ndarray],
                   device: str = "cpu",
-                  on_epoch: Callable[[dict], None] | None = None) -> Engine:
-    """Train for cfg.train.epochs on in-memory columns (modalities + labels)."""
+                  on_epoch: Callable[[dict], None] | None = None,
+                  run_log=None) -> Engine:
+    """Train for cfg.train.epochs on in-memory columns (modalities + labels). `run_log`
+    (a mmcl.train.tracking.RunLog) records step curves and metrics.jsonl as a Ray run does."""
     rows = len(next(iter(train.values())))
     engine = Engine(cfg, manifest, steps_per_epoch(rows, cfg.train.batch_size), device)
     for epoch in range(cfg.train.epochs):
         summary = engine.train_epoch(
-            memory_batches(train, cfg.train.batch_size, cfg.train.seed, epoch))
+            memory_batches(train, cfg.train.batch_size, cfg.train.seed, epoch),
+            on_step=run_log.step if run_log else None)
+        if run_log:
+            run_log.epoch(summary, engine.history)
         if on_epoch:
             on_epoch(summary)
     return engine

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from mmcl.config import RunConfig
 from mmcl.data.pipeline import iter_worker_batches
 from mmcl.data.schema import Manifest
+from mmcl.train import console, tracking
 from mmcl.train.checkpoint import read_checkpoint_state, write_checkpoint
 from mmcl.train.engine import Engine
 
@@ -63,17 +64,21 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
         print(f"[mmcl] rank {rank}: resumed at epoch {engine.epoch}, step {engine.step}")
 
     resumed_from_step = engine.step  # 0 on a fresh run; reported so resumes are visible
+    run_log = tracking.RunLog(cfg, loop_config.get("run_url"), rank)
     shard = ray.train.get_dataset_shard("train")
     # `stop_epoch` ends the run early, keeping the schedule of all `train.epochs`.
     stop_epoch = min(cfg.train.epochs, loop_config.get("stop_epoch") or cfg.train.epochs)
     for epoch in range(engine.epoch, stop_epoch):
-        summary = engine.train_epoch(epoch_batches(shard, cfg, epoch, rank, engine.device))
+        bar = console.EpochProgress(epoch + 1, cfg.train.epochs, engine.steps_per_epoch,
+                                    enabled=rank == 0 and loop_config.get("progress_bar", False))
+        summary = engine.train_epoch(epoch_batches(shard, cfg, epoch, rank, engine.device),
+                                     on_step=lambda m: (bar.update(m), run_log.step(m)))
+        bar.close()
         summary["samples_per_s_total"] = all_reduce_sum([summary["samples_per_s"]])[0]
         summary["resumed_from_step"] = resumed_from_step
+        run_log.epoch(summary, engine.history)
         if rank == 0:
-            print("[mmcl] epoch {epoch}/{epochs}  step {step}  loss {loss:.4f}  "
-                  "{samples_per_s_total:.0f} samples/s  data wait {data_wait_fraction:.1%}"
-                  .format(epochs=cfg.train.epochs, **summary), flush=True)
+            console.log_epoch(summary, cfg.train.epochs)
         last = epoch + 1 == stop_epoch
         if last or (epoch + 1) % cfg.train.checkpoint_every == 0:
             with tempfile.TemporaryDirectory() as directory:
@@ -84,4 +89,5 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
                 ray.train.report(summary, checkpoint=saved)
         else:
             ray.train.report(summary)
+    run_log.close()
     return engine.history
