@@ -102,13 +102,14 @@ def quiet_driver(verbose: bool) -> None:
 
 
 def quiet_data(verbose: bool) -> None:
-    """Ray Data prints no execution banner per epoch, and one overall bar only on a terminal
-    (in logs, bars become pages of carriage returns)."""
+    """Ray Data prints no execution banner per epoch, and no bars unless verbose: mmcl's own
+    bar shows the training steps and the data wait. Verbose, one overall Ray Data bar on a
+    terminal only (in logs, bars become pages of carriage returns)."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
     context.enable_operator_progress_bars = False
-    context.enable_progress_bars = sys.stderr.isatty()
+    context.enable_progress_bars = verbose and sys.stderr.isatty()
     context.print_on_execution_start = verbose
 
 
