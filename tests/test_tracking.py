@@ -92,3 +92,17 @@ def test_only_finite_numbers_become_curves():
     assert tracking.scalars({"loss": 1.5, "epoch": 3, "ok": True, "name": "x",
                              "bad": float("nan"), "lr": 1e-3}, "train") == {
         "train/loss": 1.5, "train/lr": 1e-3}
+
+
+def test_report_accepts_a_run_still_in_progress(tmp_path):
+    from mmcl.evaluate.report import compare
+
+    run = str(tmp_path / "runs" / "live")
+    history = [{"epoch": 1, "step": 12, "loss": 2.5, "samples_per_s": 100.0},
+               {"epoch": 2, "step": 24, "loss": 1.25, "samples_per_s": 120.0}]
+    tracking.write_metrics(run, history, {})
+    result = compare([run], out=str(tmp_path / "report"), progress=None)
+    assert "| in progress | 2 | 24 | 1.2500 | 120 |" in result["markdown"]
+    assert not os.path.exists(os.path.join(run, ".metrics.jsonl.partial"))
+    with pytest.raises(Exception, match="no evaluation report"):  # nothing to show at all
+        compare([str(tmp_path / "runs" / "empty")], progress=None)
