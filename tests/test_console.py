@@ -90,3 +90,25 @@ def test_a_disabled_bar_does_nothing_and_an_enabled_one_counts_steps(capsys):
     assert on.bar.n == 4 and "loss 0.5000" in on.bar.desc
     on.close()
     assert capsys.readouterr().out == ""  # bars go to stderr, never stdout
+
+
+def test_quiet_settings_reach_ray_train_ray_data_and_the_driver_and_verbose_undoes_them():
+    import ray.data
+
+    from mmcl.cli import build_parser
+
+    assert console.train_logging(verbose=False).log_level == "ERROR"
+    assert console.train_logging(verbose=True).log_level == "INFO"
+    assert console.driver_init_kwargs(False) == {"logging_level": logging.WARNING}
+    assert console.driver_init_kwargs(True) == {}
+    context = ray.data.DataContext.get_current()
+    before = (context.print_on_execution_start, context.enable_progress_bars)
+    try:
+        console.quiet_data(verbose=False)
+        assert not context.print_on_execution_start and not context.enable_progress_bars
+        console.quiet_data(verbose=True)
+        assert context.print_on_execution_start
+    finally:
+        context.print_on_execution_start, context.enable_progress_bars = before
+    args = build_parser().parse_args(["pretrain", "--verbose"])
+    assert args.verbose and not build_parser().parse_args(["pretrain"]).verbose
