@@ -264,7 +264,7 @@ def test_live_metrics_and_tensorboard_events_reach_an_s3_run_folder(aws, tmp_pat
                              f"storage.endpoint_url={aws['endpoint']}",
                              "tracking.every_n_steps=1"])
     run_url = storage.join(RUNS, "live")
-    run_log = tracking.RunLog(cfg, run_url, in_ray=False)
+    run_log = tracking.RunLog(cfg, run_url)
     history = []
     for epoch in (1, 2):
         run_log.step({"loss": 1.0 / epoch, "step": epoch, "lr": 1e-3})

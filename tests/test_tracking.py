@@ -27,7 +27,7 @@ def train(data, tmp_path, *extra, on_epoch=None):
     manifest, arrays = data
     cfg = config.load(None, [*SMALL, f"storage.path={tmp_path}", *extra])
     run_url = os.path.join(tmp_path, "run")
-    run_log = tracking.RunLog(cfg, run_url, in_ray=False)
+    run_log = tracking.RunLog(cfg, run_url)
     try:
         fit_in_memory(cfg, manifest, arrays, on_epoch=on_epoch, run_log=run_log)
     finally:

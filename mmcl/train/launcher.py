@@ -232,7 +232,7 @@ def _pretrain_in_process(cfg: RunConfig, root: str, manifest: Manifest) -> dict:
     def log(summary):
         print(epoch_line(summary, cfg.train.epochs), flush=True)
 
-    run_log = RunLog(cfg, join(cfg.storage.path, cfg.storage.name), in_ray=False)
+    run_log = RunLog(cfg, join(cfg.storage.path, cfg.storage.name))
     try:
         return fit_in_memory(cfg, manifest, train, on_epoch=log, run_log=run_log).state_dict()
     finally:

@@ -104,27 +104,20 @@ class TensorBoardTracker(Tracker):
 
 
 class MLflowTracker(Tracker):
-    def __init__(self, cfg: TrackingConfig, run_cfg: RunConfig, run_url: str, in_ray: bool):
+    def __init__(self, cfg: TrackingConfig, run_cfg: RunConfig, run_url: str):
         super().__init__(cfg)
         uri = cfg.tracking_uri or f"file:{join(run_url, 'mlruns')}"
         if uri.startswith("file:"):
             # MLflow 3 keeps its file store in maintenance mode behind this switch; the file
             # store needs no server, which is what a local run wants.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        settings = dict(tracking_uri=uri, experiment_name=cfg.experiment or "mmcl",
-                        run_name=run_cfg.storage.name, create_experiment_if_not_exists=True)
-        if in_ray:
-            from ray.air.integrations.mlflow import setup_mlflow
+        # Ray's integration also works outside a Train session (mmcl.train.local, --no-ray).
+        from ray.air.integrations.mlflow import setup_mlflow
 
-            self.mlflow = setup_mlflow(config=_flat_config(run_cfg), **settings)
-        else:  # in-process runs (mmcl.train.local): the same calls without a Train session
-            import mlflow
-
-            mlflow.set_tracking_uri(uri)
-            mlflow.set_experiment(settings["experiment_name"])
-            mlflow.start_run(run_name=settings["run_name"])
-            mlflow.log_params(_flat_config(run_cfg))
-            self.mlflow = mlflow
+        self.mlflow = setup_mlflow(config=_flat_config(run_cfg), tracking_uri=uri,
+                                   experiment_name=cfg.experiment or "mmcl",
+                                   run_name=run_cfg.storage.name,
+                                   create_experiment_if_not_exists=True)
 
     def write(self, values, step):
         if values:
@@ -166,8 +159,7 @@ def _flat_config(run_cfg: RunConfig) -> dict[str, object]:
     return flat
 
 
-def open_tracker(run_cfg: RunConfig, run_url: str, rank: int = 0,
-                 in_ray: bool = True) -> Tracker:
+def open_tracker(run_cfg: RunConfig, run_url: str, rank: int = 0) -> Tracker:
     """The run's tracker on this rank (a no-op one except on rank 0)."""
     cfg = run_cfg.tracking
     if rank != 0 or cfg.backend == "none":
@@ -177,7 +169,7 @@ def open_tracker(run_cfg: RunConfig, run_url: str, rank: int = 0,
                    "region": run_cfg.storage.region}
         return TensorBoardTracker(cfg, run_url, storage)
     if cfg.backend == "mlflow":
-        return MLflowTracker(cfg, run_cfg, run_url, in_ray)
+        return MLflowTracker(cfg, run_cfg, run_url)
     return WandbTracker(cfg, run_cfg, run_url)
 
 
@@ -229,12 +221,11 @@ class RunLog:
     """What rank 0 records while training: the tracker's step curves and epoch summaries,
     and metrics.jsonl after every epoch. Other ranks record nothing."""
 
-    def __init__(self, run_cfg: RunConfig, run_url: str | None, rank: int = 0,
-                 in_ray: bool = True):
+    def __init__(self, run_cfg: RunConfig, run_url: str | None, rank: int = 0):
         self.run_url = run_url if rank == 0 else None
         self.storage = {"endpoint_url": run_cfg.storage.endpoint_url,
                         "region": run_cfg.storage.region}
-        self.tracker = (open_tracker(run_cfg, run_url, rank, in_ray) if self.run_url
+        self.tracker = (open_tracker(run_cfg, run_url, rank) if self.run_url
                         else Tracker(run_cfg.tracking))
 
     def step(self, metrics: dict) -> None:
