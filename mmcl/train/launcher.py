@@ -25,6 +25,7 @@ from mmcl.data.schema import DataError, Manifest
 from mmcl.data.shards import read_manifest, validate
 from mmcl.storage import filesystem, is_s3, join, pyarrow_filesystem, share_credentials
 from mmcl.train.local import steps_per_epoch
+from mmcl.train.tracking import check_backend
 
 DATA_CPUS = 1  # Ray Data's read/decode tasks need a whole CPU of their own
 
@@ -202,10 +203,8 @@ def pretrain(cfg: RunConfig, address: str | None = None, in_process: bool = Fals
     name = run_name(cfg)
     cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"name": name})})
     run_url = join(cfg.storage.path, name)
+    check_backend(cfg.tracking)  # a missing optional extra: one error before anything runs
     root, manifest = prepare_data(cfg)
-    from mmcl.train.tracking import check_backend
-
-    check_backend(cfg.tracking)  # a missing optional extra is one error before Ray starts
     steps = train_steps(cfg, manifest, 1 if in_process else cfg.scaling.num_workers)
     if in_process:
         state = _pretrain_in_process(cfg, root, manifest)
