@@ -6,7 +6,8 @@
   events are written to a local folder and copied into the run folder after every epoch.
 - mlflow: Ray Train's `setup_mlflow` (rank 0 only), a local file store in the run folder's
   `mlruns/` unless `tracking.tracking_uri` names a server. Optional extra (mlflow-skinny).
-- wandb: Ray Train's `setup_wandb`, offline by default. Optional extra.
+- wandb: offline by default (wandb.init into the run folder's `wandb/`; `wandb sync` uploads
+  it later); online through Ray Train's `setup_wandb` (needs an API key). Optional extra.
 - none: nothing.
 
 Every `tracking.every_n_steps` steps: `train/loss`, `train/lr`, `train/samples_per_s`,
@@ -130,11 +131,17 @@ class MLflowTracker(Tracker):
 class WandbTracker(Tracker):
     def __init__(self, cfg: TrackingConfig, run_cfg: RunConfig, run_url: str):
         super().__init__(cfg)
-        from ray.air.integrations.wandb import setup_wandb
+        settings = dict(config=_flat_config(run_cfg), project=cfg.experiment or "mmcl",
+                        name=run_cfg.storage.name, mode=cfg.wandb_mode,
+                        dir=None if is_s3(run_url) else run_url)
+        if cfg.wandb_mode == "online":
+            from ray.air.integrations.wandb import setup_wandb
 
-        self.wandb = setup_wandb(config=_flat_config(run_cfg), project=cfg.experiment or "mmcl",
-                                 name=run_cfg.storage.name, mode=cfg.wandb_mode,
-                                 dir=None if is_s3(run_url) else run_url)
+            self.wandb = setup_wandb(**settings)
+        else:  # Ray's setup_wandb insists on an API key, which offline mode never uses
+            import wandb
+
+            self.wandb = wandb.init(**settings)
 
     def write(self, values, step):
         if values:
