@@ -99,6 +99,12 @@ def test_quiet_settings_reach_ray_train_ray_data_and_the_driver_and_verbose_undo
 
     assert console.train_logging(verbose=False).log_level == "ERROR"
     assert console.train_logging(verbose=True).log_level == "INFO"
+    assert console.is_verbose()  # a process that never chose (a Tune trial) shows all
+    try:
+        console.set_verbose(False)
+        assert console.train_logging().log_level == "ERROR"
+    finally:
+        console.set_verbose(True)
     assert console.driver_init_kwargs(False) == {"logging_level": logging.WARNING}
     assert console.driver_init_kwargs(True) == {}
     context = ray.data.DataContext.get_current()

@@ -77,6 +77,21 @@ class HarmlessFilter(logging.Filter):
 
 # ------------------------------------------------------------------------------ driver
 
+# The driver's choice, read where the TorchTrainer is built (launcher.make_trainer keeps its
+# signature, which tests and benchmarks wrap). Processes that never set it (Tune's trial
+# actors) keep Ray's full output, as before.
+_verbose = True
+
+
+def set_verbose(verbose: bool) -> None:
+    global _verbose
+    _verbose = bool(verbose)
+
+
+def is_verbose() -> bool:
+    return _verbose
+
+
 
 def driver_init_kwargs(verbose: bool) -> dict:
     """Extra ray.init arguments: the driver's `ray` logger at WARNING unless verbose."""
@@ -113,10 +128,12 @@ def quiet_data(verbose: bool) -> None:
     context.print_on_execution_start = verbose
 
 
-def train_logging(verbose: bool):
-    """Ray Train's console log level: everything when verbose, else errors only."""
+def train_logging(verbose: bool | None = None):
+    """Ray Train's console log level: everything when verbose (default: the driver's
+    choice, `set_verbose`), else errors only."""
     import ray.train
 
+    verbose = is_verbose() if verbose is None else verbose
     return ray.train.LoggingConfig(log_level="INFO" if verbose else "ERROR")
 
 

@@ -89,6 +89,9 @@ class Engine:
         self.epoch = 0
         self.history: list[dict] = []  # one entry per finished epoch; travels in checkpoints
         self.skipped_batches = 0
+        # Called after every step with its metrics, lr, step, samples/s and data-wait
+        # fraction (the progress bar, experiment tracking); None: nothing is called.
+        self.on_step: Callable[[dict], None] | None = None
         use_amp = cfg.train.mixed_precision and self.device.type == "cuda"
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp \
             else nullcontext
@@ -125,11 +128,9 @@ class Engine:
         self.step += 1
         return {"loss": out.loss.detach().item(), **out.metrics}
 
-    def train_epoch(self, batches: Iterable[Mapping[str, Tensor]],
-                    on_step: Callable[[dict], None] | None = None) -> dict[str, float]:
+    def train_epoch(self, batches: Iterable[Mapping[str, Tensor]]) -> dict[str, float]:
         """Runs one epoch over `batches`; returns mean metrics, throughput and data wait.
-        `on_step` (progress bar, experiment tracking) gets every step's metrics, lr, step,
-        samples/s and data-wait fraction."""
+        `self.on_step`, when set, gets every step's metrics (see `_step_metrics`)."""
         sums: dict[str, float] = {}
         steps, rows, wait = 0, 0, 0.0
         start = tick = time.perf_counter()
@@ -143,8 +144,8 @@ class Engine:
                 rows += batch_rows
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
-                if on_step is not None:
-                    on_step(self._step_metrics(metrics, batch_rows, fetched - tick,
+                if self.on_step is not None:
+                    self.on_step(self._step_metrics(metrics, batch_rows, fetched - tick,
                                                time.perf_counter() - tick))
             tick = time.perf_counter()
         elapsed = time.perf_counter() - start

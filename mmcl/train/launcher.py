@@ -239,7 +239,7 @@ def _pretrain_in_process(cfg: RunConfig, root: str, manifest: Manifest) -> dict:
 
 
 def make_trainer(cfg: RunConfig, root: str, manifest: Manifest, steps: int, name: str,
-                 loop: Callable[[dict], object] | None = None, verbose: bool = True):
+                 loop: Callable[[dict], object] | None = None):
     """The TorchTrainer of a run: Ray Data streams the training split to `num_workers` DDP
     workers that run `loop` (default: mmcl's train_loop_per_worker). Same storage path and
     name = the same run: fit() then resumes from its latest checkpoint."""
@@ -265,7 +265,7 @@ def make_trainer(cfg: RunConfig, root: str, manifest: Manifest, steps: int, name
             storage_filesystem=storage_filesystem(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            logging_config=console.train_logging(verbose)),
+            logging_config=console.train_logging()),  # the driver's --verbose
         datasets={"train": dataset},
         dataset_config=train_data_config(),
     )
@@ -296,13 +296,14 @@ def _pretrain_on_ray(cfg: RunConfig, address, root, manifest, steps, name, verbo
 
     import ray.train
 
+    console.set_verbose(verbose)
     console.quiet_driver(verbose)  # before ray.init, which logs the first notices
     start_ray(cfg, address, verbose)
     console.filter_worker_logs(verbose)
     share_credentials()  # S3 credentials from this environment, to this job's workers
     console.quiet_data(verbose)
     try:
-        result = make_trainer(cfg, root, manifest, steps, name, verbose=verbose).fit()
+        result = make_trainer(cfg, root, manifest, steps, name).fit()
     except ray.train.TrainingFailedError as err:
         raise user_error(err) from err
     with result.checkpoint.as_directory() as directory:

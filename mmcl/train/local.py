@@ -44,10 +44,10 @@ def fit_in_memory(cfg: RunConfig, manifest: Manifest, train: Mapping[str, np.nda
     (a mmcl.train.tracking.RunLog) records step curves and metrics.jsonl as a Ray run does."""
     rows = len(next(iter(train.values())))
     engine = Engine(cfg, manifest, steps_per_epoch(rows, cfg.train.batch_size), device)
+    engine.on_step = run_log.step if run_log else None
     for epoch in range(cfg.train.epochs):
         summary = engine.train_epoch(
-            memory_batches(train, cfg.train.batch_size, cfg.train.seed, epoch),
-            on_step=run_log.step if run_log else None)
+            memory_batches(train, cfg.train.batch_size, cfg.train.seed, epoch))
         if run_log:
             run_log.epoch(summary, engine.history)
         if on_epoch:

@@ -71,8 +71,8 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
     for epoch in range(engine.epoch, stop_epoch):
         bar = console.EpochProgress(epoch + 1, cfg.train.epochs, engine.steps_per_epoch,
                                     enabled=rank == 0 and loop_config.get("progress_bar", False))
-        summary = engine.train_epoch(epoch_batches(shard, cfg, epoch, rank, engine.device),
-                                     on_step=lambda m: (bar.update(m), run_log.step(m)))
+        engine.on_step = lambda m: (bar.update(m), run_log.step(m))
+        summary = engine.train_epoch(epoch_batches(shard, cfg, epoch, rank, engine.device))
         bar.close()
         summary["samples_per_s_total"] = all_reduce_sum([summary["samples_per_s"]])[0]
         summary["resumed_from_step"] = resumed_from_step
