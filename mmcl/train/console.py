@@ -92,7 +92,6 @@ def is_verbose() -> bool:
     return _verbose
 
 
-
 def driver_init_kwargs(verbose: bool) -> dict:
     """Extra ray.init arguments: the driver's `ray` logger at WARNING unless verbose."""
     return {} if verbose else {"logging_level": logging.WARNING}
