@@ -107,7 +107,7 @@ def cmd_pretrain(args) -> int:
 
     cfg = _load_config(args)
     result = pretrain(cfg, address=args.address, in_process=args.no_ray,
-                      continue_from=args.continue_from)
+                      continue_from=args.continue_from, verbose=args.verbose)
     print(result.summary())
     return 0
 
@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continue-from", metavar="RUN",
                    help="a finished run's folder: start this new run (storage.name) from "
                    "its weights (fresh optimiser and schedule, train.epochs more epochs)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show all of Ray's own output (quiet by default: a progress bar and "
+                   "one line per epoch)")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("embed", help="embed a data set with a trained run (Ray Data)",

@@ -342,6 +342,23 @@ def _safe_name(value: str, what: str) -> str:
     return value
 
 
+class TrackingConfig(Strict):
+    """Experiment tracking from rank 0 (mmcl.train.tracking): step curves of the loss, lr,
+    samples/s, data wait and the objective's own metrics, and the epoch summaries."""
+
+    backend: Literal["none", "tensorboard", "mlflow", "wandb"] = Field(
+        "tensorboard", description="tensorboard: event files in the run folder's tensorboard/ "
+        "(`tensorboard --logdir RUN`); mlflow / wandb: Ray Train's setup_mlflow / "
+        "setup_wandb (optional extras: pip install 'mmcl[mlflow]' / 'mmcl[wandb]')")
+    every_n_steps: int = Field(10, ge=1, description="log step metrics every n steps")
+    experiment: str | None = Field(None, description="MLflow experiment / W&B project; "
+                                   "None = 'mmcl'")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; None = a local "
+                                     "file store in the run folder's mlruns/")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="W&B mode; offline writes the run folder's wandb/ only")
+
+
 class RunConfig(Strict):
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -350,6 +367,7 @@ class RunConfig(Strict):
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -1,5 +1,5 @@
 """The functional losses against slow references written row by row from the formulas in
-METHODS.md (float64), values and gradients, plus gradcheck on small inputs."""
+docs/methods.md (float64), values and gradients, plus gradcheck on small inputs."""
 
 import math
 

@@ -20,7 +20,7 @@ import mmcl
 from mmcl import config
 from mmcl.data.shards import read_split
 from mmcl.objectives import OBJECTIVES
-from mmcl.train import launcher, lease
+from mmcl.train import launcher, lease, tracking
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.train")  # `ray.train.TrainingFailedError` below, also when run alone
@@ -81,10 +81,14 @@ def test_pretrain_writes_a_run_that_loads_without_ray_and_continues(tmp_path, na
 
     cfg = tiny_config(tmp_path, "storage.name=demo", "train.epochs=2",
                       "objective.name=tuple_infonce", f"data.path={nan_data}",
-                      "data.nonfinite=drop")
+                      "data.nonfinite=drop", "tracking.every_n_steps=1")
     result = launcher.pretrain(cfg)
     metrics = read_metrics(result.run_url)
     assert [m["epoch"] for m in metrics] == [1, 2]
+    # TensorBoard (the default tracker) from rank 0: every step and every epoch.
+    curves = tracking.read_scalars(os.path.join(result.run_url, "tensorboard"))
+    assert [s for s, _ in curves["train/loss"]] == list(range(1, metrics[-1]["step"] + 1))
+    assert [s for s, _ in curves["epoch/loss"]] == [m["step"] for m in metrics]
     for key in ("loss", "lr", "samples_per_s", "samples_per_s_total", "data_wait_fraction"):
         assert key in metrics[-1], key
     assert metrics[-1]["samples_per_s_total"] > metrics[-1]["samples_per_s"]

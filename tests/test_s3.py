@@ -255,3 +255,25 @@ def test_eval_with_refused_credentials_names_the_run(aws, monkeypatch, capsys):
     line = one_error_line(capsys)
     assert f"{RUNS}/demo" in line and "refused the credentials" in line
     assert "x" * 40 not in line and aws["secret"] not in line
+
+
+def test_live_metrics_and_tensorboard_events_reach_an_s3_run_folder(aws, tmp_path):
+    from mmcl.train import tracking
+
+    cfg = config.load(None, [f"storage.path={RUNS}", "storage.name=live",
+                             f"storage.endpoint_url={aws['endpoint']}",
+                             "tracking.every_n_steps=1"])
+    run_url = storage.join(RUNS, "live")
+    run_log = tracking.RunLog(cfg, run_url)
+    history = []
+    for epoch in (1, 2):
+        run_log.step({"loss": 1.0 / epoch, "step": epoch, "lr": 1e-3})
+        history.append({"epoch": epoch, "step": epoch, "loss": 1.0 / epoch})
+        run_log.epoch(history[-1], history)
+        epochs = [m["epoch"] for m in metrics(run_url, aws["endpoint"])]
+        assert epochs == list(range(1, epoch + 1)), "metrics.jsonl is behind the run"
+    run_log.close()
+    fs, path = storage.filesystem(storage.join(run_url, "tensorboard"), aws["endpoint"])
+    local = tmp_path / "tb"
+    fs.get(path + "/", str(local), recursive=True)
+    assert [s for s, _ in tracking.read_scalars(str(local))["train/loss"]] == [1, 2]

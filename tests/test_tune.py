@@ -268,3 +268,33 @@ def test_the_cpu_budget_is_checked_before_any_trial_starts(tmp_path):
     four = config.from_dict(tiny(tmp_path, "budget", scaling={"num_workers": 4}))
     with pytest.raises(TuneError, match="has 4 CPUs; one trial needs .* = 5 CPUs"):
         ensure_ray(four, None, None)
+
+
+def test_any_searcher_and_scheduler_ray_tune_ships_is_accepted_and_bad_ones_fail_early():
+    from ray.tune.schedulers import (AsyncHyperBandScheduler, MedianStoppingRule,
+                                     PopulationBasedTraining)
+    from mmcl.tune.sweep import build_scheduler, build_search
+
+    tf = space.parse({"train": {"lr": {"tune": "loguniform", "low": 1e-4, "high": 1e-2}}})
+    asha = build_scheduler(SweepConfig(grace_period=2), max_t=6)
+    assert isinstance(asha, AsyncHyperBandScheduler) and asha._max_t == 6
+    assert build_scheduler(SweepConfig(scheduler="none"), 6) is None
+    assert isinstance(build_scheduler(SweepConfig(scheduler="median_stopping_rule"), 6),
+                      MedianStoppingRule)
+    pbt = SweepConfig(scheduler="pbt", scheduler_options={
+        "perturbation_interval": 2, "hyperparam_mutations": {"train.lr": [1e-3, 1e-2]}})
+    assert isinstance(build_scheduler(pbt, 6), PopulationBasedTraining)
+    with pytest.raises(ConfigError, match="sweep.scheduler='nope' is not a Ray Tune scheduler"):
+        build_scheduler(SweepConfig(scheduler="nope"), 6)
+    with pytest.raises(ConfigError, match=r"pbt takes no \['perturbation_intervall'\]"):
+        build_scheduler(SweepConfig(scheduler="pbt", scheduler_options={
+            "perturbation_intervall": 2}), 6)
+    with pytest.raises(ConfigError, match="sweep.scheduler=pbt cannot be built"):
+        build_scheduler(SweepConfig(scheduler="pbt"), 6)  # PBT needs mutations
+    with pytest.raises(ConfigError, match="sweep.searcher='nope' is not a Ray Tune searcher"):
+        build_search(tf, SweepConfig(searcher="nope"), 0, 1)
+    try:
+        import hyperopt  # noqa: F401
+    except ImportError:  # Tune's HyperOpt searcher exists; its package does not
+        with pytest.raises(ConfigError, match="sweep.searcher=hyperopt cannot be built"):
+            build_search(tf, SweepConfig(searcher="hyperopt"), 0, 1)

@@ -29,9 +29,9 @@ same augmentations, objective, optimiser, schedule and clipping) that the Ray Tr
 drive, on in-memory tensors, one torch thread. On a small machine this is much faster than
 starting Ray per run and measures the same objectives; it is written into every output.
 
-The targets of the fidelity issue (what the papers' controlled experiments show, METHODS.md)
-are checked automatically with the thresholds in TARGET_THRESHOLDS; a target that is not met
-is reported as not met.
+The targets of the fidelity issue (what the papers' controlled experiments show,
+docs/methods.md) are checked automatically with the thresholds in TARGET_THRESHOLDS; a
+target that is not met is reported as not met.
 """
 
 from __future__ import annotations

@@ -762,19 +762,56 @@ def plot_factor_bars(reports: Sequence[dict], names: Sequence[str], path: str) -
     return path
 
 
+def training_progress(path: str) -> dict | None:
+    """A run folder with no evaluation report yet (training, or not evaluated): its epochs so
+    far from metrics.jsonl, which a run rewrites after every epoch; None without any."""
+    history = read_history(path)
+    if not history:
+        return None
+    fs, p = storage.filesystem(path)
+    return {"run": path, "history": history,
+            "finished": fs.exists(storage.join(p, "model", "weights.pt"))}
+
+
+def progress_markdown(entries: Sequence[dict]) -> str:
+    rows = []
+    for e in entries:
+        last = e["history"][-1]
+        rate = last.get("samples_per_s_total", last.get("samples_per_s"))
+        rows.append([f"`{e['run']}`", "finished, not evaluated" if e["finished"]
+                     else "in progress", str(last.get("epoch", len(e["history"]))),
+                     str(last.get("step", "–")), cell(last.get("loss"), 4), cell(rate, 0)])
+    return "\n".join(["## Training progress (metrics.jsonl; no evaluation report yet)", "",
+                      table(["run", "state", "epochs done", "step", "loss", "samples/s"],
+                            rows), ""])
+
+
 def compare(paths: Sequence[str], out: str | None = None,
             progress: Callable[[str], None] | None = print) -> dict:
     """`mmcl report`: DIR/report.md side by side, and curves.png + factors.png when matplotlib
-    is installed. Returns {"markdown", "out", "files", "plots_skipped"}."""
+    is installed. A run without an evaluation report (still training, or not evaluated yet)
+    is shown by its training progress. Returns {"markdown", "out", "files",
+    "plots_skipped"}."""
     if not paths:
         raise ReportError("name at least one run (or eval report) to report on")
-    reports = [load_report(p) for p in paths]
-    names = _unique_names(reports)
+    reports, in_progress = [], []
+    for path in paths:
+        try:
+            reports.append(load_report(path))
+        except ReportError:
+            entry = training_progress(path)
+            if entry is None:
+                raise
+            in_progress.append(entry)
+    names = _unique_names(reports) if reports else []
     if out is None:
-        first_run = reports[0]["runs"][0] if reports[0].get("kind") == "seeds" \
-            else reports[0]["run"]
+        first_run = (in_progress[0]["run"] if not reports else reports[0]["runs"][0]
+                     if reports[0].get("kind") == "seeds" else reports[0]["run"])
         out = storage.join(first_run.rstrip("/").rsplit("/", 1)[0], "_report")
-    markdown = compare_markdown(reports, names)
+    markdown = compare_markdown(reports, names) if reports else \
+        f"# mmcl report: {', '.join(e['run'] for e in in_progress)}\n\n"
+    if in_progress:
+        markdown += "\n" + progress_markdown(in_progress)
     md_url = storage.join(out, REPORT_MD)
     storage.write_text(md_url, markdown)
     files, skipped = [md_url], None
@@ -789,14 +826,16 @@ def compare(paths: Sequence[str], out: str | None = None,
         if storage.is_remote(out):
             skipped = "plots are written to local folders only; pass a local --out"
         else:
-            histories = {}
+            histories = {e["run"].rstrip("/").rsplit("/", 1)[-1]: e["history"]
+                         for e in in_progress}
             for name, r in zip(names, reports):
                 runs = r["runs"] if r.get("kind") == "seeds" else [r["run"]]
                 for i, run in enumerate(runs):
                     label = name if len(runs) == 1 else f"{name} seed {r['seeds'][i]}"
                     histories[label] = read_history(run)
             for made in (plot_curves(histories, storage.join(local, "curves.png")),
-                         plot_factor_bars(reports, names, storage.join(local, "factors.png"))):
+                         plot_factor_bars(reports, names, storage.join(local, "factors.png"))
+                         if reports else None):
                 if made:
                     files.append(made)
     if progress:

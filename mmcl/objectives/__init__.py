@@ -1,6 +1,6 @@
-"""Objectives: one file per method (reading like its section of METHODS.md), a functional core
-of pure tensor losses, and a registry from config names to objective classes. Plain PyTorch:
-nothing here imports Ray."""
+"""Objectives: one file per method (reading like its section of docs/methods.md), a
+functional core of pure tensor losses, and a registry from config names to objective
+classes. Plain PyTorch: nothing here imports Ray."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CoMM (Dufumier et al., ICLR 2025; METHODS.md, "CoMM").
+"""CoMM (Dufumier et al., ICLR 2025; docs/methods.md, "CoMM").
 
 Two multimodal augmentations give views X', X''; X_i keeps only modality i (the others'
 tokens are dropped from the fusion sequence). One network maps a (masked) tuple to one

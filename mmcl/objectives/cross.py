@@ -1,4 +1,4 @@
-"""Cross (CLIP / CMC) and Cross+Self baselines (METHODS.md, "Baselines").
+"""Cross (CLIP / CMC) and Cross+Self baselines (docs/methods.md, "Baselines").
 
 Cross: symmetric InfoNCE between the embeddings of two modalities of the same tuple, averaged
 over all modality pairs; modality a is taken from one view and b from the other (and the

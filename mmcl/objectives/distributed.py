@@ -6,8 +6,10 @@ the mean over its LOCAL anchors, each scored against the GLOBAL (gathered) candi
 
     L = (1/W) * sum_r L_r            (the single-process loss on the concatenated batch).
 
-Gradients. `gather_with_grad` uses torch.distributed.nn.functional.all_gather, whose backward
-SUMS over ranks the gradients that every rank's loss sends to each gathered piece, and returns
+Gradients. `gather_with_grad` uses torch's functional collective `all_gather_single`
+(torch.distributed._functional_collectives, the replacement torch names for the deprecated
+torch.distributed.nn.functional.all_gather), whose backward is a reduce-scatter that SUMS over
+ranks the gradients that every rank's loss sends to each gathered piece, and returns
 to rank r the sum for its own piece. Rank r's local rows x_r therefore receive
 
     g_r = sum_r' dL_r'/dx_r = d(sum_r' L_r')/dx_r = W * dL/dx_r,
@@ -46,10 +48,14 @@ def gather_with_grad(x: Tensor) -> Tensor:
     _, world_size = world()
     if world_size == 1:
         return x
-    # Imported here: torch.distributed.nn pulls in RPC pieces not every build has.
-    from torch.distributed.nn.functional import all_gather
+    # Imported here: functional collectives load torch's c10d ops, which not every build has.
+    from torch.distributed import _functional_collectives as funcol
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    gathered = funcol.all_gather_single(x.contiguous(), 0, dist.group.WORLD)
+    # The result may be an AsyncCollectiveTensor; waiting here keeps the collective's cost
+    # where it is incurred, as the old blocking all_gather did.
+    return funcol.wait_tensor(gathered) if isinstance(gathered, funcol.AsyncCollectiveTensor) \
+        else gathered
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""FactorCL (Liang et al., NeurIPS 2023; METHODS.md, "FactorCL").
+"""FactorCL (Liang et al., NeurIPS 2023; docs/methods.md, "FactorCL").
 
 Two modalities. Task information splits into shared S and unique U1, U2, each estimated with
 its own pair of small heads (one per modality) and critic:

@@ -1,4 +1,4 @@
-"""Pure contrastive losses and mutual-information bounds (METHODS.md has the math).
+"""Pure contrastive losses and mutual-information bounds (docs/methods.md has the math).
 
 Callers pass L2-normalised embeddings; sim(a, b) = a·b / tau. Every embedding-taking loss has
 `distributed: bool | None = None`: None gathers candidates across ranks when
@@ -105,8 +105,8 @@ def comm_loss(views1: Sequence[Tensor], views2: Sequence[Tensor], temperature: f
         T_i = 1/2 [ NT-Xent(views1[i], views2[-1]) + NT-Xent(views2[i], views1[-1]) ];
 
     T_M is NT-Xent(Z', Z'') (redundancy, uniqueness and synergy), T_i for i < M is L_i of
-    METHODS.md. reduction "mean" averages the M + 1 terms (CoMM's code), "sum" adds them (its
-    paper).
+    docs/methods.md. reduction "mean" averages the M + 1 terms (CoMM's code), "sum" adds them
+    (its paper).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")

@@ -1,4 +1,4 @@
-"""Tuple: plain tuple contrast (METHODS.md, "Baselines").
+"""Tuple: plain tuple contrast (docs/methods.md, "Baselines").
 
 InfoNCE between the fused tuple embeddings of two augmented views, in both directions
 (CLIP-style) or from view 1 to view 2 only. TupleInfoNCE with every disturbed-negative weight

@@ -1,4 +1,4 @@
-"""TupleInfoNCE (Liu et al., ICCV 2021; METHODS.md, "TupleInfoNCE").
+"""TupleInfoNCE (Liu et al., ICCV 2021; docs/methods.md, "TupleInfoNCE").
 
 Anchor: the fused embedding of tuple i in one view. Positive: the same tuple in the other view.
 Negatives: the other tuples, plus for every modality k the k-disturbed tuples -- tuple j with
@@ -133,7 +133,7 @@ def disturbed_retrieval_reward(objective: FusedObjective, view1: dict[str, Tenso
     batch's candidates for modality k: the second view of tuple i with modality k taken from
     each tuple j of the batch (j = i is the true tuple). It is the retrieval that links
     modality k to the rest of its tuple, asked of the representation the objective trains:
-    METHODS.md's literal A^k embeds modality k alone, an input TupleInfoNCE's fusion never
+    the paper's literal A^k embeds modality k alone, an input TupleInfoNCE's fusion never
     sees in training, and stays at chance (3/256 on `weak` in every round). A^k is at chance
     when the representation ignores modality k, and rises as k is read. Ties count as misses.
     Computed in eval mode; the caller draws the views (the same seeded draws for every

@@ -102,6 +102,9 @@ class Engine:
         self.epoch = 0
         self.history: list[dict] = []  # one entry per finished epoch; travels in checkpoints
         self.skipped_batches = 0
+        # Called after every step with its metrics, lr, step, samples/s and data-wait
+        # fraction (the progress bar, experiment tracking); None: nothing is called.
+        self.on_step: Callable[[dict], None] | None = None
         use_amp = cfg.train.mixed_precision and self.device.type == "cuda"
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp \
             else nullcontext
@@ -139,18 +142,24 @@ class Engine:
         return {"loss": out.loss.detach().item(), **out.metrics}
 
     def train_epoch(self, batches: Iterable[Mapping[str, Tensor]]) -> dict[str, float]:
-        """Runs one epoch over `batches`; returns mean metrics, throughput and data wait."""
+        """Runs one epoch over `batches`; returns mean metrics, throughput and data wait.
+        `self.on_step`, when set, gets every step's metrics (see `_step_metrics`)."""
         sums: dict[str, float] = {}
         steps, rows, wait = 0, 0, 0.0
         start = tick = time.perf_counter()
         for batch in batches:
-            wait += time.perf_counter() - tick
+            fetched = time.perf_counter()
+            wait += fetched - tick
             metrics = self.train_step(batch)
             if metrics is not None:
+                batch_rows = len(next(iter(batch.values())))
                 steps += 1
-                rows += len(next(iter(batch.values())))
+                rows += batch_rows
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
+                if self.on_step is not None:
+                    self.on_step(self._step_metrics(metrics, batch_rows, fetched - tick,
+                                               time.perf_counter() - tick))
             tick = time.perf_counter()
         elapsed = time.perf_counter() - start
         self.epoch += 1
@@ -161,6 +170,11 @@ class Engine:
                        skipped_batches=self.skipped_batches)
         self.history.append(summary)
         return summary
+
+    def _step_metrics(self, metrics: dict, rows: int, wait_s: float, total_s: float) -> dict:
+        return {**metrics, "step": self.step, "lr": self.lr,
+                "samples_per_s": rows / total_s if total_s else 0.0,
+                "data_wait_fraction": wait_s / total_s if total_s else 0.0}
 
     # -- checkpoint state: tensors, numbers, strings, lists and dicts only, so that it loads
     #    with torch.load(weights_only=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,6 +28,7 @@ from mmcl.data.schema import DataError, Manifest
 from mmcl.data.shards import read_manifest, validate
 from mmcl.storage import filesystem, is_s3, join, pyarrow_filesystem, share_credentials
 from mmcl.train.local import steps_per_epoch
+from mmcl.train.tracking import check_backend
 
 DATA_CPUS = 1  # Ray Data's read/decode tasks need a whole CPU of their own
 
@@ -127,21 +127,24 @@ def cpus_needed(cfg: RunConfig) -> int:
     return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + DATA_CPUS
 
 
-def start_ray(cfg: RunConfig, address: str | None) -> None:
-    """Start local Ray sized so Ray Data keeps a CPU, or join a cluster and check it fits."""
+def start_ray(cfg: RunConfig, address: str | None, verbose: bool = True) -> None:
+    """Start local Ray sized so Ray Data keeps a CPU, or join a cluster and check it fits.
+    Not verbose: the driver's `ray` logger prints warnings and errors only."""
     import ray
+
+    from mmcl.train import console
 
     if ray.is_initialized():
         available = ray.cluster_resources().get("CPU", 0)
     elif address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, **console.driver_init_kwargs(verbose))
         available = ray.cluster_resources().get("CPU", 0)
     else:
         # Logical CPUs may exceed physical cores; what matters is that the training workers
         # never take the last CPU that Ray Data's read tasks wait for.
         num_cpus = max(os.cpu_count() or 1, cpus_needed(cfg))
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 log_to_driver=True)
+                 log_to_driver=True, **console.driver_init_kwargs(verbose))
         available = num_cpus
     if available < cpus_needed(cfg):
         raise LaunchError(
@@ -240,7 +243,7 @@ def continued_weights(cfg: RunConfig, manifest: Manifest, source: str) -> str:
 
 
 def pretrain(cfg: RunConfig, address: str | None = None, in_process: bool = False,
-             continue_from: str | None = None) -> RunResult:
+             continue_from: str | None = None, verbose: bool = False) -> RunResult:
     """Train the run storage.path/storage.name: a new one, or an unfinished one resumed.
     `continue_from`: a finished run whose weights initialise this (new) run."""
     from mmcl.train.lease import run_lease
@@ -250,6 +253,7 @@ def pretrain(cfg: RunConfig, address: str | None = None, in_process: bool = Fals
     cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"name": name})})
     run_url = join(cfg.storage.path, name)
     refuse_finished(cfg, run_url)
+    check_backend(cfg.tracking)  # a missing optional extra: one error before anything runs
     root, manifest = prepare_data(cfg)
     init = continued_weights(cfg, manifest, continue_from) if continue_from else None
     steps = train_steps(cfg, manifest, 1 if in_process else cfg.scaling.num_workers)
@@ -262,7 +266,7 @@ def pretrain(cfg: RunConfig, address: str | None = None, in_process: bool = Fals
             checkpoint_url = None
         else:
             state, checkpoint_url = _pretrain_on_ray(cfg, address, root, manifest, steps,
-                                                     name, init)
+                                                     name, init, verbose)
         finish_run(cfg, manifest, run_url, state)
     return RunResult(run_url, checkpoint_url, list(state["history"]),
                      time.perf_counter() - start)
@@ -284,13 +288,19 @@ def _pretrain_in_process(cfg: RunConfig, root: str, manifest: Manifest,
         fs, path = filesystem(init_weights, cfg.storage.endpoint_url, cfg.storage.region)
         weights = safe_load(fs.cat_file(path), init_weights)
 
-    def log(summary):
-        print("[mmcl] epoch {epoch}/{total}  step {step}  loss {loss:.4f}  "
-              "{samples_per_s:.0f} samples/s".format(total=cfg.train.epochs, **summary),
-              flush=True)
+    from mmcl.train.console import epoch_line
+    from mmcl.train.tracking import RunLog
 
-    return fit_in_memory(cfg, manifest, train, on_epoch=log, init_weights=weights,
-                         extra_metrics={"dropped_rows": dropped}).state_dict()
+    def log(summary):
+        print(epoch_line(summary, cfg.train.epochs), flush=True)
+
+    run_log = RunLog(cfg, join(cfg.storage.path, cfg.storage.name))
+    try:
+        return fit_in_memory(cfg, manifest, train, on_epoch=log, init_weights=weights,
+                             extra_metrics={"dropped_rows": dropped},
+                             run_log=run_log).state_dict()
+    finally:
+        run_log.close()
 
 
 def make_trainer(cfg: RunConfig, root: str, manifest: Manifest, steps: int, name: str,
@@ -304,10 +314,12 @@ def make_trainer(cfg: RunConfig, root: str, manifest: Manifest, steps: int, name
     from ray.train.torch import TorchTrainer
 
     from mmcl.data.pipeline import DropCounter, build_dataset, train_data_config
+    from mmcl.train import console
     from mmcl.train.checkpoint import newest_complete_checkpoint
     from mmcl.train.worker import train_loop_per_worker
 
-    run_url = join(cfg.storage.path, name)
+    # Absolute: Ray Train workers do not run in the driver's working directory.
+    run_url = checkpoint_url(cfg, f"{storage_root(cfg)}/{name}")
     found = newest_complete_checkpoint(run_url, cfg.storage.endpoint_url, cfg.storage.region)
     drops = DropCounter.create() if cfg.data.nonfinite == "drop" else None
     dataset = build_dataset(root, cfg.data.train_split, manifest, training_columns(manifest),
@@ -317,7 +329,8 @@ def make_trainer(cfg: RunConfig, root: str, manifest: Manifest, steps: int, name
     return TorchTrainer(
         loop or train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "manifest": manifest.to_json(),
-                           "steps_per_epoch": steps, "run_url": run_url,
+                           "steps_per_epoch": steps, "progress_bar": console.show_bar(),
+                           "run_url": run_url,
                            "remote": (cfg.storage.endpoint_url, cfg.storage.region),
                            "drop_counter": drops, "init_weights": init_weights},
         scaling_config=ray.train.ScalingConfig(
@@ -327,7 +340,8 @@ def make_trainer(cfg: RunConfig, root: str, manifest: Manifest, steps: int, name
             name=name, storage_path=storage_root(cfg),
             storage_filesystem=storage_filesystem(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=console.train_logging()),  # the driver's --verbose
         datasets={"train": dataset},
         dataset_config=train_data_config(),
     )
@@ -352,19 +366,19 @@ def user_error(err: Exception) -> Exception:
     return err
 
 
-def _pretrain_on_ray(cfg: RunConfig, address, root, manifest, steps, name, init=None):
+def _pretrain_on_ray(cfg: RunConfig, address, root, manifest, steps, name, init=None,
+                     verbose=False):
+    from mmcl.train import console
     from mmcl.train.checkpoint import read_checkpoint_state
 
-    import ray.data
     import ray.train
 
-    start_ray(cfg, address)
+    console.set_verbose(verbose)
+    console.quiet_driver(verbose)  # before ray.init, which logs the first notices
+    start_ray(cfg, address, verbose)
+    console.filter_worker_logs(verbose)
     share_credentials()  # S3 credentials from this environment, to this job's workers
-    # One overall Ray Data bar on a terminal; none in logs, where bars become pages of
-    # carriage returns (the per-epoch lines of the workers are the progress there).
-    data_context = ray.data.DataContext.get_current()
-    data_context.enable_operator_progress_bars = False
-    data_context.enable_progress_bars = sys.stdout.isatty()
+    console.quiet_data(verbose)
     try:
         result = make_trainer(cfg, root, manifest, steps, name, init_weights=init).fit()
     except ray.train.TrainingFailedError as err:

@@ -40,18 +40,23 @@ def fit_in_memory(cfg: RunConfig, manifest: Manifest, train: Mapping[str, np.nda
                   device: str = "cpu",
                   on_epoch: Callable[[dict], None] | None = None,
                   init_weights: Mapping[str, torch.Tensor] | None = None,
-                  extra_metrics: Mapping[str, float] | None = None) -> Engine:
+                  extra_metrics: Mapping[str, float] | None = None,
+                  run_log=None) -> Engine:
     """Train for cfg.train.epochs on in-memory columns (modalities + labels), from
     `init_weights` (the objective's state dict) if given; `extra_metrics` join every
-    epoch's summary."""
+    epoch's summary. `run_log` (a mmcl.train.tracking.RunLog) records step curves and
+    metrics.jsonl as a Ray run does."""
     rows = len(next(iter(train.values())))
     engine = Engine(cfg, manifest, steps_per_epoch(rows, cfg.train.batch_size), device)
     if init_weights is not None:
         engine.objective.load_state_dict(init_weights)
+    engine.on_step = run_log.step if run_log else None
     for epoch in range(cfg.train.epochs):
         summary = engine.train_epoch(
             memory_batches(train, cfg.train.batch_size, cfg.train.seed, epoch))
         summary.update(extra_metrics or {})
+        if run_log:
+            run_log.epoch(summary, engine.history)
         if on_epoch:
             on_epoch(summary)
     return engine

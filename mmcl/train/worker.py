@@ -19,6 +19,7 @@ from mmcl.config import RunConfig
 from mmcl.data.pipeline import EpochDrops, derive_seed, iter_worker_batches
 from mmcl.data.schema import Manifest
 from mmcl.storage import filesystem
+from mmcl.train import console, tracking
 from mmcl.train.checkpoint import (newest_complete_checkpoint, read_checkpoint_state,
                                    safe_load, write_checkpoint)
 from mmcl.train.engine import Engine
@@ -91,13 +92,18 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
     cfg, engine, rank = worker_engine(loop_config)
     restore(engine, loop_config, rank)
     resumed_from_step = engine.step  # 0 on a fresh run; reported so resumes are visible
+    run_log = tracking.RunLog(cfg, loop_config.get("run_url"), rank)
     shard = ray.train.get_dataset_shard("train")
     drops = EpochDrops(loop_config.get("drop_counter"), cfg.data.train_split)
     # `stop_epoch` ends the run early, keeping the schedule of all `train.epochs`.
     stop_epoch = min(cfg.train.epochs, loop_config.get("stop_epoch") or cfg.train.epochs)
     for epoch in range(engine.epoch, stop_epoch):
         seed_epoch(engine, cfg, epoch, rank)
+        bar = console.EpochProgress(epoch + 1, cfg.train.epochs, engine.steps_per_epoch,
+                                    enabled=rank == 0 and loop_config.get("progress_bar", False))
+        engine.on_step = lambda m: (bar.update(m), run_log.step(m))
         summary = engine.train_epoch(epoch_batches(shard, cfg, epoch, rank, engine.device))
+        bar.close()
         summary["samples_per_s_total"] = all_reduce_sum([summary["samples_per_s"]])[0]
         summary["resumed_from_step"] = resumed_from_step
         summary["dropped_rows"] = drops.since_last()  # after the all-reduce: epoch complete
@@ -111,9 +117,10 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
                 ray.train.report(summary, checkpoint=saved)
         else:
             ray.train.report(summary)
-        # Only now: an epoch line means that epoch's checkpoint is in storage.
+        # Only now: an epoch line (and metrics.jsonl's row) means that epoch's checkpoint
+        # is in storage.
+        run_log.epoch(summary, engine.history)
         if rank == 0:
-            print("[mmcl] epoch {epoch}/{epochs}  step {step}  loss {loss:.4f}  "
-                  "{samples_per_s_total:.0f} samples/s  data wait {data_wait_fraction:.1%}"
-                  .format(epochs=cfg.train.epochs, **summary), flush=True)
+            console.log_epoch(summary, cfg.train.epochs)
+    run_log.close()
     return engine.history

@@ -1,4 +1,4 @@
-"""`mmcl tune --strategy sample-opt`: TupleInfoNCE's sample optimization (METHODS.md).
+"""`mmcl tune --strategy sample-opt`: TupleInfoNCE's sample optimization (docs/methods.md).
 
 The paper's single-pass bilevel search, with Ray Tune running the candidates:
 
@@ -16,7 +16,7 @@ The paper's single-pass bilevel search, with Ray Tune running the candidates:
         mu += lr * mean_i( Ahat_i * g_i ),  Ahat_i = (R_i - mean R) / std R  (REINFORCE on
             standardised advantages), g_i = sigma^2 * grad_mu log p(x_i) = x_i - mu
             ("natural", the default: one lr fits coordinates of different sigma) or
-            g_i = (x_i - mu) / sigma^2 (`gradient: vanilla`, METHODS.md's formula literally);
+            g_i = (x_i - mu) / sigma^2 (`gradient: vanilla`, the plain REINFORCE gradient);
             mu is then kept in bounds (log alpha in log_alpha_bounds, beta in [0, 1])
         the best candidate's checkpoint starts round r + 1
 

@@ -10,8 +10,14 @@
 
 `sweep:` settings (all optional):
     num_samples          trials to sample (random/tpe: default 8; grid: each grid point once)
-    searcher             random | grid | tpe          (tpe needs `pip install 'mmcl[optuna]'`)
-    scheduler            asha | none
+    searcher             random | grid | tpe (Optuna's TPE) | any name of Ray Tune's
+                         create_searcher: optuna, hyperopt, bohb, bayesopt, nevergrad, hebo,
+                         zoopt, ax (each needs its package installed)
+    searcher_options     keyword arguments for the searcher (metric, mode and the seed are set)
+    scheduler            asha | none | any name of Ray Tune's create_scheduler: fifo,
+                         async_hyperband, hyperband, median_stopping_rule, hb_bohb, pbt, pb2,
+                         ... (time_attr is the epoch; metric and mode come from the search)
+    scheduler_options    keyword arguments for the scheduler (e.g. pbt's hyperparam_mutations)
     metric               auto | probe | reward        (auto: probe if the data has a label)
     label                the probe's label column     (default: the first task label)
     max_concurrent_trials   default: as many as the cluster's CPUs allow
@@ -57,8 +63,10 @@ class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     num_samples: int | None = Field(None, ge=1)
-    searcher: Literal["random", "grid", "tpe"] = "random"
-    scheduler: Literal["asha", "none"] = "asha"
+    searcher: str = "random"
+    searcher_options: dict = Field(default_factory=dict)
+    scheduler: str = "asha"
+    scheduler_options: dict = Field(default_factory=dict)
     metric: Literal["auto", "probe", "reward"] = "auto"
     label: str | None = None
     max_concurrent_trials: int | None = Field(None, ge=1)
@@ -106,10 +114,109 @@ def search_name(tf: TuneFile, base) -> str:
 # ----------------------------------------------------------------------------- search
 
 
+# mmcl's own names on top of Ray Tune's factories.
+SEARCHER_ALIASES = {"tpe": "optuna", "grid": "random"}
+SCHEDULER_ALIASES = {"asha": "async_hyperband", "none": None}
+# What Tune's factories raise for a searcher or scheduler that cannot be built: a missing
+# package (ImportError, or the searcher's own assert), a bad or missing option (TypeError,
+# ValueError, TuneError). Built from the user's name and options only, so any of them is
+# the user's to fix.
+BUILD_ERRORS = (Exception,)
+
+
+def _factory_error(kind: str, name: str, known, err: Exception | None = None) -> ConfigError:
+    if err is None:
+        return ConfigError(f"sweep.{kind}={name!r} is not a Ray Tune {kind}; choose one of: "
+                           f"{', '.join(known)}")
+    reason = " ".join(str(err).split()) or type(err).__name__
+    return ConfigError(f"sweep.{kind}={name} cannot be built: {reason} (install the "
+                       f"{kind}'s package, e.g. pip install optuna / hyperopt, or fix "
+                       f"sweep.{kind}_options)")
+
+
+def _check_options(kind: str, name: str, cls, options: dict) -> None:
+    """Tune's factories drop the keyword arguments a class does not take; a user's option
+    that would be dropped is a typo, said before Ray starts."""
+    import inspect
+
+    try:
+        accepted = set(inspect.signature(cls).parameters)
+    except (TypeError, ValueError):
+        return
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ConfigError(f"sweep.{kind}_options: {name} takes no {unknown}; it takes "
+                          f"{sorted(accepted - {'self', 'args', 'kwargs'})}")
+
+
+def searcher_names() -> list[str]:
+    from ray.tune.search import SEARCH_ALG_IMPORT
+
+    return sorted({*SEARCH_ALG_IMPORT, *SEARCHER_ALIASES})
+
+
+def scheduler_names() -> list[str]:
+    from ray.tune.schedulers import SCHEDULER_IMPORT
+
+    return sorted({*SCHEDULER_IMPORT, *SCHEDULER_ALIASES})
+
+
+def build_searcher(settings: SweepConfig, seed: int, concurrent: int):
+    """Any searcher Ray Tune ships, by its create_searcher name (or mmcl's alias). Tune's
+    variant generator (random, grid) takes the concurrency limit itself."""
+    from ray.tune.search import SEARCH_ALG_IMPORT, create_searcher
+
+    name = settings.searcher.lower()
+    tune_name = SEARCHER_ALIASES.get(name, name)
+    if tune_name not in SEARCH_ALG_IMPORT:
+        raise _factory_error("searcher", settings.searcher, searcher_names())
+    # create_searcher passes on only the arguments a searcher accepts.
+    options = {"metric": "score", "mode": "max", "seed": seed, "random_state": seed,
+               "max_concurrent": concurrent, **settings.searcher_options}
+    try:
+        _check_options("searcher", settings.searcher, SEARCH_ALG_IMPORT[tune_name](),
+                       settings.searcher_options)
+        return create_searcher(tune_name, **options)
+    except BUILD_ERRORS as err:
+        raise _factory_error("searcher", settings.searcher, searcher_names(), err) from None
+
+
+def build_scheduler(settings: SweepConfig, max_t: int):
+    """Any trial scheduler Ray Tune ships, by its create_scheduler name (or mmcl's alias),
+    on the trials' epoch count; None for `none`."""
+    import inspect
+
+    from ray.tune.schedulers import SCHEDULER_IMPORT, create_scheduler
+
+    name = settings.scheduler.lower()
+    tune_name = SCHEDULER_ALIASES.get(name, name)
+    if tune_name is None:
+        return None
+    if tune_name not in SCHEDULER_IMPORT:
+        raise _factory_error("scheduler", settings.scheduler, scheduler_names())
+    options = {"time_attr": "epoch", "max_t": int(max_t),
+               "grace_period": min(settings.grace_period, int(max_t)),
+               "reduction_factor": settings.reduction_factor, **settings.scheduler_options}
+    try:
+        cls = SCHEDULER_IMPORT[tune_name]
+        _check_options("scheduler", settings.scheduler,
+                       cls() if inspect.isfunction(cls) else cls, settings.scheduler_options)
+        return create_scheduler(tune_name, **options)
+    except BUILD_ERRORS as err:
+        raise _factory_error("scheduler", settings.scheduler, scheduler_names(), err) from None
+
+
+def limits_its_own_concurrency(search_alg) -> bool:
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return isinstance(search_alg, BasicVariantGenerator)
+
+
 def build_search(tf: TuneFile, settings: SweepConfig, seed: int, concurrent: int):
     """(param_space, search_alg, num_samples) for the Tuner. The built-in generator takes the
     concurrency limit itself (Tune ignores max_concurrent_trials for a generator instance)."""
-    grid = settings.searcher == "grid"
+    name = settings.searcher.lower()
+    grid = name == "grid"
     if grid:
         bad = [p for p, d in tf.space.items() if d.kind not in ("grid", "choice")]
         if bad:
@@ -119,23 +226,16 @@ def build_search(tf: TuneFile, settings: SweepConfig, seed: int, concurrent: int
     param_space = {p: d.to_tune(grid_choices=grid) for p, d in tf.space.items()}
     only_grids = all(d.is_grid for d in tf.space.values())  # nothing random to repeat
     num_samples = settings.num_samples or (1 if grid or only_grids else 8)
-    if settings.searcher == "tpe":
+    search_alg = build_searcher(settings, seed, concurrent)
+    if not limits_its_own_concurrency(search_alg):  # a model-based searcher proposes points
         grids = [p for p, d in tf.space.items() if d.is_grid]
         if grids:
-            raise ConfigError(f"sweep.searcher=tpe cannot search grids ({grids}); use choice")
+            raise ConfigError(f"sweep.searcher={settings.searcher} cannot search grids "
+                              f"({grids}); use choice")
         if not tf.space:
-            raise ConfigError("sweep.searcher=tpe needs at least one searched field")
-        try:
-            from ray.tune.search.optuna import OptunaSearch
-            import optuna  # noqa: F401
-        except ImportError:
-            raise ConfigError("sweep.searcher=tpe needs Optuna: pip install 'mmcl[optuna]' "
-                              "(or use searcher: random)") from None
-        return param_space, OptunaSearch(metric="score", mode="max", seed=seed), num_samples
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    return (param_space, BasicVariantGenerator(random_state=seed, max_concurrent=concurrent),
-            num_samples)
+            raise ConfigError(f"sweep.searcher={settings.searcher} needs at least one "
+                              f"searched field")
+    return param_space, search_alg, num_samples
 
 
 def mmcl_trial(params: dict, spec: dict) -> None:
@@ -329,7 +429,12 @@ def run_sweep(tf: TuneFile, address: str | None = None,
                       probe_rows=settings.probe_rows, seed=base.train.seed,
                       reward_augment=spec_score.reward_augment)
     seed = base.train.seed if settings.seed is None else settings.seed
-    build_search(tf, settings, seed, 1)  # a wrong search fails before Ray starts
+    searched_epochs = tf.space["train.epochs"].edge_values() if "train.epochs" in tf.space \
+        else []
+    max_t = max([base.train.epochs, *searched_epochs])
+    # A wrong searcher or scheduler (unknown name, missing package) fails before Ray starts.
+    build_search(tf, settings, seed, 1)
+    build_scheduler(settings, max_t)
     concurrent = ensure_ray(base, address, settings.max_concurrent_trials)
     param_space, search_alg, num_samples = build_search(tf, settings, seed, concurrent)
 
@@ -340,16 +445,7 @@ def run_sweep(tf: TuneFile, address: str | None = None,
     storage_path = launcher.storage_root(base)
     storage_fs = launcher.storage_filesystem(base)
     experiment = f"{storage_path.rstrip('/')}/{name}"
-    searched_epochs = tf.space["train.epochs"].edge_values() if "train.epochs" in tf.space \
-        else []
-    max_t = max([base.train.epochs, *searched_epochs])
-    scheduler = None
-    if settings.scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=int(max_t),
-                                  grace_period=min(settings.grace_period, int(max_t)),
-                                  reduction_factor=settings.reduction_factor)
+    scheduler = build_scheduler(settings, max_t)
     progress(f"[mmcl] sweep '{name}': {len(tf.space)} searched fields, {num_samples} "
              f"sample(s) with {settings.searcher} search, scheduler {settings.scheduler}, "
              f"objective {score.metric} on '{base.data.val_split}'; up to {concurrent} trials "
@@ -363,9 +459,9 @@ def run_sweep(tf: TuneFile, address: str | None = None,
             tune_config=tune.TuneConfig(metric="score", mode="max", num_samples=num_samples,
                                         search_alg=search_alg, scheduler=scheduler,
                                         # the built-in generator limits itself
-                                        max_concurrent_trials=(concurrent if
-                                                               settings.searcher == "tpe"
-                                                               else None),
+                                        max_concurrent_trials=(
+                                            None if limits_its_own_concurrency(search_alg)
+                                            else concurrent),
                                         reuse_actors=False),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage_path, storage_filesystem=storage_fs,
