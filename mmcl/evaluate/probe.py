@@ -461,3 +461,91 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
         return {"mean": float("nan"), "std": float("nan"), "n": 0}
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
             "n": int(arr.size)}
+
+
+# ------------------------------------------------------------------ multi-label targets
+# Label columns of task "multilabel": a (N, K) multi-hot matrix per split (CONVENTIONS: a
+# fixed-shape (K,) uint8 column). One-vs-rest logistic probes, i.e. K binary heads of one
+# joint fit (`fit_logistic_heads`), as CoMM's MM-IMDb evaluation; micro- and macro-F1 at
+# probability 0.5 and mAP over the classes with a positive test row.
+
+MULTILABEL_METRICS = ("micro_f1", "macro_f1", "map")
+
+
+def _multi_hot(y) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 2 or not np.isin(y, (0, 1)).all():
+        raise ValueError("multi-label targets must be an (N, K) 0/1 matrix")
+    return y.astype(np.int64)
+
+
+def average_precision(y_true, scores) -> float:
+    """Area under the step precision-recall curve of one class (sklearn's
+    `average_precision_score`: tied scores form one threshold); NaN without positives."""
+    y_true, scores = np.asarray(y_true).astype(bool), np.asarray(scores, dtype=np.float64)
+    positives = int(y_true.sum())
+    if positives == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="mergesort")
+    s, t = scores[order], y_true[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]    # last row of each distinct score
+    tps = np.cumsum(t)[last]
+    precision = tps / (last + 1)
+    recall = tps / positives
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def multilabel_metrics(y_true, scores, threshold: float = 0.5) -> dict[str, float]:
+    """{"micro_f1", "macro_f1", "map"} of (N, K) probabilities against (N, K) 0/1 targets.
+    Macro-F1 counts a class with no true and no predicted row as 0 (sklearn's
+    zero_division=0); mAP averages the classes with at least one positive."""
+    y = _multi_hot(y_true).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != y.shape:
+        raise ValueError(f"targets {y.shape} and scores {scores.shape} differ in shape")
+    pred = scores >= threshold
+    tp = (pred & y).sum(axis=0)
+    fp = (pred & ~y).sum(axis=0)
+    fn = (~pred & y).sum(axis=0)
+    denom = 2 * tp + fp + fn
+    per_class = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    micro_denom = 2 * tp.sum() + fp.sum() + fn.sum()
+    aps = [average_precision(y[:, k], scores[:, k]) for k in range(y.shape[1])]
+    aps = [a for a in aps if np.isfinite(a)]
+    return {"micro_f1": float(2 * tp.sum() / micro_denom) if micro_denom else 0.0,
+            "macro_f1": float(per_class.mean()) if len(per_class) else float("nan"),
+            "map": float(np.mean(aps)) if aps else float("nan")}
+
+
+def fit_multilabel_probe(x, y, l2: float = 1e-4, max_iter: int = 100,
+                         init: Sequence[Probe | None] | None = None) -> list[Probe]:
+    """K one-vs-rest logistic probes (2-class heads) of (N, K) multi-hot targets."""
+    y = _multi_hot(y)
+    return fit_logistic_heads(x, [y[:, k] for k in range(y.shape[1])], [2] * y.shape[1],
+                              [float(l2)] * y.shape[1], max_iter, init)
+
+
+def multilabel_scores(probes: Sequence[Probe], x) -> np.ndarray:
+    """(N, K) probability of each class being present."""
+    return np.stack([torch.softmax(p.decision(x), dim=1)[:, 1].numpy() for p in probes], 1)
+
+
+def multilabel_probe(x_train, y_train, x_val, y_val, x_test, y_test,
+                     grid: Sequence[float] = DEFAULT_L2_GRID, max_iter: int = 100,
+                     metric: str = "macro_f1") -> ProbeResult:
+    """The linear-probe protocol for multi-label targets: one L2 for all K heads chosen on
+    val (macro-F1; ties to the stronger penalty), refit on train+val, metrics on test."""
+    y_train, y_val, y_test = _multi_hot(y_train), _multi_hot(y_val), _multi_hot(y_test)
+    grid = sorted(float(v) for v in grid)
+    k = y_train.shape[1]
+    heads = fit_logistic_heads(x_train, [y_train[:, j] for l2 in grid for j in range(k)],
+                               [2] * (k * len(grid)), [l2 for l2 in grid for _ in range(k)],
+                               max_iter)
+    by_l2 = {l2: heads[i * k:(i + 1) * k] for i, l2 in enumerate(grid)}
+    val_scores = {l2: multilabel_metrics(y_val, multilabel_scores(p, x_val))[metric]
+                  for l2, p in by_l2.items()}
+    chosen = _choose_l2(val_scores, grid)
+    final = fit_multilabel_probe(_cat(x_train, x_val), _cat(y_train, y_val), chosen, max_iter,
+                                 init=by_l2[chosen])
+    return ProbeResult(multilabel_metrics(y_test, multilabel_scores(final, x_test)), chosen,
+                       val_scores, len(x_train) + len(x_val))

@@ -170,7 +170,7 @@ def evaluate_run(run: str, data: str | None = None, *,
         rows[split] = int(len(part["id"]))
     _say(progress, f"[mmcl] {info.name}: probing {len(specs)} columns x "
                    f"{len(kinds[splits[0]])} representations")
-    results = diag.probe_columns(arrays, specs, kinds, settings)
+    results = diag.probe_columns(arrays, specs, kinds, settings, progress)
     _say(progress, f"[mmcl] {info.name}: retrieval on {settings.test_split}")
     retrieval = retrieval_section(emb_out, settings, modalities, embedded.dims,
                                   info.config.objective.name, remote)
