@@ -189,3 +189,51 @@ def test_knn_probe_votes_by_temperature_weighted_cosine():
     x, y = blobs(300, seed=4)
     result = knn_probe(x[:150], y[:150], x[150:200], y[150:200], x[200:], y[200:])
     assert result["accuracy"] > 0.9 and result["k"] == 20 and result["temperature"] == 0.07
+
+
+# ----------------------------------------------------------------------- multi-label
+
+
+def _multilabel_data(n, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6))
+    logits = x @ rng.normal(size=(6, 4)) + np.array([0.0, -1.0, 1.0, -2.0])
+    return x, (logits + rng.logistic(size=logits.shape) > 0).astype(np.uint8)
+
+
+def test_multilabel_metrics_match_sklearn():
+    from sklearn.metrics import average_precision_score, f1_score
+
+    from mmcl.evaluate.probe import multilabel_metrics
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((200, 5)) < [0.5, 0.2, 0.05, 0.7, 0.3]).astype(np.uint8)
+    scores = np.clip(0.6 * y + rng.random((200, 5)) * 0.7, 0, 1).round(2)   # with ties
+    ours = multilabel_metrics(y, scores)
+    pred = (scores >= 0.5).astype(int)
+    assert ours["micro_f1"] == pytest.approx(f1_score(y, pred, average="micro"))
+    assert ours["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro",
+                                                      zero_division=0))
+    assert ours["map"] == pytest.approx(average_precision_score(y, scores, average="macro"))
+
+
+def test_multilabel_probe_is_one_vs_rest_logistic_as_sklearn():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+
+    from mmcl.evaluate.probe import fit_multilabel_probe, multilabel_probe, multilabel_scores
+
+    x, y = _multilabel_data(900, seed=1)
+    probes = fit_multilabel_probe(x[:600], y[:600], l2=1e-2, max_iter=300)
+    z_tr, z_te = _standardised(x[:600], x[600:])
+    for j, p in enumerate(probes):            # binary heads: C = 1 / (n l2), see above
+        ref = LogisticRegression(C=1 / (600 * 1e-2), tol=1e-10, max_iter=5000).fit(
+            z_tr, y[:600, j])
+        w = p.weight.numpy()
+        np.testing.assert_allclose(w[:, 1] - w[:, 0], ref.coef_[0], rtol=2e-3, atol=2e-4)
+        ours = (multilabel_scores(probes, x[600:])[:, j] >= 0.5).astype(int)
+        assert abs(f1_score(y[600:, j], ours) -
+                   f1_score(y[600:, j], ref.predict(z_te))) <= 0.01
+    res = multilabel_probe(x[:500], y[:500], x[500:700], y[500:700], x[700:], y[700:])
+    assert set(res.metrics) == {"micro_f1", "macro_f1", "map"} and res.metrics["map"] > 0.6
+    assert res.l2 in res.val_scores and res.train_rows == 700

@@ -32,7 +32,7 @@ from mmcl.data.schema import ID_COLUMN, LabelSpec
 from mmcl.evaluate.embed import FUSED, modality_column, raw_column
 from mmcl.evaluate.knn import knn_probe
 from mmcl.evaluate.probe import (DEFAULT_L2_GRID, classification_metrics, few_label_probe,
-                                 linear_probe, regression_metrics, selection_metric)
+                                 linear_probes, regression_metrics, selection_metric)
 
 FUSED_KIND = "fused"
 RAW_ALL = "raw:all"
@@ -209,21 +209,33 @@ def probe_columns(splits: Mapping[str, Mapping[str, np.ndarray]], specs: Sequenc
             raise ValueError(f"probe_columns needs the {name!r} split")
     kind_names = list(kinds[tr])
     out: dict[str, dict] = {}
+    ys = {spec.name: {s: np.asarray(splits[s][spec.name]) for s in (tr, va, te)}
+          for spec in specs}
     for spec in specs:
-        y = {s: np.asarray(splits[s][spec.name]) for s in (tr, va, te)}
-        entry: dict = {"role": spec.role, "task": spec.task, "num_classes": spec.num_classes,
-                       "carried_by": list(spec.carried_by), "description": spec.description,
-                       "primary_metric": primary_metric(spec),
-                       "chance": chance(spec, np.concatenate([y[tr], y[va]]), y[te]),
-                       "probes": {}, "carried": {}, "few_label": {}, "knn": {}}
+        y = ys[spec.name]
+        out[spec.name] = {"role": spec.role, "task": spec.task,
+                          "num_classes": spec.num_classes, "carried_by": list(spec.carried_by),
+                          "description": spec.description, "primary_metric": primary_metric(spec),
+                          "chance": chance(spec, np.concatenate([y[tr], y[va]]), y[te]),
+                          "probes": {}, "carried": {}, "few_label": {}, "knn": {}}
+    by_task: dict[str, list[LabelSpec]] = {}
+    for spec in specs:
+        by_task.setdefault(spec.task, []).append(spec)
+    for i, kind in enumerate(kind_names):
         if progress:
-            progress(f"probing {spec.name} ({spec.role}, {spec.task}) on {len(kind_names)} "
-                     f"representations")
-        for kind in kind_names:
-            x = {s: kinds[s][kind] for s in (tr, va, te)}
-            result = linear_probe(x[tr], y[tr], x[va], y[va], x[te], y[te], spec.task,
-                                  spec.num_classes, settings.l2_grid, settings.max_iter)
-            entry["probes"][kind] = result.to_dict()
+            progress(f"[mmcl]   {kind} ({i + 1}/{len(kind_names)}): {len(specs)} columns")
+        x = {s: kinds[s][kind] for s in (tr, va, te)}
+        for task, group in by_task.items():
+            # every column of a task on these features: one joint fit (linear_probes)
+            results = linear_probes(
+                x[tr], {g.name: ys[g.name][tr] for g in group},
+                x[va], {g.name: ys[g.name][va] for g in group},
+                x[te], {g.name: ys[g.name][te] for g in group}, task,
+                {g.name: g.num_classes for g in group}, settings.l2_grid, settings.max_iter)
+            for g in group:
+                out[g.name]["probes"][kind] = results[g.name].to_dict()
+        for spec in specs:
+            y, entry = ys[spec.name], out[spec.name]
             if spec.task == "classification" and settings.knn_k:
                 entry["knn"][kind] = knn_probe(x[tr], y[tr], x[va], y[va], x[te], y[te],
                                                spec.num_classes, settings.knn_k,
@@ -238,7 +250,6 @@ def probe_columns(splits: Mapping[str, Mapping[str, np.ndarray]], specs: Sequenc
                                       settings.few_label_k, settings.few_label_seeds,
                                       spec.num_classes, settings.l2_grid, settings.max_iter)
                 entry["few_label"][kind] = {str(k): v for k, v in few.items()}
-        out[spec.name] = entry
     return out
 
 

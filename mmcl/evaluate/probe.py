@@ -143,6 +143,93 @@ def fit_probe(x, y, task: ProbeTask, num_classes: int | None = None, l2: float =
                  float(l2), final)
 
 
+
+def _standardiser(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = xs.mean(dim=0)
+    std = xs.std(dim=0, unbiased=False)
+    return mean, torch.where(std > 1e-12, std, torch.ones_like(std))
+
+
+def _restandardised(probe: Probe, mean: torch.Tensor, std: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) giving exactly `probe`'s logits on features standardised with another
+    mean/std: a warm start for a refit on more rows."""
+    scale = (std / probe.std)[:, None]
+    weight = probe.weight * scale
+    bias = probe.bias + ((mean - probe.mean) / probe.std) @ probe.weight
+    return weight, bias
+
+
+def fit_logistic_heads(x, targets: Sequence, num_classes: Sequence[int],
+                       l2s: Sequence[float], max_iter: int = 100,
+                       init: Sequence[Probe | None] | None = None) -> list[Probe]:
+    """Several logistic probes on the same features in ONE L-BFGS run: head h predicts
+    targets[h] (N,) with num_classes[h] classes under penalty l2s[h]. The joint objective is
+    the sum of the heads' own objectives, which share no parameter, so its minimiser is every
+    head's own minimiser (each strictly convex for l2 > 0); one run costs about what one head
+    costs, since the per-iteration work on probe-sized problems is overhead, not arithmetic.
+    Used for the L2 grid (one head per strength) and for the columns sharing features.
+    `init[h]`: a probe of the same head on other rows (e.g. the grid's choice before the refit
+    on train+val), mapped exactly onto these rows' standardisation."""
+    xs = _features(x)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("probe: no training rows")
+    if not (len(targets) == len(num_classes) == len(l2s)) or not targets:
+        raise ValueError("fit_logistic_heads: one target, class count and l2 per head")
+    mean, std = _standardiser(xs)
+    z = (xs - mean) / std
+    sizes = [int(c) for c in num_classes]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    onehot = torch.zeros(n, int(offsets[-1]), dtype=torch.float64)
+    l2_cols = torch.zeros(1, int(offsets[-1]), dtype=torch.float64)
+    for h, (y, c, l2) in enumerate(zip(targets, sizes, l2s)):
+        yt = _targets(y, "classification", n)
+        if yt.min() < 0 or yt.max() >= c:
+            raise ValueError(f"class indices must be in 0..{c - 1}")
+        onehot[:, offsets[h]:offsets[h + 1]] = F.one_hot(yt, c).to(torch.float64)
+        l2_cols[0, offsets[h]:offsets[h + 1]] = float(l2)
+    weight = torch.zeros(z.shape[1], int(offsets[-1]), dtype=torch.float64)
+    bias = torch.zeros(int(offsets[-1]), dtype=torch.float64)
+    for h, start in enumerate(init or []):
+        if start is not None and tuple(start.weight.shape) == (z.shape[1], sizes[h]):
+            w0, b0 = _restandardised(start, mean, std)
+            weight[:, offsets[h]:offsets[h + 1]] = w0
+            bias[offsets[h]:offsets[h + 1]] = b0
+    # heads with the same class count are one (N, H, C) block: one log_softmax per block
+    blocks: list[tuple[int, int, int]] = []     # (start, heads, classes), contiguous runs
+    for h, c in enumerate(sizes):
+        if blocks and blocks[-1][2] == c and blocks[-1][0] + blocks[-1][1] * c == offsets[h]:
+            blocks[-1] = (blocks[-1][0], blocks[-1][1] + 1, c)
+        else:
+            blocks.append((int(offsets[h]), 1, c))
+
+    def log_probs(logits: torch.Tensor) -> torch.Tensor:
+        parts = [logits[:, s:s + k * c].reshape(n, k, c).log_softmax(dim=2).reshape(n, k * c)
+                 for s, k, c in blocks]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def objective() -> torch.Tensor:
+        """Sum over heads of mean cross-entropy + l2_h ||W_h||^2, exact gradient in .grad."""
+        logp = log_probs(z @ weight + bias)
+        loss = -(logp * onehot).sum() / n + (l2_cols * weight ** 2).sum()
+        g = (logp.exp() - onehot) / n
+        weight.grad = z.T @ g + 2.0 * l2_cols * weight
+        bias.grad = g.sum(dim=0)
+        return loss
+
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=int(max_iter),
+                            tolerance_grad=1e-7, tolerance_change=1e-10, history_size=20,
+                            line_search_fn="strong_wolfe")
+    with torch.no_grad():
+        opt.step(objective)
+        final = float(objective())
+    return [Probe("classification", mean, std,
+                  weight[:, offsets[h]:offsets[h + 1]].detach().clone(),
+                  bias[offsets[h]:offsets[h + 1]].detach().clone(), sizes[h], float(l2s[h]),
+                  final) for h in range(len(sizes))]
+
+
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Mean recall over the classes present in y_true (macro accuracy)."""
     classes = np.unique(y_true)
@@ -287,25 +374,59 @@ def linear_probe(x_train, y_train, x_val, y_val, x_test, y_test, task: ProbeTask
     """mmcl's probe protocol: for every L2 strength in `grid`, fit on train and score on val
     (balanced accuracy / R²; ties go to the stronger penalty); refit with the chosen L2 on
     train+val (standardised with their joint statistics); report every metric on test."""
-    if task == "classification" and num_classes is None:
-        num_classes = int(max(np.max(y_train), np.max(y_val), np.max(y_test))) + 1
-        num_classes = max(2, num_classes)
-    metric = selection_metric(task)
-    val_scores: dict[float, float] = {}
+    return linear_probes(x_train, {"_": y_train}, x_val, {"_": y_val}, x_test, {"_": y_test},
+                         task, {"_": num_classes}, grid, max_iter)["_"]
+
+
+def _choose_l2(val_scores: dict[float, float], grid: Sequence[float]) -> float:
+    """The best validation score, ties to the stronger penalty; every score NaN (e.g. an
+    empty val split): the middle of the grid."""
     best_l2, best = None, -np.inf
-    probe = None
-    for l2 in sorted(grid, reverse=True):   # strong to weak penalty, each warm-started
-        probe = fit_probe(x_train, y_train, task, num_classes, l2, max_iter, init=probe)
-        value = score_all(probe, x_val, y_val)[metric]
-        val_scores[float(l2)] = value
-        if value > best:
-            best_l2, best = float(l2), value
-    if best_l2 is None:  # every score NaN (e.g. an empty val split): the middle of the grid
-        best_l2 = float(sorted(grid)[len(grid) // 2])
-    final = fit_probe(_cat(x_train, x_val), _cat(y_train, y_val), task, num_classes, best_l2,
-                      max_iter)
-    return ProbeResult(score_all(final, x_test, y_test), best_l2,
-                       dict(sorted(val_scores.items())), len(x_train) + len(x_val))
+    for l2 in sorted(grid, reverse=True):
+        if val_scores[float(l2)] > best:
+            best_l2, best = float(l2), val_scores[float(l2)]
+    return best_l2 if best_l2 is not None else float(sorted(grid)[len(grid) // 2])
+
+
+def linear_probes(x_train, ys_train: dict, x_val, ys_val: dict, x_test, ys_test: dict,
+                  task: ProbeTask, num_classes: dict | None = None,
+                  grid: Sequence[float] = DEFAULT_L2_GRID,
+                  max_iter: int = 100) -> dict[str, ProbeResult]:
+    """`linear_probe` of several target columns ({name: y}) on the same features. For
+    classification every column x L2 strength is one head of one joint fit on train
+    (`fit_logistic_heads`), then one joint refit on train+val of every column at its chosen
+    L2, warm-started from the grid's fit: two L-BFGS runs instead of (grid + 1) per column.
+    Ridge is exact per strength."""
+    names = list(ys_train)
+    grid = sorted(float(v) for v in grid)
+    metric = selection_metric(task)
+    fit_x, fit_y = _cat(x_train, x_val), {c: _cat(ys_train[c], ys_val[c]) for c in names}
+    classes = {}
+    if task == "classification":
+        for c in names:
+            given = (num_classes or {}).get(c)
+            classes[c] = int(given) if given is not None else max(2, int(max(
+                np.max(ys_train[c]), np.max(ys_val[c]), np.max(ys_test[c]))) + 1)
+        heads = [(c, l2) for c in names for l2 in grid]
+        fitted = dict(zip(heads, fit_logistic_heads(
+            x_train, [ys_train[c] for c, _ in heads], [classes[c] for c, _ in heads],
+            [l2 for _, l2 in heads], max_iter)))
+    else:
+        fitted = {(c, l2): fit_probe(x_train, ys_train[c], task, None, l2, max_iter)
+                  for c in names for l2 in grid}
+    val_scores = {c: {l2: score_all(fitted[c, l2], x_val, ys_val[c])[metric] for l2 in grid}
+                  for c in names}
+    chosen = {c: _choose_l2(val_scores[c], grid) for c in names}
+    if task == "classification":
+        finals = dict(zip(names, fit_logistic_heads(
+            fit_x, [fit_y[c] for c in names], [classes[c] for c in names],
+            [chosen[c] for c in names], max_iter, init=[fitted[c, chosen[c]] for c in names])))
+    else:
+        finals = {c: fit_probe(fit_x, fit_y[c], task, None, chosen[c], max_iter)
+                  for c in names}
+    rows = len(x_train) + len(x_val)
+    return {c: ProbeResult(score_all(finals[c], x_test, ys_test[c]), chosen[c],
+                           dict(sorted(val_scores[c].items())), rows) for c in names}
 
 
 def few_label_probe(x_train, y_train, x_val, y_val, x_test, y_test, ks: Sequence[int],
@@ -340,3 +461,91 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
         return {"mean": float("nan"), "std": float("nan"), "n": 0}
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
             "n": int(arr.size)}
+
+
+# ------------------------------------------------------------------ multi-label targets
+# Label columns of task "multilabel": a (N, K) multi-hot matrix per split (CONVENTIONS: a
+# fixed-shape (K,) uint8 column). One-vs-rest logistic probes, i.e. K binary heads of one
+# joint fit (`fit_logistic_heads`), as CoMM's MM-IMDb evaluation; micro- and macro-F1 at
+# probability 0.5 and mAP over the classes with a positive test row.
+
+MULTILABEL_METRICS = ("micro_f1", "macro_f1", "map")
+
+
+def _multi_hot(y) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 2 or not np.isin(y, (0, 1)).all():
+        raise ValueError("multi-label targets must be an (N, K) 0/1 matrix")
+    return y.astype(np.int64)
+
+
+def average_precision(y_true, scores) -> float:
+    """Area under the step precision-recall curve of one class (sklearn's
+    `average_precision_score`: tied scores form one threshold); NaN without positives."""
+    y_true, scores = np.asarray(y_true).astype(bool), np.asarray(scores, dtype=np.float64)
+    positives = int(y_true.sum())
+    if positives == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="mergesort")
+    s, t = scores[order], y_true[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]    # last row of each distinct score
+    tps = np.cumsum(t)[last]
+    precision = tps / (last + 1)
+    recall = tps / positives
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def multilabel_metrics(y_true, scores, threshold: float = 0.5) -> dict[str, float]:
+    """{"micro_f1", "macro_f1", "map"} of (N, K) probabilities against (N, K) 0/1 targets.
+    Macro-F1 counts a class with no true and no predicted row as 0 (sklearn's
+    zero_division=0); mAP averages the classes with at least one positive."""
+    y = _multi_hot(y_true).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != y.shape:
+        raise ValueError(f"targets {y.shape} and scores {scores.shape} differ in shape")
+    pred = scores >= threshold
+    tp = (pred & y).sum(axis=0)
+    fp = (pred & ~y).sum(axis=0)
+    fn = (~pred & y).sum(axis=0)
+    denom = 2 * tp + fp + fn
+    per_class = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    micro_denom = 2 * tp.sum() + fp.sum() + fn.sum()
+    aps = [average_precision(y[:, k], scores[:, k]) for k in range(y.shape[1])]
+    aps = [a for a in aps if np.isfinite(a)]
+    return {"micro_f1": float(2 * tp.sum() / micro_denom) if micro_denom else 0.0,
+            "macro_f1": float(per_class.mean()) if len(per_class) else float("nan"),
+            "map": float(np.mean(aps)) if aps else float("nan")}
+
+
+def fit_multilabel_probe(x, y, l2: float = 1e-4, max_iter: int = 100,
+                         init: Sequence[Probe | None] | None = None) -> list[Probe]:
+    """K one-vs-rest logistic probes (2-class heads) of (N, K) multi-hot targets."""
+    y = _multi_hot(y)
+    return fit_logistic_heads(x, [y[:, k] for k in range(y.shape[1])], [2] * y.shape[1],
+                              [float(l2)] * y.shape[1], max_iter, init)
+
+
+def multilabel_scores(probes: Sequence[Probe], x) -> np.ndarray:
+    """(N, K) probability of each class being present."""
+    return np.stack([torch.softmax(p.decision(x), dim=1)[:, 1].numpy() for p in probes], 1)
+
+
+def multilabel_probe(x_train, y_train, x_val, y_val, x_test, y_test,
+                     grid: Sequence[float] = DEFAULT_L2_GRID, max_iter: int = 100,
+                     metric: str = "macro_f1") -> ProbeResult:
+    """The linear-probe protocol for multi-label targets: one L2 for all K heads chosen on
+    val (macro-F1; ties to the stronger penalty), refit on train+val, metrics on test."""
+    y_train, y_val, y_test = _multi_hot(y_train), _multi_hot(y_val), _multi_hot(y_test)
+    grid = sorted(float(v) for v in grid)
+    k = y_train.shape[1]
+    heads = fit_logistic_heads(x_train, [y_train[:, j] for l2 in grid for j in range(k)],
+                               [2] * (k * len(grid)), [l2 for l2 in grid for _ in range(k)],
+                               max_iter)
+    by_l2 = {l2: heads[i * k:(i + 1) * k] for i, l2 in enumerate(grid)}
+    val_scores = {l2: multilabel_metrics(y_val, multilabel_scores(p, x_val))[metric]
+                  for l2, p in by_l2.items()}
+    chosen = _choose_l2(val_scores, grid)
+    final = fit_multilabel_probe(_cat(x_train, x_val), _cat(y_train, y_val), chosen, max_iter,
+                                 init=by_l2[chosen])
+    return ProbeResult(multilabel_metrics(y_test, multilabel_scores(final, x_test)), chosen,
+                       val_scores, len(x_train) + len(x_val))

@@ -170,7 +170,7 @@ def evaluate_run(run: str, data: str | None = None, *,
         rows[split] = int(len(part["id"]))
     _say(progress, f"[mmcl] {info.name}: probing {len(specs)} columns x "
                    f"{len(kinds[splits[0]])} representations")
-    results = diag.probe_columns(arrays, specs, kinds, settings)
+    results = diag.probe_columns(arrays, specs, kinds, settings, progress)
     _say(progress, f"[mmcl] {info.name}: retrieval on {settings.test_split}")
     retrieval = retrieval_section(emb_out, settings, modalities, embedded.dims,
                                   info.config.objective.name, remote)
@@ -180,6 +180,7 @@ def evaluate_run(run: str, data: str | None = None, *,
         "format": FORMAT, "kind": "run", "name": info.name, "run": info.url,
         "objective": cfg.objective.name,
         "objective_config": cfg.objective.model_dump(mode="json"),
+        "config": cfg.model_dump(mode="json"),
         "seed": cfg.train.seed, "epochs": cfg.train.epochs, "data": embedded.data,
         "rows": rows, "rows_embedded": embedded.rows,
         "embedding": {"out": emb_out, "backend": embedded.backend,
@@ -333,6 +334,26 @@ def _agg_entry(entries: Sequence[dict]) -> dict:
     return out
 
 
+def _agg_retrieval(reports: Sequence[dict]) -> dict | None:
+    """Retrieval figures as mean ± std over the runs (pairs every run has)."""
+    parts = [r.get("retrieval") for r in reports]
+    if not all(parts):
+        return None
+    base = parts[0]
+    out = {k: v for k, v in base.items() if k != "pairs"}
+    out["pairs"] = {}
+    for pair, res in base.get("pairs", {}).items():
+        if not all(pair in p.get("pairs", {}) for p in parts):
+            continue
+        entry = {"modalities": res.get("modalities"), "n": res.get("n")}
+        for d, fig in res.items():
+            if isinstance(fig, Mapping):
+                entry[d] = {m: (_stats([p["pairs"][pair][d][m] for p in parts])
+                                if not m.startswith("chance") else v) for m, v in fig.items()}
+        out["pairs"][pair] = entry
+    return out
+
+
 def aggregate(reports: Sequence[dict]) -> dict:
     """Mean ± sample std over runs of every metric (columns and kinds all runs share)."""
     base = reports[0]
@@ -341,7 +362,8 @@ def aggregate(reports: Sequence[dict]) -> dict:
            "seeds": [r.get("seed") for r in reports],
            "objective": base["objective"] if len({r["objective"] for r in reports}) == 1
            else [r["objective"] for r in reports],
-           "objective_config": base.get("objective_config"),
+           "objective_config": base.get("objective_config"), "config": base.get("config"),
+           "rows_embedded": base.get("rows_embedded"), "retrieval": _agg_retrieval(reports),
            "epochs": base.get("epochs"), "data": base["data"], "rows": base["rows"],
            "representations": base["representations"], "settings": base["settings"]}
     for section in ("labels", "factors"):
@@ -566,6 +588,101 @@ def _unique_names(reports: Sequence[dict]) -> list[str]:
     return names
 
 
+def _references(reports: Sequence[dict], names: Sequence[str],
+                columns: Sequence[tuple[str, str]]) -> dict:
+    """The chance and raw-feature (raw:all) reference cells of every column: one column each
+    when every run has the same references (same data and modalities), else one per run
+    (a run trained on fewer modalities has its own raw:all)."""
+    def per_run(section: str, col: str, which: str) -> list[str]:
+        out = []
+        for r in reports:
+            e = r[section][col]
+            m = e["primary_metric"]
+            out.append(cell(e["chance"].get(m)) if which == "chance"
+                       else cell(_value(e["probes"].get(diag.RAW_ALL), m)))
+        return out
+    values = {(s, c): (per_run(s, c, "chance"), per_run(s, c, "raw")) for s, c in columns}
+    same = all(len(set(ch)) == 1 and len(set(raw)) == 1 for ch, raw in values.values())
+    if same or len(reports) == 1:
+        return {"header": ["chance", "raw features"],
+                "cells": {k: [ch[0], raw[0]] for k, (ch, raw) in values.items()}}
+    return {"header": [*[f"chance ({n})" for n in names], *[f"raw features ({n})"
+                                                             for n in names]],
+            "cells": {k: [*ch, *raw] for k, (ch, raw) in values.items()}}
+
+
+# Settings every objective shares whose difference changes the figures of a side-by-side.
+FAIR_SETTINGS = ("objective.temperature", "train.batch_size", "train.epochs", "train.lr",
+                 "train.weight_decay", "train.warmup_epochs", "augment", "model", "data")
+
+
+def fairness_differences(reports: Sequence[dict]) -> dict[str, list]:
+    """{setting: [value per run]} of the shared settings (FAIR_SETTINGS) that differ."""
+    flats = [_flat(r.get("config") or {"objective": r.get("objective_config") or {},
+                                        "train": {"epochs": r.get("epochs")}})
+             for r in reports]
+    flats = [{k: v for k, v in f.items() if k != "objective.name"} for f in flats]
+    out = {}
+    for key in sorted(set().union(*flats)):
+        if not any(key == p or key.startswith(p + ".") for p in FAIR_SETTINGS) or \
+                key in ("data.synth.seed",):
+            continue
+        vals = [f.get(key) for f in flats]
+        if len({json.dumps(v, sort_keys=True, default=str) for v in vals}) > 1:
+            out[key] = vals
+    return out
+
+
+def _flat(d: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _fairness_lines(reports: Sequence[dict], names: Sequence[str]) -> list[str]:
+    diffs = fairness_differences(reports)
+    if not diffs:
+        return []
+    rows = [[k, *[cell(v, 4) if isinstance(v, float) else str(v) for v in vals]]
+            for k, vals in diffs.items()]
+    return ["> **not a like-for-like comparison**: these shared settings differ between the "
+            "runs, so the figures compare them as much as the objectives (set them equal, "
+            "e.g. `--set objective.temperature=0.1`; see README 'Evaluate')", "",
+            table(["setting", *names], rows), ""]
+
+
+def _retrieval_compare_lines(reports: Sequence[dict], names: Sequence[str]) -> list[str]:
+    """Recall@k per run and direction (runs without a shared space: '–')."""
+    directions: list[str] = []
+    for r in reports:
+        for pair, res in (r.get("retrieval") or {}).get("pairs", {}).items():
+            a, b = pair.split(":")
+            for d in (f"{a}_to_{b}", f"{b}_to_{a}"):
+                if d not in directions:
+                    directions.append(d)
+    if not directions:
+        return []
+    ks = (reports[0].get("retrieval") or {}).get("ks") or [1, 5, 10]
+    rows = []
+    for d in directions:
+        for k in ks:
+            vals, chance_ = [], "–"
+            for r in reports:
+                found = [res[d] for res in (r.get("retrieval") or {}).get("pairs", {}).values()
+                         if d in res]
+                vals.append(cell(found[0].get(f"recall@{k}")) if found else "–")
+                if found:
+                    chance_ = cell(found[0].get(f"chance@{k}"), 4)
+            rows.append([d.replace("_to_", " → "), f"R@{k}", chance_, *vals])
+    return ["## Cross-modal retrieval (test split)", "",
+            "'–': the run's objective has no space shared by these modalities.", "",
+            table(["query → gallery", "recall", "chance", *names], rows), ""]
+
+
 def compare_markdown(reports: Sequence[dict], names: Sequence[str] | None = None) -> str:
     """Several runs' evaluation reports side by side."""
     names = list(names or _unique_names(reports))
@@ -577,9 +694,13 @@ def compare_markdown(reports: Sequence[dict], names: Sequence[str] | None = None
         seeds = r.get("seeds") if r.get("kind") == "seeds" else r.get("seed")
         rows.append([name, obj, str(seeds), str(r.get("epochs", "–")),
                      cell(final.get("loss"), 4), f"`{r['data']}`",
+                     " / ".join(str(v) for v in (r.get("rows_embedded") or
+                                                 r.get("rows", {})).values()),
                      " / ".join(str(v) for v in r.get("rows", {}).values())])
     out += ["## Runs", "", table(["run", "objective", "seed", "epochs", "final loss", "data",
-                                  "rows train / val / test"], rows), ""]
+                                  "data set rows train / val / test", "rows probed"], rows),
+            ""]
+    out += _fairness_lines(reports, names)
     keys: list[str] = []
     for r in reports:
         for k, v in r.get("final_metrics", {}).items():
@@ -601,17 +722,24 @@ def compare_markdown(reports: Sequence[dict], names: Sequence[str] | None = None
         return [c for c in first[section] if all(c in r[section] for r in reports)]
 
     labels = shared("labels")
+    columns = [("labels", c) for c in labels] + [("factors", c) for c in shared("factors")]
+    refs = _references(reports, names, columns)
     if labels:
-        header = ["label", "metric", "chance", "raw features", *names]
+        header = ["label", "metric", *refs["header"], *names]
         rows = []
         for col in labels:
             e = first["labels"][col]
             m = e["primary_metric"]
-            rows.append([col, METRIC_NAMES[m], cell(e["chance"].get(m)),
-                         cell(_value(e["probes"].get(diag.RAW_ALL), m)),
+            rows.append([col, METRIC_NAMES[m], *refs["cells"][("labels", col)],
                          *[cell(_value(r["labels"][col]["probes"].get(diag.FUSED_KIND), m))
                            for r in reports]])
         out += ["## Labels: fused embedding, test split", "", table(header, rows), ""]
+        knn_rows = [[col, *[cell(_value(r["labels"][col].get("knn", {}).get(diag.FUSED_KIND),
+                                        "balanced_accuracy")) for r in reports]]
+                    for col in labels if first["labels"][col]["task"] == "classification"]
+        if any(c != "–" for row in knn_rows for c in row[1:]):
+            out += ["### kNN probe (fused embedding, balanced accuracy)", "",
+                    table(["label", *names], knn_rows), ""]
         rows = []
         for col in labels:
             task = first["labels"][col]["task"]
@@ -632,20 +760,19 @@ def compare_markdown(reports: Sequence[dict], names: Sequence[str] | None = None
         if rows:
             out += ["## Few labels: fused embedding, balanced accuracy", "",
                     table(["label", "k per class", *names], rows), ""]
-    columns = [("labels", c) for c in labels] + [("factors", c) for c in shared("factors")]
+    out += _retrieval_compare_lines(reports, names)
     if columns:
         rows = []
         for section, col in columns:
             e = first[section][col]
             m = e["primary_metric"]
             rows.append([col, e["role"], " ".join(e["carried_by"]) or "–", METRIC_NAMES[m],
-                         cell(e["chance"].get(m)),
-                         cell(_value(e["probes"].get(diag.RAW_ALL), m)),
+                         *refs["cells"][(section, col)],
                          *[cell(_value(r[section][col]["probes"].get(diag.FUSED_KIND), m))
                            for r in reports]])
         out += ["## What the fused embedding holds, per factor", "",
-                table(["column", "role", "carried by", "metric", "chance", "raw features",
-                       *names], rows), ""]
+                table(["column", "role", "carried by", "metric", *refs["header"], *names],
+                      rows), ""]
         mods = [k for k in first.get("representations", {}) if k.startswith("emb:")]
         if mods:
             header = ["column", "carried by", *[f"{n} {k}" for n in names for k in mods]]
@@ -668,13 +795,12 @@ SYSTEM_METRICS = {"epoch", "step", "steps", "samples_per_s", "samples_per_s_tota
                   "data_wait_fraction", "skipped_batches", "resumed_from_step", "lr"}
 
 
-def plot_curves(histories: Mapping[str, list[dict]], path: str) -> str | None:
-    """Training curves (loss, then the objective's own metrics) per run; one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def curve_panels(histories: Mapping[str, list[dict]],
+                 objectives: Mapping[str, str] | None = None) -> list[tuple[str, str, list]]:
+    """[(title, metric, run names)]: every numeric training metric gets a panel (none is
+    dropped); the loss gets one panel per objective, because objectives' losses have
+    different scales (FactorCL's is a negative sum of bounds, InfoNCE's a log)."""
+    objectives = dict(objectives or {})
     keys: list[str] = []
     for rows in histories.values():
         for row in rows:
@@ -682,80 +808,125 @@ def plot_curves(histories: Mapping[str, list[dict]], path: str) -> str | None:
                 if k not in SYSTEM_METRICS and k not in keys and \
                         isinstance(v, (int, float)) and not isinstance(v, bool):
                     keys.append(k)
-    if not keys:
+    panels = []
+    for key in (["loss"] if "loss" in keys else []) + [k for k in keys if k != "loss"]:
+        runs = [n for n, rows in histories.items() if any(key in r for r in rows)]
+        groups = sorted({objectives.get(n, "") for n in runs}) if key == "loss" else [""]
+        for group in groups:
+            members = [n for n in runs if key != "loss" or objectives.get(n, "") == group]
+            title = f"loss ({group})" if key == "loss" and len(groups) > 1 else key
+            panels.append((title, key, members))
+    return panels
+
+
+def plot_curves(histories: Mapping[str, list[dict]], path: str,
+                objectives: Mapping[str, str] | None = None) -> str | None:
+    """Training curves per run: every metric its own panel (`curve_panels`); one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = curve_panels(histories, objectives)
+    if not panels:
         return None
-    keys = (["loss"] if "loss" in keys else []) + [k for k in keys if k != "loss"]
-    keys = keys[:6]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for name, rows in histories.items():
+    cols = min(4, len(panels))
+    rows_ = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.2 * cols, 3.4 * rows_), squeeze=False)
+    for ax, (title, key, members) in zip(axes.flat, panels):
+        for name in members:
+            rows = histories[name]
             pts = [(r.get("epoch", i + 1), r[key]) for i, r in enumerate(rows)
                    if isinstance(r.get(key), (int, float))]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set_title(key)
+        ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def plot_factor_bars(reports: Sequence[dict], names: Sequence[str], path: str) -> str | None:
-    """Grouped bars: probe score per column (x) per run (bars), one panel per representation
-    (fused, then each modality's own embedding); error bars for several-run reports."""
-    import matplotlib
+def _mean(v) -> float:
+    v = v.get("mean") if isinstance(v, Mapping) else v
+    return np.nan if v is None else float(v)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def factor_panels(reports: Sequence[dict], names: Sequence[str]) -> list[dict]:
+    """What factors.png draws, per representation panel (fused, then each modality's own):
+    {"kind", "ref_kind", "columns", "bars" {run: [score per column]}, "errors" {run: [...]},
+    "refs" {run: [its own raw reference per column]}, "chance" [per column]}. References and
+    chance are each run's own (a run on fewer modalities has its own raw:all); chance is the
+    report's own (1/C balanced accuracy for C classes, R² of the mean for regression)."""
     first = reports[0]
     columns = [("labels", c) for c in first["labels"]] + \
               [("factors", c) for c in first["factors"]]
     columns = [(s, c) for s, c in columns if all(c in r[s] for r in reports)]
     kinds = [k for k in first.get("representations", {}) if k == diag.FUSED_KIND or
              k.startswith("emb:")]
-    if not columns or not kinds:
-        return None
-    fig, axes = plt.subplots(len(kinds), 1, figsize=(max(6.0, 0.75 * len(columns) *
-                                                         max(1, len(reports)) ** 0.5 + 2),
-                                                     2.8 * len(kinds)), squeeze=False)
-    x = np.arange(len(columns))
-    width = 0.8 / max(1, len(reports))
-    for ax, kind in zip(axes[:, 0], kinds):
-        for i, (name, r) in enumerate(zip(names, reports)):
-            means, errs = [], []
-            for section, col in columns:
-                e = r[section][col]
-                v = _value(e["probes"].get(kind), e["primary_metric"])
-                if isinstance(v, Mapping):
-                    means.append(v.get("mean") if v.get("mean") is not None else np.nan)
-                    errs.append(v.get("std") or 0.0)
-                else:
-                    means.append(np.nan if v is None else float(v))
-                    errs.append(0.0)
-            ax.bar(x + (i - (len(reports) - 1) / 2) * width, means, width, label=name,
-                   yerr=errs if any(errs) else None, capsize=2)
+    panels = []
+    for kind in kinds if columns else []:
         ref_kind = diag.RAW_ALL if kind == diag.FUSED_KIND else "raw:" + kind.split(":", 1)[1]
-        refs = []
-        for section, col in columns:
-            e = first[section][col]
-            v = _value(e["probes"].get(ref_kind), e["primary_metric"])
-            v = v.get("mean") if isinstance(v, Mapping) else v
-            refs.append(np.nan if v is None else float(v))
-        if not all(np.isnan(refs)):
-            ax.hlines(refs, x - 0.45, x + 0.45, colors="black", linewidth=1.2,
-                      label=f"{ref_kind} (reference)")
-        ax.set_title(f"{kind}: balanced accuracy (classification) / R² (regression)",
+        panel = {"kind": kind, "ref_kind": ref_kind, "columns": [c for _, c in columns],
+                 "bars": {}, "errors": {}, "refs": {}, "chance": []}
+        for name, r in zip(names, reports):
+            entries = [r[s][c] for s, c in columns]
+            values = [_value(e["probes"].get(kind), e["primary_metric"]) for e in entries]
+            panel["bars"][name] = [_mean(v) for v in values]
+            panel["errors"][name] = [(v.get("std") or 0.0) if isinstance(v, Mapping) else 0.0
+                                     for v in values]
+            panel["refs"][name] = [_mean(_value(e["probes"].get(ref_kind), e["primary_metric"]))
+                                   for e in entries]
+        panel["chance"] = [_mean(first[s][c]["chance"].get(first[s][c]["primary_metric"]))
+                           for s, c in columns]
+        panels.append(panel)
+    return panels
+
+
+def plot_factor_bars(reports: Sequence[dict], names: Sequence[str], path: str) -> str | None:
+    """Grouped bars: probe score per column (x) per run (bars), one panel per representation
+    (`factor_panels`); each bar topped by its run's own raw reference (black), each column's
+    chance (grey dashes); error bars for several-run reports; a legend per panel, outside."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = factor_panels(reports, names)
+    if not panels:
+        return None
+    ncol = len(panels[0]["columns"])
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 0.75 * ncol * max(
+        1, len(reports)) ** 0.5 + 2) + 2.5, 2.8 * len(panels)), squeeze=False)
+    x = np.arange(ncol)
+    width = 0.8 / max(1, len(reports))
+    for ax, panel in zip(axes[:, 0], panels):
+        ref_drawn = False
+        for i, name in enumerate(names):
+            pos = x + (i - (len(reports) - 1) / 2) * width
+            errs = panel["errors"][name]
+            ax.bar(pos, panel["bars"][name], width, label=name,
+                   yerr=errs if any(errs) else None, capsize=2)
+            refs = np.asarray(panel["refs"][name], dtype=float)
+            if not np.all(np.isnan(refs)):
+                ax.hlines(refs, pos - width / 2, pos + width / 2, colors="black",
+                          linewidth=1.2, label=None if ref_drawn else
+                          f"{panel['ref_kind']} (reference)")
+                ref_drawn = True
+        ax.hlines(panel["chance"], x - 0.45, x + 0.45, colors="grey", linewidth=0.8,
+                  linestyles="--", label="chance")
+        ax.set_title(f"{panel['kind']}: balanced accuracy (classification) / R² (regression)",
                      fontsize=9)
         ax.set_xticks(x)
-        ax.set_xticklabels([c for _, c in columns], rotation=35, ha="right", fontsize=8)
+        ax.set_xticklabels(panel["columns"], rotation=35, ha="right", fontsize=8)
         ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.05)
-        ax.axhline(0.5, color="grey", lw=0.6, ls="--")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8, ncol=min(4, len(reports)))
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -784,6 +955,52 @@ def progress_markdown(entries: Sequence[dict]) -> str:
     return "\n".join(["## Training progress (metrics.jsonl; no evaluation report yet)", "",
                       table(["run", "state", "epochs done", "step", "loss", "samples/s"],
                             rows), ""])
+
+
+def recall_curves(reports: Sequence[dict], names: Sequence[str]) -> dict[str, dict]:
+    """{run: {direction: [(k, recall@k)]}} of every run with retrieval figures."""
+    out = {}
+    for name, r in zip(names, reports):
+        for pair, res in (r.get("retrieval") or {}).get("pairs", {}).items():
+            for d, fig in res.items():
+                if isinstance(fig, Mapping) and "_to_" in d:
+                    ks = sorted(int(m.split("@")[1]) for m in fig if m.startswith("recall@"))
+                    out.setdefault(name, {})[d] = [(k, _mean(fig[f"recall@{k}"])) for k in ks]
+    return out
+
+
+def plot_recall(reports: Sequence[dict], names: Sequence[str], objectives: Sequence[str],
+                path: str) -> str | None:
+    """One plot: recall@k against k, a line per run and direction, colour per objective."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = recall_curves(reports, names)
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    colours = {o: f"C{i}" for i, o in enumerate(dict.fromkeys(objectives))}
+    styles = ["-", "--", ":", "-."]
+    for name, obj in zip(names, objectives):
+        for j, (d, pts) in enumerate(curves.get(name, {}).items()):
+            ax.plot(*zip(*pts), marker="o", color=colours[obj], ls=styles[j % len(styles)],
+                    label=f"{name} ({obj}) {d.replace('_to_', '→')}")
+    ax.set_xlabel("k")
+    ax.set_ylabel("recall@k (test)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _objective_name(report: dict) -> str:
+    obj = report["objective"]
+    return obj if isinstance(obj, str) else ", ".join(obj)
 
 
 def compare(paths: Sequence[str], out: str | None = None,
@@ -828,14 +1045,18 @@ def compare(paths: Sequence[str], out: str | None = None,
         else:
             histories = {e["run"].rstrip("/").rsplit("/", 1)[-1]: e["history"]
                          for e in in_progress}
+            objectives = {}
             for name, r in zip(names, reports):
                 runs = r["runs"] if r.get("kind") == "seeds" else [r["run"]]
                 for i, run in enumerate(runs):
                     label = name if len(runs) == 1 else f"{name} seed {r['seeds'][i]}"
                     histories[label] = read_history(run)
-            for made in (plot_curves(histories, storage.join(local, "curves.png")),
+                    objectives[label] = _objective_name(r)
+            for made in (plot_curves(histories, storage.join(local, "curves.png"), objectives),
                          plot_factor_bars(reports, names, storage.join(local, "factors.png"))
-                         if reports else None):
+                         if reports else None,
+                         plot_recall(reports, names, [_objective_name(r) for r in reports],
+                                     storage.join(local, "recall.png")) if reports else None):
                 if made:
                     files.append(made)
     if progress:
