@@ -237,3 +237,24 @@ def test_multilabel_probe_is_one_vs_rest_logistic_as_sklearn():
     res = multilabel_probe(x[:500], y[:500], x[500:700], y[500:700], x[700:], y[700:])
     assert set(res.metrics) == {"micro_f1", "macro_f1", "map"} and res.metrics["map"] > 0.6
     assert res.l2 in res.val_scores and res.train_rows == 700
+
+
+def test_multilabel_columns_are_probed_one_vs_rest_in_probe_columns():
+    """A label column of task "multilabel" ((N, K) multi-hot) gets micro/macro-F1 and mAP,
+    and its chance is the train+val prevalence."""
+    from types import SimpleNamespace
+
+    from mmcl.evaluate.diagnostics import ProbeSettings, probe_columns
+
+    x, y = _multilabel_data(600, seed=2)
+    spec = SimpleNamespace(name="genres", role="label", task="multilabel", num_classes=4,
+                           carried_by=(), description="")
+    cut = {"train": slice(0, 400), "val": slice(400, 500), "test": slice(500, 600)}
+    splits = {s: {"genres": y[c]} for s, c in cut.items()}
+    kinds = {s: {"fused": x[c]} for s, c in cut.items()}
+    out = probe_columns(splits, [spec], kinds, ProbeSettings(l2_grid=(1e-3, 1e-1)))
+    entry = out["genres"]
+    assert entry["primary_metric"] == "macro_f1"
+    assert set(entry["probes"]["fused"]) >= {"micro_f1", "macro_f1", "map", "l2"}
+    assert entry["probes"]["fused"]["map"] > entry["chance"]["map"]
+    assert entry["knn"] == {} and entry["few_label"] == {}

@@ -32,7 +32,8 @@ from mmcl.data.schema import ID_COLUMN, LabelSpec
 from mmcl.evaluate.embed import FUSED, modality_column, raw_column
 from mmcl.evaluate.knn import knn_probe
 from mmcl.evaluate.probe import (DEFAULT_L2_GRID, classification_metrics, few_label_probe,
-                                 linear_probes, regression_metrics, selection_metric)
+                                 linear_probes, multilabel_metrics, multilabel_probe,
+                                 regression_metrics, selection_metric)
 
 FUSED_KIND = "fused"
 RAW_ALL = "raw:all"
@@ -172,6 +173,8 @@ def chance(spec: LabelSpec, y_fit: np.ndarray, y_test: np.ndarray) -> dict[str, 
     """Metrics of a probe that ignores its input: the majority class of the fitting rows
     (classification; balanced accuracy 1/C) or their mean (regression; R² <= 0)."""
     y_fit, y_test = np.asarray(y_fit), np.asarray(y_test)
+    if spec.task == "multilabel":   # every class scored with its train+val prevalence
+        return multilabel_metrics(y_test, np.broadcast_to(y_fit.mean(axis=0), y_test.shape))
     if spec.task == "classification":
         values, counts = np.unique(y_fit, return_counts=True)
         majority = values[np.argmax(counts)] if len(values) else 0
@@ -225,7 +228,13 @@ def probe_columns(splits: Mapping[str, Mapping[str, np.ndarray]], specs: Sequenc
         if progress:
             progress(f"[mmcl]   {kind} ({i + 1}/{len(kind_names)}): {len(specs)} columns")
         x = {s: kinds[s][kind] for s in (tr, va, te)}
+        for g in by_task.get("multilabel", []):   # (N, K) multi-hot: one-vs-rest heads
+            out[g.name]["probes"][kind] = multilabel_probe(
+                x[tr], ys[g.name][tr], x[va], ys[g.name][va], x[te], ys[g.name][te],
+                settings.l2_grid, settings.max_iter).to_dict()
         for task, group in by_task.items():
+            if task == "multilabel":
+                continue
             # every column of a task on these features: one joint fit (linear_probes)
             results = linear_probes(
                 x[tr], {g.name: ys[g.name][tr] for g in group},

@@ -342,9 +342,9 @@ def score_all(probe: Probe, x, y) -> dict[str, float]:
     return regression_metrics(yt, probe.decision(x).numpy())
 
 
-def selection_metric(task: ProbeTask) -> str:
-    """The validation metric `select_l2` maximises."""
-    return "balanced_accuracy" if task == "classification" else "r2"
+def selection_metric(task: str) -> str:
+    """The validation metric the L2 is chosen on."""
+    return {"classification": "balanced_accuracy", "multilabel": "macro_f1"}.get(task, "r2")
 
 
 # ------------------------------------------------------------------------ the protocol

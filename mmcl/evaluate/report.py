@@ -44,9 +44,11 @@ EVAL_DIR = "eval"
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 META_KEYS = ("role", "task", "num_classes", "carried_by", "description", "primary_metric")
 METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "balanced acc.",
-                "macro_f1": "macro-F1", "mse": "MSE", "mae": "MAE", "r2": "R²"}
+                "macro_f1": "macro-F1", "mse": "MSE", "mae": "MAE", "r2": "R²",
+                "micro_f1": "micro-F1", "map": "mAP"}
 CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 REGRESSION_METRICS = ("mse", "mae", "r2")
+MULTILABEL_METRICS = ("micro_f1", "macro_f1", "map")
 
 
 class ReportError(EmbedError):
@@ -415,12 +417,13 @@ def _labels_tables(report: dict) -> list[str]:
     parts = []
     labels = report["labels"]
     for task, metrics in (("classification", CLASSIFICATION_METRICS),
-                          ("regression", REGRESSION_METRICS)):
+                          ("regression", REGRESSION_METRICS),
+                          ("multilabel", MULTILABEL_METRICS)):
         cols = {c: e for c, e in labels.items() if e["task"] == task}
         if not cols:
             continue
         ref = diag.RAW_ALL if any(diag.RAW_ALL in e["probes"] for e in cols.values()) else None
-        primary = "balanced_accuracy" if task == "classification" else "r2"
+        primary = diag.selection_metric(task)
         header = ["label", *[METRIC_NAMES[m] for m in metrics],
                   f"chance ({METRIC_NAMES[primary]})"]
         if ref:
