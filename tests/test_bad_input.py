@@ -156,11 +156,14 @@ def sets(*assignments: str) -> list[str]:
     return [arg for a in assignments for arg in ("--set", a)]
 
 
-def pretrain_args(world, data: str, *extra: str, ray: bool = True) -> list[str]:
-    """`mmcl pretrain` onto the finished run "good" (the same storage path and name)."""
+def pretrain_args(world, data: str, *extra: str, ray: bool = True,
+                  name: str = "good") -> list[str]:
+    """`mmcl pretrain` onto the finished run "good" (the same storage path and name): errors
+    in the config or the data are found before the run is refused as finished. Errors that
+    only reading the data finds go to a new run `name` beside it."""
     return ["pretrain", *([] if ray else ["--no-ray"]),
             *sets(*SMALL, f"data.path={data}", f"storage.path={world['runs']}",
-                  "storage.name=good", *extra)]
+                  f"storage.name={name}", *extra)]
 
 
 # Each case: the command line (from the world) and what its message must name.
@@ -184,13 +187,13 @@ CASES = {
                     ["shape_file", "'a'", "expected"]),
     "shard_dtype": (lambda w: pretrain_args(w, w["dtype"]),
                     ["dtype_file", "'a'", "double", "expected"]),
-    "nan_in_modality": (lambda w: pretrain_args(w, w["nan"], ray=False),
+    "nan_in_modality": (lambda w: pretrain_args(w, w["nan"], ray=False, name="fresh"),
                         ["nan", "modality 'a'", "NaN", "nan_id", "data.nonfinite=drop"]),
     "empty_split": (lambda w: pretrain_args(w, w["empty"]),
                     ["'train'", "empty", "no shard files"]),
     "truncated_parquet": (lambda w: pretrain_args(w, w["truncated"]),
                           ["truncated_file", "not a readable Parquet file"]),
-    "corrupt_parquet": (lambda w: pretrain_args(w, w["corrupt"], ray=False),
+    "corrupt_parquet": (lambda w: pretrain_args(w, w["corrupt"], ray=False, name="fresh"),
                         ["corrupt_file", "not a readable Parquet file", "truncated or corrupt"]),
     "missing_data_path": (lambda w: pretrain_args(w, str(w["root"] / "nowhere")),
                           ["nowhere", "no mmcl data set", "mmcl data"]),

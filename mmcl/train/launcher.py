@@ -252,10 +252,12 @@ def pretrain(cfg: RunConfig, address: str | None = None, in_process: bool = Fals
     name = run_name(cfg)
     cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"name": name})})
     run_url = join(cfg.storage.path, name)
-    refuse_finished(cfg, run_url)
     check_backend(cfg.tracking)  # a missing optional extra: one error before anything runs
+    # The config and data are checked first (an error there is the one to fix), then whether
+    # the run is finished; neither writes into the run folder.
     root, manifest = prepare_data(cfg)
     init = continued_weights(cfg, manifest, continue_from) if continue_from else None
+    refuse_finished(cfg, run_url)
     steps = train_steps(cfg, manifest, 1 if in_process else cfg.scaling.num_workers)
     with run_lease(run_url, cfg.storage.endpoint_url, cfg.storage.region):
         refuse_finished(cfg, run_url)  # finished by another driver before the lease
