@@ -40,8 +40,8 @@ def test_reencoding_baseline_gives_mmcls_loss_and_gradients(extra):
         grads.append([p.grad.clone() for p in objective.parameters() if p.grad is not None])
     torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-6)
     assert len(grads[0]) == len(grads[1]) > 0
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads):  # float32: the fast path sums in another order
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_reencoding_baseline_refuses_other_objectives():

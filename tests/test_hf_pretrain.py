@@ -80,6 +80,9 @@ def test_hf_encoders_pretrain_on_two_workers_resume_export_and_load(tmp_path):
     data = image_text_dataset(tmp_path / "data")
 
     first = launcher.pretrain(run_config(tmp_path, vit, bert, data, epochs=1))
+    # As if the driver had been killed after epoch 1's checkpoint, before the export (a
+    # finished run is never resumed): the rerun with more epochs resumes from the checkpoint.
+    shutil.rmtree(first.model_url)
     resumed = launcher.pretrain(run_config(tmp_path, vit, bert, data, epochs=2))
     with open(os.path.join(resumed.run_url, "metrics.jsonl")) as f:
         epochs = [json.loads(line)["epoch"] for line in f]

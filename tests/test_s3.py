@@ -151,7 +151,12 @@ def test_convert_pretrain_resume_eval_all_on_s3(aws, moto_s3, tmp_path, capfd):
     first = metrics(run, endpoint)
     assert [m["epoch"] for m in first] == [1]
 
-    # resume: the same name with more epochs goes on from the checkpoint on S3
+    # resume: as if the driver had been killed after epoch 1's checkpoint, before the export
+    # (a finished run is never resumed), the same name with more epochs goes on from the
+    # checkpoint on S3
+    fs, path = storage.filesystem(f"{run}/model", endpoint)
+    fs.rm(path, recursive=True)
+    fs.invalidate_cache()
     resumed = launcher.pretrain(config.load(None, [*base, "train.epochs=2"]))
     again = metrics(run, endpoint)
     assert [m["epoch"] for m in again] == [1, 2]

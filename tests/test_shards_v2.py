@@ -81,7 +81,7 @@ def test_shard_writer_streams_chunks_with_distinct_prefixes(tmp_path):
 
 
 def test_bad_v2_values_are_refused():
-    with pytest.raises(DataError, match="names may not contain '__'"):
+    with pytest.raises(DataError, match="must not contain '__'"):
         ModalitySpec("a__b", (3,))
     with pytest.raises(DataError, match="dtype must be one of"):
         ModalitySpec("a", (3,), dtype="float64")

@@ -123,9 +123,7 @@ class ModalitySpec:
         for stat in ("mean", "std"):
             if getattr(self, stat) is not None:
                 object.__setattr__(self, stat, tuple(float(v) for v in getattr(self, stat)))
-        if "__" in self.name:
-            raise DataError(f"modality {self.name!r}: names may not contain '__' (mmcl uses "
-                            f"it for a modality's mask and presence columns)")
+        check_name(self.name, "modality name", modality=True)
         if self.kind not in _RANK:
             raise DataError(f"modality {self.name!r}: kind must be one of {list(_RANK)}, "
                             f"got {self.kind!r}")
@@ -187,8 +185,7 @@ class LabelSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "carried_by", tuple(self.carried_by))
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
-        if "__" in self.name:
-            raise DataError(f"label {self.name!r}: names may not contain '__'")
+        check_name(self.name, "label name", modality=True)  # '__' would read as a mask key
         if self.classes and self.num_classes is None:
             object.__setattr__(self, "num_classes", len(self.classes))
         if self.task == "classification" and (self.num_classes is None or self.num_classes < 2):

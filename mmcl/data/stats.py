@@ -82,8 +82,8 @@ def feature_rows(spec: ModalitySpec, values: np.ndarray, present: np.ndarray | N
             steps = np.arange(spec.shape[0])[None, :] < np.asarray(lengths)[:, None]
             return values[steps]
         return values.reshape(-1, spec.shape[-1])
-    if spec.kind == "vector":
-        return values.reshape(len(values), -1)
+    if spec.kind == "vector":  # (-1, D), not (N, -1): an empty chunk has no -1 to infer
+        return values.reshape(-1, spec.shape[-1])
     return np.zeros((0, 0))
 
 

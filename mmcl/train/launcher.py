@@ -382,9 +382,21 @@ def _pretrain_on_ray(cfg: RunConfig, address, root, manifest, steps, name, init=
     share_credentials()  # S3 credentials from this environment, to this job's workers
     console.quiet_data(verbose)
     try:
-        result = make_trainer(cfg, root, manifest, steps, name, init_weights=init).fit()
+        trainer = make_trainer(cfg, root, manifest, steps, name, init_weights=init)
+        forget_listings(cfg)  # Ray's restore must see storage as it is now
+        result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         raise user_error(err) from err
+    forget_listings(cfg)
     with result.checkpoint.as_directory() as directory:
         state = read_checkpoint_state(directory)
     return state, checkpoint_url(cfg, result.checkpoint.path)
+
+
+def forget_listings(cfg: RunConfig) -> None:
+    """s3fs caches folder listings per filesystem instance, and Ray's storage filesystem is
+    that same cached instance: a listing this driver made before training (the lease, the
+    newest-checkpoint search) would hide the checkpoints the workers wrote since."""
+    if is_s3(cfg.storage.path):
+        fs, _ = filesystem(cfg.storage.path, cfg.storage.endpoint_url, cfg.storage.region)
+        fs.invalidate_cache()
