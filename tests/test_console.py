@@ -92,8 +92,12 @@ def test_a_disabled_bar_does_nothing_and_an_enabled_one_counts_steps(capsys):
     assert capsys.readouterr().out == ""  # bars go to stderr, never stdout
 
 
-def test_quiet_settings_reach_ray_train_ray_data_and_the_driver_and_verbose_undoes_them():
+def test_quiet_settings_reach_ray_train_ray_data_and_the_driver_and_verbose_undoes_them(
+        monkeypatch):
     import ray.data
+
+    # A fresh process's state: an earlier `pretrain` in this test process chose quiet.
+    monkeypatch.setattr(console, "_verbose", True)
 
     from mmcl.cli import build_parser
 
