@@ -133,12 +133,7 @@ def fit_probe(x, y, task: ProbeTask, num_classes: int | None = None, l2: float =
         bias.grad = g.sum(dim=0)
         return loss
 
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=int(max_iter),
-                            tolerance_grad=1e-7, tolerance_change=1e-10, history_size=20,
-                            line_search_fn="strong_wolfe")
-    with torch.no_grad():
-        opt.step(objective)
-        final = float(objective())
+    final = minimise_lbfgs(weight, bias, objective, max_iter)
     return Probe(task, mean, std, weight.detach().clone(), bias.detach().clone(), num_classes,
                  float(l2), final)
 
@@ -218,12 +213,7 @@ def fit_logistic_heads(x, targets: Sequence, num_classes: Sequence[int],
         bias.grad = g.sum(dim=0)
         return loss
 
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=int(max_iter),
-                            tolerance_grad=1e-7, tolerance_change=1e-10, history_size=20,
-                            line_search_fn="strong_wolfe")
-    with torch.no_grad():
-        opt.step(objective)
-        final = float(objective())
+    final = minimise_lbfgs(weight, bias, objective, max_iter)
     return [Probe("classification", mean, std,
                   weight[:, offsets[h]:offsets[h + 1]].detach().clone(),
                   bias[offsets[h]:offsets[h + 1]].detach().clone(), sizes[h], float(l2s[h]),
@@ -549,3 +539,14 @@ def multilabel_probe(x_train, y_train, x_val, y_val, x_test, y_test,
                                  init=by_l2[chosen])
     return ProbeResult(multilabel_metrics(y_test, multilabel_scores(final, x_test)), chosen,
                        val_scores, len(x_train) + len(x_val))
+
+
+def minimise_lbfgs(weight: torch.Tensor, bias: torch.Tensor, objective, max_iter: int) -> float:
+    """Run L-BFGS (strong Wolfe line search) on `objective`, which puts its exact gradient
+    into .grad itself; the final objective value."""
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=int(max_iter),
+                            tolerance_grad=1e-7, tolerance_change=1e-10, history_size=20,
+                            line_search_fn="strong_wolfe")
+    with torch.no_grad():
+        opt.step(objective)
+        return float(objective())

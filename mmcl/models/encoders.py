@@ -99,6 +99,14 @@ class TransformerEncoder(nn.Module):
         return self.out(self.norm(h).mean(dim=1))
 
 
+def conv_blocks(convs: list[nn.Module], hidden: int) -> nn.Sequential:
+    """conv -> GroupNorm(1) -> GELU for each conv, in one Sequential."""
+    blocks: list[nn.Module] = []
+    for conv in convs:
+        blocks += [conv, nn.GroupNorm(1, hidden), nn.GELU()]
+    return nn.Sequential(*blocks)
+
+
 class CNNEncoder(nn.Module):
     """`layers` stride-2 3x3 conv blocks of `hidden` channels, global average pool, Linear.
 
@@ -108,13 +116,9 @@ class CNNEncoder(nn.Module):
 
     def __init__(self, channels: int, cfg: EncoderConfig, embed_dim: int):
         super().__init__()
-        blocks: list[nn.Module] = []
-        width = channels
-        for _ in range(cfg.layers):
-            blocks += [nn.Conv2d(width, cfg.hidden, 3, stride=2, padding=1),
-                       nn.GroupNorm(1, cfg.hidden), nn.GELU()]
-            width = cfg.hidden
-        self.convs = nn.Sequential(*blocks)
+        self.convs = conv_blocks(
+            [nn.Conv2d(channels if i == 0 else cfg.hidden, cfg.hidden, 3, stride=2, padding=1)
+             for i in range(cfg.layers)], cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(cfg.hidden, embed_dim)
 
@@ -148,14 +152,10 @@ class AudioEncoder(nn.Module):
 
     def __init__(self, cfg: EncoderConfig, embed_dim: int):
         super().__init__()
-        blocks: list[nn.Module] = []
-        width = 1
-        for i in range(max(2, cfg.layers)):
-            kernel = 9 if i == 0 else 5
-            blocks += [nn.Conv1d(width, cfg.hidden, kernel, stride=4, padding=kernel // 2),
-                       nn.GroupNorm(1, cfg.hidden), nn.GELU()]
-            width = cfg.hidden
-        self.convs = nn.Sequential(*blocks)
+        kernels = [9] + [5] * (max(2, cfg.layers) - 1)
+        self.convs = conv_blocks(
+            [nn.Conv1d(1 if i == 0 else cfg.hidden, cfg.hidden, k, stride=4, padding=k // 2)
+             for i, k in enumerate(kernels)], cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(cfg.hidden, embed_dim)
 
