@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmcl.config import AugmentConfig, ConfigError, ModalityAugment
-from mmcl.data.schema import ModalitySpec
+from mmcl.data.schema import ModalitySpec, mask_column
 
 Generator = torch.Generator | None
 Transform = Callable[[Tensor, float, Generator], Tensor]
@@ -292,7 +292,7 @@ class Augmenter:
             if x is None or not plan:
                 continue
             if name in self.text:
-                out[name], out[f"{name}__mask"] = self._text(x, batch.get(f"{name}__mask"),
+                out[name], out[mask_column(name)] = self._text(x, batch.get(mask_column(name)),
                                                              plan, self.text[name], generator)
                 continue
             if not x.is_floating_point():

@@ -16,13 +16,10 @@ from typing import Iterable, Mapping, Sequence
 from torch import Tensor, nn
 
 from mmcl.config import ModelConfig
-from mmcl.data.schema import ModalitySpec
+from mmcl.data.schema import ModalitySpec, mask_column, present_column
 from mmcl.models.encoders import build_encoder
 from mmcl.models.fusion import (ConcatFusion, LinearFusion, Swap, TransformerFusion,
                                  check_keep)
-
-
-MASK_SUFFIX, PRESENT_SUFFIX = "__mask", "__present"
 
 
 class Embeddings(dict):
@@ -78,11 +75,11 @@ class MultimodalEncoder(nn.Module):
                                  f"{', '.join(map(str, spec.shape))}), got {tuple(x.shape)}")
             encoder = self.encoders[spec.name]
             x = _as_model_input(x, spec.kind)
-            mask = batch.get(spec.name + MASK_SUFFIX)
+            mask = batch.get(mask_column(spec.name))
             # Encoders of fixed-size inputs need not take a mask: pass one only when present.
             out[spec.name] = encoder(x) if mask is None else encoder(x, mask=mask.bool())
-            if spec.name + PRESENT_SUFFIX in batch:
-                present[spec.name] = batch[spec.name + PRESENT_SUFFIX].bool()
+            if present_column(spec.name) in batch:
+                present[spec.name] = batch[present_column(spec.name)].bool()
         out.present = present or None
         return out
 
