@@ -284,14 +284,14 @@ class SupConConfig(_Objective):
     label_column: str | None = Field(None, description="None = the first classification label")
 
 
-ObjectiveConfig = Annotated[
-    Union[CrossConfig, CrossSelfConfig, TupleConfig, TupleInfoNCEConfig, CommConfig,
-          FactorCLSSLConfig, FactorCLSupConfig, SupConConfig],
-    Field(discriminator="name"),
-]
+# The one list of objectives: the config union and OBJECTIVE_NAMES derive from it, and
+# mmcl.objectives imports every module of its package, each registering its classes under
+# these names (tests/test_config.py checks that both sides name the same objectives).
+OBJECTIVE_CONFIGS = (CrossConfig, CrossSelfConfig, TupleConfig, TupleInfoNCEConfig, CommConfig,
+                     FactorCLSSLConfig, FactorCLSupConfig, SupConConfig)
+ObjectiveConfig = Annotated[Union[OBJECTIVE_CONFIGS], Field(discriminator="name")]
 DEFAULT_OBJECTIVE = "tuple_infonce"
-OBJECTIVE_NAMES = ("cross", "cross_self", "tuple", "tuple_infonce", "comm", "factorcl_ssl",
-                   "factorcl_sup", "supcon")
+OBJECTIVE_NAMES = tuple(c.model_fields["name"].default for c in OBJECTIVE_CONFIGS)
 
 
 # ------------------------------------------------------------------------------ training

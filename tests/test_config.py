@@ -122,3 +122,15 @@ def test_every_shipped_config_is_valid():
     for path in shipped:
         names.add(config.load(path).objective.name)
     assert set(config.OBJECTIVE_NAMES) <= names, "every objective has a ready config"
+
+
+def test_objective_names_config_union_and_registry_agree():
+    """One list (config.OBJECTIVE_CONFIGS): each name parses to its own config class, and the
+    objectives package registers a class under every name and no other."""
+    from mmcl.objectives import OBJECTIVES
+
+    for cls, name in zip(config.OBJECTIVE_CONFIGS, config.OBJECTIVE_NAMES):
+        assert type(config.load(None, [f"objective.name={name}"]).objective) is cls
+    assert sorted(OBJECTIVES) == sorted(config.OBJECTIVE_NAMES)
+    with pytest.raises(ConfigError, match="unknown objective; choose one of: cross, "):
+        config.load(None, ["objective.name=nope"])

@@ -1,12 +1,22 @@
 """Objectives: one file per method (reading like its section of docs/methods.md), a
 functional core of pure tensor losses, and a registry from config names to objective
-classes. Plain PyTorch: nothing here imports Ray."""
+classes. Plain PyTorch: nothing here imports Ray.
+
+Adding an objective: its config class in mmcl.config.OBJECTIVE_CONFIGS and a module here whose
+class is decorated with `registry.register`; every module of this package is imported below,
+so there is no list of imports to keep in step.
+"""
 
 from __future__ import annotations
 
-from mmcl.objectives import comm, cross, factorcl, supcon, tuple_contrast, tuple_infonce  # noqa: F401  (register)
+import importlib
+import pkgutil
+
 from mmcl.objectives.base import LossOutput, Objective, ObjectiveError, OptimGroup
 from mmcl.objectives.registry import OBJECTIVES
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")  # each objective registers itself
 
 
 def build_objective(run_cfg, manifest) -> Objective:
