@@ -191,7 +191,20 @@ def cmd_bench_fidelity(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_tune(args) -> int:
+    from mmcl.tune.cli import run_tune
+
+    result = run_tune(args.config, args.overrides, strategy=args.strategy,
+                      address=args.address, stop_after_round=args.stop_after_round,
+                      trust_state=args.trust_state)
+    print(result.summary())
+    return 130 if getattr(result, "interrupted", False) else 0
+
+
 # -------------------------------------------------------------------------------- parser
+# One function per command (`add_<command>(subparsers)`); a group (data, bench) lists its
+# actions' functions, so a new action is one function and one entry in that list.
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -199,52 +212,66 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distributed pretraining of multimodal contrastive encoders on Ray: "
         "TupleInfoNCE, CoMM, FactorCL and their baselines, on sharded multimodal tuples.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
 
+
+def add_config(sub) -> None:
     p = sub.add_parser("config", help="print the resolved run config (defaults + file + --set)",
                        description="Print the fully resolved run config as YAML: the "
                        "defaults, then the file, then --set overrides. Every field is shown.")
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
 
+
+def add_data(sub) -> None:
     data = sub.add_parser("data", help="create and inspect tuple shard data sets",
                           description="Create and inspect data sets in mmcl's tuple shard "
                           "format (Parquet shards + manifest.json; local or s3://).")
-    dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    actions = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    for add in DATA_ACTIONS:
+        add(actions)
 
-    p = dsub.add_parser("convert", help="turn a NumPy .npz into a shard data set",
-                        description="Turn a .npz (one array per modality, optional 1-D label "
-                        "arrays; first axis = tuples) into a shard data set with a seeded "
-                        "train/val/test split. Rank-2 float arrays become vector modalities, "
-                        "rank 3 sequences, rank 4 images (C,H,W); 1-D integer arrays become "
-                        "classification labels, 1-D float arrays regression labels.")
+
+def add_data_convert(sub) -> None:
+    p = sub.add_parser("convert", help="turn a NumPy .npz into a shard data set",
+                       description="Turn a .npz (one array per modality, optional 1-D label "
+                       "arrays; first axis = tuples) into a shard data set with a seeded "
+                       "train/val/test split. Rank-2 float arrays become vector modalities, "
+                       "rank 3 sequences, rank 4 images (C,H,W); 1-D integer arrays become "
+                       "classification labels, 1-D float arrays regression labels.")
     p.add_argument("src", help="path of the .npz file")
-    p.add_argument("--out", required=True, help="output folder (local path or s3://...)")
+    _add_out_arg(p)
     p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions")
     p.add_argument("--seed", type=int, default=0, help="seed of the split")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing data set")
+    _add_overwrite_arg(p)
     _add_s3_args(p)
     p.set_defaults(func=cmd_data_convert)
 
-    p = dsub.add_parser("import", help="import a table or webdataset folder of real files "
-                        "(images, audio, text, .npy) as a shard data set (Ray Data)",
-                        description="Import a CSV/JSONL/Parquet table (one column per "
-                        "modality and label) or a folder of webdataset .tar shards, decoding "
-                        "and writing in parallel on Ray Data, as the YAML spec describes "
-                        "(see README 'Data'). A failed import writes nothing.")
+
+def add_data_import(sub) -> None:
+    p = sub.add_parser("import", help="import a table or webdataset folder of real files "
+                       "(images, audio, text, .npy) as a shard data set (Ray Data)",
+                       description="Import a CSV/JSONL/Parquet table (one column per "
+                       "modality and label) or a folder of webdataset .tar shards, decoding "
+                       "and writing in parallel on Ray Data, as the YAML spec describes "
+                       "(see README 'Data'). A failed import writes nothing.")
     p.add_argument("src", help="table file or webdataset folder (local path or s3://...)")
-    p.add_argument("--out", required=True, help="output folder (local path or s3://...)")
+    _add_out_arg(p)
     p.add_argument("--spec", required=True, help="import spec YAML")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing data set")
+    _add_overwrite_arg(p)
     p.add_argument("--concurrency", type=int, default=None,
                    help="decode actors at most (default: the cluster's CPUs - 1)")
-    p.add_argument("--address", help="Ray cluster to join: 'auto' or ray://host:port "
-                   "(default: start local Ray)")
+    _add_address_arg(p)
     _add_s3_args(p)
     p.set_defaults(func=cmd_data_import)
 
-    p = dsub.add_parser("inspect", help="summarise a shard data set",
-                        description="Modalities and shapes, rows per split, per-modality "
-                        "mean/std, label balance and controlled factors of a data set.")
+
+def add_data_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="summarise a shard data set",
+                       description="Modalities and shapes, rows per split, per-modality "
+                       "mean/std, label balance and controlled factors of a data set.")
     p.add_argument("path", help="data set folder (local path or s3://...)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--contact-sheet", metavar="PNG",
@@ -252,19 +279,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_s3_args(p)
     p.set_defaults(func=cmd_data_inspect)
 
-    p = dsub.add_parser("synth", help="generate a controlled data set (rus, factorcl, weak)",
-                        description="Generate one of the papers' controlled data sets, with "
-                        "the true latent factors written as label columns: rus (redundancy, "
-                        "uniqueness, synergy), factorcl (shared and unique factors), weak (a "
-                        "low-SNR modality that alone carries a factor).")
+
+def add_data_synth(sub) -> None:
+    p = sub.add_parser("synth", help="generate a controlled data set (rus, factorcl, weak)",
+                       description="Generate one of the papers' controlled data sets, with "
+                       "the true latent factors written as label columns: rus (redundancy, "
+                       "uniqueness, synergy), factorcl (shared and unique factors), weak (a "
+                       "low-SNR modality that alone carries a factor).")
     p.add_argument("--preset", required=True, choices=["rus", "factorcl", "weak"])
-    p.add_argument("--out", required=True, help="output folder (local path or s3://...)")
+    _add_out_arg(p)
     p.add_argument("--n", type=int, default=4096, help="tuples over all splits")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing data set")
+    _add_overwrite_arg(p)
     _add_s3_args(p)
     p.set_defaults(func=cmd_data_synth)
 
+
+def add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain encoders with an objective (Ray Train)",
                        description="Pretrain on local Ray (started for you, sized so Ray Data "
                        "keeps a CPU) or on a cluster (--address). Rerunning an unfinished run "
@@ -272,8 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "checkpoint; a finished run is never changed: train more with "
                        "--continue-from RUN --set storage.name=NEW.")
     _add_config_args(p)
-    p.add_argument("--address", help="Ray cluster to join: 'auto' or ray://host:port "
-                   "(default: start local Ray)")
+    _add_address_arg(p)
     p.add_argument("--no-ray", action="store_true",
                    help="train in this process on in-memory data (debugging, tiny data)")
     p.add_argument("--continue-from", metavar="RUN",
@@ -284,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "one line per epoch)")
     p.set_defaults(func=cmd_pretrain)
 
+
+def add_embed(sub) -> None:
     p = sub.add_parser("embed", help="embed a data set with a trained run (Ray Data)",
                        description="Batch inference with Ray Data: an actor pool where each "
                        "actor loads the run's model once embeds every split and writes Parquet "
@@ -293,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "not in id order.")
     p.add_argument("--run", required=True, help="run folder written by `mmcl pretrain`")
     p.add_argument("--data", help="data set to embed (default: the run's own data set)")
-    p.add_argument("--out", required=True, help="output folder (local path or s3://...)")
+    _add_out_arg(p)
     p.add_argument("--splits", nargs="+", metavar="SPLIT",
                    help="splits to embed (default: every split of the data set)")
     _add_embed_args(p)
@@ -301,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_s3_args(p)
     p.set_defaults(func=cmd_embed)
 
+
+def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="embed, probe and diagnose runs; write eval/report.*",
                        description="Embed train/val/test (Ray Data), fit linear probes on the "
                        "frozen embeddings (L2 chosen on val, refit on train+val, scored on "
@@ -315,6 +349,144 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder of the several-run report (default: "
                    "FIRST_RUN/eval/seeds)")
     _add_embed_args(p)
+    _add_probe_args(p)
+    _add_s3_args(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def add_report(sub) -> None:
+    p = sub.add_parser("report", help="compare evaluated runs side by side (+ PNG plots)",
+                       description="Side-by-side markdown tables of several runs' evaluation "
+                       "reports (run `mmcl eval` first) and their final training metrics; "
+                       "PNG plots of the training curves and of probe scores per factor per "
+                       "run when matplotlib is installed (pip install 'mmcl[plot]').")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run folders, eval folders (e.g. RUN/eval/seeds) or report.json files")
+    p.add_argument("--out", help="output folder (default: the runs' storage folder/_report)")
+    p.set_defaults(func=cmd_report)
+
+
+def add_bench(sub) -> None:
+    bench = sub.add_parser("bench", help="measure performance side by side (JSON + markdown)",
+                           description="Benchmarks. Figures are ratios measured in the same "
+                           "run (interleaved), each with the machine, its load, the versions "
+                           "and the settings.")
+    actions = bench.add_subparsers(dest="bench_command", metavar="ACTION", required=True)
+    for add in BENCH_ACTIONS:
+        add(actions)
+
+
+def add_bench_perf(sub) -> None:
+    p = sub.add_parser("perf", help="objective steps, critics, loss memory, reads, the Ray "
+                       "data plane, scaling and start-up",
+                       description="TupleInfoNCE's step against re-encoding and plain tuple "
+                       "contrast (M = 2, 3, 4); FactorCL pair scores against tiling; loss "
+                       "memory against the global batch; shard read throughput against "
+                       "list<float>; the Ray data path against in-memory training (same "
+                       "model, batch, workers), data wait, 1 vs 2 workers; an image+text step "
+                       "with hf backbones, trainable vs frozen; the README demo's "
+                       "start-up. Writes OUT/perf.json and OUT/perf.md.")
+    p.add_argument("--quick", action="store_true",
+                   help="smaller data and fewer rounds (about 2 minutes on 2 cores)")
+    p.add_argument("--out", help="output folder (default: runs/bench/quick or runs/bench/full)")
+    p.add_argument("--only", action="append", metavar="SECTION",
+                   choices=["objective_step", "efficiency", "critics", "loss_memory",
+                            "hf_encoders", "read", "data_plane", "startup", "import"],
+                   help="run only this section (repeatable; default: all but import, which "
+                   "runs only when named)")
+    p.set_defaults(func=cmd_bench_perf)
+
+
+def add_bench_fidelity(sub) -> None:
+    p = sub.add_parser("fidelity", help="what each objective learns: redundancy, uniqueness, "
+                       "synergy, shared/unique and weak-modality factors, mean ± std over seeds",
+                       description="Pretrain every objective (cross, cross_self, tuple, "
+                       "tuple_infonce, comm, comm with concat fusion, factorcl_ssl, supcon) on "
+                       "the controlled data sets rus, factorcl and weak with the same encoders "
+                       "and budget (in process: the Ray workers' Engine on in-memory tensors, "
+                       "no Ray), probe every factor with mmcl's linear probe, and write a table "
+                       "of mean ± std over seeds with the raw-feature probe and a randomly "
+                       "initialised encoder as references, the papers' targets checked "
+                       "(met / not met), and a PNG of grouped bars. Writes OUT/fidelity.json, "
+                       "OUT/fidelity.md, OUT/fidelity.png, OUT/runs.jsonl.")
+    p.add_argument("--seeds", type=int, metavar="N",
+                   help="seeds 0..N-1, each a new data set draw and model (default: 3; "
+                   "--quick: 1)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny data, 2 epochs, a small model: every row and column, numbers "
+                   "not meaningful (about a minute on 2 cores)")
+    p.add_argument("--out", help="output folder (default: runs/bench/fidelity or "
+                   "runs/bench/fidelity-quick)")
+    p.set_defaults(func=cmd_bench_fidelity)
+
+
+TUNE_STRATEGIES = ("sweep", "sample-opt")
+
+
+def add_tune(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "tune", help="search hyperparameters with Ray Tune (sweep or sample optimization)",
+        description="Search a run config's hyperparameters on Ray Tune. A tune file is a run "
+        "config in which any field may be a distribution ({tune: loguniform, low: .., high: "
+        "..}, uniform, choice, grid, randint, qrandint, ...), plus `sweep:` or `sample_opt:` "
+        "settings. --strategy sweep: each trial is one Ray Train run scored on the validation "
+        "split (linear probe when the data has a label, else TupleInfoNCE's reward R); "
+        "random, grid or TPE (Optuna) search; ASHA early stopping; writes best_config.yaml and "
+        "a table of trials. --strategy sample-opt: TupleInfoNCE's sample optimization (a "
+        "Gaussian policy over per-modality negative weights and augmentation strengths, "
+        "REINFORCE on R); writes trajectory.json/png and the final model. Running the same "
+        "command again resumes an interrupted search.")
+    p.add_argument("--config", "-c", required=True, help="tune file (see configs/tune_*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, a distribution or a sweep/sample_opt setting, e.g. "
+                   "--set sweep.num_samples=16 --set 'train.lr={tune: loguniform, low: 1e-4, "
+                   "high: 1e-2}' (repeatable)")
+    p.add_argument("--strategy", choices=TUNE_STRATEGIES, default=None,
+                   help="sweep or sample-opt (default: sample-opt when the file has a "
+                   "`sample_opt:` section and no `sweep:`, else sweep)")
+    p.add_argument("--address", help="Ray cluster to join: 'auto' or ray://host:port "
+                   "(default: start local Ray sized for the trials)")
+    p.add_argument("--stop-after-round", type=int, metavar="N",
+                   help="sample-opt: pause after round N (resume by running again)")
+    p.add_argument("--trust-state", action="store_true",
+                   help="re-sign the search folder's saved Tune state as trusted before "
+                   "resuming it (only for a folder you know nobody else wrote: resuming "
+                   "unpickles it); without it, a folder whose signatures do not verify is "
+                   "refused")
+    p.set_defaults(func=cmd_tune)
+    return p
+
+
+# ------------------------------------------------------------------ shared arguments
+
+
+def _add_out_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder (local path or s3://...)")
+
+
+def _add_overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace an existing data set")
+
+
+def _add_address_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster to join: 'auto' or ray://host:port "
+                   "(default: start local Ray)")
+
+
+def _add_embed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-ray", action="store_true",
+                   help="embed in this process, shard by shard (small data, debugging)")
+    _add_address_arg(p)
+    p.add_argument("--concurrency", type=int, metavar="N",
+                   help="most embedding actors (default: CPUs - 1 up to 4, or one per GPU)")
+    p.add_argument("--batch-size", type=int, default=1024, help="rows per inference batch")
+    gpu = p.add_mutually_exclusive_group()
+    gpu.add_argument("--gpu", dest="gpu", action="store_true", default=None,
+                     help="one GPU per actor (default: when the cluster has GPUs)")
+    gpu.add_argument("--no-gpu", dest="gpu", action="store_false", help="CPU actors only")
+
+
+def _add_probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--few-label-k", type=int, nargs="*", default=[5, 10, 50], metavar="K",
                    help="labelled tuples per class of the few-label probes (default: 5 10 50; "
                    "none: off)")
@@ -332,81 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrieval", nargs="+", metavar="A:B",
                    help="modality pairs for cross-modal recall@k on test (default: every pair "
                    "the objective puts in one space; the report names those it cannot)")
-    _add_s3_args(p)
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("report", help="compare evaluated runs side by side (+ PNG plots)",
-                       description="Side-by-side markdown tables of several runs' evaluation "
-                       "reports (run `mmcl eval` first) and their final training metrics; "
-                       "PNG plots of the training curves and of probe scores per factor per "
-                       "run when matplotlib is installed (pip install 'mmcl[plot]').")
-    p.add_argument("runs", nargs="+", metavar="RUN",
-                   help="run folders, eval folders (e.g. RUN/eval/seeds) or report.json files")
-    p.add_argument("--out", help="output folder (default: the runs' storage folder/_report)")
-    p.set_defaults(func=cmd_report)
-
-    bench = sub.add_parser("bench", help="measure performance side by side (JSON + markdown)",
-                           description="Benchmarks. Figures are ratios measured in the same "
-                           "run (interleaved), each with the machine, its load, the versions "
-                           "and the settings.")
-    bsub = bench.add_subparsers(dest="bench_command", metavar="ACTION", required=True)
-    p = bsub.add_parser("perf", help="objective steps, critics, loss memory, reads, the Ray "
-                        "data plane, scaling and start-up",
-                        description="TupleInfoNCE's step against re-encoding and plain tuple "
-                        "contrast (M = 2, 3, 4); FactorCL pair scores against tiling; loss "
-                        "memory against the global batch; shard read throughput against "
-                        "list<float>; the Ray data path against in-memory training (same "
-                        "model, batch, workers), data wait, 1 vs 2 workers; an image+text step "
-                        "with hf backbones, trainable vs frozen; the README demo's "
-                        "start-up. Writes OUT/perf.json and OUT/perf.md.")
-    p.add_argument("--quick", action="store_true",
-                   help="smaller data and fewer rounds (about 2 minutes on 2 cores)")
-    p.add_argument("--out", help="output folder (default: runs/bench/quick or runs/bench/full)")
-    p.add_argument("--only", action="append", metavar="SECTION",
-                   choices=["objective_step", "efficiency", "critics", "loss_memory",
-                            "hf_encoders", "read", "data_plane", "startup", "import"],
-                   help="run only this section (repeatable; default: all but import, which "
-                   "runs only when named)")
-    p.set_defaults(func=cmd_bench_perf)
-    p = bsub.add_parser("fidelity", help="what each objective learns: redundancy, uniqueness, "
-                        "synergy, shared/unique and weak-modality factors, mean ± std over seeds",
-                        description="Pretrain every objective (cross, cross_self, tuple, "
-                        "tuple_infonce, comm, comm with concat fusion, factorcl_ssl, supcon) on "
-                        "the controlled data sets rus, factorcl and weak with the same encoders "
-                        "and budget (in process: the Ray workers' Engine on in-memory tensors, "
-                        "no Ray), probe every factor with mmcl's linear probe, and write a table "
-                        "of mean ± std over seeds with the raw-feature probe and a randomly "
-                        "initialised encoder as references, the papers' targets checked "
-                        "(met / not met), and a PNG of grouped bars. Writes OUT/fidelity.json, "
-                        "OUT/fidelity.md, OUT/fidelity.png, OUT/runs.jsonl.")
-    p.add_argument("--seeds", type=int, metavar="N",
-                   help="seeds 0..N-1, each a new data set draw and model (default: 3; "
-                   "--quick: 1)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny data, 2 epochs, a small model: every row and column, numbers "
-                   "not meaningful (about a minute on 2 cores)")
-    p.add_argument("--out", help="output folder (default: runs/bench/fidelity or "
-                   "runs/bench/fidelity-quick)")
-    p.set_defaults(func=cmd_bench_fidelity)
-
-    from mmcl.tune.cli import add_tune_parser
-
-    add_tune_parser(sub)
-    return parser
 
 
-def _add_embed_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-ray", action="store_true",
-                   help="embed in this process, shard by shard (small data, debugging)")
-    p.add_argument("--address", help="Ray cluster to join: 'auto' or ray://host:port "
-                   "(default: start local Ray)")
-    p.add_argument("--concurrency", type=int, metavar="N",
-                   help="most embedding actors (default: CPUs - 1 up to 4, or one per GPU)")
-    p.add_argument("--batch-size", type=int, default=1024, help="rows per inference batch")
-    gpu = p.add_mutually_exclusive_group()
-    gpu.add_argument("--gpu", dest="gpu", action="store_true", default=None,
-                     help="one GPU per actor (default: when the cluster has GPUs)")
-    gpu.add_argument("--no-gpu", dest="gpu", action="store_false", help="CPU actors only")
+DATA_ACTIONS = [add_data_convert, add_data_import, add_data_inspect, add_data_synth]
+BENCH_ACTIONS = [add_bench_perf, add_bench_fidelity]
+COMMANDS = [add_config, add_data, add_pretrain, add_embed, add_eval, add_report, add_bench,
+            add_tune]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

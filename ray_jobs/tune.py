@@ -12,7 +12,7 @@ from pathlib import Path
 # even where the cluster's Python does not have mmcl installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmcl.tune.cli import main  # noqa: E402
+from mmcl.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

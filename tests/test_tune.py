@@ -11,7 +11,8 @@ import pytest
 from mmcl import config
 from mmcl.config import ConfigError
 from mmcl.tune import space
-from mmcl.tune.cli import add_tune_parser, choose_strategy, main as tune_main
+from mmcl.cli import add_tune, main
+from mmcl.tune.cli import choose_strategy
 from mmcl.tune.sample_opt import Policy, SampleOptConfig
 from mmcl.tune.sweep import SweepConfig, best_row, section_config
 
@@ -155,12 +156,12 @@ def test_best_row_prefers_finished_trials_and_cli_reports_user_errors(tmp_path, 
     import argparse
 
     parser = argparse.ArgumentParser()
-    add_tune_parser(parser.add_subparsers())
+    add_tune(parser.add_subparsers())
     args = parser.parse_args(["tune", "-c", "x.yaml", "--strategy", "sample-opt"])
     assert args.strategy == "sample-opt" and args.func.__name__ == "cmd_tune"
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lr: {tune: loguniform, low: -1, high: 1}\n")
-    assert tune_main(["--config", str(bad)]) == 2
+    assert main(["tune", "--config", str(bad)]) == 2
     assert "needs low > 0" in capsys.readouterr().err
 
 
