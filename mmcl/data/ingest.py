@@ -41,6 +41,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mmcl import storage
+from mmcl.cluster import connect
 from mmcl.data.schema import (ID_COLUMN, MANIFEST_NAME, DataError, LabelSpec, Manifest,
                               ModalitySpec, length_column, present_column)
 from mmcl.data.stats import FeatureStats, with_stats
@@ -637,13 +638,9 @@ def import_table(src: str, out: str, spec: ImportSpec, overwrite: bool = False,
         raise DataError(f"{src}: no such table or folder")
     fmt = _source_format(src, sfs, spath)
     manifest = build_manifest(spec)
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:  # "local": never join a cluster someone else started on this machine
-            ray.init(address="local", num_cpus=max(2, os.cpu_count() or 1),
-                     include_dashboard=False, log_to_driver=True)
-    storage.share_credentials()
+    # One decode actor and Ray Data's read tasks: at least 2 CPUs (mmcl.cluster).
+    connect(address, cpus_per_job=2, job="import", cost="1 decoder + 1 for Ray Data",
+            error=DataError)
     ds = _read_source(src, fmt, endpoint_url, region)
     names = list(ds.schema().names)
     if not spec.id_column and ID_COLUMN in names:  # the table's own ids

@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmcl import storage
+from mmcl.cluster import connect
 from mmcl.data.schema import ID_COLUMN, DataError, Manifest
 
 FUSED = "embedding"
@@ -243,23 +244,6 @@ class _AddSplit:
                                                           pa.string()))
 
 
-# ---------------------------------------------------------------------------- Ray
-
-
-def ensure_ray(address: str | None = None, min_cpus: int = 2) -> None:
-    """Use the Ray already initialised here, join `address`, or start local Ray with at least
-    `min_cpus` logical CPUs (the embedding actors plus one for Ray Data's read tasks)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(min_cpus)),
-             include_dashboard=False, log_to_driver=True)
-
-
 # ------------------------------------------------------------------------------ main
 
 
@@ -386,8 +370,9 @@ def _embed_on_ray(root: str, manifest: Manifest, splits: Sequence[str], out: str
 
     from mmcl.data.pipeline import build_dataset, find_data_error
 
-    ensure_ray(address, min_cpus=2)
-    storage.share_credentials()  # S3 credentials from this environment, to the actors
+    # One embedding actor and Ray Data's read tasks: at least 2 CPUs (mmcl.cluster).
+    connect(address, cpus_per_job=2, job="embedding", cost="1 actor + 1 for Ray Data",
+            error=EmbedError)
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if use_gpu is None:

@@ -26,15 +26,11 @@ from mmcl import config as config_mod
 from mmcl.config import RunConfig
 from mmcl.data.schema import DataError, Manifest
 from mmcl.data.shards import read_manifest, validate
-from mmcl.storage import filesystem, is_s3, join, pyarrow_filesystem, share_credentials
+from mmcl.storage import filesystem, is_s3, join, pyarrow_filesystem
 from mmcl.train.local import steps_per_epoch
 from mmcl.train.tracking import check_backend
 
-DATA_CPUS = 1  # Ray Data's read/decode tasks need a whole CPU of their own
-
-
-class LaunchError(RuntimeError):
-    """Ray cannot run the job as configured; the message says what to change."""
+from mmcl.cluster import DATA_CPUS, LaunchError, connect  # noqa: F401  (LaunchError: re-exported)
 
 
 class RunFinishedError(LaunchError):
@@ -128,35 +124,22 @@ def cpus_needed(cfg: RunConfig) -> int:
 
 
 def start_ray(cfg: RunConfig, address: str | None, verbose: bool = True) -> None:
-    """Start local Ray sized so Ray Data keeps a CPU, or join a cluster and check it fits.
-    Not verbose: the driver's `ray` logger prints warnings and errors only."""
-    import ray
+    """Start local Ray sized so Ray Data keeps a CPU, or join a cluster and check it fits;
+    shares this environment's S3 credentials with the workers."""
+    connect_for(cfg, address, verbose=verbose)
 
-    from mmcl.train import console
 
-    if ray.is_initialized():
-        available = ray.cluster_resources().get("CPU", 0)
-    elif address:
-        ray.init(address=address, log_to_driver=True, **console.driver_init_kwargs(verbose))
-        available = ray.cluster_resources().get("CPU", 0)
-    else:
-        # Logical CPUs may exceed physical cores; what matters is that the training workers
-        # never take the last CPU that Ray Data's read tasks wait for.
-        num_cpus = max(os.cpu_count() or 1, cpus_needed(cfg))
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 log_to_driver=True, **console.driver_init_kwargs(verbose))
-        available = num_cpus
-    if available < cpus_needed(cfg):
-        raise LaunchError(
-            f"the Ray cluster has {available:g} CPUs; this run needs {cpus_needed(cfg)} "
-            f"({cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPU + "
-            f"{DATA_CPUS} for Ray Data). Lower scaling.num_workers or "
-            f"scaling.cpus_per_worker, or add nodes")
-    if cfg.scaling.use_gpu and ray.cluster_resources().get("GPU", 0) < cfg.scaling.num_workers:
-        raise LaunchError(
-            f"scaling.use_gpu is on but the cluster has "
-            f"{ray.cluster_resources().get('GPU', 0):g} GPUs for {cfg.scaling.num_workers} "
-            f"workers; set scaling.use_gpu=false or add GPU nodes")
+def connect_for(cfg: RunConfig, address: str | None, concurrent: int | None = 1,
+                job: str = "run", error: type[Exception] = LaunchError,
+                verbose: bool = True) -> int:
+    """mmcl.cluster.connect for jobs that are each one Ray Train run of `cfg`: how many of
+    them fit at once (`concurrent`, or as many as fit when None)."""
+    workers, cpus = cfg.scaling.num_workers, cfg.scaling.cpus_per_worker
+    return connect(address, cpus_needed(cfg), concurrent,
+                   gpus_per_job=workers if cfg.scaling.use_gpu else 0, job=job,
+                   cost=f"{workers} workers x {cpus} CPU + {DATA_CPUS} for Ray Data",
+                   advice="Lower scaling.num_workers or scaling.cpus_per_worker, or add nodes",
+                   error=error, verbose=verbose)
 
 
 def run_name(cfg: RunConfig) -> str:
@@ -379,7 +362,6 @@ def _pretrain_on_ray(cfg: RunConfig, address, root, manifest, steps, name, init=
     console.quiet_driver(verbose)  # before ray.init, which logs the first notices
     start_ray(cfg, address, verbose)
     console.filter_worker_logs(verbose)
-    share_credentials()  # S3 credentials from this environment, to this job's workers
     console.quiet_data(verbose)
     try:
         trainer = make_trainer(cfg, root, manifest, steps, name, init_weights=init)

@@ -43,7 +43,7 @@ from mmcl.config import ConfigError, RunConfig
 from mmcl.data.schema import ID_COLUMN, DataError, Manifest
 from mmcl.storage import filesystem, join
 from mmcl.train import launcher
-from mmcl.train.launcher import LaunchError, cpus_needed
+from mmcl.train.launcher import LaunchError
 
 # The trial driver only waits for its Train run: no CPU, a token of memory so that Tune has a
 # non-empty bundle to place it with.
@@ -82,38 +82,7 @@ def trial_resources() -> dict:
 def ensure_ray(cfg: RunConfig, address: str | None, max_concurrent: int | None) -> int:
     """Start local Ray (sized for `max_concurrent` trials, at least one) or join a cluster;
     check that one trial's Train run fits and return how many trials may run at once."""
-    import ray
-
-    need = cpus_needed(cfg)
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            num_cpus = max(os.cpu_count() or 1, need * (max_concurrent or 1))
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                     log_to_driver=True)
-    from mmcl.storage import share_credentials
-
-    share_credentials()  # S3 credentials from this environment, to this job's workers
-    cpus = ray.cluster_resources().get("CPU", 0)
-    fit = int(cpus // need)
-    per_trial = (f"{cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPU + "
-                 f"{launcher.DATA_CPUS} for Ray Data = {need} CPUs per trial")
-    if fit < 1:
-        raise TuneError(f"the Ray cluster has {cpus:g} CPUs; one trial needs {per_trial}. "
-                        f"Lower scaling.num_workers or scaling.cpus_per_worker, or add nodes")
-    if cfg.scaling.use_gpu:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        fit = min(fit, int(gpus // cfg.scaling.num_workers))
-        if fit < 1:
-            raise TuneError(f"scaling.use_gpu is on but the cluster has {gpus:g} GPUs for "
-                            f"{cfg.scaling.num_workers} workers per trial; set "
-                            f"scaling.use_gpu=false or add GPU nodes")
-    if max_concurrent is not None and max_concurrent > fit:
-        raise TuneError(f"{max_concurrent} concurrent trials need {max_concurrent * need} CPUs "
-                        f"({per_trial}); the Ray cluster has {cpus:g}. Lower the number of "
-                        f"concurrent trials (or scaling.num_workers), or add nodes")
-    return max_concurrent or fit
+    return launcher.connect_for(cfg, address, max_concurrent, job="trial", error=TuneError)
 
 
 # ----------------------------------------------------------------------------- scoring
