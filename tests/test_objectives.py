@@ -321,11 +321,20 @@ def test_factorcl_embedding_concatenates_every_head(factorcl_data):
 
 
 def test_factorcl_sup_conditions_on_labels(factorcl_data):
+    """The label is the context C: permuting it changes exactly the terms conditioned on C
+    (and I_NCE(Xi;Ci)), never I_NCE(X1;X2) or I_CLUB(X1;X2)."""
     manifest, arrays = factorcl_data
-    obj = build_objective(small_config("factorcl_sup"), manifest)
+    obj = build_objective(small_config("factorcl_sup", "objective.negatives=0"), manifest)
     assert obj.label_column in arrays
     batch = batch_of(arrays)
-    assert math.isfinite(obj(batch, batch, batch).loss.item())
+    shuffled = {**batch, obj.label_column: batch[obj.label_column].roll(1)}
+    assert not torch.equal(shuffled[obj.label_column], batch[obj.label_column])
+    with torch.no_grad():
+        true, wrong = (obj(batch, batch, labels).metrics for labels in (batch, shuffled))
+    for term in ("nce_x1x2", "club_x1x2"):
+        assert true[term] == wrong[term], term
+    for term in ("club_x1x2_cond", "nce_x1c1", "nce_x2c2", "nce_x1x2_cond"):
+        assert true[term] != wrong[term], term
 
 
 def test_supcon_needs_a_classification_label(rus):

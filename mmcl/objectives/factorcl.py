@@ -24,6 +24,8 @@ modalities, as the paper describes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,6 +41,33 @@ from mmcl.objectives.registry import register
 # Head pairs: the first two estimate the shared information, the other three the unique.
 SHARED_HEADS = ("nce", "club_cond")
 UNIQUE_HEADS = ("self", "club", "nce_cond")
+
+
+@dataclass
+class Pair:
+    """One quantity for both modalities: (modality 1, modality 2)."""
+
+    x1: Tensor
+    x2: Tensor
+
+    def given(self, context: "Pair") -> "Pair":
+        """Conditioned on the context: C_i concatenated to each modality's input."""
+        return Pair(torch.cat([self.x1, context.x1], 1), torch.cat([self.x2, context.x2], 1))
+
+
+@dataclass
+class Terms:
+    """The critics' inputs of the six terms, named after the terms (docs/methods.md):
+        S = I_NCE(X1;X2) - I_CLUB(X1;X2|C)
+        U = I_NCE(X1;C1) + I_NCE(X2;C2) - I_CLUB(X1;X2) + I_NCE(X1;X2|C)
+    each seen through its own head pair."""
+
+    nce_x1x2: Pair          # heads "nce"
+    club_x1x2_given_c: Pair  # heads "club_cond", conditioned on C
+    x_for_c: Pair           # heads "self": X_i, scored against C_i
+    c: Pair                 # heads "self": the contexts C_1, C_2
+    club_x1x2: Pair         # heads "club"
+    nce_x1x2_given_c: Pair  # heads "nce_cond", conditioned on C
 
 
 class _PairScores(nn.Module):
@@ -95,6 +124,25 @@ class FactorCL(Objective):
     def apply_heads(self, head: str, embeddings: list[Tensor]) -> list[Tensor]:
         return [h(e) for h, e in zip(self.heads[head], embeddings)]
 
+    def pair(self, head: str, embeddings: list[Tensor]) -> Pair:
+        return Pair(*self.apply_heads(head, embeddings))
+
+    def context_pair(self, head: str, e_aug: list[Tensor], batch) -> Pair:
+        return Pair(*self.contexts(head, e_aug, batch))
+
+    def terms_inputs(self, e: list[Tensor], e_aug: list[Tensor], batch) -> Terms:
+        """Every head on the two modalities' embeddings `e`; contexts from `e_aug` (SSL) or
+        the batch's label (SUP)."""
+        return Terms(
+            nce_x1x2=self.pair("nce", e),
+            club_x1x2_given_c=self.pair("club_cond", e).given(
+                self.context_pair("club_cond", e_aug, batch)),
+            x_for_c=self.pair("self", e),
+            c=self.context_pair("self", e_aug, batch),
+            club_x1x2=self.pair("club", e),
+            nce_x1x2_given_c=self.pair("nce_cond", e).given(
+                self.context_pair("nce_cond", e_aug, batch)))
+
     def scores(self, critic: nn.Module, x: Tensor, y: Tensor, frozen: bool = False,
                generator: torch.Generator | None = None):
         """Critic scores of x's from the global batch against the local y's, and the row of
@@ -127,38 +175,28 @@ class FactorCL(Objective):
 
     # -- the objective
     def forward(self, view1, view2, batch, generator=None):
-        m1, m2 = self.modalities
         g = generator  # draws the sampled negatives, if any
         encoded, encoded_aug = self.encoder.encode(view1), self.encoder.encode(view2)
-        e = [encoded[m] for m in (m1, m2)]
-        e_aug = [encoded_aug[m] for m in (m1, m2)]
-
-        s1, s2 = self.apply_heads("nce", e)
-        c1, c2 = self.apply_heads("club_cond", e)
-        cc1, cc2 = self.contexts("club_cond", e_aug, batch)
-        u1, u2 = self.apply_heads("self", e)
-        uc1, uc2 = self.contexts("self", e_aug, batch)
-        k1, k2 = self.apply_heads("club", e)
-        n1, n2 = self.apply_heads("nce_cond", e)
-        nc1, nc2 = self.contexts("nce_cond", e_aug, batch)
-        club_cond_x, club_cond_y = torch.cat([c1, cc1], 1), torch.cat([c2, cc2], 1)
-
+        t = self.terms_inputs([encoded[m] for m in self.modalities],
+                              [encoded_aug[m] for m in self.modalities], batch)
+        club, club_cond = self.club_critics["club"], self.club_critics["club_cond"]
+        # In this order: with sampled negatives, `g` draws each term's rows in turn.
         terms = {
-            "nce_x1x2": self.nce(self.critics["nce"], s1, s2, g),
-            "club_x1x2_cond": self.club(self.club_critics["club_cond"], club_cond_x,
-                                        club_cond_y, g),
-            "nce_x1c1": self.nce(self.critics["self1"], u1, uc1, g),
-            "nce_x2c2": self.nce(self.critics["self2"], u2, uc2, g),
-            "club_x1x2": self.club(self.club_critics["club"], k1, k2, g),
-            "nce_x1x2_cond": self.nce(self.critics["nce_cond"], torch.cat([n1, nc1], 1),
-                                      torch.cat([n2, nc2], 1), g),
+            "nce_x1x2": self.nce(self.critics["nce"], t.nce_x1x2.x1, t.nce_x1x2.x2, g),
+            "club_x1x2_cond": self.club(club_cond, t.club_x1x2_given_c.x1,
+                                        t.club_x1x2_given_c.x2, g),
+            "nce_x1c1": self.nce(self.critics["self1"], t.x_for_c.x1, t.c.x1, g),
+            "nce_x2c2": self.nce(self.critics["self2"], t.x_for_c.x2, t.c.x2, g),
+            "club_x1x2": self.club(club, t.club_x1x2.x1, t.club_x1x2.x2, g),
+            "nce_x1x2_cond": self.nce(self.critics["nce_cond"], t.nce_x1x2_given_c.x1,
+                                      t.nce_x1x2_given_c.x2, g),
         }
         shared = terms["nce_x1x2"] - terms["club_x1x2_cond"]
         unique = (terms["nce_x1c1"] + terms["nce_x2c2"] - terms["club_x1x2"]
                   + terms["nce_x1x2_cond"])
-        critic_loss = (self.club_learning_loss(self.club_critics["club"], k1, k2, g)
-                       + self.club_learning_loss(self.club_critics["club_cond"], club_cond_x,
-                                                 club_cond_y, g))
+        critic_loss = (self.club_learning_loss(club, t.club_x1x2.x1, t.club_x1x2.x2, g)
+                       + self.club_learning_loss(club_cond, t.club_x1x2_given_c.x1,
+                                                 t.club_x1x2_given_c.x2, g))
         loss = -(shared + unique) + critic_loss
         metrics = {k: v.detach().item() for k, v in terms.items()}
         metrics.update(shared=shared.detach().item(), unique=unique.detach().item(),
