@@ -1,4 +1,7 @@
-"""Shared test set-up: one torch thread, and one local Ray instance per test module."""
+"""Shared test set-up: one torch thread, one local Ray instance per test module, the tiny
+model and training settings most modules start from, and the test tiers: every test that
+starts Ray (the `ray` marker or the `local_ray` fixture) is also `slow`, so
+`pytest -m "not slow"` is the quick tier a developer runs while working."""
 
 import os
 
@@ -8,6 +11,29 @@ import torch
 # Tests sign Tune state (mmcl.tune.trust) with a key of their own, never with the user's
 # ~/.config/mmcl/trust.key; a test of the key file sets its own XDG_CONFIG_HOME.
 os.environ.setdefault("MMCL_TRUST_KEY", "mmcl-test-suite-key")
+
+
+# The smallest model and training run that still exercise every part (the fusion has 2 heads).
+TINY_MODEL = ["model.embed_dim=16", "model.encoder.hidden=16", "model.proj_hidden=16",
+              "model.proj_dim=16", "model.fusion_heads=2"]
+TINY_TRAIN = ["train.batch_size=32", "train.warmup_epochs=0"]
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("ray") or "local_ray" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+def worker_shards(ds, num_workers: int) -> list:
+    """The per-worker iterators Ray Train hands its workers for `ds`, built by the DataConfig
+    that mmcl's training passes to its TorchTrainer (pipeline.train_data_config). All of them
+    must be iterated concurrently each epoch (a barrier starts every epoch)."""
+    from mmcl.data.pipeline import train_data_config
+
+    shards = train_data_config().configure({"train": ds}, world_size=num_workers,
+                                           worker_handles=None, worker_node_ids=None)
+    return [shard["train"] for shard in shards]
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -35,10 +35,9 @@ from mmcl.storage import StorageError
 from mmcl.train import launcher
 from mmcl.train.checkpoint import (STATE, WEIGHTS, CheckpointError, check_storage_writable,
                                    export_model, read_checkpoint_state)
+from conftest import TINY_MODEL, TINY_TRAIN
 
-SMALL = ["train.batch_size=32", "train.epochs=1", "train.warmup_epochs=0",
-         "model.embed_dim=16", "model.encoder.hidden=16", "model.proj_hidden=16",
-         "model.proj_dim=16", "model.fusion_heads=2", "objective.name=tuple"]
+SMALL = [*TINY_MODEL, *TINY_TRAIN, "train.epochs=1", "objective.name=tuple"]
 
 
 # ------------------------------------------------------------------------------ fixtures

@@ -10,10 +10,10 @@ from mmcl.data.synth import make_arrays
 from mmcl.train.engine import Engine, NonFiniteLossError, warmup_cosine
 from mmcl.train.local import memory_batches, steps_per_epoch
 from mmcl.train.checkpoint import safe_load
+from conftest import TINY_MODEL
 
-SMALL = ["model.embed_dim=16", "model.encoder.hidden=16", "model.proj_hidden=16",
-         "model.proj_dim=16", "model.fusion_heads=2", "train.batch_size=32", "train.epochs=3",
-         "objective.name=tuple_infonce", "model.encoder.dropout=0.1"]
+SMALL = [*TINY_MODEL, "train.batch_size=32", "train.epochs=3", "objective.name=tuple_infonce",
+         "model.encoder.dropout=0.1"]
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,13 @@ from mmcl.data.prepare import Preparer
 from mmcl.data.schema import DataError
 from mmcl.data.shards import read_manifest, read_split
 from mmcl.train import launcher
+from conftest import TINY_MODEL
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
 
-TINY = ["train.batch_size=8", "train.warmup_epochs=0", "train.epochs=1",
-        "model.embed_dim=16", "model.encoder.hidden=16", "model.proj_hidden=16",
-        "model.proj_dim=16", "model.fusion_heads=2", "scaling.num_workers=2"]
+TINY = [*TINY_MODEL, "train.batch_size=8", "train.warmup_epochs=0", "train.epochs=1",
+        "scaling.num_workers=2"]
 
 
 def import_cli(src, out, spec, *extra) -> str:

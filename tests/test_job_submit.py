@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TINY_MODEL, TINY_TRAIN
+
 # A cold `ray start` plus a job that installs its working dir and trains takes minutes on a
 # loaded 2-core machine: more than the suite's default per-test timeout.
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY = ["data.synth.n=300", "train.epochs=1", "train.batch_size=32", "train.warmup_epochs=0",
-        "model.embed_dim=16", "model.encoder.hidden=16", "model.proj_hidden=16",
-        "model.proj_dim=16", "model.fusion_heads=2", "scaling.num_workers=2"]
+TINY = [*TINY_MODEL, *TINY_TRAIN, "data.synth.n=300", "train.epochs=1", "scaling.num_workers=2"]
 
 
 def free_port() -> int:

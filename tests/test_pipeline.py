@@ -10,6 +10,7 @@ from mmcl.data import pipeline
 from mmcl.data.schema import DataError
 from mmcl.data.shards import list_shards, read_manifest, read_split
 from mmcl.data.synth import generate
+from conftest import worker_shards
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
@@ -38,7 +39,7 @@ def consume(iterators, batch_size, **kwargs):
 def test_workers_get_equal_full_batches_of_the_right_tensors(rus):
     root, manifest = rus
     ds = pipeline.build_dataset(root, "train", manifest, seed=0)
-    per_worker = consume(pipeline.split_for_workers(ds, 2), batch_size=32)
+    per_worker = consume(worker_shards(ds, 2), batch_size=32)
     n = manifest.splits["train"]
     assert [len(b) for b in per_worker] == [(n // 2) // 32] * 2
     batch = per_worker[0][0]
@@ -54,7 +55,7 @@ def test_workers_see_disjoint_rows_that_cover_the_split(rus):
     root, manifest = rus
     all_ids = set(read_split(root, "train", columns=[])["id"].tolist())
     ds = pipeline.build_dataset(root, "train", manifest, seed=0)
-    per_worker = consume(pipeline.split_for_workers(ds, 3), batch_size=1)
+    per_worker = consume(worker_shards(ds, 3), batch_size=1)
     seen = [set(torch.cat([b["id"] for b in batches]).tolist()) for batches in per_worker]
     assert len({len(s) for s in seen}) == 1, "workers got different row counts"
     assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
@@ -66,7 +67,7 @@ def test_streamed_values_equal_the_shards(rus):
     root, manifest = rus
     expected = read_split(root, "train")
     ds = pipeline.build_dataset(root, "train", manifest, shuffle_files=False)
-    (batches,) = consume(pipeline.split_for_workers(ds, 1), batch_size=50)
+    (batches,) = consume(worker_shards(ds, 1), batch_size=50)
     got = {k: torch.cat([b[k] for b in batches]).numpy() for k in batches[0]}
     row = {int(i): j for j, i in enumerate(expected["id"])}
     idx = [row[int(i)] for i in got["id"]]
@@ -87,9 +88,9 @@ def test_file_order_is_seeded_and_changes_between_epochs(tmp_path, rus):
         return torch.cat([b["id"] for b in batches]).tolist()
 
     # As in Ray Train: one split per run, iterated once per epoch.
-    split_a = pipeline.split_for_workers(
+    split_a = worker_shards(
         pipeline.build_dataset(small, "train", manifest, seed=3), 1)
-    split_b = pipeline.split_for_workers(
+    split_b = worker_shards(
         pipeline.build_dataset(small, "train", manifest, seed=3), 1)
     first_a, second_a = epoch_ids(split_a), epoch_ids(split_a)
     assert first_a == epoch_ids(split_b), "same seed, different order"
@@ -102,7 +103,7 @@ def test_in_stream_shuffle_is_seeded_per_epoch(rus):
     ds = pipeline.build_dataset(root, "train", manifest, shuffle_files=False)
 
     def ids(epoch):
-        (batches,) = consume(pipeline.split_for_workers(ds, 1), batch_size=32,
+        (batches,) = consume(worker_shards(ds, 1), batch_size=32,
                              shuffle_buffer=128, seed=1, epoch=epoch)
         return torch.cat([b["id"] for b in batches]).tolist()
 
@@ -127,7 +128,7 @@ def test_nonfinite_rows_fail_with_a_data_error_naming_modality_and_id(tmp_path, 
     bad, name, bad_id = _poison(root, tmp_path, manifest)
     ds = pipeline.build_dataset(bad, "train", manifest, nonfinite="fail")
     with pytest.raises(DataError, match=rf"modality '{name}'.*{bad_id}.*data.nonfinite=drop"):
-        consume(pipeline.split_for_workers(ds, 1), batch_size=32)
+        consume(worker_shards(ds, 1), batch_size=32)
 
 
 def test_nonfinite_rows_are_dropped_and_counted(tmp_path, rus):
@@ -136,7 +137,7 @@ def test_nonfinite_rows_are_dropped_and_counted(tmp_path, rus):
     counter = pipeline.DropCounter.create()
     ds = pipeline.build_dataset(bad, "train", manifest, nonfinite="drop", drop_counter=counter,
                                 shuffle_files=False)
-    (batches,) = consume(pipeline.split_for_workers(ds, 1), batch_size=1)
+    (batches,) = consume(worker_shards(ds, 1), batch_size=1)
     ids = torch.cat([b["id"] for b in batches]).tolist()
     assert bad_id not in ids and len(ids) == manifest.splits["train"] - 1
     assert counter.counts()["train"] == {"rows": 1, name: 1}

@@ -21,14 +21,13 @@ from mmcl import config
 from mmcl.data.shards import read_split
 from mmcl.objectives import OBJECTIVES
 from mmcl.train import launcher, lease, tracking
+from conftest import TINY_MODEL, TINY_TRAIN
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.train")  # `ray.train.TrainingFailedError` below, also when run alone
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
 
-TINY = ["data.synth.n=400", "train.batch_size=32", "train.warmup_epochs=0",
-        "model.embed_dim=16", "model.encoder.hidden=16", "model.proj_hidden=16",
-        "model.proj_dim=16", "model.fusion_heads=2", "scaling.num_workers=2",
+TINY = [*TINY_MODEL, *TINY_TRAIN, "data.synth.n=400", "scaling.num_workers=2",
         "train.checkpoint_every=1"]
 
 

@@ -23,6 +23,7 @@ import mmcl
 from mmcl import config
 from mmcl.train import launcher
 from mmcl.train.checkpoint import CheckpointError, read_checkpoint_state
+from conftest import TINY_MODEL, TINY_TRAIN, worker_shards
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.train")
@@ -86,9 +87,7 @@ def local_ray(tmp_path_factory):
     yield Path(arm)
     ray.shutdown()
 
-TINY = ["train.batch_size=32", "train.warmup_epochs=0", "model.embed_dim=16",
-        "model.encoder.hidden=16", "model.proj_hidden=16", "model.proj_dim=16",
-        "model.fusion_heads=2", "scaling.num_workers=2", "train.checkpoint_every=1",
+TINY = [*TINY_MODEL, *TINY_TRAIN, "scaling.num_workers=2", "train.checkpoint_every=1",
         "objective.name=tuple", "data.synth.n=400"]
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
 
@@ -412,7 +411,7 @@ def test_a_dataset_built_for_the_resume_epoch_reads_that_epochs_file_order(data)
 
     def epoch_orders(first_epoch: int, epochs: int) -> list[list[int]]:
         ds = pipeline.build_dataset(data, "train", manifest, ["a"], seed=3, epoch=first_epoch)
-        (split,) = pipeline.split_for_workers(ds, 1)
+        (split,) = worker_shards(ds, 1)
         return [[int(i) for b in split.iter_batches(batch_size=None, batch_format="numpy")
                  for i in b["id"]] for _ in range(epochs)]
 

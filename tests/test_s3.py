@@ -25,6 +25,7 @@ import mmcl
 from mmcl import cli, config, storage
 from mmcl.data.synth import make_arrays
 from mmcl.train import launcher
+from conftest import TINY_MODEL, TINY_TRAIN
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("moto.server")
@@ -33,9 +34,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
 BUCKET = "mmcl-s3"
 DATA = f"s3://{BUCKET}/sets/rus"
 RUNS = f"s3://{BUCKET}/runs"
-TINY = ["train.batch_size=32", "train.warmup_epochs=0", "model.embed_dim=16",
-        "model.encoder.hidden=16", "model.proj_hidden=16", "model.proj_dim=16",
-        "model.fusion_heads=2", "scaling.num_workers=2", "train.checkpoint_every=1",
+TINY = [*TINY_MODEL, *TINY_TRAIN, "scaling.num_workers=2", "train.checkpoint_every=1",
         "objective.name=tuple_infonce"]
 
 

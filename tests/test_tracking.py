@@ -11,10 +11,10 @@ from mmcl.config import ConfigError
 from mmcl.data.synth import make_arrays
 from mmcl.train import tracking
 from mmcl.train.local import fit_in_memory
+from conftest import TINY_MODEL
 
-SMALL = ["model.embed_dim=16", "model.encoder.hidden=16", "model.proj_hidden=16",
-         "model.proj_dim=16", "model.fusion_heads=2", "train.batch_size=32", "train.epochs=2",
-         "storage.name=run", "tracking.every_n_steps=2"]
+SMALL = [*TINY_MODEL, "train.batch_size=32", "train.epochs=2", "storage.name=run",
+         "tracking.every_n_steps=2"]
 STEPS_PER_EPOCH = 256 // 32
 
 

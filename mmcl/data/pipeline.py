@@ -444,18 +444,6 @@ def train_data_config(deterministic: bool = True,
                                 execution_options=ingest_options(deterministic))
 
 
-def split_for_workers(ds: "ray.data.Dataset", num_workers: int,
-                      deterministic: bool = True) -> list["ray.data.DataIterator"]:
-    """The same split Ray Train makes, for use outside a TorchTrainer (benchmarks, custom
-    actors): `num_workers` iterators with exactly equal row counts. All of them must be
-    iterated concurrently each epoch (there is a barrier at the start of every epoch).
-    Like Ray Train, this sets the execution options of `ds`'s DataContext."""
-    if num_workers < 1:
-        raise ValueError("num_workers must be >= 1")
-    ds.context.execution_options = ingest_options(deterministic)
-    return ds.streaming_split(num_workers, equal=True)
-
-
 # ---------------------------------------------------------------------- worker batches
 
 
