@@ -423,25 +423,23 @@ def build_dataset(root: str, split: str, manifest: Manifest,
 # ------------------------------------------------------------------------ worker splits
 
 
-def ingest_options(deterministic: bool = True) -> "ray.data.ExecutionOptions":
+def ingest_options() -> "ray.data.ExecutionOptions":
     """Train's default ingest options (carried over from the current DataContext) plus
     preserve_order: with it, each worker's rows and their order are repeatable given a seed."""
     import ray.train
 
     options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = bool(deterministic)
+    options.preserve_order = True
     return options
 
 
-def train_data_config(deterministic: bool = True,
-                      datasets_to_split: list[str] | Literal["all"] = "all") -> "ray.train.DataConfig":
+def train_data_config() -> "ray.train.DataConfig":
     """The `dataset_config=` for `TorchTrainer(datasets={"train": ds, ...})`. Each worker then
     calls `ray.train.get_dataset_shard("train")`; Ray Train builds the shards with
     `ds.streaming_split(num_workers, equal=True)` (this is what mmcl's training uses)."""
     import ray.train
 
-    return ray.train.DataConfig(datasets_to_split=datasets_to_split,
-                                execution_options=ingest_options(deterministic))
+    return ray.train.DataConfig(datasets_to_split="all", execution_options=ingest_options())
 
 
 # ---------------------------------------------------------------------- worker batches
