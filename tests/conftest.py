@@ -36,6 +36,17 @@ def worker_shards(ds, num_workers: int) -> list:
     return [shard["train"] for shard in shards]
 
 
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Refusals come before Ray: starting it for a run fails the test."""
+    from mmcl.train import launcher
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started for input that should have been refused")
+
+    monkeypatch.setattr(launcher, "start_ray", refuse)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Test tensors are tiny: extra intra-op threads only add contention (on a busy 2-core

@@ -142,15 +142,6 @@ def world(tmp_path_factory):
     return out
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Refusals come before Ray: starting it fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("Ray was started for input that should have been refused")
-
-    monkeypatch.setattr(launcher, "start_ray", refuse)
-
-
 def sets(*assignments: str) -> list[str]:
     return [arg for a in assignments for arg in ("--set", a)]
 

@@ -134,3 +134,18 @@ def test_objective_names_config_union_and_registry_agree():
     assert sorted(OBJECTIVES) == sorted(config.OBJECTIVE_NAMES)
     with pytest.raises(ConfigError, match="unknown objective; choose one of: cross, "):
         config.load(None, ["objective.name=nope"])
+
+
+def test_objectives_and_models_never_import_ray():
+    """docs/architecture.md: the model and loss code is plain PyTorch (no import of ray at
+    any level, not even inside a function)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).parent.parent / "mmcl"
+    for folder in ("objectives", "models"):
+        for path in sorted((package / folder).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                assert not any(n == "ray" or n.startswith("ray.") for n in names), path

@@ -39,14 +39,6 @@ def one_error(capsys) -> str:
     return err
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("Ray was started for input that should have been refused")
-
-    monkeypatch.setattr(launcher, "start_ray", refuse)
-
-
 # ----------------------------------------------------------------------- YAML bombs
 
 
