@@ -327,6 +327,9 @@ class StorageConfig(Strict):
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint; default: AWS "
                                      "or $AWS_ENDPOINT_URL")
     region: str | None = None
+    shared: bool = Field(False, description="a local storage.path that every node of a "
+                         "multi-node Ray cluster mounts (NFS, ...); without it such a path is "
+                         "refused on more than one node")
 
     @field_validator("name")
     @classmethod

@@ -9,7 +9,6 @@ import pytest
 from mmcl import config
 from mmcl.cluster import LaunchError, _jobs_that_fit, connect
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def test_the_budget_counts_cpus_gpus_and_concurrent_jobs():
@@ -27,6 +26,7 @@ def test_the_budget_counts_cpus_gpus_and_concurrent_jobs():
         _jobs_that_fit(8, 1, 3, 1, 2, **fit)
 
 
+@pytest.mark.ray
 @pytest.mark.usefixtures("local_ray")
 def test_connect_uses_the_ray_already_running_and_refuses_a_run_that_does_not_fit():
     from mmcl.train import launcher
@@ -41,6 +41,7 @@ def test_connect_uses_the_ray_already_running_and_refuses_a_run_that_does_not_fi
         launcher.start_ray(gpu, None)
 
 
+@pytest.mark.ray
 @pytest.mark.usefixtures("local_ray")
 def test_the_janitor_removes_the_placement_groups_of_ended_trials_only(tmp_path):
     import ray
@@ -62,3 +63,21 @@ def test_the_janitor_removes_the_placement_groups_of_ended_trials_only(tmp_path)
     assert placement_group_table(groups["running"])["state"] == "CREATED"
     assert [p.name for p in records.iterdir()] == [f"running.{groups['running'].id.hex()}"]
     ray.util.remove_placement_group(groups["running"])
+
+
+def test_a_local_storage_path_is_refused_on_more_than_one_node_unless_marked_shared(
+        monkeypatch, tmp_path):
+    ray = pytest.importorskip("ray")
+
+    from mmcl.train.launcher import check_storage_reachable
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True},
+                                               {"Alive": False}])
+    local = {"path": str(tmp_path)}
+    with pytest.raises(LaunchError, match=r"is a local folder, but the Ray cluster has 2 "
+                       r"nodes: .* set storage.shared=true"):
+        check_storage_reachable(config.from_dict({"storage": local}))
+    check_storage_reachable(config.from_dict({"storage": {**local, "shared": True}}))
+    check_storage_reachable(config.from_dict({"storage": {"path": "s3://b/runs"}}))
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])
+    check_storage_reachable(config.from_dict({"storage": local}))   # one node: fine

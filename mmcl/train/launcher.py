@@ -26,7 +26,7 @@ from mmcl import config as config_mod
 from mmcl.config import RunConfig
 from mmcl.data.schema import DataError, Manifest
 from mmcl.data.shards import read_manifest, validate
-from mmcl.storage import filesystem, is_s3, join, pyarrow_filesystem
+from mmcl.storage import filesystem, is_remote, is_s3, join, pyarrow_filesystem
 from mmcl.train.local import steps_per_epoch
 from mmcl.train.tracking import check_backend
 
@@ -135,11 +135,28 @@ def connect_for(cfg: RunConfig, address: str | None, concurrent: int | None = 1,
     """mmcl.cluster.connect for jobs that are each one Ray Train run of `cfg`: how many of
     them fit at once (`concurrent`, or as many as fit when None)."""
     workers, cpus = cfg.scaling.num_workers, cfg.scaling.cpus_per_worker
-    return connect(address, cpus_needed(cfg), concurrent,
-                   gpus_per_job=workers if cfg.scaling.use_gpu else 0, job=job,
-                   cost=f"{workers} workers x {cpus} CPU + {DATA_CPUS} for Ray Data",
-                   advice="Lower scaling.num_workers or scaling.cpus_per_worker, or add nodes",
-                   error=error, verbose=verbose)
+    fit = connect(address, cpus_needed(cfg), concurrent,
+                  gpus_per_job=workers if cfg.scaling.use_gpu else 0, job=job,
+                  cost=f"{workers} workers x {cpus} CPU + {DATA_CPUS} for Ray Data",
+                  advice="Lower scaling.num_workers or scaling.cpus_per_worker, or add nodes",
+                  error=error, verbose=verbose)
+    check_storage_reachable(cfg, error)
+    return fit
+
+
+def check_storage_reachable(cfg: RunConfig, error: type[Exception] = LaunchError) -> None:
+    """Workers on every node write checkpoints to storage.path: a local folder only works
+    on one node, or where the user says every node mounts it (storage.shared)."""
+    import ray
+
+    if is_remote(cfg.storage.path) or cfg.storage.shared:
+        return
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if nodes > 1:
+        raise error(f"storage.path {cfg.storage.path!r} is a local folder, but the Ray cluster "
+                    f"has {nodes} nodes: workers on the other nodes cannot write their "
+                    "checkpoints there. Use s3://bucket/prefix (or another URL every node "
+                    "reaches), or set storage.shared=true if every node mounts that folder")
 
 
 def run_name(cfg: RunConfig) -> str:
