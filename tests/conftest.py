@@ -1,7 +1,7 @@
 """Shared test set-up: one torch thread, one local Ray instance per test module, the tiny
 model and training settings most modules start from, and the test tiers: every test that
-starts Ray (the `ray` marker or the `local_ray` fixture) is also `slow`, so
-`pytest -m "not slow"` is the quick tier a developer runs while working."""
+starts Ray (the `ray` marker or the `local_ray` fixture) or the S3 server (`moto_s3`) is also
+`slow`, so `pytest -m "not slow"` is the quick tier a developer runs while working."""
 
 import os
 
@@ -19,9 +19,13 @@ TINY_MODEL = ["model.embed_dim=16", "model.encoder.hidden=16", "model.proj_hidde
 TINY_TRAIN = ["train.batch_size=32", "train.warmup_epochs=0"]
 
 
+SLOW_FIXTURES = {"local_ray", "moto_s3"}  # a Ray instance, an S3 server: seconds to start
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
-        if item.get_closest_marker("ray") or "local_ray" in getattr(item, "fixturenames", ()):
+        if item.get_closest_marker("ray") or SLOW_FIXTURES & set(getattr(item, "fixturenames",
+                                                                          ())):
             item.add_marker(pytest.mark.slow)
 
 
