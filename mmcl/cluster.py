@@ -19,7 +19,6 @@ the dashboard runs and both cleaners work.
 
 from __future__ import annotations
 
-import logging
 import os
 
 DATA_CPUS = 1  # Ray Data's read/decode tasks need a whole CPU of their own
@@ -31,19 +30,19 @@ class LaunchError(RuntimeError):
 
 def connect(address: str | None, cpus_per_job: int, concurrent: int | None = 1,
             gpus_per_job: int = 0, *, job: str = "run", cost: str | None = None,
-            advice: str = "add nodes", error: type[Exception] = LaunchError,
-            verbose: bool = True) -> int:
+            advice: str = "Add nodes", error: type[Exception] = LaunchError,
+            init_kwargs: dict | None = None) -> int:
     """Start or join Ray and return how many jobs of `cpus_per_job` CPUs (and `gpus_per_job`
     GPUs) may run at once: `concurrent`, or as many as fit when it is None.
 
     `job`, `cost` (how `cpus_per_job` adds up) and `advice` word the refusal, raised as
-    `error`; not `verbose`: the driver's `ray` logger prints warnings and errors only."""
+    `error`; `init_kwargs` go to ray.init (train.console.driver_init_kwargs: a quiet driver)."""
     import ray
 
     from mmcl.storage import share_credentials
 
     if not ray.is_initialized():
-        _start_or_join(address, cpus_per_job * (concurrent or 1), verbose)
+        _start_or_join(address, cpus_per_job * (concurrent or 1), init_kwargs or {})
     share_credentials()  # S3 credentials from this environment, to this job's workers
     resources = ray.cluster_resources()
     return _jobs_that_fit(resources.get("CPU", 0), resources.get("GPU", 0), cpus_per_job,
@@ -51,18 +50,17 @@ def connect(address: str | None, cpus_per_job: int, concurrent: int | None = 1,
                           cost=cost or f"{cpus_per_job} CPUs", advice=advice, error=error)
 
 
-def _start_or_join(address: str | None, cpus_wanted: int, verbose: bool) -> None:
+def _start_or_join(address: str | None, cpus_wanted: int, init_kwargs: dict) -> None:
     import ray
 
-    quiet = {} if verbose else {"logging_level": logging.WARNING}
     if address:
-        ray.init(address=address, log_to_driver=True, **quiet)
+        ray.init(address=address, log_to_driver=True, **init_kwargs)
         return
     # "local": never join a cluster someone else started on this machine. Logical CPUs may
     # exceed physical cores; what matters is that the jobs never take the last CPU that Ray
     # Data's read tasks wait for.
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_wanted),
-             include_dashboard=False, log_to_driver=True, **quiet)
+             include_dashboard=False, log_to_driver=True, **init_kwargs)
 
 
 def _jobs_that_fit(cpus: float, gpus: float, cpus_per_job: int, concurrent: int | None,

@@ -23,14 +23,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from mmcl import config as config_mod
+from mmcl.cluster import DATA_CPUS, LaunchError, connect  # noqa: F401  (LaunchError: re-exported)
 from mmcl.config import RunConfig
 from mmcl.data.schema import DataError, Manifest
 from mmcl.data.shards import read_manifest, validate
 from mmcl.storage import filesystem, is_remote, is_s3, join, pyarrow_filesystem
 from mmcl.train.local import steps_per_epoch
 from mmcl.train.tracking import check_backend
-
-from mmcl.cluster import DATA_CPUS, LaunchError, connect  # noqa: F401  (LaunchError: re-exported)
 
 
 class RunFinishedError(LaunchError):
@@ -133,13 +132,16 @@ def connect_for(cfg: RunConfig, address: str | None, concurrent: int | None = 1,
                 job: str = "run", error: type[Exception] = LaunchError,
                 verbose: bool = True) -> int:
     """mmcl.cluster.connect for jobs that are each one Ray Train run of `cfg`: how many of
-    them fit at once (`concurrent`, or as many as fit when None)."""
+    them fit at once (`concurrent`, or as many as fit when None). Not verbose: the driver's
+    `ray` logger prints warnings and errors only."""
+    from mmcl.train import console
+
     workers, cpus = cfg.scaling.num_workers, cfg.scaling.cpus_per_worker
     fit = connect(address, cpus_needed(cfg), concurrent,
                   gpus_per_job=workers if cfg.scaling.use_gpu else 0, job=job,
                   cost=f"{workers} workers x {cpus} CPU + {DATA_CPUS} for Ray Data",
                   advice="Lower scaling.num_workers or scaling.cpus_per_worker, or add nodes",
-                  error=error, verbose=verbose)
+                  error=error, init_kwargs=console.driver_init_kwargs(verbose))
     check_storage_reachable(cfg, error)
     return fit
 
