@@ -303,8 +303,16 @@ def _pretrain_in_process(cfg: RunConfig, root: str, manifest: Manifest,
     columns = training_columns(manifest)
     train = read_split(root, cfg.data.train_split, columns=columns, **remote(cfg),
                        nonfinite=cfg.data.nonfinite, missing=cfg.data.missing)
-    # read_split drops rows with NaN/inf/null (data.nonfinite=drop); the manifest counts all.
-    dropped = manifest.splits[cfg.data.train_split] - len(train["id"])
+    # read_split drops rows with NaN/inf/null (data.nonfinite=drop) and incomplete tuples
+    # (data.missing=drop); the manifest counts all. Counted apart, as on the Ray path.
+    complete = manifest.splits[cfg.data.train_split]
+    if cfg.data.missing == "drop":
+        from mmcl.data.pipeline import complete_rows
+
+        complete = complete_rows(root, cfg.data.train_split, manifest,
+                                 manifest.modality_names, **remote(cfg))
+    dropped = {"dropped_rows": complete - len(train["id"]),
+               "dropped_missing_rows": manifest.splits[cfg.data.train_split] - complete}
     weights = None
     if init_weights:
         fs, path = filesystem(init_weights, cfg.storage.endpoint_url, cfg.storage.region)
@@ -319,7 +327,7 @@ def _pretrain_in_process(cfg: RunConfig, root: str, manifest: Manifest,
     run_log = RunLog(cfg, join(cfg.storage.path, cfg.storage.name))
     try:
         return fit_in_memory(cfg, manifest, train, on_epoch=log, init_weights=weights,
-                             extra_metrics={"dropped_rows": dropped},
+                             extra_metrics=dropped,
                              run_log=run_log).state_dict()
     finally:
         run_log.close()
