@@ -309,8 +309,24 @@ class TrainConfig(Strict):
     mixed_precision: bool = Field(False, description="bf16 autocast on GPU; ignored on CPU")
     seed: int = 0
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    max_steps: int | None = Field(
+        None, ge=1, description="end the run after this many steps, mid-epoch if need be "
+        "(or after train.epochs, whichever comes first); the LR schedule spans the run")
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="also a checkpoint every this many steps, mid-epoch too (for "
+        "long epochs); a run resumed from one goes on as a straight run would")
     nonfinite_loss: Literal["fail", "skip"] = Field(
         "fail", description="a NaN/inf loss stops the run (fail) or skips the batch (skip)")
+
+    @model_validator(mode="after")
+    def _step_checkpoints_within_the_run(self) -> "TrainConfig":
+        if (self.max_steps and self.checkpoint_every_steps
+                and self.checkpoint_every_steps >= self.max_steps):
+            raise ValueError(
+                f"train.checkpoint_every_steps={self.checkpoint_every_steps} is not below "
+                f"train.max_steps={self.max_steps}, so no step checkpoint would be written "
+                f"before the run's final one; lower it or leave it unset")
+        return self
 
 
 class ScalingConfig(Strict):

@@ -68,3 +68,64 @@ def test_a_nan_loss_fails_clearly_or_is_skipped(data):
     before = [p.detach().clone() for p in skipping.objective.parameters()]
     assert skipping.train_step(batch) is None and skipping.skipped_batches == 1
     assert all(torch.equal(a, b) for a, b in zip(before, skipping.objective.parameters()))
+
+
+def test_max_steps_ends_the_run_mid_epoch_with_the_schedule_at_its_end(data):
+    from mmcl.train.local import fit_in_memory
+
+    manifest, arrays = data
+    cfg = config.load(None, [*SMALL, "train.max_steps=10", "train.warmup_epochs=0"])
+    engine = fit_in_memory(cfg, manifest, arrays)  # 8 steps per epoch, 3 epochs allowed
+    assert engine.step == 10 and engine.finished
+    assert [h["steps"] for h in engine.history] == [8, 2]
+    assert engine.lr == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_mid_epoch_tally_in_the_state_gives_the_straight_epoch_summary(data, tmp_path):
+    """Stopped after 3 of an epoch's 8 batches, saved and resumed on the remaining batches,
+    the epoch reports the steps and mean loss of the whole epoch."""
+    manifest, arrays = data
+    cfg = config.load(None, SMALL)
+    steps = steps_per_epoch(256, 32)
+    batches = list(memory_batches(arrays, 32, 0, 0))
+    straight = Engine(cfg, manifest, steps)
+    whole = straight.train_epoch(batches)
+
+    first = Engine(cfg, manifest, steps)
+    for batch in batches[:3]:  # the state after 3 batches, as a step checkpoint holds it
+        first.tally.add(first.train_step(batch), len(next(iter(batch.values()))))
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    resumed = Engine(cfg, manifest, steps)
+    resumed.load_state_dict(safe_load((tmp_path / "state.pt").read_bytes(), "state.pt"))
+    assert resumed.tally.batches == 3 and resumed.epoch == 0
+    part = resumed.train_epoch(batches[3:])
+    assert part["steps"] == whole["steps"] == 8 and part["step"] == 8
+    assert part["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+
+
+def test_the_epoch_stream_runs_ahead_across_epochs_and_keeps_order_and_errors():
+    import threading
+
+    from mmcl.data.pipeline import EpochStream
+
+    opened = {e: threading.Event() for e in range(3)}
+
+    def open_epoch(epoch):
+        opened[epoch].set()
+        for i in range(3):
+            if epoch == 2 and i == 1:
+                raise ValueError("broken shard")
+            yield f"{epoch}.{i}"
+
+    stream = EpochStream(open_epoch, [0, 1, 2], skip=1, ahead=4)
+    first = stream.epoch(0)
+    assert next(first) == (1, "0.1")  # batch 0 of the resumed epoch is skipped
+    # Epoch 1 starts while epoch 0 still has a batch to train.
+    assert opened[1].wait(timeout=60)
+    assert list(first) == [(2, "0.2")]
+    assert list(stream.epoch(1)) == [(0, "1.0"), (1, "1.1"), (2, "1.2")]
+    third = stream.epoch(2)
+    assert next(third) == (0, "2.0")
+    with pytest.raises(ValueError, match="broken shard"):
+        next(third)
+    stream.close()

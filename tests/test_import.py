@@ -13,7 +13,7 @@ import pytest
 import mmcl
 from import_files import COLOURS, image, image_text_table, write_spec, write_table, write_wav
 from mmcl import cli, config
-from mmcl.data.pipeline import build_dataset
+from mmcl.data.pipeline import DropCounter, build_dataset, complete_rows
 from mmcl.data.prepare import Preparer
 from mmcl.data.schema import DataError
 from mmcl.data.shards import read_manifest, read_split
@@ -103,7 +103,14 @@ def test_rgbd_pairs_with_missing_depth_drop_mask_and_fail(tmp_path):
     with pytest.raises(DataError, match=r"modality 'depth' is missing in \d+ tuple.*"
                                         r"data.missing=drop"):
         pretrain_one_epoch(tmp_path, tmp_path / "ds")
-    pretrain_one_epoch(tmp_path, tmp_path / "ds", "data.missing=drop")
+    cfg = config.load(None, [*TINY, f"storage.path={tmp_path / 'runs'}",
+                             f"data.path={tmp_path / 'ds'}", "data.missing=drop"])
+    (epoch,) = launcher.pretrain(cfg).history
+    # Steps per epoch (the LR schedule, the progress bar) count the complete tuples only.
+    complete = launcher.train_steps(cfg, m, 2, str(tmp_path / "ds"))
+    assert epoch["steps"] == complete < launcher.train_steps(cfg, m, 2)
+    assert epoch["dropped_missing_rows"] == m.missing["train"]["depth"]
+    assert epoch["dropped_rows"] == 0 and np.isfinite(epoch["loss"])
 
     # mask: what the data side guarantees to the model
     ds = build_dataset(str(tmp_path / "ds"), "train", m, shuffle_files=False, missing="mask")
@@ -118,9 +125,14 @@ def test_rgbd_pairs_with_missing_depth_drop_mask_and_fail(tmp_path):
         assert bool((out["depth"][present].flatten(1).abs().sum(1) > 0).all())
         seen += len(present)
     assert seen == rows
+    counter = DropCounter.create()
     dropped = build_dataset(str(tmp_path / "ds"), "train", m, shuffle_files=False,
-                            missing="drop")
-    assert dropped.count() == rows - m.missing["train"]["depth"]
+                            missing="drop", drop_counter=counter)
+    absent = m.missing["train"]["depth"]
+    assert dropped.count() == rows - absent
+    # counted apart from NaN rows; and what the LR schedule and the progress bar count on
+    assert counter.counts()["train"] == {"missing_rows": absent, "depth__missing": absent}
+    assert complete_rows(str(tmp_path / "ds"), "train", m, m.modality_names) == rows - absent
 
 
 def test_audio_vector_and_padded_sequences_from_parquet(tmp_path):

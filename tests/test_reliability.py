@@ -143,13 +143,14 @@ def wait_for(predicate, timeout: float, what: str):
 # --------------------------------------------------------- faults inside the workers
 
 
-def faulty_loop(*, stall=None, marker=None, poison=None, poison_ranks=(1,)):
+def faulty_loop(*, stall=None, marker=None, poison=None, poison_ranks=(1,), fail_at=None):
     """mmcl's worker loop with faults at given (epoch, batch) points, both 0-based epochs and
     1-based batch numbers within the epoch:
       stall:  rank 1 of the first attempt writes its pid and step to `marker` just before that
               batch's step, then waits to be SIGKILLed by the test. Restarted workers are new
               processes and see the marker: they run normally.
-      poison: that batch holds a NaN on `poison_ranks` (once per worker process)."""
+      poison: that batch holds a NaN on `poison_ranks` (once per worker process).
+      fail_at: every rank raises RuntimeError("injected failure") before that batch's step."""
 
     def loop(loop_config):
         import json as json_
@@ -174,6 +175,8 @@ def faulty_loop(*, stall=None, marker=None, poison=None, poison_ranks=(1,)):
                     json_.dump({"pid": os_.getpid(), "step": self.step}, f)
                 os_.replace(marker + ".tmp", marker)
                 time_.sleep(600)  # SIGKILLed here by the test
+            if fail_at == (self.epoch, n):
+                raise RuntimeError("injected failure")
             if poison == (self.epoch, n) and rank in poison_ranks and not poisoned:
                 poisoned.append(n)
                 batch = dict(batch)
@@ -326,7 +329,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def test_the_driver_killed_mid_checkpoint_then_the_same_command_resumes(data, tmp_path,
-                                                                         capsys):
+                                                                         capsys, straight):
     """`mmcl pretrain` joins the cluster; its driver is SIGKILLed while the checkpoint of
     epoch 2 is being written (a partial checkpoint folder already in storage). The run is not
     mistaken for a finished one, the checkpoint of epoch 1 is intact, and the same command,
@@ -391,14 +394,50 @@ def test_the_driver_killed_mid_checkpoint_then_the_same_command_resumes(data, tm
 
     # The resumed run equals an uninterrupted one with the same seed: same file order and
     # shuffles in epoch 2, same random draws on both workers.
-    straight = launcher.pretrain(cfg.model_copy(update={"storage": cfg.storage.model_copy(
-        update={"name": "straight"})}))
+    assert_equals_straight(run, history, straight)
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    """An uninterrupted 2-epoch run of the config the resume tests interrupt."""
+    cfg = tiny_config(data, tmp_path_factory.mktemp("straight"), "storage.name=straight",
+                      "train.epochs=2", "scaling.max_failures=0")
+    return launcher.pretrain(cfg)
+
+
+def assert_equals_straight(run: Path, history: list[dict], straight) -> None:
     resumed_weights = torch.load(run / "model" / "weights.pt", weights_only=True)
     straight_weights = torch.load(Path(straight.run_url) / "model" / "weights.pt",
                                   weights_only=True)
     for key, value in straight_weights.items():
         assert torch.allclose(resumed_weights[key], value, rtol=1e-4, atol=1e-6), key
-    assert history[1]["loss"] == pytest.approx(straight.history[1]["loss"], rel=1e-5)
+    for epoch in (0, 1):
+        assert history[epoch]["loss"] == pytest.approx(straight.history[epoch]["loss"],
+                                                       rel=1e-5)
+
+
+def test_a_run_stopped_after_a_mid_epoch_checkpoint_resumes_as_a_straight_run(
+        data, tmp_path, straight):
+    """train.checkpoint_every_steps=3 at 5 steps per epoch: checkpoints at steps 3, 5 (end of
+    epoch 1), 6 (one batch into epoch 2). The first attempt dies at step 8; rerun, the run
+    goes on from step 6: it skips the batch of epoch 2 already trained on, draws what a
+    straight run draws, and ends with its weights and its epoch losses."""
+    cfg = tiny_config(data, tmp_path, "storage.name=steps", "train.epochs=2",
+                      "train.checkpoint_every_steps=3", "scaling.max_failures=0")
+    trainer, steps = trainer_for(cfg, faulty_loop(fail_at=(1, 3)))
+    assert steps == 5
+    with pytest.raises(ray.train.TrainingFailedError, match="injected failure"):
+        trainer.fit()
+    run = tmp_path / "steps"
+    metas = [json.loads(p.read_text()) for p in run.glob("checkpoint_*/meta.json")]
+    assert {(m["epoch"], m["step"]) for m in metas} >= {(1, 6)}
+
+    result = launcher.pretrain(cfg)
+    history = read_metrics(result.run_url)
+    assert [h["resumed_from_step"] for h in history] == [0, 6]
+    assert [h["steps"] for h in history] == [steps, steps]
+    assert history[-1]["step"] == 2 * steps
+    assert_equals_straight(run, history, straight)
 
 
 def test_a_dataset_built_for_the_resume_epoch_reads_that_epochs_file_order(data):

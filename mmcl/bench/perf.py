@@ -595,6 +595,7 @@ class _Loop:
 READER_VARIANTS = {
     # name: environment for the read_parquet call (mmcl.data.pipeline.parquet_reader reads it)
     "mmcl": {},  # as shipped: Ray Data's V1 Parquet datasource
+    "mmcl_per_epoch": {},  # the same, each epoch started only when it begins (before the stream)
     "v2_defaults": {"RAY_DATA_USE_DATASOURCE_V2": "1", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "32"},
     "v2_one_actor": {"RAY_DATA_USE_DATASOURCE_V2": "1", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"},
 }
@@ -719,14 +720,21 @@ def data_plane(quick: bool, workdir: str) -> dict:
     from mmcl.train import launcher
 
     n, rounds, rounds_1w = (2048, 1, 1) if quick else (16384, 3, 2)
+    # MMCL_BENCH_PLANE=demo: the README demo's size (12 steps per worker and epoch), the
+    # stream against per-epoch iteration against in-memory, 3 rounds, 2 workers only.
+    demo = os.environ.get("MMCL_BENCH_PLANE") == "demo"
+    if demo:
+        n, rounds = 4096, 3
     root = os.path.join(workdir, "plane_rus")
     generate("rus", root, n=n, seed=0, overwrite=True)
     cfg = _demo_config([f"data.path={root}",
                         f"storage.path={os.path.join(workdir, 'plane_runs')}"])
     root, manifest = launcher.prepare_data(cfg)
     sources_2w = ["mmcl", "memory"] + ([] if quick else ["v2_defaults", "v2_one_actor"])
+    if demo:
+        sources_2w = ["mmcl", "memory", "mmcl_per_epoch"]
     fits = [_interleaved_fit(cfg, root, manifest, sources_2w, rounds, 2, workdir, "plane-2w")]
-    if not quick:  # quick: one fit (each fit starts a Ray Train worker group)
+    if not (quick or demo):  # quick: one fit (each fit starts a Ray Train worker group)
         fits.append(_interleaved_fit(cfg, root, manifest, ["mmcl", "memory"], rounds_1w, 1,
                                      workdir, "plane-1w"))
     runs = [row for fit in fits for row in _source_rows(fit)]
@@ -769,7 +777,10 @@ def data_plane(quick: bool, workdir: str) -> dict:
                                "are per-round ratios (median)",
                      "schedule_2_workers": two["schedule"],
                      "variants": "mmcl: the Ray path as shipped (Ray Data's V1 Parquet reader, "
-                                 "mmcl.data.pipeline.parquet_reader); v2_defaults: Ray Data's "
+                                 "mmcl.data.pipeline.parquet_reader, one EpochStream per worker "
+                                 "running ahead across epochs); mmcl_per_epoch: the same reader, "
+                                 "each epoch iterated only when it begins (before the stream); "
+                                 "v2_defaults: Ray Data's "
                                  "default V2 reader with 32 FooterReader actors per epoch (mmcl "
                                  "before this change); v2_one_actor: V2 with 1 footer actor",
                      "throughput": "sum over workers of rows / loop time of the epoch "

@@ -117,9 +117,10 @@ def _complete(fs, folder: str, url: str) -> FoundCheckpoint | None:
 
 def newest_complete_checkpoint(run_url: str | None, endpoint_url: str | None = None,
                                region: str | None = None) -> FoundCheckpoint | None:
-    """The complete checkpoint of the latest epoch in a run folder, registered with Ray
-    Train or not: a checkpoint whose upload finished counts even when the process that
-    would have registered it was killed first, so at most the current epoch is lost."""
+    """The complete checkpoint of the latest epoch and step in a run folder, registered with
+    Ray Train or not: a checkpoint whose upload finished counts even when the process that
+    would have registered it was killed first, so at most the steps since the last
+    checkpoint (an epoch, or train.checkpoint_every_steps) are lost."""
     if not run_url:
         return None
     fs, path = filesystem(run_url, endpoint_url, region)
@@ -127,15 +128,15 @@ def newest_complete_checkpoint(run_url: str | None, endpoint_url: str | None = N
         names = [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)]
     except (FileNotFoundError, NotADirectoryError):
         return None
-    epochs = []
+    progress = []  # (epoch, step, name): mid-epoch checkpoints share their epoch
     for name in names:
         if name.startswith("checkpoint_"):
             try:
-                epochs.append((int(json.loads(fs.cat_file(join(path, name, META)))["epoch"]),
-                               name))
+                meta = json.loads(fs.cat_file(join(path, name, META)))
+                progress.append((int(meta["epoch"]), int(meta.get("step", 0)), name))
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-    for _, name in sorted(epochs, reverse=True):
+    for *_, name in sorted(progress, reverse=True):
         found = _complete(fs, join(path, name), join(run_url, name))
         if found is not None:
             return found

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -71,6 +72,44 @@ def _all_ranks_finite(loss: Tensor) -> bool:
     return bool(finite.item())
 
 
+@dataclass
+class EpochTally:
+    """What the epoch in progress has done so far: batches taken from the stream (skipped
+    ones included: a resumed run skips exactly these), steps, rows and metric sums. It
+    travels in mid-epoch checkpoints, so that a resumed epoch's summary is the one a
+    straight run reports."""
+
+    batches: int = 0
+    steps: int = 0
+    rows: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+
+    def add(self, metrics: dict[str, float] | None, rows: int) -> None:
+        self.batches += 1
+        if metrics is None:
+            return
+        self.steps += 1
+        self.rows += rows
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def state(self) -> dict:
+        return {"batches": self.batches, "steps": self.steps, "rows": self.rows,
+                "sums": dict(self.sums)}
+
+
+def total_steps(train: TrainConfig, steps_per_epoch: int) -> int:
+    """Steps of the whole run: train.epochs epochs, or train.max_steps if that comes first
+    (the LR schedule spans this length)."""
+    total = train.epochs * steps_per_epoch
+    return min(total, train.max_steps) if train.max_steps else total
+
+
+def epochs_needed(train: TrainConfig, steps_per_epoch: int) -> int:
+    """Epochs (the last one possibly partial) that the run's total steps take."""
+    return math.ceil(total_steps(train, steps_per_epoch) / steps_per_epoch)
+
+
 class Engine:
     def __init__(self, cfg: RunConfig, manifest: Manifest, steps_per_epoch: int,
                  device: torch.device | str = "cpu", rank: int = 0,
@@ -89,7 +128,7 @@ class Engine:
         scales = self.objective.encoder.lr_scales()
         self.optimizers = {name: make_optimizer(g, cfg.train, scales)
                            for name, g in groups.items()}
-        total = cfg.train.epochs * steps_per_epoch
+        self.total_steps = total = total_steps(cfg.train, steps_per_epoch)
         warmup = int(round(cfg.train.warmup_epochs * steps_per_epoch))
         self.schedulers = {
             name: torch.optim.lr_scheduler.LambdaLR(
@@ -101,6 +140,7 @@ class Engine:
         self.step = 0
         self.epoch = 0
         self.history: list[dict] = []  # one entry per finished epoch; travels in checkpoints
+        self.tally = EpochTally()  # the epoch in progress; travels in checkpoints
         self.skipped_batches = 0
         # Called after every step with its metrics, lr, step, samples/s and data-wait
         # fraction (the progress bar, experiment tracking); None: nothing is called.
@@ -141,30 +181,41 @@ class Engine:
         self.step += 1
         return {"loss": out.loss.detach().item(), **out.metrics}
 
+    @property
+    def finished(self) -> bool:
+        """The run has taken all its steps (train.epochs or train.max_steps)."""
+        return self.step >= self.total_steps
+
     def train_epoch(self, batches: Iterable[Mapping[str, Tensor]]) -> dict[str, float]:
-        """Runs one epoch over `batches`; returns mean metrics, throughput and data wait.
-        `self.on_step`, when set, gets every step's metrics (see `_step_metrics`)."""
-        sums: dict[str, float] = {}
-        steps, rows, wait = 0, 0, 0.0
+        """Runs one epoch over `batches` (or what is left of it: a run resumed mid-epoch
+        passes the batches after those in `self.tally`, which it goes on from); stops early
+        once the run has taken all its steps. Returns mean metrics, throughput and data wait
+        of the whole epoch. `self.on_step`, when set, gets every step's metrics (see
+        `_step_metrics`) after the tally holds that step."""
+        tally = self.tally
+        rows, wait = 0, 0.0  # this process's share, for throughput and data wait
+        stream = iter(batches)
         start = tick = time.perf_counter()
-        for batch in batches:
+        while not self.finished:  # never pull a batch the run will not train on
+            batch = next(stream, None)
+            if batch is None:
+                break
             fetched = time.perf_counter()
             wait += fetched - tick
             metrics = self.train_step(batch)
+            batch_rows = len(next(iter(batch.values())))
+            tally.add(metrics, batch_rows)
             if metrics is not None:
-                batch_rows = len(next(iter(batch.values())))
-                steps += 1
                 rows += batch_rows
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v
                 if self.on_step is not None:
                     self.on_step(self._step_metrics(metrics, batch_rows, fetched - tick,
                                                time.perf_counter() - tick))
             tick = time.perf_counter()
         elapsed = time.perf_counter() - start
         self.epoch += 1
-        summary = {k: v / max(steps, 1) for k, v in sums.items()}
-        summary.update(epoch=self.epoch, step=self.step, steps=steps, lr=self.lr,
+        self.tally = EpochTally()
+        summary = {k: v / max(tally.steps, 1) for k, v in tally.sums.items()}
+        summary.update(epoch=self.epoch, step=self.step, steps=tally.steps, lr=self.lr,
                        samples_per_s=rows / elapsed if elapsed else 0.0,
                        data_wait_fraction=wait / elapsed if elapsed else 0.0,
                        skipped_batches=self.skipped_batches)
@@ -186,7 +237,7 @@ class Engine:
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),  # dropout and other global draws
             "step": self.step, "epoch": self.epoch, "history": self.history,
-            "skipped_batches": self.skipped_batches,
+            "skipped_batches": self.skipped_batches, "tally": self.tally.state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -201,3 +252,4 @@ class Engine:
         self.step, self.epoch = state["step"], state["epoch"]
         self.history = list(state["history"])
         self.skipped_batches = state.get("skipped_batches", 0)
+        self.tally = EpochTally(**state.get("tally", {}))

@@ -60,6 +60,10 @@ class RunResult:
         if dropped:
             lines.append(f"  dropped:    {dropped} training rows per epoch with NaN, inf or "
                          f"null values (data.nonfinite=drop; metrics.jsonl: dropped_rows)")
+        incomplete = max([h.get("dropped_missing_rows", 0) for h in self.history], default=0)
+        if incomplete:
+            lines.append(f"  dropped:    {incomplete} training tuples per epoch lacking a "
+                         f"modality (data.missing=drop; metrics.jsonl: dropped_missing_rows)")
         return "\n".join(lines)
 
 
@@ -205,9 +209,25 @@ def finish_run(cfg: RunConfig, manifest: Manifest, run_url: str, state: dict) ->
 # --------------------------------------------------------------------------------- main
 
 
-def train_steps(cfg: RunConfig, manifest: Manifest, workers: int) -> int:
-    """Steps per epoch of every worker: an equal split of the training rows, full batches."""
-    return steps_per_epoch(manifest.splits[cfg.data.train_split], cfg.train.batch_size, workers)
+def train_steps(cfg: RunConfig, manifest: Manifest, workers: int,
+                root: str | None = None) -> int:
+    """Steps per epoch of every worker: an equal split of the training rows, full batches.
+    With data.missing=drop (and `root`) only the complete tuples count: the LR schedule and
+    the progress bar then fit the epochs the workers really take. A train.max_steps that
+    train.epochs would never reach is refused (the run would end short of it)."""
+    rows = manifest.splits[cfg.data.train_split]
+    if root is not None and cfg.data.missing == "drop":
+        from mmcl.data.pipeline import complete_rows
+
+        rows = complete_rows(root, cfg.data.train_split, manifest, manifest.modality_names,
+                             **remote(cfg))
+    steps = steps_per_epoch(rows, cfg.train.batch_size, workers)
+    if cfg.train.max_steps and cfg.train.max_steps > cfg.train.epochs * steps:
+        raise config_mod.ConfigError(
+            f"train.max_steps={cfg.train.max_steps} is more than train.epochs="
+            f"{cfg.train.epochs} epochs of {steps} steps take ({cfg.train.epochs * steps}); "
+            f"raise train.epochs (the run ends at whichever comes first)")
+    return steps
 
 
 def is_finished(run_url: str, cfg: RunConfig) -> bool:
@@ -260,7 +280,7 @@ def pretrain(cfg: RunConfig, address: str | None = None, in_process: bool = Fals
     root, manifest = prepare_data(cfg)
     init = continued_weights(cfg, manifest, continue_from) if continue_from else None
     refuse_finished(cfg, run_url)
-    steps = train_steps(cfg, manifest, 1 if in_process else cfg.scaling.num_workers)
+    steps = train_steps(cfg, manifest, 1 if in_process else cfg.scaling.num_workers, root)
     with run_lease(run_url, cfg.storage.endpoint_url, cfg.storage.region):
         refuse_finished(cfg, run_url)  # finished by another driver before the lease
         if init:
@@ -285,8 +305,16 @@ def _pretrain_in_process(cfg: RunConfig, root: str, manifest: Manifest,
     columns = training_columns(manifest)
     train = read_split(root, cfg.data.train_split, columns=columns, **remote(cfg),
                        nonfinite=cfg.data.nonfinite, missing=cfg.data.missing)
-    # read_split drops rows with NaN/inf/null (data.nonfinite=drop); the manifest counts all.
-    dropped = manifest.splits[cfg.data.train_split] - len(train["id"])
+    # read_split drops rows with NaN/inf/null (data.nonfinite=drop) and incomplete tuples
+    # (data.missing=drop); the manifest counts all. Counted apart, as on the Ray path.
+    complete = manifest.splits[cfg.data.train_split]
+    if cfg.data.missing == "drop":
+        from mmcl.data.pipeline import complete_rows
+
+        complete = complete_rows(root, cfg.data.train_split, manifest,
+                                 manifest.modality_names, **remote(cfg))
+    dropped = {"dropped_rows": complete - len(train["id"]),
+               "dropped_missing_rows": manifest.splits[cfg.data.train_split] - complete}
     weights = None
     if init_weights:
         fs, path = filesystem(init_weights, cfg.storage.endpoint_url, cfg.storage.region)
@@ -301,7 +329,7 @@ def _pretrain_in_process(cfg: RunConfig, root: str, manifest: Manifest,
     run_log = RunLog(cfg, join(cfg.storage.path, cfg.storage.name))
     try:
         return fit_in_memory(cfg, manifest, train, on_epoch=log, init_weights=weights,
-                             extra_metrics={"dropped_rows": dropped},
+                             extra_metrics=dropped,
                              run_log=run_log).state_dict()
     finally:
         run_log.close()
@@ -325,7 +353,8 @@ def make_trainer(cfg: RunConfig, root: str, manifest: Manifest, steps: int, name
     # Absolute: Ray Train workers do not run in the driver's working directory.
     run_url = checkpoint_url(cfg, f"{storage_root(cfg)}/{name}")
     found = newest_complete_checkpoint(run_url, cfg.storage.endpoint_url, cfg.storage.region)
-    drops = DropCounter.create() if cfg.data.nonfinite == "drop" else None
+    drops = (DropCounter.create() if "drop" in (cfg.data.nonfinite, cfg.data.missing)
+             else None)
     dataset = build_dataset(root, cfg.data.train_split, manifest, training_columns(manifest),
                             seed=cfg.train.seed, epoch=found.epoch if found else 0,
                             nonfinite=cfg.data.nonfinite, missing=cfg.data.missing,

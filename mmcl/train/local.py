@@ -42,7 +42,7 @@ def fit_in_memory(cfg: RunConfig, manifest: Manifest, train: Mapping[str, np.nda
                   init_weights: Mapping[str, torch.Tensor] | None = None,
                   extra_metrics: Mapping[str, float] | None = None,
                   run_log=None) -> Engine:
-    """Train for cfg.train.epochs on in-memory columns (modalities + labels), from
+    """Train for cfg.train.epochs (or cfg.train.max_steps) on in-memory columns (modalities + labels), from
     `init_weights` (the objective's state dict) if given; `extra_metrics` join every
     epoch's summary. `run_log` (a mmcl.train.tracking.RunLog) records step curves and
     metrics.jsonl as a Ray run does."""
@@ -59,4 +59,6 @@ def fit_in_memory(cfg: RunConfig, manifest: Manifest, train: Mapping[str, np.nda
             run_log.epoch(summary, engine.history)
         if on_epoch:
             on_epoch(summary)
+        if engine.finished:  # train.max_steps, mid-epoch if need be
+            break
     return engine

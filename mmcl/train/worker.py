@@ -1,9 +1,12 @@
 """The Ray Train function every worker runs: short and linear, the same for every objective.
 
-resume from the newest complete checkpoint (if any) -> for each remaining epoch: reseed,
-stream this worker's shard of the training split, take steps, report the epoch's metrics
-(with a checkpoint every `train.checkpoint_every` epochs and at the end), then print the
-epoch line. Rank 0 returns the epoch history.
+find the newest complete checkpoint (if any) -> start this worker's stream of the training
+split from there (one background thread over the whole run, ahead across epoch boundaries,
+already flowing while the model is built) -> build the engine and load the checkpoint -> for
+each remaining epoch: take steps, each batch reseeded from (seed, epoch, batch, rank), with a
+checkpoint every `train.checkpoint_every_steps` steps if set; report the epoch's metrics (with
+a checkpoint every `train.checkpoint_every` epochs and at the end), then print the epoch line.
+The run ends after train.epochs or train.max_steps. Rank 0 returns the epoch history.
 """
 
 from __future__ import annotations
@@ -16,13 +19,13 @@ import torch
 import torch.distributed as dist
 
 from mmcl.config import RunConfig
-from mmcl.data.pipeline import EpochDrops, derive_seed, iter_worker_batches
+from mmcl.data.pipeline import EpochDrops, EpochStream, derive_seed, iter_worker_batches
 from mmcl.data.schema import Manifest
 from mmcl.storage import filesystem
 from mmcl.train import console, tracking
 from mmcl.train.checkpoint import (newest_complete_checkpoint, read_checkpoint_state,
                                    safe_load, write_checkpoint)
-from mmcl.train.engine import Engine
+from mmcl.train.engine import Engine, epochs_needed
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
@@ -56,65 +59,125 @@ def epoch_batches(shard, cfg: RunConfig, epoch: int, rank: int, device):
                                epoch=epoch, rank=rank, device=device)
 
 
-def restore(engine: Engine, loop_config: dict, rank: int) -> None:
-    """Resume from the run's newest complete checkpoint in storage: the one Ray Train
-    registered, or a newer one whose upload finished before its worker or driver was killed
-    (not yet registered). A new run may start from another run's checkpoint
-    (`start_checkpoint`, a ray.train.Checkpoint: Tune's sample optimization does this) or
-    from a finished run's weights (`init_weights`: `mmcl pretrain --continue-from`)."""
+def resume_state(loop_config: dict) -> dict | None:
+    """The engine state to resume from: the run's newest complete checkpoint in storage (the
+    one Ray Train registered, or a newer one whose upload finished before its worker or
+    driver was killed, not yet registered), else the checkpoint a new run starts from
+    (`start_checkpoint`, a ray.train.Checkpoint: Tune's sample optimization does this).
+    None: a fresh start. Read before the model is built, so that the data can start to flow
+    meanwhile from where the state left off."""
     remote = loop_config.get("remote") or (None, None)
     found = newest_complete_checkpoint(loop_config.get("run_url"), *remote)
-    checkpoint = ray.train.get_checkpoint() or loop_config.get("start_checkpoint")
     if found is not None:
-        engine.load_state_dict(found.state)
-    elif checkpoint:
+        return found.state
+    checkpoint = ray.train.get_checkpoint() or loop_config.get("start_checkpoint")
+    if checkpoint:
         with checkpoint.as_directory() as directory:
-            engine.load_state_dict(read_checkpoint_state(directory))
+            return read_checkpoint_state(directory)
+    return None
+
+
+def restore(engine: Engine, state: dict | None, loop_config: dict, rank: int) -> None:
+    """Load the resume state, or a finished run's weights for a new run (`init_weights`:
+    `mmcl pretrain --continue-from`)."""
+    if state is not None:
+        engine.load_state_dict(state)
+        print(f"[mmcl] rank {rank}: resumed at epoch {engine.epoch}, step {engine.step}"
+              + (f" ({engine.tally.batches} batches into the epoch)"
+                 if engine.tally.batches else ""))
     elif loop_config.get("init_weights"):
+        remote = loop_config.get("remote") or (None, None)
         fs, path = filesystem(loop_config["init_weights"], *remote)
         engine.objective.load_state_dict(safe_load(fs.cat_file(path),
                                                    loop_config["init_weights"]))
-        return
-    else:
-        return
-    print(f"[mmcl] rank {rank}: resumed at epoch {engine.epoch}, step {engine.step}")
 
 
-def seed_epoch(engine: Engine, cfg: RunConfig, epoch: int, rank: int) -> None:
-    """Each worker's random draws of an epoch (augmentations, permutations, dropout) follow
-    from (seed, epoch, rank) alone: a checkpoint holds rank 0's generators only, and a
-    resumed run must draw what a straight run draws."""
-    engine.generator.manual_seed(derive_seed(cfg.train.seed, epoch, rank, 0))
-    torch.manual_seed(derive_seed(cfg.train.seed, epoch, rank, 1))
+def seed_batch(engine: Engine, cfg: RunConfig, epoch: int, index: int, rank: int) -> None:
+    """Each worker's random draws for a batch (augmentations, permutations, dropout) follow
+    from (seed, epoch, batch index, rank) alone: a checkpoint holds rank 0's generators
+    only, and a run resumed at any batch, mid-epoch too, must draw what a straight run
+    draws."""
+    engine.generator.manual_seed(derive_seed(cfg.train.seed, epoch, rank, index, 0))
+    torch.manual_seed(derive_seed(cfg.train.seed, epoch, rank, index, 1))
+
+
+def seeded(engine: Engine, cfg: RunConfig, batches, epoch: int, rank: int):
+    """The batches of `batches` (EpochStream.epoch's (index, batch) pairs), each seeded just
+    before it trains."""
+    for index, batch in batches:
+        seed_batch(engine, cfg, epoch, index, rank)
+        yield batch
+
+
+def stop_epoch_of(cfg: RunConfig, loop_config: dict) -> int:
+    """The epoch after which this run stops: train.epochs (or fewer, as train.max_steps
+    needs), or `stop_epoch`, which ends the run early keeping the schedule of the whole run."""
+    stop = epochs_needed(cfg.train, loop_config["steps_per_epoch"])
+    return min(stop, loop_config.get("stop_epoch") or stop)
+
+
+def report_checkpoint(engine: Engine, cfg: RunConfig, metrics: dict, rank: int) -> None:
+    """Report `metrics` with a checkpoint of the engine (every worker calls this together)."""
+    with tempfile.TemporaryDirectory() as directory:
+        saved = None
+        if rank == 0:  # one copy of the (replicated) state is enough
+            write_checkpoint(directory, engine.state_dict(), cfg, engine.manifest)
+            saved = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=saved)
+
+
+def step_checkpointer(engine: Engine, cfg: RunConfig, rank: int):
+    """Called after every step: a mid-epoch checkpoint every train.checkpoint_every_steps
+    steps (none at the run's last step: the final checkpoint follows). Every worker takes the
+    same steps (skipped batches are agreed on by all), so all of them report together."""
+    every = cfg.train.checkpoint_every_steps
+
+    def after_step(metrics: dict) -> None:
+        if every and engine.step % every == 0 and not engine.finished:
+            report_checkpoint(engine, cfg, {"epoch": engine.epoch, "step": engine.step,
+                                            "epoch_batches": engine.tally.batches,
+                                            "loss": metrics["loss"]}, rank)
+    return after_step
 
 
 def train_loop_per_worker(loop_config: dict) -> list[dict]:
+    cfg = RunConfig.model_validate(loop_config["run"])
+    rank = ray.train.get_context().get_world_rank()
+    state = resume_state(loop_config)
+    first_epoch = state["epoch"] if state else 0
+    stop_epoch = stop_epoch_of(cfg, loop_config)
+    device = ray.train.torch.get_device()
+    shard = ray.train.get_dataset_shard("train")
+    # The data starts flowing now, while the model is built, and runs ahead across epochs.
+    stream = EpochStream(lambda e: epoch_batches(shard, cfg, e, rank, device),
+                         range(first_epoch, stop_epoch),
+                         skip=state.get("tally", {}).get("batches", 0) if state else 0)
+    try:
+        return _train(cfg, loop_config, state, stream, stop_epoch)
+    finally:
+        stream.close()
+
+
+def _train(cfg: RunConfig, loop_config: dict, state: dict | None, stream: EpochStream,
+           stop_epoch: int) -> list[dict]:
     cfg, engine, rank = worker_engine(loop_config)
-    restore(engine, loop_config, rank)
+    restore(engine, state, loop_config, rank)
     resumed_from_step = engine.step  # 0 on a fresh run; reported so resumes are visible
     run_log = tracking.RunLog(cfg, loop_config.get("run_url"), rank)
-    shard = ray.train.get_dataset_shard("train")
     drops = EpochDrops(loop_config.get("drop_counter"), cfg.data.train_split)
-    # `stop_epoch` ends the run early, keeping the schedule of all `train.epochs`.
-    stop_epoch = min(cfg.train.epochs, loop_config.get("stop_epoch") or cfg.train.epochs)
+    checkpoint_steps = step_checkpointer(engine, cfg, rank)
     for epoch in range(engine.epoch, stop_epoch):
-        seed_epoch(engine, cfg, epoch, rank)
         bar = console.EpochProgress(epoch + 1, cfg.train.epochs, engine.steps_per_epoch,
                                     enabled=rank == 0 and loop_config.get("progress_bar", False))
-        engine.on_step = lambda m: (bar.update(m), run_log.step(m))
-        summary = engine.train_epoch(epoch_batches(shard, cfg, epoch, rank, engine.device))
+        engine.on_step = lambda m: (bar.update(m), run_log.step(m), checkpoint_steps(m))
+        summary = engine.train_epoch(seeded(engine, cfg, stream.epoch(epoch), epoch, rank))
         bar.close()
         summary["samples_per_s_total"] = all_reduce_sum([summary["samples_per_s"]])[0]
         summary["resumed_from_step"] = resumed_from_step
-        summary["dropped_rows"] = drops.since_last()  # after the all-reduce: epoch complete
-        last = epoch + 1 == stop_epoch
+        summary.update(drops.since_last())  # after the all-reduce: epoch complete
+        last = epoch + 1 == stop_epoch or engine.finished
         if last or (epoch + 1) % cfg.train.checkpoint_every == 0:
-            with tempfile.TemporaryDirectory() as directory:
-                saved = None
-                if rank == 0:  # one copy of the (replicated) state is enough
-                    write_checkpoint(directory, engine.state_dict(), cfg, engine.manifest)
-                    saved = ray.train.Checkpoint.from_directory(directory)
-                ray.train.report(summary, checkpoint=saved)
+            report_checkpoint(engine, cfg, summary, rank)
         else:
             ray.train.report(summary)
         # Only now: an epoch line (and metrics.jsonl's row) means that epoch's checkpoint
@@ -122,5 +185,7 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
         run_log.epoch(summary, engine.history)
         if rank == 0:
             console.log_epoch(summary, cfg.train.epochs)
+        if last:
+            break
     run_log.close()
     return engine.history

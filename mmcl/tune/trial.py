@@ -427,11 +427,13 @@ def make_janitor(records: str, cfg: RunConfig):
 
 def trial_run_config(cfg: RunConfig, root: str, storage_path: str, name: str) -> RunConfig:
     """A trial's own run config: its data set resolved, its run folder inside the search's
-    folder, and a checkpoint every epoch (each report is scored from its checkpoint)."""
+    folder, and a checkpoint every epoch and no mid-epoch ones (each report is scored from
+    its checkpoint)."""
     raw = cfg.model_dump(mode="json")
     raw["data"]["path"] = root
     raw["storage"].update(path=storage_path, name=name)
     raw["train"]["checkpoint_every"] = 1
+    raw["train"]["checkpoint_every_steps"] = None  # Tune scores every report: epochs only
     return config_mod.from_dict(raw, source="trial config")
 
 
@@ -450,7 +452,7 @@ def run_train_trial(cfg: RunConfig, *, storage_path: str, name: str, spec: Score
 
     root, manifest = launcher.prepare_data(cfg)
     run_cfg = trial_run_config(cfg, root, storage_path, name)
-    steps = launcher.train_steps(run_cfg, manifest, run_cfg.scaling.num_workers)
+    steps = launcher.train_steps(run_cfg, manifest, run_cfg.scaling.num_workers, root)
     context = ray.data.DataContext.get_current()  # the dataset carries it to Ray Data
     context.enable_progress_bars = False
     context.enable_operator_progress_bars = False
