@@ -96,7 +96,7 @@ def cmd_data_synth(args) -> int:
     from mmcl.data.synth import generate
 
     generate(args.preset, args.out, n=args.n, seed=args.seed, overwrite=args.overwrite,
-             **_s3(args))
+             image_size=args.image_size, source=args.source, **_s3(args))
     print(format_inspect(inspect_dataset(args.out, **_s3(args))))
     print(f"wrote {args.out}")
     return 0
@@ -252,16 +252,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_s3_args(p)
     p.set_defaults(func=cmd_data_inspect)
 
-    p = dsub.add_parser("synth", help="generate a controlled data set (rus, factorcl, weak)",
+    p = dsub.add_parser("synth", help="generate a controlled data set (rus, factorcl, weak, trifeature)",
                         description="Generate one of the papers' controlled data sets, with "
                         "the true latent factors written as label columns: rus (redundancy, "
                         "uniqueness, synergy), factorcl (shared and unique factors), weak (a "
-                        "low-SNR modality that alone carries a factor).")
-    p.add_argument("--preset", required=True, choices=["rus", "factorcl", "weak"])
+                        "low-SNR modality that alone carries a factor), trifeature (pairs of images: shared "
+                        "shape, unique textures, a texture-colour synergy; CoMM's benchmark).")
+    p.add_argument("--preset", required=True, choices=["rus", "factorcl", "weak", "trifeature"],
+                   help="trifeature: CoMM's bimodal Trifeature images, written as PNG files "
+                   "and a table (--source) and then imported with `mmcl data import`")
     p.add_argument("--out", required=True, help="output folder (local path or s3://...)")
     p.add_argument("--n", type=int, default=4096, help="tuples over all splits")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing data set")
+    p.add_argument("--image-size", type=int, default=32,
+                   help="trifeature: image height and width in pixels")
+    p.add_argument("--source", help="trifeature: folder for the PNG files and the table "
+                   "(default: OUT-source next to a local OUT, a temporary folder otherwise)")
     _add_s3_args(p)
     p.set_defaults(func=cmd_data_synth)
 
