@@ -12,6 +12,9 @@ from mmcl.objectives.registry import OBJECTIVES
 def build_objective(run_cfg, manifest) -> Objective:
     """The objective a run config names, on the data set the manifest describes (restricted to
     the config's modalities)."""
+    from mmcl.data.prepare import model_manifest
+
+    manifest = model_manifest(manifest, getattr(getattr(run_cfg, "data", None), "normalize", True))
     return OBJECTIVES[run_cfg.objective.name](run_cfg.objective, manifest, run_cfg.model)
 
 
