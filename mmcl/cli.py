@@ -182,7 +182,8 @@ def cmd_bench_fidelity(args) -> int:
 
     if args.seeds is not None and args.seeds < 1:
         raise DataError("--seeds must be >= 1")
-    report = run_fidelity(quick=args.quick, seeds=args.seeds, out=args.out)
+    report = run_fidelity(quick=args.quick, seeds=args.seeds, out=args.out,
+                          preset=args.preset)
     with open(f"{report['_out']}/fidelity.md") as f:
         print(f.read(), end="")
     print(f"wrote {report['_out']}/fidelity.json and {report['_out']}/fidelity.md"
@@ -392,8 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="tiny data, 2 epochs, a small model: every row and column, numbers "
                    "not meaningful (about a minute on 2 cores)")
-    p.add_argument("--out", help="output folder (default: runs/bench/fidelity or "
-                   "runs/bench/fidelity-quick)")
+    p.add_argument("--preset", choices=["trifeature"],
+                   help="trifeature: CoMM's bimodal Trifeature table on images (cross, "
+                   "cross_self, comm, comm_linear, tuple, tuple_infonce, factorcl_ssl; the "
+                   "built-in CNN on 32x32 renders) instead of the vector presets")
+    p.add_argument("--out", help="output folder (default: runs/bench/fidelity, "
+                   "runs/bench/fidelity-trifeature, with -quick for --quick)")
     p.set_defaults(func=cmd_bench_fidelity)
 
     from mmcl.tune.cli import add_tune_parser
