@@ -148,12 +148,12 @@ PRESET_OVERRIDES: dict[str, tuple[str, ...]] = {
 # the budget and the model every row shares (Settings.trifeature).
 TRIFEATURE_METHODS = ("cross", "cross_self", "comm", "comm_linear", "tuple", "tuple_infonce",
                       "factorcl_ssl")
-TRIFEATURE_N = 4000          # pairs: 2000 biased pretraining, 1000 unbiased probe-train,
-#                              400 val, 600 test (mmcl.data.trifeature.SPLIT_FRACTIONS)
-TRIFEATURE_EPOCHS = 4
+TRIFEATURE_N = 6000          # pairs: 3000 biased pretraining, 1500 unbiased probe-train,
+#                              600 val, 900 test (mmcl.data.trifeature.SPLIT_FRACTIONS)
+TRIFEATURE_EPOCHS = 10
 TRIFEATURE_BATCH = 64
 TRIFEATURE_DATA_SEED = 0     # one data set for every seed (as CoMM's): seeds vary the model
-TRIFEATURE_MODEL = ("model.embed_dim=64", "model.encoder.kind=cnn", "model.encoder.hidden=24",
+TRIFEATURE_MODEL = ("model.embed_dim=64", "model.encoder.kind=cnn", "model.encoder.hidden=32",
                     "model.encoder.layers=3", "model.proj_hidden=128", "model.proj_dim=64")
 # The geometric half of SimCLR's image set (random resized crop keeping >= 50% of the area:
 # SimCLR keeps 8% of 224x224 photos; horizontal flip). Left out, with reasons: colour jitter
@@ -224,7 +224,7 @@ class Settings:
     @classmethod
     def trifeature(cls, quick: bool = False) -> "Settings":
         """CoMM's bimodal Trifeature table on 2 CPU cores: 32x32 renders, the built-in CNN
-        (3 stride-2 conv blocks of 24 channels; CoMM: AlexNet on 224x224, 100 epochs), the
+        (3 stride-2 conv blocks of 32 channels; CoMM: AlexNet on 224x224, 100 epochs), the
         geometric SimCLR augmentations (see TRIFEATURE_AUGMENT). quick: a smoke
         test of every row and column (a few hundred pairs, 1 epoch, a tiny CNN)."""
         common = dict(presets=IMAGE_PRESETS, methods=TRIFEATURE_METHODS,

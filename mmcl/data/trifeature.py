@@ -16,7 +16,10 @@ of images (modalities `image1`, `image2`) with
 Colours and the other image's texture are drawn independently. CoMM pretrains on *biased*
 pairs (every pair is a correlated one: colour 2 = pairing[texture 1], so the relation is a
 dependence between the modalities a self-supervised objective can see) and probes on
-*unbiased* pairs (any pair sharing the shape; synergy = 1 in about 1 of 10). Here one data
+*unbiased* pairs (any pair sharing the shape; synergy = 1 in about 1 of 10). Here the
+unbiased pairs are correlated in a random half and not in the other half, so synergy is
+balanced: mmcl's linear probe is unweighted, and on a 1-in-10 label it predicts the majority
+class for every representation (measured: synergy 0.500 for every row). One data
 set holds both: the `biased` column marks the pretraining pairs of the train split; the
 probes fit on the train split's unbiased pairs and score on val/test, which are unbiased.
 
@@ -188,18 +191,24 @@ class Pairs:
 
 def draw_pairs(n: int, seed: int) -> Pairs:
     """n pairs split as SPLIT_FRACTIONS: biased train pairs (colour 2 = pairing[texture 1],
-    so synergy is 1 in all of them), unbiased train, val and test pairs (every attribute
-    but the shared shape drawn independently)."""
+    so synergy is 1 in all of them), unbiased train, val and test pairs (shape, textures and
+    colour 1 drawn independently; colour 2 = pairing[texture 1] in a random half, another
+    colour in the rest: synergy balanced)."""
     if n < len(SPLIT_FRACTIONS):
         raise ValueError(f"trifeature needs at least {len(SPLIT_FRACTIONS)} pairs, got {n}")
     rng = np.random.default_rng([int(seed), 8])
     pairing = correlated_pairs(seed)
     k = len(SHAPES)
-    shape, t1, t2, c1, c2 = (rng.integers(0, k, size=n) for _ in range(5))
+    shape, t1, t2, c1 = (rng.integers(0, k, size=n) for _ in range(4))
     sizes = split_sizes(n)
     biased = np.zeros(n, dtype=np.int64)
     biased[:sizes["train_biased"]] = 1
-    c2 = np.where(biased == 1, pairing[t1], c2)
+    # Unbiased pairs: half of them correlated, half with any other colour, so that the
+    # synergy label is balanced (with colour 2 drawn uniformly it is 1 in 1 of 10 pairs, and
+    # an unweighted linear probe then predicts 0 for every representation).
+    correlated = (biased == 1) | (rng.random(n) < 0.5)
+    other = (pairing[t1] + rng.integers(1, k, size=n)) % k      # any colour but pairing[t1]
+    c2 = np.where(correlated, pairing[t1], other)
     split = np.array(["train"] * (sizes["train_biased"] + sizes["train_unbiased"])
                      + ["val"] * sizes["val"] + ["test"] * sizes["test"])
     synergy = (c2 == pairing[t1]).astype(np.int64)
