@@ -150,7 +150,7 @@ TRIFEATURE_METHODS = ("cross", "cross_self", "comm", "comm_linear", "tuple", "tu
                       "factorcl_ssl")
 TRIFEATURE_N = 6000          # pairs: 3000 biased pretraining, 1500 unbiased probe-train,
 #                              600 val, 900 test (mmcl.data.trifeature.SPLIT_FRACTIONS)
-TRIFEATURE_EPOCHS = 10
+TRIFEATURE_EPOCHS = 8
 TRIFEATURE_BATCH = 64
 TRIFEATURE_DATA_SEED = 0     # one data set for every seed (as CoMM's): seeds vary the model
 TRIFEATURE_MODEL = ("model.embed_dim=64", "model.encoder.kind=cnn", "model.encoder.hidden=32",
@@ -382,6 +382,22 @@ def raw_features(values: np.ndarray, spec) -> np.ndarray:
     return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
 
 
+def _build_retrying_ray_start(build: Callable[[], object], log: Callable[[str], None]):
+    """build() once more when the local Ray it starts times out during startup (Ray waits
+    a fixed 30 s for its raylet, which an overloaded shared machine can miss); any other
+    error, and a second timeout, propagate."""
+    try:
+        return build()
+    except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this
+        if "timed out during startup" not in str(err):
+            raise
+        import ray
+
+        log(f"[fidelity] local Ray timed out during startup ({err}); starting it once more")
+        ray.shutdown()
+        return build()
+
+
 def trifeature_data(seed: int, settings: Settings, data_dir: str | None,
                     log: Callable[[str], None]):
     """(manifest, probe splits, pretraining rows) of the bimodal Trifeature set (one data set,
@@ -400,8 +416,8 @@ def trifeature_data(seed: int, settings: Settings, data_dir: str | None,
     out = os.path.join(root, f"trifeature-n{settings.n}-{settings.image_size}px-seed{data_seed}")
     start = time.perf_counter()
     if not os.path.exists(os.path.join(out, "manifest.json")):  # the first seed builds it
-        generate_trifeature(out, settings.n, data_seed, overwrite=True,
-                            image_size=settings.image_size)
+        _build_retrying_ray_start(lambda: generate_trifeature(
+            out, settings.n, data_seed, overwrite=True, image_size=settings.image_size), log)
         log(f"[fidelity] trifeature: {settings.n} pairs rendered, written as PNG and imported "
             f"in {time.perf_counter() - start:.1f}s -> {out}")
     manifest = read_manifest(out)
