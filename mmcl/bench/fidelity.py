@@ -1,6 +1,6 @@
 """`mmcl bench fidelity`: does each objective learn what its paper says it learns?
 
-    mmcl bench fidelity [--seeds 3] [--quick] [--out DIR]
+    mmcl bench fidelity [--preset trifeature] [--seeds 3] [--quick] [--out DIR]
         -> DIR/fidelity.json, DIR/fidelity.md, DIR/fidelity.png (matplotlib optional),
            DIR/runs.jsonl (one line per finished run, written as the bench goes)
 
@@ -28,6 +28,12 @@ Training runs in this process with `mmcl.train.local.fit_in_memory`: the same `E
 same augmentations, objective, optimiser, schedule and clipping) that the Ray Train workers
 drive, on in-memory tensors, one torch thread. On a small machine this is much faster than
 starting Ray per run and measures the same objectives; it is written into every output.
+
+`--preset trifeature` runs CoMM's bimodal Trifeature table instead (Settings.trifeature,
+TRIFEATURE_*): pairs of rendered images built on disk through `mmcl data import`
+(`trifeature_data`), the built-in CNN per image, pretraining on the biased pairs, probes of
+shape, texture1, texture2 and synergy beside CoMM's numbers (COMM_PAPER), its own targets
+(`trifeature_targets`).
 
 The targets of the fidelity issue (what the papers' controlled experiments show,
 docs/methods.md) are checked automatically with the thresholds in TARGET_THRESHOLDS; a
