@@ -96,7 +96,7 @@ def cmd_data_synth(args) -> int:
     from mmcl.data.synth import generate
 
     generate(args.preset, args.out, n=args.n, seed=args.seed, overwrite=args.overwrite,
-             **_s3(args))
+             image_size=args.image_size, source=args.source, **_s3(args))
     print(format_inspect(inspect_dataset(args.out, **_s3(args))))
     print(f"wrote {args.out}")
     return 0
@@ -182,7 +182,8 @@ def cmd_bench_fidelity(args) -> int:
 
     if args.seeds is not None and args.seeds < 1:
         raise DataError("--seeds must be >= 1")
-    report = run_fidelity(quick=args.quick, seeds=args.seeds, out=args.out)
+    report = run_fidelity(quick=args.quick, seeds=args.seeds, out=args.out,
+                          preset=args.preset)
     with open(f"{report['_out']}/fidelity.md") as f:
         print(f.read(), end="")
     print(f"wrote {report['_out']}/fidelity.json and {report['_out']}/fidelity.md"
@@ -281,15 +282,24 @@ def add_data_inspect(sub) -> None:
 
 
 def add_data_synth(sub) -> None:
-    p = sub.add_parser("synth", help="generate a controlled data set (rus, factorcl, weak)",
+    p = sub.add_parser("synth", help="generate a controlled data set (rus, factorcl, weak, "
+                       "trifeature)",
                        description="Generate one of the papers' controlled data sets, with "
                        "the true latent factors written as label columns: rus (redundancy, "
                        "uniqueness, synergy), factorcl (shared and unique factors), weak (a "
-                       "low-SNR modality that alone carries a factor).")
-    p.add_argument("--preset", required=True, choices=["rus", "factorcl", "weak"])
+                       "low-SNR modality that alone carries a factor), trifeature (pairs of "
+                       "images: shared shape, unique textures, a texture-colour synergy; "
+                       "CoMM's benchmark).")
+    p.add_argument("--preset", required=True, choices=["rus", "factorcl", "weak", "trifeature"],
+                   help="trifeature: CoMM's bimodal Trifeature images, written as PNG files "
+                   "and a table (--source) and then imported with `mmcl data import`")
     _add_out_arg(p)
     p.add_argument("--n", type=int, default=4096, help="tuples over all splits")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=32,
+                   help="trifeature: image height and width in pixels")
+    p.add_argument("--source", help="trifeature: folder for the PNG files and the table "
+                   "(default: OUT-source next to a local OUT, a temporary folder otherwise)")
     _add_overwrite_arg(p)
     _add_s3_args(p)
     p.set_defaults(func=cmd_data_synth)
@@ -415,8 +425,12 @@ def add_bench_fidelity(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="tiny data, 2 epochs, a small model: every row and column, numbers "
                    "not meaningful (about a minute on 2 cores)")
-    p.add_argument("--out", help="output folder (default: runs/bench/fidelity or "
-                   "runs/bench/fidelity-quick)")
+    p.add_argument("--preset", choices=["trifeature"],
+                   help="trifeature: CoMM's bimodal Trifeature table on images (cross, "
+                   "cross_self, comm, comm_linear, tuple, tuple_infonce, factorcl_ssl; the "
+                   "built-in CNN on 32x32 renders) instead of the vector presets")
+    p.add_argument("--out", help="output folder (default: runs/bench/fidelity, "
+                   "runs/bench/fidelity-trifeature, with -quick for --quick)")
     p.set_defaults(func=cmd_bench_fidelity)
 
 

@@ -24,7 +24,8 @@ def test_quick_bench_writes_every_row_and_column(quick_report, capsys):
     rc, out, report = quick_report
     assert rc == 0
     rows = [m.name for m in fidelity.METHODS] + list(fidelity.REFERENCES)
-    columns = [fidelity.column_key(p, c) for p, c, _, _ in fidelity.COLUMNS]
+    columns = [fidelity.column_key(p, c) for p, c, _, _ in fidelity.COLUMNS
+               if p in fidelity.PRESETS]
     assert list(report["table"]) == rows
     assert report["columns"] == columns
     for row in rows:
@@ -103,3 +104,34 @@ def test_targets_check_decides_on_the_numbers():
     missing = fidelity.check_targets(table({"cross": good["cross"]}), settings)
     assert [t["met"] for t in missing][0] is True
     assert all(t["met"] is None for t in missing[1:])
+
+
+def test_trifeature_quick_bench_builds_images_through_import_and_fills_the_table(
+        local_ray, tmp_path):
+    """`mmcl bench fidelity --preset trifeature --quick`: PNG files + a table imported with
+    `mmcl data import` (on the module's Ray), every trifeature row and column filled, the
+    trifeature targets decided, the rows beside CoMM's. No accuracy is asserted."""
+    import os
+
+    out = tmp_path / "tri"
+    rc = main(["bench", "fidelity", "--preset", "trifeature", "--quick", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "fidelity.json").read_text())
+    rows = list(fidelity.TRIFEATURE_METHODS) + list(fidelity.REFERENCES)
+    columns = [fidelity.column_key("trifeature", c)
+               for c in ("shape", "texture1", "texture2", "synergy")]
+    assert list(report["table"]) == rows and report["columns"] == columns
+    for row in rows:
+        for key in columns:
+            cell = report["table"][row][key]
+            assert cell["n"] == 1 and 0.0 <= cell["mean"] <= 1.0, (row, key, cell)
+    targets = report["targets"]
+    assert len(targets) == 6 and all(t["target"].startswith("trifeature") for t in targets)
+    assert all(t["met"] in (True, False) for t in targets), targets
+    md = (out / "fidelity.md").read_text()
+    assert "Beside CoMM's table" in md and "--preset trifeature --quick" in md
+    # the data set came through the real-file path: PNGs + a table, then the import's shards
+    [data] = [d for d in os.listdir(out / "data") if not d.endswith("-source")]
+    assert (out / "data" / data / "manifest.json").exists()
+    pngs = os.listdir(out / "data" / f"{data}-source" / "images")
+    assert len(pngs) == 2 * report["settings"]["n"] and pngs[0].endswith(".png")

@@ -279,3 +279,40 @@ def test_projection_head_shape_and_no_batchnorm():
     # batch-independent: a row's output does not depend on the rest of the batch
     x = torch.randn(4, D)
     torch.testing.assert_close(head(x)[:1], head(x[:1]))
+
+
+def test_cnn_encoder_standardises_images_with_the_manifests_constants():
+    """Images reach the encoder in [0, 1]; with the manifest's per-channel mean/std the cnn
+    encoder sees (x - mean) / std, exactly: same weights, standardised input by hand."""
+    from dataclasses import replace
+
+    spec = replace(IMG, mean=(0.2, 0.6), std=(0.1, 0.3))
+    cfg = EncoderConfig(kind="cnn", hidden=12, layers=2)
+    torch.manual_seed(0)
+    normalising = build_encoder(spec, cfg, D)
+    plain = build_encoder(IMG, cfg, D)
+    plain.load_state_dict(normalising.state_dict())   # the constants are not in the state
+    x = torch.rand(3, *IMG.shape)
+    by_hand = (x - torch.tensor([0.2, 0.6]).view(1, 2, 1, 1)) / torch.tensor(
+        [0.1, 0.3]).view(1, 2, 1, 1)
+    assert torch.allclose(normalising(x), plain(by_hand), atol=1e-5)
+    assert not torch.allclose(normalising(x), plain(x), atol=1e-3)
+    assert set(normalising.state_dict()) == set(plain.state_dict())
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_data_normalize_decides_whether_the_image_encoder_standardises(normalize):
+    from dataclasses import replace
+
+    from mmcl import config
+    from mmcl.data.schema import LabelSpec, Manifest
+    from mmcl.objectives import build_objective
+
+    img = replace(ModalitySpec("img", (3, 8, 8), "image", "uint8"), mean=(0.5,) * 3,
+                  std=(0.2,) * 3)
+    manifest = Manifest([img, ModalitySpec("vec", (4,))],
+                        [LabelSpec("y", "classification", 2)])
+    cfg = config.load(None, ["objective.name=cross", f"data.normalize={str(normalize).lower()}",
+                             "model.encoder.hidden=8", "model.encoder.layers=1"])
+    encoder = build_objective(cfg, manifest).encoder.encoders["img"]
+    assert encoder.normalizes is normalize

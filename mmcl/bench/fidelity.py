@@ -1,6 +1,6 @@
 """`mmcl bench fidelity`: does each objective learn what its paper says it learns?
 
-    mmcl bench fidelity [--seeds 3] [--quick] [--out DIR]
+    mmcl bench fidelity [--preset trifeature] [--seeds 3] [--quick] [--out DIR]
         -> DIR/fidelity.json, DIR/fidelity.md, DIR/fidelity.png (matplotlib optional),
            DIR/runs.jsonl (one line per finished run, written as the bench goes)
 
@@ -28,6 +28,12 @@ Training runs in this process with `mmcl.train.local.fit_in_memory`: the same `E
 same augmentations, objective, optimiser, schedule and clipping) that the Ray Train workers
 drive, on in-memory tensors, one torch thread. On a small machine this is much faster than
 starting Ray per run and measures the same objectives; it is written into every output.
+
+`--preset trifeature` runs CoMM's bimodal Trifeature table instead (Settings.trifeature,
+TRIFEATURE_*): pairs of rendered images built on disk through `mmcl data import`
+(`trifeature_data`), the built-in CNN per image, pretraining on the biased pairs, probes of
+shape, texture1, texture2 and synergy beside CoMM's numbers (COMM_PAPER), its own targets
+(`trifeature_targets`).
 
 The targets of the fidelity issue (what the papers' controlled experiments show,
 docs/methods.md) are checked automatically with the thresholds in TARGET_THRESHOLDS; a
@@ -63,8 +69,16 @@ COLUMNS: tuple[tuple[str, str, str, str], ...] = (
     ("factorcl", "y_unique2", "U_2", "FactorCL's block unique to x2"),
     ("weak", "shared", "shared", "a bit carried by the strong modalities and the weak one"),
     ("weak", "weak_factor", "weak", "a bit carried by the low-SNR modality only"),
+) + (
+    # CoMM's bimodal Trifeature (mmcl.data.trifeature): 10-class columns, chance 0.1
+    ("trifeature", "shape", "R: shape", "redundancy: the shape both images share (10 classes)"),
+    ("trifeature", "texture1", "U: texture1", "uniqueness: image 1's own texture (10 classes)"),
+    ("trifeature", "texture2", "U: texture2", "uniqueness: image 2's own texture (10 classes)"),
+    ("trifeature", "synergy", "S", "synergy: (texture of image 1, colour of image 2) is one of "
+     "the 10 correlated pairs"),
 )
 PRESETS = ("rus", "factorcl", "weak")
+IMAGE_PRESETS = ("trifeature",)   # run on their own: `mmcl bench fidelity --preset trifeature`
 
 
 def column_key(preset: str, column: str) -> str:
@@ -96,8 +110,9 @@ METHODS: tuple[Method, ...] = (
     Method("comm_linear", "comm", ("model.fusion=linear",),
            note="model.fusion=linear, CoMM's fusion ablation: one Linear layer over the "
                 "concatenated modality embeddings instead of the transformer"),
-    Method("factorcl_ssl", "factorcl_ssl", presets=("factorcl",),
-           note="FactorCL is defined for exactly two modalities: run on `factorcl` only"),
+    Method("factorcl_ssl", "factorcl_ssl", presets=("factorcl", "trifeature"),
+           note="FactorCL is defined for exactly two modalities: run on `factorcl` and "
+                "`trifeature` only"),
     Method("supcon", "supcon", ("objective.label_column=y",), kind="supervised",
            note="supervised reference: SupCon on the task label y of each data set"),
 )
@@ -135,6 +150,37 @@ PRESET_OVERRIDES: dict[str, tuple[str, ...]] = {
     "weak": ("augment.per_modality={weak: {noise: 1.0}}",),
 }
 
+# Trifeature: the rows of CoMM's table (and the rest of mmcl's self-supervised objectives),
+# the budget and the model every row shares (Settings.trifeature).
+TRIFEATURE_METHODS = ("cross", "cross_self", "comm", "comm_linear", "tuple", "tuple_infonce",
+                      "factorcl_ssl")
+TRIFEATURE_N = 6000          # pairs: 3000 biased pretraining, 1500 unbiased probe-train,
+#                              600 val, 900 test (mmcl.data.trifeature.SPLIT_FRACTIONS)
+TRIFEATURE_EPOCHS = 8
+TRIFEATURE_BATCH = 64
+TRIFEATURE_DATA_SEED = 0     # one data set for every seed (as CoMM's): seeds vary the model
+TRIFEATURE_MODEL = ("model.embed_dim=64", "model.encoder.kind=cnn", "model.encoder.hidden=32",
+                    "model.encoder.layers=3", "model.proj_hidden=128", "model.proj_dim=64")
+# The geometric half of SimCLR's image set (random resized crop keeping >= 50% of the area:
+# SimCLR keeps 8% of 224x224 photos; horizontal flip). Left out, with reasons: colour jitter
+# and grayscale (kornia's jitter costs more than the model's whole step on this CPU, and
+# colour is half of the synergy label), blur (a 3-pixel kernel wipes out 4-pixel textures),
+# feature noise and dropout.
+TRIFEATURE_AUGMENT = ("augment.default={crop: 0.5, flip: 0.5, color_jitter: 0.0, "
+                      "grayscale: 0.0, blur: 0.0, noise: 0.0, dropout: 0.0}",)
+# CoMM's Table (linear probe accuracy %, Dufumier et al. 2024, bimodal Trifeature).
+COMM_PAPER = {"cross": {"R": 100.0, "U": 11.6, "S": 50.0},
+              "cross_self": {"R": 99.7, "U": 86.9, "S": 50.0},
+              "comm": {"R": 99.9, "U": 87.8, "S": 71.9},
+              "comm_linear": {"S": 50.0}}
+TRIFEATURE_THRESHOLDS = {
+    "cross_max_uniqueness": 0.25,   # cross keeps little of the unique textures (chance 0.10)
+    "min_uniqueness": 0.70,         # cross_self and comm keep them
+    "comm_min_synergy": 0.65,       # comm (transformer fusion) learns the synergy
+    "linear_max_synergy": 0.55,     # a linear fusion does not (chance 0.5)
+    "min_redundancy": 0.90,         # every objective keeps the shared shape
+}
+
 # What "high", "near chance", ... mean in the targets check (balanced accuracy, chance 0.5).
 TARGET_THRESHOLDS = {
     "high": 0.90,             # redundancy "high"
@@ -166,6 +212,8 @@ class Settings:
     probe_max_iter: int = 100
     threads: int = 1
     rus_pretrain: str = "biased"     # "biased" (CoMM's protocol) or "unbiased"
+    trifeature_pretrain: str = "biased"  # "biased" (CoMM's protocol) or "unbiased"
+    image_size: int = 32             # trifeature renders (CoMM: 224)
     raw_per_modality: bool = True    # also probe each modality's raw features (JSON only)
     preset_overrides: dict[str, tuple[str, ...]] = field(
         default_factory=lambda: {p: tuple(v) for p, v in PRESET_OVERRIDES.items()})
@@ -179,6 +227,23 @@ class Settings:
                           "model.proj_hidden=64", "model.proj_dim=32"),
                    l2_grid=(1e-3,), probe_max_iter=30, raw_per_modality=False)
 
+    @classmethod
+    def trifeature(cls, quick: bool = False) -> "Settings":
+        """CoMM's bimodal Trifeature table on 2 CPU cores: 32x32 renders, the built-in CNN
+        (3 stride-2 conv blocks of 32 channels; CoMM: AlexNet on 224x224, 100 epochs), the
+        geometric SimCLR augmentations (see TRIFEATURE_AUGMENT). quick: a smoke
+        test of every row and column (a few hundred pairs, 1 epoch, a tiny CNN)."""
+        common = dict(presets=IMAGE_PRESETS, methods=TRIFEATURE_METHODS,
+                      augment=TRIFEATURE_AUGMENT, raw_per_modality=False, preset_overrides={})
+        if quick:
+            return cls(mode="quick", seeds=(0,), n=192, epochs=1, batch_size=32,
+                       model=("model.embed_dim=16", "model.encoder.kind=cnn",
+                              "model.encoder.hidden=8", "model.encoder.layers=2",
+                              "model.proj_hidden=32", "model.proj_dim=16"),
+                       l2_grid=(1e-3,), probe_max_iter=20, image_size=16, **common)
+        return cls(mode="full", n=TRIFEATURE_N, epochs=TRIFEATURE_EPOCHS,
+                   batch_size=TRIFEATURE_BATCH, model=TRIFEATURE_MODEL, **common)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["common_overrides"] = list(COMMON_OVERRIDES)
@@ -190,6 +255,13 @@ class Settings:
             "pretrains on biased pairs; every probe uses the unbiased train/val/test splits"
             if self.rus_pretrain == "biased" else
             "unbiased: on rus the objectives are pretrained on the whole train split")
+        d["trifeature_pretrain_note"] = (
+            "biased: on trifeature the objectives are pretrained on the train split's biased "
+            "pairs (colour of image 2 = pairing[texture of image 1], CoMM's synergy protocol); "
+            "the probes fit on the train split's unbiased pairs and score on the unbiased test "
+            "pairs" if self.trifeature_pretrain == "biased" else
+            "unbiased: on trifeature the objectives are pretrained on the train split's "
+            "unbiased pairs (also the probes' train rows)")
         d["training"] = ("in process (mmcl.train.local.fit_in_memory: the Engine the Ray Train "
                          "workers run, on in-memory tensors), no Ray, one worker")
         d["probe"] = ("mmcl.evaluate.diagnostics.probe_columns on objective.embed (the "
@@ -238,8 +310,9 @@ def run_config(m: Method | None, preset: str, seed: int, settings: Settings):
     objective = m.objective if m else "tuple"
     overrides = [
         f"objective.name={objective}", *OBJECTIVE_OVERRIDES.get(objective, ()),
-        f"data.synth.preset={preset}", f"data.synth.n={settings.n}",
-        f"data.synth.seed={seed}", f"train.seed={seed}", f"train.epochs={settings.epochs}",
+        # image presets are built on disk (trifeature_data), not by data.synth
+        *((f"data.synth.preset={preset}",) if preset in PRESETS else ()),
+        f"data.synth.n={settings.n}", f"data.synth.seed={seed}", f"train.seed={seed}", f"train.epochs={settings.epochs}",
         f"train.batch_size={settings.batch_size}", f"train.lr={settings.lr}",
         f"train.optimizer={settings.optimizer}",
         f"train.weight_decay={settings.weight_decay}", "scaling.num_workers=1",
@@ -260,15 +333,18 @@ def make_splits(preset: str, n: int, seed: int):
     return manifest, split_arrays(arrays, manifest, (0.8, 0.1, 0.1), seed)
 
 
-def embed_splits(objective, splits: dict, modalities: Sequence[str],
+def embed_splits(objective, splits: dict, modalities: Sequence[str], manifest,
                  batch_size: int = 1024) -> dict[str, dict[str, np.ndarray]]:
     """{split: {kind: features}} with kind "fused" = objective.embed (what `mmcl embed` writes
-    as its `embedding` column), in eval mode, no augmentation."""
+    as its `embedding` column), in eval mode, no augmentation; the stored columns go through
+    the data layer's Preparer first, as in training (uint8 images -> [0, 1])."""
     import torch
 
+    from mmcl.data.prepare import Preparer
     from mmcl.evaluate import diagnostics as diag
     from mmcl.evaluate.embed import FUSED
 
+    prepare = Preparer(manifest)
     objective.eval()
     out = {}
     for split, cols in splits.items():
@@ -276,8 +352,8 @@ def embed_splits(objective, splits: dict, modalities: Sequence[str],
         parts = []
         with torch.no_grad():
             for start in range(0, n, batch_size):
-                batch = {m: torch.from_numpy(np.ascontiguousarray(
-                    cols[m][start:start + batch_size], dtype=np.float32)) for m in modalities}
+                batch = prepare({m: torch.from_numpy(np.ascontiguousarray(
+                    cols[m][start:start + batch_size])) for m in modalities})
                 parts.append(objective.embed(batch).float().cpu().numpy())
         out[split] = diag.feature_kinds({FUSED: np.concatenate(parts)}, [], [])
     return out
@@ -305,26 +381,85 @@ def _scores(results: dict, preset: str, kind: str) -> dict[str, dict]:
     return out
 
 
+def raw_features(values: np.ndarray, spec) -> np.ndarray:
+    """One modality's stored values as (N, features) float32 for the raw-feature probe
+    (uint8 images in [0, 1], as the encoders see them)."""
+    x = np.asarray(values).reshape(len(values), -1)
+    return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
+
+
+def _build_retrying_ray_start(build: Callable[[], object], log: Callable[[str], None]):
+    """build() once more when the local Ray it starts times out during startup (Ray waits
+    a fixed 30 s for its raylet, which an overloaded shared machine can miss); any other
+    error, and a second timeout, propagate."""
+    try:
+        return build()
+    except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this
+        if "timed out during startup" not in str(err):
+            raise
+        import ray
+
+        log(f"[fidelity] local Ray timed out during startup ({err}); starting it once more")
+        ray.shutdown()
+        return build()
+
+
+def trifeature_data(seed: int, settings: Settings, data_dir: str | None,
+                    log: Callable[[str], None]):
+    """(manifest, probe splits, pretraining rows) of the bimodal Trifeature set (one data set,
+    TRIFEATURE_DATA_SEED, for every training seed), built as a user's image files are: PNG files + a table, `mmcl data import` (Ray Data),
+    then read back from the shards. CoMM's protocol: pretraining on the biased train pairs
+    (colour 2 = pairing[texture 1]); the probes fit on the unbiased train pairs and score on
+    the unbiased val/test splits. trifeature_pretrain="unbiased" pretrains on the unbiased
+    train pairs instead (an experiment: is texture 1 still unique when the pairing is off?)."""
+    import tempfile
+
+    from mmcl.data.shards import read_manifest, read_split
+    from mmcl.data.synth import generate_trifeature
+
+    root = data_dir or tempfile.mkdtemp(prefix="mmcl-fidelity-")
+    data_seed = TRIFEATURE_DATA_SEED
+    out = os.path.join(root, f"trifeature-n{settings.n}-{settings.image_size}px-seed{data_seed}")
+    start = time.perf_counter()
+    if not os.path.exists(os.path.join(out, "manifest.json")):  # the first seed builds it
+        _build_retrying_ray_start(lambda: generate_trifeature(
+            out, settings.n, data_seed, overwrite=True, image_size=settings.image_size), log)
+        log(f"[fidelity] trifeature: {settings.n} pairs rendered, written as PNG and imported "
+            f"in {time.perf_counter() - start:.1f}s -> {out}")
+    manifest = read_manifest(out)
+    splits = {s: read_split(out, s) for s in ("train", "val", "test")}
+    train = splits["train"]
+    biased = np.asarray(train["biased"]) == 1
+    pick = biased if settings.trifeature_pretrain == "biased" else ~biased
+    pretrain = {k: v[pick] for k, v in train.items()}
+    splits["train"] = {k: v[~biased] for k, v in train.items()}
+    return manifest, splits, pretrain
+
+
 # ---------------------------------------------------------------------------- one seed
 
 
 def run_preset(preset: str, seed: int, settings: Settings, log: Callable[[str], None],
-               record: Callable[[dict], None]) -> None:
+               record: Callable[[dict], None], data_dir: str | None = None) -> None:
     """The references and every method on one preset and seed; each finished run goes to
-    `record` as {"row", "preset", "seed", "scores", ...}."""
+    `record` as {"row", "preset", "seed", "scores", ...}. Image presets build their data set
+    on disk under `data_dir` (a temporary folder when None)."""
     import torch
 
     from mmcl.evaluate import diagnostics as diag
     from mmcl.objectives import build_objective
     from mmcl.train.local import fit_in_memory
 
-    manifest, splits = make_splits(preset, settings.n, seed)
+    if preset in IMAGE_PRESETS:
+        manifest, splits, pretrain = trifeature_data(seed, settings, data_dir, log)
+    else:
+        manifest, splits = make_splits(preset, settings.n, seed)
+        pretrain = pretraining_rows(preset, splits["train"], settings)
     modalities = manifest.modality_names
     specs = _specs(manifest, preset)
     probes = probe_settings(settings)
     label_splits = {s: {k: v for k, v in cols.items() if k not in modalities}
                     for s, cols in splits.items()}
-    pretrain = pretraining_rows(preset, splits["train"], settings)
 
     def done(row: str, results: dict, kind: str, **extra) -> None:
         scores = _scores(results, preset, kind)
@@ -334,26 +469,32 @@ def run_preset(preset: str, seed: int, settings: Settings, log: Callable[[str], 
         log(f"[fidelity] seed {seed} {preset:8s} {row:14s} {cells} "
             f"({extra.get('train_s', 0):.1f}s train, {extra.get('probe_s', 0):.1f}s probe)")
 
-    # references
+    # references (an image preset's data set is the same for every seed: its raw-pixel probe,
+    # minutes on 6144 features, runs for the first seed only)
     start = time.perf_counter()
+    raw_needed = preset not in IMAGE_PRESETS or seed == settings.seeds[0]
     kind = diag.RAW_ALL if len(modalities) > 1 else diag.raw_kind(modalities[0])
-    if settings.raw_per_modality:
+    if not raw_needed:
+        raw = None
+    elif settings.raw_per_modality:
         raw = diag.raw_feature_probes(splits, specs, modalities, probes)
         per_modality = {m: {c: raw[c]["probes"][diag.raw_kind(m)]["balanced_accuracy"]
                             for c in raw} for m in modalities}
     else:  # only the reference the table shows: every modality's raw features together
-        features = {s: {kind: np.concatenate([np.asarray(cols[m]).reshape(len(cols[m]), -1)
+        features = {s: {kind: np.concatenate([raw_features(cols[m], manifest.modality(m))
                                               for m in modalities], axis=1)}
                     for s, cols in splits.items()}
         raw, per_modality = diag.probe_columns(label_splits, specs, features, probes), None
-    done(RAW, raw, kind, probe_s=time.perf_counter() - start,
-         raw_per_modality=per_modality)
+    if raw is not None:
+        done(RAW, raw, kind, probe_s=time.perf_counter() - start,
+             raw_per_modality=per_modality)
     cfg = run_config(None, preset, seed, settings)
     torch.manual_seed(cfg.train.seed)
     start = time.perf_counter()
     random_model = build_objective(cfg, manifest)
     results = diag.probe_columns(label_splits, specs,
-                                 embed_splits(random_model, splits, modalities), probes)
+                                 embed_splits(random_model, splits, modalities, manifest),
+                                 probes)
     done(RANDOM, results, diag.FUSED_KIND, probe_s=time.perf_counter() - start)
 
     for name in settings.methods:
@@ -372,7 +513,7 @@ def run_preset(preset: str, seed: int, settings: Settings, log: Callable[[str], 
             continue
         train_s = time.perf_counter() - start
         start = time.perf_counter()
-        features = embed_splits(engine.objective, splits, modalities)
+        features = embed_splits(engine.objective, splits, modalities, manifest)
         results = diag.probe_columns(label_splits, specs, features, probes)
         last = engine.history[-1] if engine.history else {}
         done(m.name, results, diag.FUSED_KIND, train_s=train_s,
@@ -427,14 +568,21 @@ def _std(table, row: str, key: str) -> float:
 
 
 def check_targets(table: dict, settings: Settings) -> list[dict]:
-    """The fidelity issue's targets, each {"target", "met" (True/False/None: not run),
-    "detail"} with the numbers it was decided on."""
-    t = TARGET_THRESHOLDS
-    k = column_key
+    """The fidelity issues' targets of the data sets this bench ran, each {"target", "met"
+    (True/False/None: not run), "detail"} with the numbers it was decided on."""
     out: list[dict] = []
+    if set(settings.presets) & set(PRESETS):
+        out += vector_targets(table)
+    if "trifeature" in settings.presets:
+        out += trifeature_targets(table)
+    return out
 
+
+def _target_adder(table: dict, out: list[dict]):
+    """add(target, checks, needs): append one target decided on `checks`, a list of
+    (description, value, op, threshold) with op in >=, <=; "not run" when a row in `needs`
+    or a value is missing."""
     def add(target: str, checks: list[tuple[str, float, str, float]], needs: list[str]):
-        """checks: (description, value, op, threshold) with op in >=, <=."""
         if any(r not in table for r in needs) or any(math.isnan(v) for _, v, _, _ in checks):
             out.append({"target": target, "met": None, "detail": "not run (row or column "
                         "missing in this bench's settings)"})
@@ -445,6 +593,48 @@ def check_targets(table: dict, settings: Settings) -> list[dict]:
             ok &= good
             parts.append(f"{desc} = {value:.3f} {op} {thr:.2f} {'ok' if good else 'NO'}")
         out.append({"target": target, "met": bool(ok), "detail": "; ".join(parts)})
+
+    return add
+
+
+def trifeature_targets(table: dict) -> list[dict]:
+    """Issue 18's targets on CoMM's bimodal Trifeature (TRIFEATURE_THRESHOLDS; uniqueness =
+    the mean of the texture1 and texture2 probes, both shown)."""
+    t = TRIFEATURE_THRESHOLDS
+    out: list[dict] = []
+    add = _target_adder(table, out)
+
+    def cell(row: str, col: str) -> float:
+        return _mean(table, row, column_key("trifeature", col))
+
+    def uniqueness(row: str) -> tuple[str, float, str]:
+        u1, u2 = cell(row, "texture1"), cell(row, "texture2")
+        return f"U({row}) (texture1 {u1:.3f}, texture2 {u2:.3f})", (u1 + u2) / 2, row
+
+    desc, value, _ = uniqueness("cross")
+    add("trifeature: cross keeps little uniqueness", [
+        (desc, value, "<=", t["cross_max_uniqueness"])], ["cross"])
+    for row in ("cross_self", "comm"):
+        desc, value, _ = uniqueness(row)
+        add(f"trifeature: {row} keeps uniqueness", [
+            (desc, value, ">=", t["min_uniqueness"])], [row])
+    add("trifeature: comm (transformer fusion) learns synergy", [
+        ("S(comm)", cell("comm", "synergy"), ">=", t["comm_min_synergy"])], ["comm"])
+    add("trifeature: comm with a linear fusion does not", [
+        ("S(comm_linear)", cell("comm_linear", "synergy"), "<=", t["linear_max_synergy"])],
+        ["comm_linear"])
+    rows = [r for r in TRIFEATURE_METHODS if r in table]
+    add("trifeature: every objective keeps the redundant shape", [
+        (f"R({r})", cell(r, "shape"), ">=", t["min_redundancy"]) for r in rows], rows or ["-"])
+    return out
+
+
+def vector_targets(table: dict) -> list[dict]:
+    """The first fidelity issue's targets on the vector presets (TARGET_THRESHOLDS)."""
+    t = TARGET_THRESHOLDS
+    k = column_key
+    out: list[dict] = []
+    add = _target_adder(table, out)
 
     def u_mean(row: str) -> float:
         return float(np.mean([_mean(table, row, k("rus", f"unique_{m}")) for m in "abc"]))
@@ -539,9 +729,15 @@ def to_markdown(report: dict) -> str:
                  f"overrides {settings['augment'] or 'none (mmcl defaults)'}; per data set "
                  f"{settings['preset_overrides']}; per objective "
                  f"{settings['objective_overrides']}.  ")
-    lines.append(f"rus pretraining: {settings['rus_pretrain_note']}.  ")
+    if any(k.startswith("rus:") for k in keys):
+        lines.append(f"rus pretraining: {settings['rus_pretrain_note']}.  ")
+    if any(k.startswith("trifeature:") for k in keys):
+        lines.append(f"trifeature: {settings['image_size']}x{settings['image_size']} renders; "
+                     f"pretraining {settings['trifeature_pretrain_note']}.  ")
     lines.append(f"Probe: {settings['probe']}; L2 grid {settings['l2_grid']}.  ")
-    lines.append("Cells: balanced accuracy on the test split (chance 0.5), mean ± sample std "
+    chance = ("chance 0.5; trifeature's shape and textures: 10 classes, chance 0.1"
+              if any(k.startswith("trifeature:") for k in keys) else "chance 0.5")
+    lines.append(f"Cells: balanced accuracy on the test split ({chance}), mean ± sample std "
                  "over seeds (seed s: data set seed s and training seed s).")
     lines.append("")
     header = ["row", *[names[k] for k in keys]]
@@ -550,6 +746,7 @@ def to_markdown(report: dict) -> str:
     for row, cells in table.items():
         label = f"*{row}*" if row in REFERENCES else row
         lines.append("| " + " | ".join([label, *[cell_text(cells[k]) for k in keys]]) + " |")
+    lines += comm_comparison(table)
     lines.append("")
     lines.append("## Targets")
     lines.append("")
@@ -592,6 +789,43 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comm_comparison(table: dict) -> list[str]:
+    """Markdown lines: the trifeature rows beside CoMM's own table (accuracy %; U = mean of
+    the two texture probes); nothing when trifeature did not run."""
+    key = column_key
+    if not any(key("trifeature", "shape") in cells for cells in table.values()):
+        return []
+
+    def pct(row: str, cols: Sequence[str]) -> str:
+        cells = [table.get(row, {}).get(key("trifeature", c), {}) for c in cols]
+        if not cells or any(c.get("mean") is None for c in cells):
+            return "–"
+        mean = 100 * float(np.mean([c["mean"] for c in cells]))
+        std = 100 * float(np.mean([c.get("std") or 0.0 for c in cells]))
+        return f"{mean:.1f} ± {std:.1f}" if len(cells) and cells[0].get("n", 0) > 1 \
+            else f"{mean:.1f}"
+
+    lines = ["", "### Beside CoMM's table (bimodal Trifeature, linear probe accuracy %)", "",
+             "| row | R (mmcl) | R (CoMM) | U (mmcl) | U (CoMM) | S (mmcl) | S (CoMM) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in ("cross", "cross_self", "comm", "comm_linear", "tuple", "tuple_infonce",
+                "factorcl_ssl"):
+        if row not in table:
+            continue
+        paper = COMM_PAPER.get(row, {})
+        ours = [pct(row, ["shape"]), pct(row, ["texture1", "texture2"]), pct(row, ["synergy"])]
+        theirs = [f"{paper[c]:.1f}" if c in paper else "–" for c in "RUS"]
+        lines.append(f"| {row} | {ours[0]} | {theirs[0]} | {ours[1]} | {theirs[1]} | "
+                     f"{ours[2]} | {theirs[2]} |")
+    lines.append("")
+    lines.append("mmcl: balanced accuracy % on the test pairs (U: mean of the texture1 and "
+                 "texture2 probes, ± the mean of their stds). CoMM: Dufumier et al. 2024, "
+                 "AlexNet encoders on 224x224 renders, 100 epochs; CoMM's own rows are Cross "
+                 "(CLIP-style cross-modal), Cross+Self and CoMM, and its linear-fusion "
+                 "ablation.")
+    return lines
+
+
 def plot(report: dict, path: str) -> str | None:
     """Grouped bars (x: columns, bars: rows, error bars: std over seeds) with the machine,
     versions, settings and wall time written under the axes."""
@@ -622,7 +856,7 @@ def plot(report: dict, path: str) -> str | None:
     ax.axhline(CHANCE, color="black", lw=0.7, ls="--")
     ax.set_xticks(x)
     ax.set_xticklabels([names[k] for k in keys], rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0.3, 1.02)
+    ax.set_ylim(0.0 if any(k.startswith("trifeature:") for k in keys) else 0.3, 1.02)
     ax.set_ylabel("balanced accuracy (test), chance 0.5")
     fig.suptitle(f"mmcl bench fidelity ({report['mode']}): linear probe of each factor, "
                  f"mean ± std over {len(report['settings']['seeds'])} seed(s)", fontsize=10,
@@ -650,30 +884,41 @@ def plot(report: dict, path: str) -> str | None:
 
 def run_fidelity(quick: bool = False, seeds: int | None = None, out: str | None = None,
                  settings: Settings | None = None,
-                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
-                 ) -> dict:
+                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+                 preset: str | None = None) -> dict:
     """Run the bench; write OUT/fidelity.json, OUT/fidelity.md, OUT/fidelity.png and
-    OUT/runs.jsonl; return the report (with "_out")."""
+    OUT/runs.jsonl; return the report (with "_out"). preset="trifeature": CoMM's bimodal
+    Trifeature table (Settings.trifeature) instead of the vector presets."""
     from mmcl.bench.env import load_average, machine
 
+    if preset not in (None, *IMAGE_PRESETS):
+        raise ValueError(f"unknown --preset {preset!r}; choose from {list(IMAGE_PRESETS)} "
+                         "(without --preset: the vector presets)")
+    if settings is None and preset == "trifeature":
+        settings = Settings.trifeature(quick)
     if settings is None:
         settings = Settings.quick() if quick else Settings()
     if seeds is not None:
         if seeds < 1:
             raise ValueError("--seeds must be >= 1")
         settings = replace(settings, seeds=tuple(range(int(seeds))))
-    unknown = sorted(set(settings.presets) - set(PRESETS))
+    unknown = sorted(set(settings.presets) - set(PRESETS) - set(IMAGE_PRESETS))
     if unknown:
-        raise ValueError(f"unknown preset(s) {unknown}; choose from {list(PRESETS)}")
+        raise ValueError(f"unknown preset(s) {unknown}; choose from "
+                         f"{[*PRESETS, *IMAGE_PRESETS]}")
     for name in settings.methods:
         method(name)
-    out = out or os.path.join("runs", "bench", "fidelity-quick" if quick else "fidelity")
+    name = "fidelity" + (f"-{preset}" if preset else "") + ("-quick" if quick else "")
+    out = out or os.path.join("runs", "bench", name)
     os.makedirs(out, exist_ok=True)
-    command = "mmcl bench fidelity" + (" --quick" if quick else "") + \
+    command = "mmcl bench fidelity" + (f" --preset {preset}" if preset else "") + \
+        (" --quick" if quick else "") + \
         (f" --seeds {len(settings.seeds)}" if seeds is not None else "")
     start = time.perf_counter()
     report: dict = {"mode": settings.mode, "command": command, "machine": machine(),
-                    "settings": settings.to_dict(), "thresholds": dict(TARGET_THRESHOLDS)}
+                    "settings": settings.to_dict(),
+                    "thresholds": dict(TRIFEATURE_THRESHOLDS) if preset else
+                    dict(TARGET_THRESHOLDS)}
     runs: list[dict] = []
     jsonl = os.path.join(out, "runs.jsonl")
     with open(jsonl, "w") as sink, torch_threads(settings.threads):
@@ -686,8 +931,9 @@ def run_fidelity(quick: bool = False, seeds: int | None = None, out: str | None 
             f"{len(settings.presets)} data sets x {len(settings.methods)} objectives + "
             f"{len(REFERENCES)} references; training in process (no Ray) -> {out}")
         for seed in settings.seeds:
-            for preset in settings.presets:
-                run_preset(preset, seed, settings, log, record)
+            for data in settings.presets:
+                run_preset(data, seed, settings, log, record,
+                           data_dir=os.path.join(out, "data"))
     report["machine_end"] = {"load_average": load_average()}
     report["elapsed_s"] = round(time.perf_counter() - start, 1)
     report["columns"] = column_keys(settings)

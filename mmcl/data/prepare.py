@@ -81,3 +81,17 @@ class Preparer:
                 x = x * present.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
             out[spec.name] = x
         return out
+
+
+def model_manifest(manifest: Manifest, normalize: bool) -> Manifest:
+    """The manifest a model is built from. Image encoders standardise their [0, 1] input with
+    the image modalities' mean/std (the data layer leaves images alone, see the module doc);
+    with data.normalize off those constants are dropped, so no encoder normalises."""
+    from dataclasses import replace
+
+    if normalize or not any(m.kind == "image" and m.mean is not None
+                            for m in manifest.modalities):
+        return manifest
+    mods = [replace(m, mean=None, std=None) if m.kind == "image" else m
+            for m in manifest.modalities]
+    return replace(manifest, modalities=mods)

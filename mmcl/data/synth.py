@@ -23,10 +23,15 @@ weak       strong modalities a, b (noise std 0.1) carry z_shared; the weak modal
            z_shared and z_weak, which no other modality holds.
              shared = [z_shared > 0]     weak_factor = [z_weak > 0]
              y      = [z_shared + z_weak > 0]
+trifeature CoMM's bimodal Trifeature images (mmcl.data.trifeature): pairs of 32x32 renders
+           sharing the shape, each with its own texture; synergy = (texture of image 1, colour
+           of image 2) is one of 10 fixed random pairs. Written as PNG files + a CSV table
+           and then imported with `mmcl data import` (the real-file path), not from arrays.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import numpy as np
@@ -190,14 +195,66 @@ def make_arrays(preset: str, n: int, seed: int = 0) -> tuple[Manifest, Arrays]:
 
 def generate(preset: str, out: str, n: int = 4096, seed: int = 0, overwrite: bool = False,
              split: Sequence[float] = (0.8, 0.1, 0.1), endpoint_url: str | None = None,
-             region: str | None = None) -> Manifest:
+             region: str | None = None, image_size: int = 32,
+             source: str | None = None) -> Manifest:
     """Write preset `preset` (n tuples, seeded) as a data set at `out` with a seeded random
-    train/val/test split; returns the manifest with row counts."""
+    train/val/test split; returns the manifest with row counts. `trifeature` has its own
+    split (mmcl.data.trifeature.SPLIT_FRACTIONS) and goes through files: see
+    `generate_trifeature`."""
     from mmcl.data.convert import split_indices
 
+    if preset == "trifeature":
+        return generate_trifeature(out, n, seed, overwrite, image_size, source,
+                                   endpoint_url, region)
     manifest, arrays = make_arrays(preset, n, seed)
     manifest.description += f" (n={n}, seed={seed})"
     splits = {name: {k: v[idx] for k, v in arrays.items()}
               for name, idx in split_indices(n, split, seed).items()}
     return write_dataset(out, manifest, splits, overwrite=overwrite, endpoint_url=endpoint_url,
                          region=region)
+
+
+def trifeature_source(out: str) -> str:
+    """Where `generate_trifeature` puts the PNG files and the table by default: next to a
+    local output (`<out>-source`), in a temporary folder for a remote one."""
+    from mmcl import storage
+
+    return "" if storage.is_remote(out) else out.rstrip("/") + "-source"
+
+
+def generate_trifeature(out: str, n: int = 6000, seed: int = 0, overwrite: bool = False,
+                        image_size: int = 32, source: str | None = None,
+                        endpoint_url: str | None = None, region: str | None = None,
+                        address: str | None = None) -> Manifest:
+    """Render the bimodal Trifeature pairs as PNG files + a CSV table in `source` (default
+    `trifeature_source(out)`), then build the data set at `out` with `mmcl data import`
+    (mmcl.data.ingest.import_table on Ray: the path a user's own image files take)."""
+    import shutil
+    import tempfile
+
+    from mmcl.data.ingest import load_spec, import_table
+    from mmcl.data.trifeature import IMPORT_SPEC, write_trifeature
+
+    if image_size < 16:
+        raise DataError(f"--image-size must be at least 16 for trifeature, got {image_size}")
+    if n < 64:
+        raise DataError(f"trifeature needs at least 64 pairs, got {n}")
+    folder = source or trifeature_source(out)
+    temporary = not folder
+    if temporary:
+        folder = tempfile.mkdtemp(prefix="mmcl-trifeature-")
+    elif os.path.isdir(folder) and os.listdir(folder):
+        if not overwrite:
+            raise DataError(f"{folder} (the trifeature image files) already exists and is not "
+                            "empty; pass --overwrite to replace it")
+        shutil.rmtree(folder)
+    try:
+        table = write_trifeature(folder, n, seed, image_size)
+        spec = load_spec(os.path.join(folder, IMPORT_SPEC))
+        spec = spec.model_copy(update={"description": f"{spec.description} (n={n}, "
+                                       f"seed={seed}, {image_size}x{image_size})"})
+        return import_table(table, out, spec, overwrite=overwrite, endpoint_url=endpoint_url,
+                            region=region, address=address).manifest
+    finally:
+        if temporary:
+            shutil.rmtree(folder, ignore_errors=True)

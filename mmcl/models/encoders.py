@@ -19,6 +19,7 @@ when a config uses it.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -112,10 +113,23 @@ class CNNEncoder(nn.Module):
 
     GroupNorm(1, C) (a LayerNorm over channels and pixels) rather than BatchNorm: BatchNorm's
     batch statistics differ per DDP worker and are noisy on small per-worker batches.
+
+    Images arrive in [0, 1], unnormalised (augmentations work on them); with `mean`/`std`
+    (per channel, the manifest's train-split constants, given when data.normalize is on) the
+    encoder standardises them first. The constants are non-persistent buffers: they come
+    from the data set's manifest, not from the checkpoint, so older checkpoints still load.
     """
 
-    def __init__(self, channels: int, cfg: EncoderConfig, embed_dim: int):
+    def __init__(self, channels: int, cfg: EncoderConfig, embed_dim: int,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         super().__init__()
+        self.normalizes = mean is not None and std is not None
+        if self.normalizes:
+            shape = (1, channels, 1, 1)
+            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape),
+                                 persistent=False)
+            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(shape)
+                                 .clamp(min=1e-6), persistent=False)
         self.convs = conv_blocks(
             [nn.Conv2d(channels if i == 0 else cfg.hidden, cfg.hidden, 3, stride=2, padding=1)
              for i in range(cfg.layers)], cfg.hidden)
@@ -123,6 +137,8 @@ class CNNEncoder(nn.Module):
         self.out = nn.Linear(cfg.hidden, embed_dim)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if self.normalizes:
+            x = (x - self.mean) / self.std
         pooled = self.convs(x).mean(dim=(-2, -1))
         return self.out(self.drop(pooled))
 
@@ -205,7 +221,7 @@ def _build_builtin(spec: ModalitySpec, cfg: EncoderConfig, embed_dim: int) -> nn
     if kind == "transformer":
         steps, features = spec.shape
         return TransformerEncoder(steps, features, cfg, embed_dim)
-    return CNNEncoder(spec.shape[0], cfg, embed_dim)
+    return CNNEncoder(spec.shape[0], cfg, embed_dim, spec.mean, spec.std)
 
 
 def _register_builtins() -> None:

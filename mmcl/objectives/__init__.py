@@ -22,6 +22,9 @@ for _module in pkgutil.iter_modules(__path__):
 def build_objective(run_cfg, manifest) -> Objective:
     """The objective a run config names, on the data set the manifest describes (restricted to
     the config's modalities)."""
+    from mmcl.data.prepare import model_manifest
+
+    manifest = model_manifest(manifest, getattr(getattr(run_cfg, "data", None), "normalize", True))
     return OBJECTIVES[run_cfg.objective.name](run_cfg.objective, manifest, run_cfg.model)
 
 
