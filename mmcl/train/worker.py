@@ -18,6 +18,7 @@ import torch.distributed as dist
 from mmcl.config import RunConfig
 from mmcl.data.pipeline import EpochDrops, derive_seed, iter_worker_batches
 from mmcl.data.schema import Manifest
+from mmcl.evaluate.online import OnlineProbe
 from mmcl.storage import filesystem
 from mmcl.train import console, tracking
 from mmcl.train.checkpoint import (newest_complete_checkpoint, read_checkpoint_state,
@@ -95,6 +96,8 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
     run_log = tracking.RunLog(cfg, loop_config.get("run_url"), rank)
     shard = ray.train.get_dataset_shard("train")
     drops = EpochDrops(loop_config.get("drop_counter"), cfg.data.train_split)
+    probe = OnlineProbe.for_worker(cfg, engine.manifest, loop_config.get("data_root"), rank,
+                                   loop_config.get("remote") or (None, None))
     # `stop_epoch` ends the run early, keeping the schedule of all `train.epochs`.
     stop_epoch = min(cfg.train.epochs, loop_config.get("stop_epoch") or cfg.train.epochs)
     for epoch in range(engine.epoch, stop_epoch):
@@ -104,6 +107,7 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
         engine.on_step = lambda m: (bar.update(m), run_log.step(m))
         summary = engine.train_epoch(epoch_batches(shard, cfg, epoch, rank, engine.device))
         bar.close()
+        summary.update(probe.at_epoch_end(engine, epoch))  # rank 0: probe_<label>
         summary["samples_per_s_total"] = all_reduce_sum([summary["samples_per_s"]])[0]
         summary["resumed_from_step"] = resumed_from_step
         summary["dropped_rows"] = drops.since_last()  # after the all-reduce: epoch complete
