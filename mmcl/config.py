@@ -366,7 +366,7 @@ class EvalConfig(Strict):
 
     every_epochs: int = Field(1, ge=0, description="epochs between online probes; 0 = off")
     rows: int = Field(1024, ge=8, description="validation tuples in the probed slice (fit "
-                      "on half, L2 chosen on a quarter, scored on the last quarter)")
+                      "on three quarters at L2 = 1e-2, scored on the last quarter)")
     columns: list[str] | None = Field(None, description="label columns to probe; None = "
                                       "every classification/regression column of role label")
 
