@@ -97,8 +97,13 @@ class OnlineProbe:
         if not manifest.splits.get(split):
             return cls(0)
         modalities = manifest.modality_names
-        arrays = read_slice(root, split, manifest, [*modalities, *(s.name for s in specs)],
-                            cfg.eval.rows, cfg.data.nonfinite, *remote)
+        try:  # rows with NaN/inf or nulls are left out of the slice, never fail the run
+            arrays = read_slice(root, split, manifest, [*modalities, *(s.name for s in specs)],
+                                cfg.eval.rows, "drop", *remote)
+        except Exception as err:  # noqa: BLE001 - the probe is a by-product of training
+            print(f"[mmcl] online probe off: the {split!r} slice could not be read ({err})",
+                  flush=True)
+            return cls(0)
         return cls(every, arrays, specs, modalities)
 
     def due(self, epoch: int) -> bool:
