@@ -378,6 +378,18 @@ class TrackingConfig(Strict):
         "offline", description="W&B mode; offline writes the run folder's wandb/ only")
 
 
+class EvalConfig(Strict):
+    """The online probe during pretraining (mmcl.evaluate.online): rank 0 embeds a fixed
+    slice of the validation split and reports a linear probe of it with the epoch's metrics
+    as `probe_<column>` (balanced accuracy / R²; usable as a Tune metric)."""
+
+    every_epochs: int = Field(1, ge=0, description="epochs between online probes; 0 = off")
+    rows: int = Field(1024, ge=8, description="validation tuples in the probed slice (fit "
+                      "on three quarters at L2 = 1e-2, scored on the last quarter)")
+    columns: list[str] | None = Field(None, description="label columns to probe; None = "
+                                      "every classification/regression column of role label")
+
+
 class RunConfig(Strict):
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -387,6 +399,7 @@ class RunConfig(Strict):
     scaling: ScalingConfig = ScalingConfig()
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="before")
     @classmethod

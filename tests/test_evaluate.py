@@ -17,6 +17,7 @@ import mmcl
 from mmcl import config
 from mmcl.cli import EXIT_USER_ERROR, main
 from mmcl.data import synth
+from mmcl.data.schema import LabelSpec
 from mmcl.data.shards import read_manifest, write_dataset
 from mmcl.evaluate import diagnostics as diag
 from mmcl.evaluate.embed import FUSED, META_NAME, modality_column, read_embeddings
@@ -140,6 +141,9 @@ def test_raw_feature_probes_recover_what_the_generator_built():
 def test_embed_on_a_multi_shard_data_set_gives_one_row_per_tuple(runs, tmp_path, capsys):
     manifest, arrays = synth.make_arrays("rus", 260, seed=9)
     arrays["id"] = arrays["id"] * 7 + 1000           # ids that are not row numbers
+    # a multi-hot label column ((N, K) uint8) rides along unchanged
+    manifest.labels.append(LabelSpec("tags", "multilabel", 3, classes=("a", "b", "c")))
+    arrays["tags"] = np.random.default_rng(9).integers(0, 2, (260, 3)).astype(np.uint8)
     parts = {"train": {k: v[:200] for k, v in arrays.items()},
              "test": {k: v[200:] for k, v in arrays.items()}}
     data = str(tmp_path / "multi")
@@ -173,6 +177,8 @@ def test_embed_on_a_multi_shard_data_set_gives_one_row_per_tuple(runs, tmp_path,
                  "--overwrite", "--splits", "test"]) == 0
     again = read_embeddings(out, "test")
     np.testing.assert_allclose(again[FUSED], got[FUSED], atol=1e-5)
+    np.testing.assert_array_equal(again["tags"], got["tags"])
+    assert again["tags"].dtype == np.uint8 and again["tags"].shape == (60, 3)
     # an existing output is not silently appended to
     capsys.readouterr()
     assert main(["embed", "--run", runs["r0"], "--data", data, "--out", out]) == \

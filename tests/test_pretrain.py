@@ -91,6 +91,11 @@ def test_pretrain_writes_a_run_that_loads_without_ray_and_continues(tmp_path, na
     for key in ("loss", "lr", "samples_per_s", "samples_per_s_total", "data_wait_fraction"):
         assert key in metrics[-1], key
     assert metrics[-1]["samples_per_s_total"] > metrics[-1]["samples_per_s"]
+    # The online probe (eval.every_epochs: 1 by default) of every label, each epoch, from
+    # rank 0: in metrics.jsonl and the tracker's epoch curves.
+    for m in metrics:
+        assert 0.0 <= m["probe_y"] <= 1.0 and "probe_synergy" in m
+    assert [s for s, _ in curves["epoch/probe_y"]] == [m["step"] for m in metrics]
     # The rows with NaN are dropped and counted, every epoch, and the summary says so.
     assert [m["dropped_rows"] for m in metrics] == [len(POISONED)] * 2
     assert f"dropped:    {len(POISONED)} training rows per epoch" in result.summary()

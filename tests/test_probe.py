@@ -258,3 +258,110 @@ def test_multilabel_columns_are_probed_one_vs_rest_in_probe_columns():
     assert set(entry["probes"]["fused"]) >= {"micro_f1", "macro_f1", "map", "l2"}
     assert entry["probes"]["fused"]["map"] > entry["chance"]["map"]
     assert entry["knn"] == {} and entry["few_label"] == {}
+
+
+# --------------------------------------------------- batched few-label draws, probe cache
+
+
+def test_subset_heads_are_the_probes_fitted_alone():
+    from mmcl.evaluate.probe import fit_subset_heads
+
+    x, y = blobs(300, 3)
+    rows = [np.arange(0, 40), np.arange(100, 190), np.arange(50, 80)]
+    heads = fit_subset_heads(x, rows, [y[r] for r in rows], [3, 3, 3],
+                             [[1e-2, 1e-1], [1e-2], [1e-1]], max_iter=200)
+    assert [len(h) for h in heads] == [2, 1, 1]
+    for r, fitted in zip(rows, heads):
+        for probe in fitted:   # strongly convex: one minimiser, joint or alone
+            alone = fit_probe(x[r], y[r], "classification", 3, probe.l2, max_iter=200)
+            assert torch.allclose(probe.mean, alone.mean) and torch.allclose(probe.std, alone.std)
+            assert torch.allclose(probe.weight, alone.weight, atol=1e-4)
+
+
+def test_batched_few_label_probes_give_the_per_column_figures():
+    """Same draws, same minimisers: equal up to the optimiser's tolerance. (With penalties
+    too weak for L-BFGS to converge on a separable draw in max_iter, joint and separate runs
+    stop at different separating weights: the default grid's few-label means moved by up to
+    0.013 on the README demo, inside their spread over seeds; docs/performance.md.)"""
+    from mmcl.evaluate.probe import few_label_probe, few_label_probes
+
+    GRID = (1e-2, 1e-1)
+    (xt, yt), (xv, yv), (xs, ys) = blobs(400, 4), blobs(120, 5), blobs(120, 6)
+    other = (xt[:, 0] > 2).astype(int), (xv[:, 0] > 2).astype(int), (xs[:, 0] > 2).astype(int)
+    both = few_label_probes(xt, {"y": yt, "o": other[0]}, xv, {"y": yv, "o": other[1]},
+                            xs, {"y": ys, "o": other[2]}, [5, 10], [0, 1], {"y": 3, "o": 2},
+                            grid=GRID)
+    for name, (a, b, c), classes in (("y", (yt, yv, ys), 3), ("o", other, 2)):
+        alone = few_label_probe(xt, a, xv, b, xs, c, [5, 10], [0, 1], classes, grid=GRID)
+        assert set(both[name]) == {5, 10}
+        for k in (5, 10):
+            for metric, stats in alone[k].items():
+                assert both[name][k][metric]["n"] == stats["n"] == 2
+                assert abs(both[name][k][metric]["mean"] - stats["mean"]) < 0.01, (name, k)
+
+
+def _raw_splits(seed_offset=0):
+    from mmcl.data.schema import LabelSpec
+
+    parts = {}
+    for i, split in enumerate(("train", "val", "test")):
+        x, y = blobs(120, 10 + i + seed_offset)
+        parts[split] = {"id": np.arange(120) + 1000 * i, "a": x[:, :3], "b": x[:, 3:], "y": y}
+    return parts, [LabelSpec("y", "classification", 3)]
+
+
+def test_raw_feature_probes_are_cached_by_content_as_json(tmp_path):
+    import json
+
+    from mmcl.evaluate import diagnostics as diag
+    from mmcl.evaluate.cache import ProbeCache
+
+    parts, specs = _raw_splits()
+    settings = diag.ProbeSettings(l2_grid=(1e-3, 1e-1), few_label_k=(5,),
+                                  few_label_seeds=(0,), knn_k=5)
+    kinds = {s: {**diag.feature_kinds({"embedding": p["a"] * 2, "embedding_a": p["a"],
+                                       "raw_a": p["a"], "raw_b": p["b"]}, ["a"], ["a", "b"])}
+             for s, p in parts.items()}
+    cache = ProbeCache(str(tmp_path / "cache"))
+    first = diag.probe_columns(parts, specs, kinds, settings, cache=cache)
+    assert (cache.hits, cache.misses) == (0, 3)            # raw:a, raw:b, raw:all; not emb
+    files = sorted((tmp_path / "cache").iterdir())
+    assert len(files) == 3 and all(json.loads(f.read_text())["format"] == 1 for f in files)
+    again = ProbeCache(str(tmp_path / "cache"))
+    second = diag.probe_columns(parts, specs, kinds, settings, cache=again)
+    assert (again.hits, again.misses) == (3, 0)
+    assert json.dumps(second, sort_keys=True) == json.dumps(first, sort_keys=True)
+    # other settings or other rows are other keys; a damaged file is refitted, not read
+    other = ProbeCache(str(tmp_path / "cache"))
+    diag.probe_columns(parts, specs, kinds, diag.ProbeSettings(l2_grid=(1e-2,), knn_k=0,
+                                                               few_label_k=()), cache=other)
+    assert other.hits == 0
+    files[0].write_text("{not json")
+    damaged = ProbeCache(str(tmp_path / "cache"))
+    diag.probe_columns(parts, specs, kinds, settings, cache=damaged)
+    assert (damaged.hits, damaged.misses) == (2, 1)
+    changed, _ = _raw_splits(seed_offset=50)
+    kinds2 = {s: diag.feature_kinds({"embedding": p["a"], "embedding_a": p["a"],
+                                     "raw_a": p["a"], "raw_b": p["b"]}, ["a"], ["a", "b"])
+              for s, p in changed.items()}
+    fresh = ProbeCache(str(tmp_path / "cache"))
+    diag.probe_columns(changed, specs, kinds2, settings, cache=fresh)
+    assert fresh.hits == 0
+
+
+def test_online_probe_scores_a_held_out_slice_and_shows_in_the_epoch_line():
+    from mmcl.evaluate.online import OnlineProbe, probe_metric_name
+    from mmcl.data.schema import LabelSpec
+    from mmcl.train.console import epoch_line
+
+    x, y = blobs(200, 7)
+    probe = OnlineProbe(2, {"id": np.arange(200), "y": y, "a": x},
+                        [LabelSpec("y", "classification", 3)], ["a"])
+    assert probe.active and not probe.due(0) and probe.due(1)
+    figures = probe.score(x)
+    assert list(figures) == [probe_metric_name("y")] and figures["probe_y"] > 0.95
+    noise = probe.score(np.random.default_rng(0).normal(size=x.shape))
+    assert noise["probe_y"] < 0.6
+    line = epoch_line({"epoch": 2, "step": 10, "loss": 1.0, **figures}, 5)
+    assert f"probe y {figures['probe_y']:.3f}" in line
+    assert OnlineProbe(0, {"id": np.arange(200)}).at_epoch_end(None, 0) == {}

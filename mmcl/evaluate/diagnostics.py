@@ -23,6 +23,7 @@ embedding that makes it decodable has learned the interaction.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -31,7 +32,8 @@ import numpy as np
 from mmcl.data.schema import ID_COLUMN, LabelSpec
 from mmcl.evaluate.embed import FUSED, modality_column, raw_column
 from mmcl.evaluate.knn import knn_probe
-from mmcl.evaluate.probe import (DEFAULT_L2_GRID, classification_metrics, few_label_probe,
+from mmcl.evaluate.cache import ProbeCache, probe_key
+from mmcl.evaluate.probe import (DEFAULT_L2_GRID, classification_metrics, few_label_probes,
                                  linear_probes, multilabel_metrics, multilabel_probe,
                                  regression_metrics, selection_metric)
 
@@ -195,12 +197,15 @@ def carried(spec: LabelSpec, kind: str) -> bool | None:
 def probe_columns(splits: Mapping[str, Mapping[str, np.ndarray]], specs: Sequence[LabelSpec],
                   kinds: Mapping[str, Mapping[str, np.ndarray]],
                   settings: ProbeSettings | None = None,
-                  progress: Callable[[str], None] | None = None) -> dict[str, dict]:
+                  progress: Callable[[str], None] | None = None,
+                  cache: "ProbeCache | None" = None) -> dict[str, dict]:
     """Probe every column of `specs` with every feature kind.
 
     `splits` maps split name -> {column: (N,) targets} (train/val/test of `settings`);
     `kinds` maps split name -> {kind: (N, D) features}, rows aligned with `splits`.
-    Returns {column: {"role", "task", "num_classes", "carried_by", "description",
+    `cache` (mmcl.evaluate.cache.ProbeCache): the raw-feature kinds' results are read from it
+    when their content key is there and written to it otherwise (they do not depend on the
+    run). Returns {column: {"role", "task", "num_classes", "carried_by", "description",
     "primary_metric", "chance": {...}, "probes": {kind: {metric..., "l2", ...}},
     "carried": {kind: bool}, "few_label": {kind: {k: {metric: {"mean", "std", "n"}}}},
     "knn": {kind: {accuracy, balanced_accuracy, macro_f1, k, temperature}}}}.
@@ -221,44 +226,106 @@ def probe_columns(splits: Mapping[str, Mapping[str, np.ndarray]], specs: Sequenc
                           "description": spec.description, "primary_metric": primary_metric(spec),
                           "chance": chance(spec, np.concatenate([y[tr], y[va]]), y[te]),
                           "probes": {}, "carried": {}, "few_label": {}, "knn": {}}
+    bar = _progress_bar(len(kind_names))
+    try:
+        for i, kind in enumerate(kind_names):
+            x = {s: kinds[s][kind] for s in (tr, va, te)}
+            key = None
+            if cache is not None and kind.startswith("raw:"):
+                key = probe_key(x, {s: splits[s][ID_COLUMN] for s in (tr, va, te)
+                                    if ID_COLUMN in splits[s]}, ys, specs,
+                                _cache_settings(settings, kind))
+            found = cache.get(key) if key else None
+            note = " (cached)" if found is not None else ""
+            if progress and bar is None:
+                progress(f"[mmcl]   {kind} ({i + 1}/{len(kind_names)}): {len(specs)} "
+                         f"columns{note}")
+            if bar is not None:
+                bar.set_description(f"probing {kind}{note}")
+            result = found if found is not None else _probe_kind(kind, x, ys, specs, settings)
+            if key and found is None:
+                cache.put(key, result)
+            for spec in specs:
+                entry, part = out[spec.name], result.get(spec.name, {})
+                for section in ("probes", "knn", "few_label"):
+                    if kind in part.get(section, {}):
+                        entry[section][kind] = part[section][kind]
+                flag = carried(spec, kind)
+                if flag is not None:
+                    entry["carried"][kind] = flag
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def _cache_settings(settings: ProbeSettings, kind: str) -> dict:
+    """The settings that change a kind's probes (and whether it gets few-label probes)."""
+    return {"l2_grid": settings.l2_grid, "max_iter": settings.max_iter,
+            "few_label": [settings.few_label_k, settings.few_label_seeds,
+                          kind in settings.few_label_kinds],
+            "knn": [settings.knn_k, settings.knn_temperature]}
+
+
+def _progress_bar(total: int):
+    """A tqdm bar over the representations when stderr is a terminal (the console's rule:
+    in logs, bars become pages of carriage returns; there the per-kind lines are the
+    progress)."""
+    from mmcl.train.console import show_bar
+
+    if not show_bar():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="representation", leave=False, file=sys.stderr,
+                dynamic_ncols=True, mininterval=0.5)
+
+
+def _probe_kind(kind: str, x: Mapping[str, np.ndarray], ys: Mapping[str, Mapping],
+                specs: Sequence[LabelSpec], settings: ProbeSettings) -> dict[str, dict]:
+    """Every probe of one representation: {column: {"probes": {kind: ...}, "knn": {kind:
+    ...}, "few_label": {kind: ...}}} (JSON-able: the cache stores it as it is)."""
+    tr, va, te = settings.train_split, settings.val_split, settings.test_split
+    out: dict[str, dict] = {spec.name: {"probes": {}, "knn": {}, "few_label": {}}
+                            for spec in specs}
     by_task: dict[str, list[LabelSpec]] = {}
     for spec in specs:
         by_task.setdefault(spec.task, []).append(spec)
-    for i, kind in enumerate(kind_names):
-        if progress:
-            progress(f"[mmcl]   {kind} ({i + 1}/{len(kind_names)}): {len(specs)} columns")
-        x = {s: kinds[s][kind] for s in (tr, va, te)}
-        for g in by_task.get("multilabel", []):   # (N, K) multi-hot: one-vs-rest heads
-            out[g.name]["probes"][kind] = multilabel_probe(
-                x[tr], ys[g.name][tr], x[va], ys[g.name][va], x[te], ys[g.name][te],
-                settings.l2_grid, settings.max_iter).to_dict()
-        for task, group in by_task.items():
-            if task == "multilabel":
-                continue
-            # every column of a task on these features: one joint fit (linear_probes)
-            results = linear_probes(
-                x[tr], {g.name: ys[g.name][tr] for g in group},
-                x[va], {g.name: ys[g.name][va] for g in group},
-                x[te], {g.name: ys[g.name][te] for g in group}, task,
-                {g.name: g.num_classes for g in group}, settings.l2_grid, settings.max_iter)
-            for g in group:
-                out[g.name]["probes"][kind] = results[g.name].to_dict()
-        for spec in specs:
-            y, entry = ys[spec.name], out[spec.name]
-            if spec.task == "classification" and settings.knn_k:
-                entry["knn"][kind] = knn_probe(x[tr], y[tr], x[va], y[va], x[te], y[te],
-                                               spec.num_classes, settings.knn_k,
-                                               settings.knn_temperature)
-            flag = carried(spec, kind)
-            if flag is not None:
-                entry["carried"][kind] = flag
-            if spec.task == "classification" and spec.role == "label" \
-                    and kind in settings.few_label_kinds \
-                    and settings.few_label_k and settings.few_label_seeds:
-                few = few_label_probe(x[tr], y[tr], x[va], y[va], x[te], y[te],
-                                      settings.few_label_k, settings.few_label_seeds,
-                                      spec.num_classes, settings.l2_grid, settings.max_iter)
-                entry["few_label"][kind] = {str(k): v for k, v in few.items()}
+    for g in by_task.get("multilabel", []):   # (N, K) multi-hot: one-vs-rest heads
+        out[g.name]["probes"][kind] = multilabel_probe(
+            x[tr], ys[g.name][tr], x[va], ys[g.name][va], x[te], ys[g.name][te],
+            settings.l2_grid, settings.max_iter).to_dict()
+    for task, group in by_task.items():
+        if task == "multilabel":
+            continue
+        # every column of a task on these features: one joint fit (linear_probes)
+        results = linear_probes(
+            x[tr], {g.name: ys[g.name][tr] for g in group},
+            x[va], {g.name: ys[g.name][va] for g in group},
+            x[te], {g.name: ys[g.name][te] for g in group}, task,
+            {g.name: g.num_classes for g in group}, settings.l2_grid, settings.max_iter)
+        for g in group:
+            out[g.name]["probes"][kind] = results[g.name].to_dict()
+    for spec in by_task.get("classification", []):
+        if settings.knn_k:
+            y = ys[spec.name]
+            out[spec.name]["knn"][kind] = knn_probe(x[tr], y[tr], x[va], y[va], x[te], y[te],
+                                                    spec.num_classes, settings.knn_k,
+                                                    settings.knn_temperature)
+    few = [s for s in by_task.get("classification", []) if s.role == "label"]
+    if few and kind in settings.few_label_kinds and settings.few_label_k \
+            and settings.few_label_seeds:
+        # every label column x k x seed of these features: one joint fit (few_label_probes)
+        results = few_label_probes(
+            x[tr], {s.name: ys[s.name][tr] for s in few},
+            x[va], {s.name: ys[s.name][va] for s in few},
+            x[te], {s.name: ys[s.name][te] for s in few},
+            settings.few_label_k, settings.few_label_seeds,
+            {s.name: s.num_classes for s in few}, settings.l2_grid, settings.max_iter)
+        for s in few:
+            out[s.name]["few_label"][kind] = {str(k): v for k, v in results[s.name].items()}
     return out
 
 

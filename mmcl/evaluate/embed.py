@@ -184,6 +184,19 @@ def _tensor_column(values: np.ndarray) -> pa.Array:
     return pa.ExtensionArray.from_storage(t, pa.array([], type=t.storage_type))
 
 
+def label_column(values: np.ndarray) -> pa.Array:
+    """A label column as the data set stores it: 1-D values as a plain column, multi-hot
+    (N, K) targets (task "multilabel") as a fixed-shape tensor column of their own dtype
+    (`pa.array` takes 1-D data only)."""
+    if values.ndim == 1:
+        return pa.array(values)
+    values = np.ascontiguousarray(values)
+    if len(values):
+        return pa.FixedShapeTensorArray.from_numpy_ndarray(values)
+    t = pa.fixed_shape_tensor(pa.from_numpy_dtype(values.dtype), list(values.shape[1:]))
+    return pa.ExtensionArray.from_storage(t, pa.array([], type=t.storage_type))
+
+
 class Embedder:
     """The `map_batches` callable class: loads the model once (per actor), then turns batches
     {id, modalities..., labels...} into Arrow tables {id, embedding, embedding_<m>...,
@@ -229,7 +242,7 @@ class Embedder:
             x = np.asarray(batch[m], dtype=np.float32)
             cols[raw_column(m)] = _tensor_column(x.reshape(len(x), -1))
         for name in [*self.labels, *self.passthrough]:
-            cols[name] = pa.array(np.asarray(batch[name]))
+            cols[name] = label_column(np.asarray(batch[name]))
         return pa.table(cols)
 
 
@@ -418,7 +431,7 @@ def _embed_on_ray(root: str, manifest: Manifest, splits: Sequence[str], out: str
 
 def _embed_in_process(root: str, manifest: Manifest, splits: Sequence[str], out: str,
                       kwargs: dict, nonfinite: str, *, batch_size: int) -> str:
-    from mmcl.data.shards import _handle_nonfinite, iter_batches, storage_columns, tensor_to_numpy
+    from mmcl.data.shards import iter_batches, storage_columns
 
     embedder = Embedder(**kwargs, device="auto")
     columns = [ID_COLUMN, *storage_columns(manifest, kwargs["modalities"]), *kwargs["labels"]]
@@ -430,17 +443,8 @@ def _embed_in_process(root: str, manifest: Manifest, splits: Sequence[str], out:
         try:
             for _, record in iter_batches(root, split, columns, batch_size,
                                           kwargs["endpoint_url"], kwargs["region"]):
-                table = pa.Table.from_batches([record])
-                arrays, valid = {ID_COLUMN: table.column(ID_COLUMN).to_numpy()}, {}
-                for m in kwargs["modalities"]:
-                    spec = manifest.modality(m)  # stored dtype, + `__len`/`__present` columns
-                    arrays[m], valid[m] = tensor_to_numpy(table.column(m), spec.shape,
-                                                          spec.dtype)
-                    for aux in spec.storage_columns[1:]:
-                        arrays[aux] = table.column(aux).to_numpy(zero_copy_only=False)
-                for name in kwargs["labels"]:
-                    arrays[name] = table.column(name).to_numpy()
-                arrays = _handle_nonfinite(arrays, valid, split, nonfinite)
+                arrays = record_arrays(record, manifest, kwargs["modalities"],
+                                       kwargs["labels"], split, nonfinite)
                 if not len(arrays[ID_COLUMN]):
                     continue
                 result = embedder(arrays)
@@ -454,6 +458,35 @@ def _embed_in_process(root: str, manifest: Manifest, splits: Sequence[str], out:
             if sink is not None:
                 sink.close()
     return "in-process (" + embedder.device + ")"
+
+
+def record_arrays(record: pa.RecordBatch, manifest: Manifest, modalities: Sequence[str],
+                  labels: Sequence[str], split: str, nonfinite: str) -> dict[str, np.ndarray]:
+    """One record batch of a shard as the model's input arrays: each modality in its stored
+    dtype with its `__len`/`__present` columns, the labels, rows with NaN/inf handled as
+    `data.nonfinite` says."""
+    from mmcl.data.shards import _handle_nonfinite, tensor_to_numpy
+
+    table = pa.Table.from_batches([record])
+    arrays, valid = {ID_COLUMN: table.column(ID_COLUMN).to_numpy()}, {}
+    for m in modalities:
+        spec = manifest.modality(m)
+        arrays[m], valid[m] = tensor_to_numpy(table.column(m), spec.shape, spec.dtype)
+        for aux in spec.storage_columns[1:]:
+            arrays[aux] = table.column(aux).to_numpy(zero_copy_only=False)
+    for name in labels:
+        arrays[name] = _label_values(table.column(name))
+    return _handle_nonfinite(arrays, valid, split, nonfinite)
+
+
+def _label_values(column: pa.ChunkedArray) -> np.ndarray:
+    """A label column as numpy: (N,) values, or (N, K) for a multi-hot tensor column."""
+    from mmcl.data.shards import tensor_to_numpy
+
+    if isinstance(column.type, pa.FixedShapeTensorType):
+        return tensor_to_numpy(column, column.type.shape,
+                               column.type.value_type.to_pandas_dtype())[0]
+    return column.to_numpy()
 
 
 # --------------------------------------------------------------------------- reading
@@ -520,8 +553,9 @@ def read_embeddings(out: str, split: str, columns: Sequence[str] | None = None,
     result: dict[str, np.ndarray] = {}
     for name in table.column_names:
         col = table.column(name)
-        if isinstance(col.type, pa.FixedShapeTensorType):
-            values, _ = tensor_to_numpy(col, col.type.shape)
+        if isinstance(col.type, pa.FixedShapeTensorType):   # embeddings, multi-hot labels
+            values, _ = tensor_to_numpy(col, col.type.shape,
+                                        col.type.value_type.to_pandas_dtype())
         else:
             values = col.to_numpy()
         result[name] = values[order]

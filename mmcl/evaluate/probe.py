@@ -444,6 +444,131 @@ def few_label_probe(x_train, y_train, x_val, y_val, x_test, y_test, ks: Sequence
     return out
 
 
+def fit_subset_heads(x, rows: Sequence[np.ndarray], targets: Sequence, num_classes:
+                     Sequence[int], l2s: Sequence[Sequence[float]], max_iter: int = 100,
+                     init: Sequence[Probe | None] | None = None) -> list[list[Probe]]:
+    """Logistic heads that each see their own rows of one feature matrix, fitted in ONE
+    L-BFGS run: head h is fitted on x[rows[h]] against targets[h] with that subset's own
+    standardisation, once per penalty in l2s[h], exactly as `fit_probe` fits it alone (the
+    joint objective is the sum of the heads' objectives, which share no parameter). Heads
+    with the same class count are one padded batch, (heads, rows, D) @ (heads, D, L x C),
+    so the few-label protocol's many small draws cost about one fit instead of a Python-level
+    L-BFGS per draw. `init[h]`: a probe of head h on other rows (all its penalties start
+    there). Returns, per head, one Probe per penalty."""
+    xs = _features(x)
+    heads = len(rows)
+    if not (heads == len(targets) == len(num_classes) == len(l2s)) or not heads:
+        raise ValueError("fit_subset_heads: rows, targets, class count and l2s per head")
+    d = xs.shape[1]
+    stats, groups = [], {}
+    for h in range(heads):
+        r = torch.from_numpy(np.asarray(rows[h], dtype=np.int64))
+        if len(r) == 0:
+            raise ValueError("probe: a head without training rows")
+        mean, std = _standardiser(xs[r])
+        stats.append((mean, std))
+        groups.setdefault((int(num_classes[h]), len(l2s[h])), []).append(h)
+    params, blocks = [], []
+    for (c, n_l2), members in groups.items():
+        n_max = max(len(rows[h]) for h in members)
+        z = torch.zeros(len(members), n_max, d, dtype=torch.float64)
+        onehot = torch.zeros(len(members), n_max, 1, c, dtype=torch.float64)
+        row_weight = torch.zeros(len(members), n_max, 1, 1, dtype=torch.float64)
+        l2 = torch.tensor([[list(map(float, l2s[h]))] for h in members],
+                          dtype=torch.float64)[:, :, :, None]          # (G, 1, L, 1)
+        weight = torch.zeros(len(members), d, n_l2, c, dtype=torch.float64)
+        bias = torch.zeros(len(members), 1, n_l2, c, dtype=torch.float64)
+        for g, h in enumerate(members):
+            r = torch.from_numpy(np.asarray(rows[h], dtype=np.int64))
+            yt = _targets(targets[h], "classification", len(r))
+            if yt.min() < 0 or yt.max() >= c:
+                raise ValueError(f"class indices must be in 0..{c - 1}")
+            z[g, :len(r)] = (xs[r] - stats[h][0]) / stats[h][1]
+            onehot[g, :len(r), 0] = F.one_hot(yt, c).to(torch.float64)
+            row_weight[g, :len(r)] = 1.0 / len(r)
+            start = (init or [None] * heads)[h]
+            if start is not None and tuple(start.weight.shape) == (d, c):
+                w0, b0 = _restandardised(start, *stats[h])
+                weight[g] = w0[:, None, :]
+                bias[g, 0] = b0[None, :]
+        params += [weight, bias]
+        blocks.append((members, z, onehot, row_weight, l2, weight, bias))
+
+    def objective() -> torch.Tensor:
+        """Sum over heads and penalties of mean cross-entropy + l2 ||W||^2; exact gradient
+        in .grad (padded rows weigh 0)."""
+        loss = torch.zeros((), dtype=torch.float64)
+        for _, z, onehot, row_weight, l2, weight, bias in blocks:
+            g_, n, (_, _, n_l2, c) = z.shape[0], z.shape[1], weight.shape
+            logits = torch.bmm(z, weight.reshape(g_, d, n_l2 * c)).reshape(g_, n, n_l2, c)
+            logp = torch.log_softmax(logits + bias, dim=3)
+            loss = loss - (logp * onehot * row_weight).sum() + (l2 * weight ** 2).sum()
+            grad = (logp.exp() - onehot) * row_weight
+            weight.grad = torch.bmm(z.transpose(1, 2), grad.reshape(g_, n, n_l2 * c)) \
+                .reshape(weight.shape) + 2.0 * l2 * weight
+            bias.grad = grad.sum(dim=1, keepdim=True)
+        return loss
+
+    final = _run_lbfgs(params, objective, max_iter)
+    out: list[list[Probe]] = [[] for _ in range(heads)]
+    for members, _, _, _, _, weight, bias in blocks:
+        for g, h in enumerate(members):
+            out[h] = [Probe("classification", stats[h][0], stats[h][1],
+                            weight[g, :, j].detach().clone(), bias[g, 0, j].detach().clone(),
+                            int(num_classes[h]), float(l2s[h][j]), final)
+                      for j in range(weight.shape[2])]
+    return out
+
+
+def few_label_probes(x_train, ys_train: dict, x_val, ys_val: dict, x_test, ys_test: dict,
+                     ks: Sequence[int], seeds: Sequence[int], num_classes: dict | None = None,
+                     grid: Sequence[float] = DEFAULT_L2_GRID, max_iter: int = 100
+                     ) -> dict[str, dict[int, dict[str, dict[str, float]]]]:
+    """`few_label_probe` of several classification columns ({name: y}) on the same features,
+    with every draw (column x k x seed) and L2 strength one head of one joint fit on train
+    (`fit_subset_heads`), then one joint refit of every draw on its train+val rows at its
+    chosen L2, warm-started: two L-BFGS runs in all instead of 2 per column x k x seed.
+    Same draws (`few_label_subset`, same seeds), same protocol, same figures up to the
+    optimiser's tolerance. Returns {column: {k: {metric: {"mean", "std", "n"}}}}."""
+    x_train, x_val = np.asarray(x_train), np.asarray(x_val)
+    names = list(ys_train)
+    grid = sorted(float(v) for v in grid)
+    if not names or not ks or not seeds:
+        return {c: {} for c in names}
+    classes, draws = {}, []
+    for c in names:
+        y_tr, y_va = np.asarray(ys_train[c]), np.asarray(ys_val[c])
+        given = (num_classes or {}).get(c)
+        classes[c] = int(given) if given is not None else max(
+            2, int(max(y_tr.max(), y_va.max(), np.max(ys_test[c]))) + 1)
+        for k in ks:
+            for seed in seeds:
+                draws.append((c, int(k), few_label_subset(y_tr, int(k), seed=int(seed)),
+                              few_label_subset(y_va, int(k), seed=int(seed) + 7919)))
+    fitted = fit_subset_heads(
+        x_train, [tr for _, _, tr, _ in draws],
+        [np.asarray(ys_train[c])[tr] for c, _, tr, _ in draws],
+        [classes[d[0]] for d in draws], [grid] * len(draws), max_iter)
+    chosen = []
+    for i, (c, _, _, va) in enumerate(draws):
+        y_va = np.asarray(ys_val[c])[va]
+        scores = {l2: score_all(p, x_val[va], y_va)["balanced_accuracy"]
+                  for l2, p in zip(grid, fitted[i])}
+        chosen.append(_choose_l2(scores, grid))
+    fit_x = np.concatenate([x_train, x_val])
+    offset = len(x_train)
+    finals = [p[0] for p in fit_subset_heads(
+        fit_x, [np.concatenate([tr, offset + va]) for _, _, tr, va in draws],
+        [_cat(np.asarray(ys_train[c])[tr], np.asarray(ys_val[c])[va]) for c, _, tr, va in draws],
+        [classes[d[0]] for d in draws], [[chosen[i]] for i in range(len(draws))], max_iter,
+        init=[fitted[i][grid.index(chosen[i])] for i in range(len(draws))])]
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {c: {} for c in names}
+    for (c, k, _, _), probe in zip(draws, finals):
+        runs[c].setdefault(k, []).append(score_all(probe, x_test, ys_test[c]))
+    return {c: {k: {m: mean_std([r[m] for r in rs]) for m in rs[0]} for k, rs in by_k.items()}
+            for c, by_k in runs.items()}
+
+
 def mean_std(values: Sequence[float]) -> dict[str, float]:
     """{"mean", "std" (sample std, ddof=1; 0 for one value), "n"} of finite values."""
     arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
@@ -544,7 +669,11 @@ def multilabel_probe(x_train, y_train, x_val, y_val, x_test, y_test,
 def minimise_lbfgs(weight: torch.Tensor, bias: torch.Tensor, objective, max_iter: int) -> float:
     """Run L-BFGS (strong Wolfe line search) on `objective`, which puts its exact gradient
     into .grad itself; the final objective value."""
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=int(max_iter),
+    return _run_lbfgs([weight, bias], objective, max_iter)
+
+
+def _run_lbfgs(params: list, objective, max_iter: int) -> float:
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=int(max_iter),
                             tolerance_grad=1e-7, tolerance_change=1e-10, history_size=20,
                             line_search_fn="strong_wolfe")
     with torch.no_grad():

@@ -35,6 +35,7 @@ import numpy as np
 from mmcl import storage
 from mmcl.data.schema import LabelSpec
 from mmcl.evaluate import diagnostics as diag
+from mmcl.evaluate.cache import CACHE_DIR, ProbeCache
 from mmcl.evaluate.embed import (EmbedError, RunInfo, embed_run, read_embeddings, read_meta,
                                  read_run, shared_column)
 from mmcl.evaluate.probe import mean_std
@@ -137,10 +138,13 @@ def evaluate_run(run: str, data: str | None = None, *,
                  address: str | None = None, concurrency: int | None = None,
                  batch_size: int = 1024, use_gpu: bool | None = None,
                  progress: Callable[[str], None] | None = None,
-                 endpoint_url: str | None = None, region: str | None = None) -> dict:
+                 endpoint_url: str | None = None, region: str | None = None,
+                 probe_cache: bool = True) -> dict:
     """Embed, probe and diagnose one run; writes RUN/eval/{embeddings/,report.json,report.md}
     and returns the report. `endpoint_url`/`region`: S3 endpoint of the run (default: the
-    run's storage block, then the AWS environment)."""
+    run's storage block, then the AWS environment). `probe_cache`: read and write the
+    raw-feature probes in the cache beside the run (`probe_cache_folder`; they are the same
+    for every run of a data set and settings, see mmcl.evaluate.cache)."""
     start = time.perf_counter()
     settings = settings or diag.ProbeSettings()
     info = read_run(run, endpoint_url, region)
@@ -172,7 +176,11 @@ def evaluate_run(run: str, data: str | None = None, *,
         rows[split] = int(len(part["id"]))
     _say(progress, f"[mmcl] {info.name}: probing {len(specs)} columns x "
                    f"{len(kinds[splits[0]])} representations")
-    results = diag.probe_columns(arrays, specs, kinds, settings, progress)
+    cache = ProbeCache(probe_cache_folder(info.url), **remote) if probe_cache else None
+    results = diag.probe_columns(arrays, specs, kinds, settings, progress, cache)
+    if cache is not None and cache.hits:
+        _say(progress, f"[mmcl] {info.name}: {cache.hits} raw-feature representation(s) "
+                       f"from the probe cache {cache.folder}")
     _say(progress, f"[mmcl] {info.name}: retrieval on {settings.test_split}")
     retrieval = retrieval_section(emb_out, settings, modalities, embedded.dims,
                                   info.config.objective.name, remote)
@@ -201,6 +209,12 @@ def evaluate_run(run: str, data: str | None = None, *,
     _say(progress, f"[mmcl] {info.name}: wrote {json_url} and {md_url} "
                    f"({report['elapsed_s']:.1f}s)")
     return report
+
+
+def probe_cache_folder(run_url: str) -> str:
+    """Where a run's raw-feature probes are cached: beside the run, in the user's own
+    storage (STORAGE_PATH/_probe_cache), shared by the runs stored there."""
+    return storage.join(run_url.rstrip("/").rsplit("/", 1)[0], CACHE_DIR)
 
 
 def check_retrieval_pairs(settings: diag.ProbeSettings, modalities: Sequence[str]) -> None:

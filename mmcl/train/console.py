@@ -179,9 +179,12 @@ def _filtering(print_logs):
 def epoch_line(summary: dict, epochs: int) -> str:
     """The one line per epoch (the global samples/s when several workers ran)."""
     rate = summary.get("samples_per_s_total", summary.get("samples_per_s", 0.0))
+    # the online probe's figures (mmcl.evaluate.online: probe_<label> keys)
+    probes = "".join(f"  {k.replace('_', ' ', 1)} {v:.3f}" for k, v in summary.items()
+                     if k.startswith("probe_") and isinstance(v, (int, float)))
     return (f"[mmcl] epoch {summary['epoch']}/{epochs}  step {summary['step']}  "
             f"loss {summary['loss']:.4f}  {rate:.0f} samples/s  "
-            f"data wait {summary.get('data_wait_fraction', 0.0):.1%}")
+            f"data wait {summary.get('data_wait_fraction', 0.0):.1%}{probes}")
 
 
 def log_epoch(summary: dict, epochs: int) -> None:

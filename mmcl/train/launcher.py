@@ -363,7 +363,7 @@ def make_trainer(cfg: RunConfig, root: str, manifest: Manifest, steps: int, name
         loop or train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "manifest": manifest.to_json(),
                            "steps_per_epoch": steps, "progress_bar": console.show_bar(),
-                           "run_url": run_url,
+                           "run_url": run_url, "data_root": root,  # the online probe's
                            "remote": (cfg.storage.endpoint_url, cfg.storage.region),
                            "drop_counter": drops, "init_weights": init_weights},
         scaling_config=ray.train.ScalingConfig(

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from mmcl.config import RunConfig
 from mmcl.data.pipeline import EpochDrops, EpochStream, derive_seed, iter_worker_batches
 from mmcl.data.schema import Manifest
+from mmcl.evaluate.online import OnlineProbe
 from mmcl.storage import filesystem
 from mmcl.train import console, tracking
 from mmcl.train.checkpoint import (newest_complete_checkpoint, read_checkpoint_state,
@@ -166,12 +167,15 @@ def _train(cfg: RunConfig, loop_config: dict, state: dict | None, stream: EpochS
     run_log = tracking.RunLog(cfg, loop_config.get("run_url"), rank)
     drops = EpochDrops(loop_config.get("drop_counter"), cfg.data.train_split)
     checkpoint_steps = step_checkpointer(engine, cfg, rank)
+    probe = OnlineProbe.for_worker(cfg, engine.manifest, loop_config.get("data_root"), rank,
+                                   loop_config.get("remote") or (None, None))
     for epoch in range(engine.epoch, stop_epoch):
         bar = console.EpochProgress(epoch + 1, cfg.train.epochs, engine.steps_per_epoch,
                                     enabled=rank == 0 and loop_config.get("progress_bar", False))
         engine.on_step = lambda m: (bar.update(m), run_log.step(m), checkpoint_steps(m))
         summary = engine.train_epoch(seeded(engine, cfg, stream.epoch(epoch), epoch, rank))
         bar.close()
+        summary.update(probe.at_epoch_end(engine, epoch))  # rank 0: probe_<label>
         summary["samples_per_s_total"] = all_reduce_sum([summary["samples_per_s"]])[0]
         summary["resumed_from_step"] = resumed_from_step
         summary.update(drops.since_last())  # after the all-reduce: epoch complete
