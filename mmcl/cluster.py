@@ -59,8 +59,26 @@ def _start_or_join(address: str | None, cpus_wanted: int, init_kwargs: dict) -> 
     # "local": never join a cluster someone else started on this machine. Logical CPUs may
     # exceed physical cores; what matters is that the jobs never take the last CPU that Ray
     # Data's read tasks wait for.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_wanted),
-             include_dashboard=False, log_to_driver=True, **init_kwargs)
+    start_local_ray(num_cpus=max(os.cpu_count() or 1, cpus_wanted), log_to_driver=True,
+                    **init_kwargs)
+
+
+def start_local_ray(**init_kwargs) -> None:
+    """ray.init(address="local", include_dashboard=False, ...), started once more if the first
+    start times out. Ray 2.60 waits a fixed 30 s for its raylet to register with the GCS
+    (ray/_private/node.py, not configurable), which a busy shared machine can miss; the second
+    start usually finds the machine's caches warm. Any other error, and a second timeout,
+    propagate."""
+    import ray
+
+    init_kwargs = {"include_dashboard": False, **init_kwargs}
+    try:
+        ray.init(address="local", **init_kwargs)
+    except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this
+        if "timed out during startup" not in str(err):
+            raise
+        ray.shutdown()
+        ray.init(address="local", **init_kwargs)
 
 
 def _jobs_that_fit(cpus: float, gpus: float, cpus_per_job: int, concurrent: int | None,

@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+from mmcl.cluster import start_local_ray
+
 # Tests sign Tune state (mmcl.tune.trust) with a key of their own, never with the user's
 # ~/.config/mmcl/trust.key; a test of the key file sets its own XDG_CONFIG_HOME.
 os.environ.setdefault("MMCL_TRUST_KEY", "mmcl-test-suite-key")
@@ -67,7 +69,7 @@ def local_ray():
     machine: Ray Data needs whole CPUs beside two 1-CPU training workers. address="local"
     never joins a cluster that another test started with `ray start`."""
     ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=4, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -21,6 +21,7 @@ import torch
 
 import mmcl
 from mmcl import config
+from mmcl.cluster import start_local_ray
 from mmcl.train import launcher
 from mmcl.train.checkpoint import CheckpointError, read_checkpoint_state
 from conftest import TINY_MODEL, TINY_TRAIN, worker_shards
@@ -81,8 +82,8 @@ def local_ray(tmp_path_factory):
     (hooks / "sitecustomize.py").write_text(STALL_HOOK)
     arm = str(tmp_path_factory.mktemp("stall") / "armed")
     path = os.pathsep.join([str(hooks), *filter(None, [os.environ.get("PYTHONPATH")])])
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path, STALL_ENV: arm}})
+    start_local_ray(num_cpus=4, log_to_driver=False,
+                    runtime_env={"env_vars": {"PYTHONPATH": path, STALL_ENV: arm}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield Path(arm)
     ray.shutdown()

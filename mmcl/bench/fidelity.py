@@ -388,22 +388,6 @@ def raw_features(values: np.ndarray, spec) -> np.ndarray:
     return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
 
 
-def _build_retrying_ray_start(build: Callable[[], object], log: Callable[[str], None]):
-    """build() once more when the local Ray it starts times out during startup (Ray waits
-    a fixed 30 s for its raylet, which an overloaded shared machine can miss); any other
-    error, and a second timeout, propagate."""
-    try:
-        return build()
-    except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this
-        if "timed out during startup" not in str(err):
-            raise
-        import ray
-
-        log(f"[fidelity] local Ray timed out during startup ({err}); starting it once more")
-        ray.shutdown()
-        return build()
-
-
 def trifeature_data(seed: int, settings: Settings, data_dir: str | None,
                     log: Callable[[str], None]):
     """(manifest, probe splits, pretraining rows) of the bimodal Trifeature set (one data set,
@@ -422,8 +406,9 @@ def trifeature_data(seed: int, settings: Settings, data_dir: str | None,
     out = os.path.join(root, f"trifeature-n{settings.n}-{settings.image_size}px-seed{data_seed}")
     start = time.perf_counter()
     if not os.path.exists(os.path.join(out, "manifest.json")):  # the first seed builds it
-        _build_retrying_ray_start(lambda: generate_trifeature(
-            out, settings.n, data_seed, overwrite=True, image_size=settings.image_size), log)
+        # The import starts local Ray through mmcl.cluster, which retries a timed-out start.
+        generate_trifeature(out, settings.n, data_seed, overwrite=True,
+                            image_size=settings.image_size)
         log(f"[fidelity] trifeature: {settings.n} pairs rendered, written as PNG and imported "
             f"in {time.perf_counter() - start:.1f}s -> {out}")
     manifest = read_manifest(out)
