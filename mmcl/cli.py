@@ -256,8 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Generate one of the papers' controlled data sets, with "
                         "the true latent factors written as label columns: rus (redundancy, "
                         "uniqueness, synergy), factorcl (shared and unique factors), weak (a "
-                        "low-SNR modality that alone carries a factor).")
-    p.add_argument("--preset", required=True, choices=["rus", "factorcl", "weak"])
+                        "low-SNR modality that alone carries a factor), factorcl_hard (factorcl through a "
+                        "non-linear map, with distractors), many (six noisy views of one class).")
+    p.add_argument("--preset", required=True,
+                   choices=["rus", "factorcl", "weak", "factorcl_hard", "many"])
     p.add_argument("--out", required=True, help="output folder (local path or s3://...)")
     p.add_argument("--n", type=int, default=4096, help="tuples over all splits")
     p.add_argument("--seed", type=int, default=0)
