@@ -31,7 +31,7 @@ def test_quick_bench_writes_every_row_and_column(quick_report, capsys):
         assert list(report["table"][row]) == columns
         for key, cell in report["table"][row].items():
             preset = key.split(":", 1)[0]
-            if row == "factorcl_ssl" and preset != "factorcl":
+            if row == "factorcl_ssl" and preset not in ("factorcl", "factorcl_hard"):
                 assert "na" in cell  # FactorCL needs exactly two modalities
                 continue
             assert cell["n"] == 1, (row, key, cell)
@@ -89,17 +89,69 @@ def test_targets_check_decides_on_the_numbers():
             "factorcl_ssl": {"factorcl:y_shared": 0.9, "factorcl:y_unique1": 0.85,
                              "factorcl:y_unique2": 0.85},
             "tuple": {"weak:weak_factor": 0.6}, "tuple_infonce": {"weak:weak_factor": 0.7}}
+    good["cross"].update({"factorcl_hard:y_unique1": 0.6, "factorcl_hard:y_unique2": 0.6})
+    for row in fidelity.MANY_ROWS:
+        good.setdefault(row, {})["many:y"] = 0.97
+    sub = {"factorcl_ssl": {"Z_U1": {"factorcl_hard:y_unique1": {"mean": 0.8}},
+                            "Z_U2": {"factorcl_hard:y_unique2": {"mean": 0.8}}}}
+    per_modality = {row: {"v1": {"many:y": {"mean": 0.96}}, "v2": {"many:y": {"mean": 0.9}}}
+                    for row in fidelity.MANY_ROWS}
 
     def table(numbers):
         return {row: {k: {"mean": v, "std": 0.01, "n": 3} for k, v in cells.items()}
                 for row, cells in numbers.items()}
 
-    assert all(t["met"] for t in fidelity.check_targets(table(good), settings))
+    assert all(t["met"] for t in fidelity.check_targets(table(good), settings, sub,
+                                                         per_modality))
     bad = json.loads(json.dumps(good))
     bad["comm"]["rus:synergy"] = 0.52
-    results = fidelity.check_targets(table(bad), settings)
+    results = fidelity.check_targets(table(bad), settings, sub, per_modality)
     failed = [t["target"] for t in results if not t["met"]]
     assert all("comm" in t for t in failed) and len(failed) == 3
+    # the many-modality target: a fused embedding below its best modality fails it
+    bad = json.loads(json.dumps(good))
+    bad["tuple"]["many:y"] = 0.9
+    failed = [t["target"] for t in fidelity.check_targets(table(bad), settings, sub,
+                                                          per_modality) if not t["met"]]
+    assert failed == ["tuple on many: the fused embedding keeps its best modality's class "
+                      "information"]
+    weak_parts = {"factorcl_ssl": {z: {k: {"mean": 0.6} for k in c}
+                                   for z, c in sub["factorcl_ssl"].items()}}
+    failed = [t["target"] for t in fidelity.check_targets(table(good), settings, weak_parts,
+                                                          per_modality) if not t["met"]]
+    assert len(failed) == 1 and "Z_U1" in failed[0]
     missing = fidelity.check_targets(table({"cross": good["cross"]}), settings)
     assert [t["met"] for t in missing][0] is True
     assert all(t["met"] is None for t in missing[1:])
+
+
+def test_sub_representations_and_modality_embeddings_are_probed_alone():
+    """The bench probes FactorCL's Z_S, Z_U1, Z_U2 each alone, and on `many` every modality's
+    own embedding; an objective with neither adds nothing."""
+    import torch
+
+    from mmcl.objectives import build_objective
+
+    settings = fidelity.Settings.quick()
+    for preset, name, group, parts in (
+            ("factorcl_hard", "factorcl_ssl", "sub_scores", {"Z_S", "Z_U1", "Z_U2"}),
+            ("many", "tuple", "modality_scores", {f"v{i}" for i in range(1, 7)})):
+        manifest, splits = fidelity.make_splits(preset, 200, seed=0)
+        cfg = fidelity.run_config(fidelity.method(name), preset, 0, settings)
+        torch.manual_seed(0)
+        objective = build_objective(cfg, manifest)
+        labels = {s: {k: v for k, v in cols.items() if k not in manifest.modality_names}
+                  for s, cols in splits.items()}
+        out = fidelity.part_scores(objective, splits, labels,
+                                   fidelity._specs(manifest, preset),
+                                   manifest.modality_names, preset, settings)
+        assert list(out) == [group] and set(out[group]) == parts
+        keys = {fidelity.column_key(p, c) for p, c, _, _ in fidelity.COLUMNS if p == preset}
+        for scores in out[group].values():
+            assert set(scores) == keys
+            assert all(0.0 <= v["balanced_accuracy"] <= 1.0 for v in scores.values())
+    manifest, splits = fidelity.make_splits("factorcl_hard", 200, seed=0)
+    objective = build_objective(fidelity.run_config(fidelity.method("cross"), "factorcl_hard",
+                                                    0, settings), manifest)
+    assert fidelity.part_scores(objective, splits, {}, [], manifest.modality_names,
+                                "factorcl_hard", settings) == {}
