@@ -9,13 +9,14 @@ supervised reference; comm with mmcl's concat fusion and with a linear fusion, C
 ablation) the bench pretrains on the controlled data sets of `mmcl data synth` (`rus`,
 `factorcl`, `weak`, `factorcl_hard`, `many`) with the same encoders, data, augmentations,
 epochs, batch size and optimiser, then probes every factor of the table with mmcl's own
-evaluation code (`mmcl.evaluate.diagnostics.probe_columns` -> `linear_probe`: L2 chosen on val, refit on
-train+val, balanced accuracy on test) on the representation each objective hands downstream
-(`objective.embed`, the same call `mmcl embed` makes); FactorCL's sub-representations
+evaluation code (`mmcl.evaluate.diagnostics.probe_columns` -> `linear_probe`: L2 chosen on
+val, refit on train+val, balanced accuracy on test) on the representation each objective hands
+downstream (`objective.embed`, the same call `mmcl embed` makes); FactorCL's sub-representations
 (`objective.sub_embeddings`: Z_S, Z_U1, Z_U2) and, on `many`, every modality's own embedding
-are probed alone as well. Two references share the probe: the raw features of all modalities (`raw:all`, via `diagnostics.raw_feature_probes`) and a randomly
-initialised encoder (the tuple/CoMM architecture, untrained). Each cell is the mean ± sample
-std over seeds; seed s draws the data set (seed s: new latents and new random mixing maps) and
+are probed alone as well. Two references share the probe: the raw features of all modalities
+(`raw:all`, via `diagnostics.raw_feature_probes`) and a randomly initialised encoder (the
+tuple/CoMM architecture, untrained). Each cell is the mean ± sample std over seeds; seed s
+draws the data set (seed s: new latents and new random mixing maps) and
 the model (init, augmentations, batch order).
 
 Two protocol choices follow the papers' own controlled experiments (see `pretraining_rows` and
