@@ -64,7 +64,8 @@ def test_quick_bench_references_and_targets(quick_report):
     assert all(t["met"] in (True, False) for t in targets), targets  # every target was run
     assert all(t["detail"] for t in targets)
     md = (out / "fidelity.md").read_text()
-    marks = [line.split("|")[2].strip() for line in md.split("## Targets")[1].split("\n## ")[0].splitlines()
+    targets_section = md.split("## Targets")[1].split("\n## ")[0]
+    marks = [line.split("|")[2].strip() for line in targets_section.splitlines()
              if line.startswith("| ") and not line.startswith("| target |")]
     assert len(marks) == 7 and set(marks) <= {"met", "NOT MET"}
     try:
