@@ -283,14 +283,16 @@ def add_data_inspect(sub) -> None:
 
 def add_data_synth(sub) -> None:
     p = sub.add_parser("synth", help="generate a controlled data set (rus, factorcl, weak, "
-                       "trifeature)",
+                       "factorcl_hard, many, trifeature)",
                        description="Generate one of the papers' controlled data sets, with "
                        "the true latent factors written as label columns: rus (redundancy, "
                        "uniqueness, synergy), factorcl (shared and unique factors), weak (a "
-                       "low-SNR modality that alone carries a factor), trifeature (pairs of "
-                       "images: shared shape, unique textures, a texture-colour synergy; "
-                       "CoMM's benchmark).")
-    p.add_argument("--preset", required=True, choices=["rus", "factorcl", "weak", "trifeature"],
+                       "low-SNR modality that alone carries a factor), factorcl_hard (factorcl "
+                       "through a non-linear map, with distractors), many (six noisy views of "
+                       "one class), trifeature (pairs of images: shared shape, unique "
+                       "textures, a texture-colour synergy; CoMM's benchmark).")
+    p.add_argument("--preset", required=True, choices=["rus", "factorcl", "weak", "factorcl_hard", "many",
+                                                   "trifeature"],
                    help="trifeature: CoMM's bimodal Trifeature images, written as PNG files "
                    "and a table (--source) and then imported with `mmcl data import`")
     _add_out_arg(p)

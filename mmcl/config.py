@@ -30,7 +30,7 @@ class Strict(BaseModel):
 
 # ----------------------------------------------------------------------------------- data
 
-SynthPreset = Literal["rus", "factorcl", "weak"]
+SynthPreset = Literal["rus", "factorcl", "weak", "factorcl_hard", "many"]
 
 
 class SynthConfig(Strict):

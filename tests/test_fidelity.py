@@ -24,15 +24,15 @@ def test_quick_bench_writes_every_row_and_column(quick_report, capsys):
     rc, out, report = quick_report
     assert rc == 0
     rows = [m.name for m in fidelity.METHODS] + list(fidelity.REFERENCES)
-    columns = [fidelity.column_key(p, c) for p, c, _, _ in fidelity.COLUMNS
-               if p in fidelity.PRESETS]
+    presets = fidelity.Settings.quick().presets  # factorcl_hard and many: probed directly
+    columns = [fidelity.column_key(p, c) for p, c, _, _ in fidelity.COLUMNS if p in presets]
     assert list(report["table"]) == rows
     assert report["columns"] == columns
     for row in rows:
         assert list(report["table"][row]) == columns
         for key, cell in report["table"][row].items():
             preset = key.split(":", 1)[0]
-            if row == "factorcl_ssl" and preset != "factorcl":
+            if row == "factorcl_ssl" and preset not in ("factorcl", "factorcl_hard"):
                 assert "na" in cell  # FactorCL needs exactly two modalities
                 continue
             assert cell["n"] == 1, (row, key, cell)
@@ -64,7 +64,8 @@ def test_quick_bench_references_and_targets(quick_report):
     assert all(t["met"] in (True, False) for t in targets), targets  # every target was run
     assert all(t["detail"] for t in targets)
     md = (out / "fidelity.md").read_text()
-    marks = [line.split("|")[2].strip() for line in md.split("## Targets")[1].splitlines()
+    targets_section = md.split("## Targets")[1].split("\n## ")[0]
+    marks = [line.split("|")[2].strip() for line in targets_section.splitlines()
              if line.startswith("| ") and not line.startswith("| target |")]
     assert len(marks) == 7 and set(marks) <= {"met", "NOT MET"}
     try:
@@ -90,17 +91,37 @@ def test_targets_check_decides_on_the_numbers():
             "factorcl_ssl": {"factorcl:y_shared": 0.9, "factorcl:y_unique1": 0.85,
                              "factorcl:y_unique2": 0.85},
             "tuple": {"weak:weak_factor": 0.6}, "tuple_infonce": {"weak:weak_factor": 0.7}}
+    good["cross"].update({"factorcl_hard:y_unique1": 0.6, "factorcl_hard:y_unique2": 0.6})
+    for row in fidelity.MANY_ROWS:
+        good.setdefault(row, {})["many:y"] = 0.97
+    sub = {"factorcl_ssl": {"Z_U1": {"factorcl_hard:y_unique1": {"mean": 0.8}},
+                            "Z_U2": {"factorcl_hard:y_unique2": {"mean": 0.8}}}}
+    per_modality = {row: {"v1": {"many:y": {"mean": 0.96}}, "v2": {"many:y": {"mean": 0.9}}}
+                    for row in fidelity.MANY_ROWS}
 
     def table(numbers):
         return {row: {k: {"mean": v, "std": 0.01, "n": 3} for k, v in cells.items()}
                 for row, cells in numbers.items()}
 
-    assert all(t["met"] for t in fidelity.check_targets(table(good), settings))
+    assert all(t["met"] for t in fidelity.check_targets(table(good), settings, sub,
+                                                         per_modality))
     bad = json.loads(json.dumps(good))
     bad["comm"]["rus:synergy"] = 0.52
-    results = fidelity.check_targets(table(bad), settings)
+    results = fidelity.check_targets(table(bad), settings, sub, per_modality)
     failed = [t["target"] for t in results if not t["met"]]
     assert all("comm" in t for t in failed) and len(failed) == 3
+    # the many-modality target: a fused embedding below its best modality fails it
+    bad = json.loads(json.dumps(good))
+    bad["tuple"]["many:y"] = 0.9
+    failed = [t["target"] for t in fidelity.check_targets(table(bad), settings, sub,
+                                                          per_modality) if not t["met"]]
+    assert failed == ["tuple on many: the fused embedding keeps its best modality's class "
+                      "information"]
+    weak_parts = {"factorcl_ssl": {z: {k: {"mean": 0.6} for k in c}
+                                   for z, c in sub["factorcl_ssl"].items()}}
+    failed = [t["target"] for t in fidelity.check_targets(table(good), settings, weak_parts,
+                                                          per_modality) if not t["met"]]
+    assert len(failed) == 1 and "Z_U1" in failed[0]
     missing = fidelity.check_targets(table({"cross": good["cross"]}), settings)
     assert [t["met"] for t in missing][0] is True
     assert all(t["met"] is None for t in missing[1:])
@@ -135,3 +156,35 @@ def test_trifeature_quick_bench_builds_images_through_import_and_fills_the_table
     assert (out / "data" / data / "manifest.json").exists()
     pngs = os.listdir(out / "data" / f"{data}-source" / "images")
     assert len(pngs) == 2 * report["settings"]["n"] and pngs[0].endswith(".png")
+
+
+def test_sub_representations_and_modality_embeddings_are_probed_alone():
+    """The bench probes FactorCL's Z_S, Z_U1, Z_U2 each alone, and on `many` every modality's
+    own embedding; an objective with neither adds nothing."""
+    import torch
+
+    from mmcl.objectives import build_objective
+
+    settings = fidelity.Settings.quick()
+    for preset, name, group, parts in (
+            ("factorcl_hard", "factorcl_ssl", "sub_scores", {"Z_S", "Z_U1", "Z_U2"}),
+            ("many", "tuple", "modality_scores", {f"v{i}" for i in range(1, 7)})):
+        manifest, splits = fidelity.make_splits(preset, 200, seed=0)
+        cfg = fidelity.run_config(fidelity.method(name), preset, 0, settings)
+        torch.manual_seed(0)
+        objective = build_objective(cfg, manifest)
+        labels = {s: {k: v for k, v in cols.items() if k not in manifest.modality_names}
+                  for s, cols in splits.items()}
+        out = fidelity.part_scores(objective, splits, labels,
+                                   fidelity._specs(manifest, preset),
+                                   manifest.modality_names, preset, settings)
+        assert list(out) == [group] and set(out[group]) == parts
+        keys = {fidelity.column_key(p, c) for p, c, _, _ in fidelity.COLUMNS if p == preset}
+        for scores in out[group].values():
+            assert set(scores) == keys
+            assert all(0.0 <= v["balanced_accuracy"] <= 1.0 for v in scores.values())
+    manifest, splits = fidelity.make_splits("factorcl_hard", 200, seed=0)
+    objective = build_objective(fidelity.run_config(fidelity.method("cross"), "factorcl_hard",
+                                                    0, settings), manifest)
+    assert fidelity.part_scores(objective, splits, {}, [], manifest.modality_names,
+                                "factorcl_hard", settings) == {}

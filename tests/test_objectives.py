@@ -320,6 +320,30 @@ def test_factorcl_embedding_concatenates_every_head(factorcl_data):
     assert z.shape == (8, 2 * 5 * cfg.model.embed_dim)
 
 
+def test_factorcl_sub_embeddings_split_the_representation_into_shared_and_unique(
+        factorcl_data, rus):
+    """Z_S holds the shared heads of both modalities, Z_U1 / Z_U2 the unique heads of one
+    modality each: together exactly the columns of `embed`, and Z_U1 depends on x1 only."""
+    manifest, arrays = factorcl_data
+    cfg = small_config("factorcl_ssl")
+    obj = build_objective(cfg, manifest).eval()
+    batch = batch_of(arrays, 8)
+    parts = obj.sub_embeddings(batch)
+    d = cfg.model.embed_dim
+    assert {k: v.shape for k, v in parts.items()} == {
+        "Z_S": (8, 2 * 2 * d), "Z_U1": (8, 3 * d), "Z_U2": (8, 3 * d)}
+    whole = obj.embed(batch)
+    together = torch.cat(list(parts.values()), dim=1)
+    assert torch.allclose(together.sort(dim=1).values, whole.sort(dim=1).values)
+    other = dict(batch, x2=torch.randn_like(batch["x2"]))
+    assert torch.equal(obj.sub_embeddings(other)["Z_U1"], parts["Z_U1"])
+    assert not torch.equal(obj.sub_embeddings(other)["Z_U2"], parts["Z_U2"])
+    # an objective that does not factorize its representation has no parts
+    rus_manifest, rus_arrays = rus
+    assert build_objective(small_config("tuple"), rus_manifest).sub_embeddings(
+        batch_of(rus_arrays, 4)) == {}
+
+
 def test_factorcl_sup_conditions_on_labels(factorcl_data):
     """The label is the context C: permuting it changes exactly the terms conditioned on C
     (and I_NCE(Xi;Ci)), never I_NCE(X1;X2) or I_CLUB(X1;X2)."""

@@ -7,14 +7,16 @@
 For every objective (cross, cross_self, tuple, tuple_infonce, comm, factorcl_ssl; supcon as a
 supervised reference; comm with mmcl's concat fusion and with a linear fusion, CoMM's fusion
 ablation) the bench pretrains on the controlled data sets of `mmcl data synth` (`rus`,
-`factorcl`, `weak`) with the same encoders, data, augmentations, epochs, batch size and
-optimiser, then probes every factor of the table with mmcl's own evaluation code
-(`mmcl.evaluate.diagnostics.probe_columns` -> `linear_probe`: L2 chosen on val, refit on
-train+val, balanced accuracy on test) on the representation each objective hands downstream
-(`objective.embed`, the same call `mmcl embed` makes). Two references share the probe: the raw
-features of all modalities (`raw:all`, via `diagnostics.raw_feature_probes`) and a randomly
-initialised encoder (the tuple/CoMM architecture, untrained). Each cell is the mean ± sample
-std over seeds; seed s draws the data set (seed s: new latents and new random mixing maps) and
+`factorcl`, `weak`, `factorcl_hard`, `many`) with the same encoders, data, augmentations,
+epochs, batch size and optimiser, then probes every factor of the table with mmcl's own
+evaluation code (`mmcl.evaluate.diagnostics.probe_columns` -> `linear_probe`: L2 chosen on
+val, refit on train+val, balanced accuracy on test) on the representation each objective hands
+downstream (`objective.embed`, the same call `mmcl embed` makes); FactorCL's sub-representations
+(`objective.sub_embeddings`: Z_S, Z_U1, Z_U2) and, on `many`, every modality's own embedding
+are probed alone as well. Two references share the probe: the raw features of all modalities
+(`raw:all`, via `diagnostics.raw_feature_probes`) and a randomly initialised encoder (the
+tuple/CoMM architecture, untrained). Each cell is the mean ± sample std over seeds; seed s
+draws the data set (seed s: new latents and new random mixing maps) and
 the model (init, augmentations, batch order).
 
 Two protocol choices follow the papers' own controlled experiments (see `pretraining_rows` and
@@ -77,8 +79,21 @@ COLUMNS: tuple[tuple[str, str, str, str], ...] = (
     ("trifeature", "synergy", "S", "synergy: (texture of image 1, colour of image 2) is one of "
      "the 10 correlated pairs"),
 )
-PRESETS = ("rus", "factorcl", "weak")
+# FactorCL's benchmark made hard (non-linear mixing, distractors) and many modalities.
+COLUMNS += (
+    ("factorcl_hard", "y_shared", "shared", "shared block, through a non-linear map"),
+    ("factorcl_hard", "y_unique1", "U_1", "block unique to x1, through a non-linear map"),
+    ("factorcl_hard", "y_unique2", "U_2", "block unique to x2, through a non-linear map"),
+    ("many", "y", "class", "10-class label carried by six views with different noise "
+     "(chance 0.1)"),
+)
+PRESETS = ("rus", "factorcl", "weak", "factorcl_hard", "many")
 IMAGE_PRESETS = ("trifeature",)   # run on their own: `mmcl bench fidelity --preset trifeature`
+# Presets whose objectives are also probed per modality embedding (emb:m): does the fused
+# embedding keep what its best single modality holds?
+MODALITY_PROBE_PRESETS = ("many",)
+# Few-label probe (k labelled rows per class) of the fused and raw features, per preset.
+FEW_LABEL_K: dict[str, tuple[int, ...]] = {"many": (10,)}
 
 
 def column_key(preset: str, column: str) -> str:
@@ -110,9 +125,9 @@ METHODS: tuple[Method, ...] = (
     Method("comm_linear", "comm", ("model.fusion=linear",),
            note="model.fusion=linear, CoMM's fusion ablation: one Linear layer over the "
                 "concatenated modality embeddings instead of the transformer"),
-    Method("factorcl_ssl", "factorcl_ssl", presets=("factorcl", "trifeature"),
-           note="FactorCL is defined for exactly two modalities: run on `factorcl` and "
-                "`trifeature` only"),
+    Method("factorcl_ssl", "factorcl_ssl", presets=("factorcl", "factorcl_hard", "trifeature"),
+           note="FactorCL is defined for exactly two modalities: run on `factorcl`, "
+                "`factorcl_hard` and `trifeature` only"),
     Method("supcon", "supcon", ("objective.label_column=y",), kind="supervised",
            note="supervised reference: SupCon on the task label y of each data set"),
 )
@@ -189,7 +204,10 @@ TARGET_THRESHOLDS = {
     "near_chance": 0.60,      # "near chance" (at most)
     "margin": 0.05,           # "drops" / "clearly above another row": at least this much
     "weak_margin": 0.02,      # tuple_infonce vs tuple on the weak factor: mean gain at least
+    "keeps": 0.02,            # a fused embedding "keeps" its best modality: at most this below
 }
+# Rows whose fused embedding must keep what its best single modality embedding holds (many).
+MANY_ROWS = ("cross", "tuple", "tuple_infonce", "comm")
 
 
 @dataclass
@@ -220,9 +238,12 @@ class Settings:
 
     @classmethod
     def quick(cls, seeds: int = 1) -> "Settings":
-        """Every row and column, tiny: 1 seed, 384 tuples, 2 epochs, a small model, one L2
-        strength (a smoke test: the numbers are not meaningful)."""
+        """Every row and column of the first three data sets, tiny: 1 seed, 384 tuples, 2
+        epochs, a small model, one L2 strength (a smoke test: the numbers are not
+        meaningful). factorcl_hard and many stay out: their 100-feature and six-modality,
+        10-class probes would double the smoke's time; tests probe their parts directly."""
         return cls(mode="quick", seeds=tuple(range(seeds)), n=384, epochs=2, batch_size=64,
+                   presets=("rus", "factorcl", "weak"),
                    model=("model.embed_dim=32", "model.encoder.hidden=64",
                           "model.proj_hidden=64", "model.proj_dim=32"),
                    l2_grid=(1e-3,), probe_max_iter=30, raw_per_modality=False)
@@ -359,11 +380,50 @@ def embed_splits(objective, splits: dict, modalities: Sequence[str], manifest,
     return out
 
 
-def probe_settings(settings: Settings):
+def probe_settings(settings: Settings, preset: str | None = None):
     from mmcl.evaluate.diagnostics import ProbeSettings
 
     return ProbeSettings(l2_grid=settings.l2_grid, max_iter=settings.probe_max_iter,
-                         few_label_k=(), max_rows=None)
+                         few_label_k=FEW_LABEL_K.get(preset, ()), max_rows=None)
+
+
+def embed_parts(objective, splits: dict, modalities: Sequence[str], batch_size: int = 1024,
+                per_modality: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    """{split: {kind: features}} of the objective's sub-representations
+    (`objective.sub_embeddings`, kind "sub:NAME") and, with per_modality, of every modality's
+    own embedding (`modality_embeddings`, kind "emb:m"); empty dicts when it has neither."""
+    import torch
+
+    from mmcl.evaluate import diagnostics as diag
+
+    objective.eval()
+    out = {}
+    for split, cols in splits.items():
+        n = len(cols[modalities[0]])
+        parts: dict[str, list[np.ndarray]] = {}
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                batch = {m: torch.from_numpy(np.ascontiguousarray(
+                    cols[m][start:start + batch_size], dtype=np.float32)) for m in modalities}
+                found = {f"sub:{k}": v for k, v in objective.sub_embeddings(batch).items()}
+                if per_modality:
+                    found.update({diag.emb_kind(k): v for k, v in
+                                  objective.modality_embeddings(batch).items()})
+                for kind, v in found.items():
+                    parts.setdefault(kind, []).append(v.float().cpu().numpy())
+        out[split] = {kind: np.concatenate(v) for kind, v in parts.items()}
+    return out
+
+
+def few_label_scores(results: dict, preset: str, kind: str) -> dict[str, dict]:
+    """{column key: {k: balanced accuracy mean}} of the few-label probes of one kind."""
+    out = {}
+    for _, col, _, _ in columns_of(preset):
+        few = results[col].get("few_label", {}).get(kind)
+        if few:
+            out[column_key(preset, col)] = {str(k): v["balanced_accuracy"]["mean"]
+                                            for k, v in few.items()}
+    return out
 
 
 def _specs(manifest, preset: str):
@@ -442,7 +502,7 @@ def run_preset(preset: str, seed: int, settings: Settings, log: Callable[[str], 
         pretrain = pretraining_rows(preset, splits["train"], settings)
     modalities = manifest.modality_names
     specs = _specs(manifest, preset)
-    probes = probe_settings(settings)
+    probes = probe_settings(settings, preset)
     label_splits = {s: {k: v for k, v in cols.items() if k not in modalities}
                     for s, cols in splits.items()}
 
@@ -472,7 +532,7 @@ def run_preset(preset: str, seed: int, settings: Settings, log: Callable[[str], 
         raw, per_modality = diag.probe_columns(label_splits, specs, features, probes), None
     if raw is not None:
         done(RAW, raw, kind, probe_s=time.perf_counter() - start,
-             raw_per_modality=per_modality)
+             raw_per_modality=per_modality, few_label=few_label_scores(raw, preset, kind))
     cfg = run_config(None, preset, seed, settings)
     torch.manual_seed(cfg.train.seed)
     start = time.perf_counter()
@@ -500,11 +560,32 @@ def run_preset(preset: str, seed: int, settings: Settings, log: Callable[[str], 
         start = time.perf_counter()
         features = embed_splits(engine.objective, splits, modalities, manifest)
         results = diag.probe_columns(label_splits, specs, features, probes)
+        parts = part_scores(engine.objective, splits, label_splits, specs, modalities,
+                            preset, settings)
         last = engine.history[-1] if engine.history else {}
-        done(m.name, results, diag.FUSED_KIND, train_s=train_s,
+        done(m.name, results, diag.FUSED_KIND, train_s=train_s, **parts,
+             few_label=few_label_scores(results, preset, diag.FUSED_KIND),
              probe_s=time.perf_counter() - start, steps=engine.step,
              final_loss=last.get("loss"), skipped_batches=engine.skipped_batches,
              embed_dim=int(features["train"][diag.FUSED_KIND].shape[1]))
+
+
+def part_scores(objective, splits: dict, label_splits: dict, specs, modalities,
+                preset: str, settings: Settings) -> dict:
+    """{"sub_scores": {sub name: scores}} for an objective with sub-representations and
+    {"modality_scores": {modality: scores}} on MODALITY_PROBE_PRESETS (empty when neither)."""
+    from mmcl.evaluate import diagnostics as diag
+
+    features = embed_parts(objective, splits, modalities,
+                           per_modality=preset in MODALITY_PROBE_PRESETS)
+    if not features["train"]:
+        return {}
+    results = diag.probe_columns(label_splits, specs, features, probe_settings(settings))
+    out: dict[str, dict] = {}
+    for kind in features["train"]:
+        group = "sub_scores" if kind.startswith("sub:") else "modality_scores"
+        out.setdefault(group, {})[kind.split(":", 1)[1]] = _scores(results, preset, kind)
+    return out
 
 
 # --------------------------------------------------------------------------- aggregate
@@ -541,6 +622,39 @@ def aggregate(runs: Sequence[dict], settings: Settings) -> dict[str, dict[str, d
     return table
 
 
+def aggregate_parts(runs: Sequence[dict], group: str) -> dict[str, dict[str, dict]]:
+    """{row: {part: {column key: {"mean", "std", "n"}}}} of the runs' `group` scores
+    ("sub_scores": sub-representations; "modality_scores": per-modality embeddings)."""
+    from mmcl.evaluate.probe import mean_std
+
+    values: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for r in runs:
+        for part, scores in r.get(group, {}).items():
+            for key, v in scores.items():
+                values.setdefault(r["row"], {}).setdefault(part, {}).setdefault(
+                    key, []).append(v["balanced_accuracy"])
+    return {row: {part: {key: mean_std(v) for key, v in cols.items()}
+                  for part, cols in parts.items()} for row, parts in values.items()}
+
+
+def aggregate_few_label(runs: Sequence[dict]) -> dict[str, dict[str, dict]]:
+    """{row: {"column key@k": {"mean", "std", "n"}}} of the few-label probes."""
+    from mmcl.evaluate.probe import mean_std
+
+    values: dict[str, dict[str, list[float]]] = {}
+    for r in runs:
+        for key, by_k in r.get("few_label", {}).items():
+            for k, v in by_k.items():
+                values.setdefault(r["row"], {}).setdefault(f"{key}@{k}", []).append(v)
+    return {row: {key: mean_std(v) for key, v in cells.items()}
+            for row, cells in values.items()}
+
+
+def _part_mean(parts: dict, row: str, part: str, key: str) -> float:
+    v = parts.get(row, {}).get(part, {}).get(key, {}).get("mean")
+    return float(v) if v is not None else float("nan")
+
+
 def _mean(table, row: str, key: str) -> float:
     cell = table.get(row, {}).get(key, {})
     v = cell.get("mean")
@@ -552,12 +666,15 @@ def _std(table, row: str, key: str) -> float:
     return float(v) if v is not None and np.isfinite(v) else 0.0
 
 
-def check_targets(table: dict, settings: Settings) -> list[dict]:
+def check_targets(table: dict, settings: Settings, sub: dict | None = None,
+                  per_modality: dict | None = None) -> list[dict]:
     """The fidelity issues' targets of the data sets this bench ran, each {"target", "met"
-    (True/False/None: not run), "detail"} with the numbers it was decided on."""
+    (True/False/None: not run), "detail"} with the numbers it was decided on. `sub`: the
+    sub-representation table (FactorCL's Z_S, Z_U1, Z_U2); `per_modality`: each modality's own
+    embedding's scores."""
     out: list[dict] = []
     if set(settings.presets) & set(PRESETS):
-        out += vector_targets(table)
+        out += vector_targets(table, settings, sub or {}, per_modality or {})
     if "trifeature" in settings.presets:
         out += trifeature_targets(table)
     return out
@@ -614,7 +731,8 @@ def trifeature_targets(table: dict) -> list[dict]:
     return out
 
 
-def vector_targets(table: dict) -> list[dict]:
+def vector_targets(table: dict, settings: Settings, sub: dict,
+                   per_modality: dict) -> list[dict]:
     """The first fidelity issue's targets on the vector presets (TARGET_THRESHOLDS)."""
     t = TARGET_THRESHOLDS
     k = column_key
@@ -659,6 +777,25 @@ def vector_targets(table: dict) -> list[dict]:
         ("min(U_1, U_2)", min(fu1, fu2), ">=", t["recovered"]),
         ("mean U - cross mean U", (fu1 + fu2) / 2 - cu, ">=", t["margin"]),
     ], ["factorcl_ssl", "cross"])
+    if "factorcl_hard" in settings.presets:
+        z1, z2 = (_part_mean(sub, "factorcl_ssl", z, k("factorcl_hard", c))
+                  for z, c in (("Z_U1", "y_unique1"), ("Z_U2", "y_unique2")))
+        cross_hard = np.mean([_mean(table, "cross", k("factorcl_hard", c))
+                              for c in ("y_unique1", "y_unique2")])
+        add("factorcl_ssl on factorcl_hard: Z_U1, Z_U2 hold their unique blocks clearly above "
+            "cross", [
+                ("mean(Z_U1 on U_1, Z_U2 on U_2) - cross mean U", (z1 + z2) / 2 - cross_hard,
+                 ">=", t["margin"]),
+            ], ["factorcl_ssl", "cross"])
+    if "many" in settings.presets:
+        key = k("many", "y")
+        for row in MANY_ROWS:
+            best = max((c[key]["mean"] for c in per_modality.get(row, {}).values()),
+                       default=float("nan"))
+            add(f"{row} on many: the fused embedding keeps its best modality's class "
+                "information", [
+                    ("fused - best emb:m", _mean(table, row, key) - best, ">=", -t["keeps"]),
+                ], [row])
     key = k("weak", "weak_factor")
     gain = _mean(table, "tuple_infonce", key) - _mean(table, "tuple", key)
     spread = max(_std(table, "tuple_infonce", key), _std(table, "tuple", key))
@@ -760,6 +897,7 @@ def to_markdown(report: dict) -> str:
     lines.append("Representation probed: `objective.embed` (the fused pre-projection embedding "
                  "for tuple/tuple_infonce/comm/supcon; the concatenated modality embeddings for "
                  "cross/cross_self; the concatenated head outputs for FactorCL).")
+    lines += part_tables_markdown(report)
     if report.get("plot"):
         lines.append("")
         lines.append(f"Plot: {report['plot']}")
@@ -808,6 +946,35 @@ def comm_comparison(table: dict) -> list[str]:
                  "AlexNet encoders on 224x224 renders, 100 epochs; CoMM's own rows are Cross "
                  "(CLIP-style cross-modal), Cross+Self and CoMM, and its linear-fusion "
                  "ablation.")
+    return lines
+
+
+def part_tables_markdown(report: dict) -> list[str]:
+    """The sub-representation table (FactorCL's Z_S, Z_U1, Z_U2 probed alone), the
+    per-modality embedding table and the few-label table, where the run has them."""
+    names = _short_names()
+    lines: list[str] = []
+    for title, group in (("Sub-representations (each probed alone)", "sub_table"),
+                         ("Each modality's own embedding (emb:m)", "modality_table")):
+        parts = report.get(group) or {}
+        if not parts:
+            continue
+        keys = sorted({k for p in parts.values() for c in p.values() for k in c},
+                      key=report["columns"].index)
+        lines += ["", f"## {title}", "", "| row | part | " + " | ".join(names[k] for k in keys)
+                  + " |", "|---|---|" + "---:|" * len(keys)]
+        for row, by_part in parts.items():
+            for part, cells in by_part.items():
+                lines.append(f"| {row} | {part} | " + " | ".join(
+                    cell_text(cells[k]) if k in cells else "–" for k in keys) + " |")
+    few = report.get("few_label_table") or {}
+    if few:
+        keys = sorted({k for cells in few.values() for k in cells})
+        lines += ["", "## Few-label probes (k labelled rows per class; fused / raw:all)", "",
+                  "| row | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+        for row, cells in few.items():
+            lines.append(f"| {row} | " + " | ".join(
+                cell_text(cells[k]) if k in cells else "–" for k in keys) + " |")
     return lines
 
 
@@ -924,7 +1091,11 @@ def run_fidelity(quick: bool = False, seeds: int | None = None, out: str | None 
     report["columns"] = column_keys(settings)
     report["column_names"] = _short_names()
     report["table"] = aggregate(runs, settings)
-    report["targets"] = check_targets(report["table"], settings)
+    report["sub_table"] = aggregate_parts(runs, "sub_scores")
+    report["modality_table"] = aggregate_parts(runs, "modality_scores")
+    report["few_label_table"] = aggregate_few_label(runs)
+    report["targets"] = check_targets(report["table"], settings, report["sub_table"],
+                                      report["modality_table"])
     report["runs"] = runs
     try:
         import matplotlib  # noqa: F401

@@ -18,6 +18,19 @@ rus        modalities a, b, c. Factors z_redundancy (in a, b and c), z_unique_a/
              synergy    = synergy_a XOR synergy_b   (neither a nor b alone predicts it)
              y          = [redundancy + unique_a + unique_b + unique_c + synergy >= 3]
                           (majority of the five: every kind of information matters)
+factorcl_hard  FactorCL's synthetic set made as hard as its paper's: blocks w_s (10 dims), w_1, w_2
+           (6 dims each; FactorCL's code) and a private distractor block d_i (16 dims, std 2,
+           task-irrelevant) enter each modality through a fixed random non-linear map,
+             x_i = tanh(2 [w_i, w_s, d_i] A_i) B_i + noise   (A_i: 32 x 128, B_i: 128 x 100),
+           so no block is a linear function of x_i any more (a linear probe on raw x_i reads
+           the first coordinates' signs at ~0.85-0.9, not 0.97). Labels as `factorcl`.
+many       six views v1..v6 of the same objects (a multi-feature data set: six feature sets of
+           one object, standardised). An object's latent z (8 dims) is its class prototype
+           (10 classes) plus object-level variation; view m = a linear map of
+           [z + s_m e_m, p_m] + noise, with e_m view noise of its own level s_m (0.3 ... 2.4,
+           drawn once per object: a clean view and increasingly noisy ones) and p_m 4 private
+           nuisance dims of the view (variance 4, class-irrelevant, different in every view).
+             y = the class (10 classes)
 weak       strong modalities a, b (noise std 0.1) carry z_shared; the weak modality (32
            features, noise std 1.0, signal amplitude 2.5 spread over all features) carries
            z_shared and z_weak, which no other modality holds.
@@ -43,6 +56,15 @@ Arrays = dict[str, np.ndarray]
 STRONG_NOISE = 0.1   # noise std of ordinary modalities (features have variance ~1)
 WEAK_NOISE = 1.0     # noise std of the weak modality's features
 WEAK_SIGNAL = 2.5    # norm of the weak modality's signal direction per unit of a factor
+# factorcl_hard: FactorCL's block sizes (its synthetic_example: w_s 10, w_1 = w_2 = 6 dims),
+# mapped into its 100 features, with distractors and a saturating non-linearity.
+HARD_BLOCKS = {"shared": 10, "unique": 6, "distractor": 16}
+HARD_DISTRACTOR_STD = 2.0
+HARD_GAIN, HARD_HIDDEN, HARD_DIM = 2.0, 128, 100
+# many: per-view noise levels (view m's latent noise std), feature sizes and private nuisance.
+MANY_NOISE = (0.3, 0.5, 0.8, 1.2, 1.7, 2.4)
+MANY_DIMS = (16, 24, 32, 16, 24, 32)
+MANY_CLASSES, MANY_LATENT, MANY_PRIVATE, MANY_PRIVATE_STD = 10, 8, 4, 2.0
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -84,7 +106,16 @@ def _factorcl(n: int, seed: int) -> tuple[Manifest, Arrays]:
     ws, w1, w2 = (rng.normal(size=(n, block)) for _ in range(3))
     x1 = _mix(np.concatenate([w1, ws], axis=1), dim, STRONG_NOISE, maps, rng)
     x2 = _mix(np.concatenate([w2, ws], axis=1), dim, STRONG_NOISE, maps, rng)
-    s, u1, u2 = ws[:, 0], w1[:, 0], w2[:, 0]
+    manifest, arrays = _factorcl_labels(ws[:, 0], w1[:, 0], w2[:, 0], dim)
+    arrays.update(x1=x1, x2=x2)
+    manifest.description = ("factorcl: shared block w_s and unique blocks w_1, w_2 (4 dims "
+                            "each) mapped linearly into x1, x2 (24 features)")
+    return manifest, arrays
+
+
+def _factorcl_labels(s: np.ndarray, u1: np.ndarray, u2: np.ndarray, dim: int
+                     ) -> tuple[Manifest, Arrays]:
+    """FactorCL's labels from the first coordinates of w_s, w_1, w_2 (x1, x2 still to add)."""
     both = ("x1", "x2")
     labels = [
         _cls("y", both, "[shared + unique1 + unique2 > 0]: needs shared and both unique blocks"),
@@ -95,12 +126,11 @@ def _factorcl(n: int, seed: int) -> tuple[Manifest, Arrays]:
         _factor("unique1", ("x1",), "first coordinate of x1's unique block w_1"),
         _factor("unique2", ("x2",), "first coordinate of x2's unique block w_2"),
     ]
-    arrays = {"x1": x1, "x2": x2, "y": _bit(s + u1 + u2), "y_shared": _bit(s),
+    arrays = {"y": _bit(s + u1 + u2), "y_shared": _bit(s),
               "y_unique1": _bit(u1), "y_unique2": _bit(u2), "shared": s, "unique1": u1,
               "unique2": u2}
     mods = [ModalitySpec("x1", (dim,)), ModalitySpec("x2", (dim,))]
-    return Manifest(mods, labels, description="factorcl: shared block w_s and unique blocks "
-                    "w_1, w_2 (4 dims each) mapped linearly into x1, x2 (24 features)"), arrays
+    return Manifest(mods, labels), arrays
 
 
 def _rus(n: int, seed: int) -> tuple[Manifest, Arrays]:
@@ -169,8 +199,63 @@ def _weak(n: int, seed: int) -> tuple[Manifest, Arrays]:
         "z_weak")), arrays
 
 
+def _nonlinear_mix(latent: np.ndarray, maps: np.random.Generator, rng: np.random.Generator
+                   ) -> np.ndarray:
+    """tanh(HARD_GAIN * latent @ A) @ B + noise: a fixed random one-hidden-layer network
+    (A ~ N(0, 1/k), B ~ N(0, 1/hidden)) whose tanh saturates, into HARD_DIM features."""
+    k = latent.shape[1]
+    a = maps.normal(0.0, 1.0 / np.sqrt(k), size=(k, HARD_HIDDEN))
+    b = maps.normal(0.0, 1.0 / np.sqrt(HARD_HIDDEN), size=(HARD_HIDDEN, HARD_DIM))
+    x = np.tanh(HARD_GAIN * latent @ a) @ b
+    return (x + STRONG_NOISE * rng.normal(size=x.shape)).astype(np.float32)
+
+
+def _factorcl_hard(n: int, seed: int) -> tuple[Manifest, Arrays]:
+    maps, rng = _rngs(seed)
+    sizes = HARD_BLOCKS
+    ws = rng.normal(size=(n, sizes["shared"]))
+    w1, w2 = (rng.normal(size=(n, sizes["unique"])) for _ in range(2))
+    d1, d2 = (HARD_DISTRACTOR_STD * rng.normal(size=(n, sizes["distractor"]))
+              for _ in range(2))
+    x1 = _nonlinear_mix(np.concatenate([w1, ws, d1], axis=1), maps, rng)
+    x2 = _nonlinear_mix(np.concatenate([w2, ws, d2], axis=1), maps, rng)
+    manifest, arrays = _factorcl_labels(ws[:, 0], w1[:, 0], w2[:, 0], HARD_DIM)
+    arrays.update(x1=x1, x2=x2)
+    manifest.description = (
+        f"factorcl_hard: shared block w_s ({sizes['shared']} dims), unique blocks w_1, w_2 "
+        f"({sizes['unique']} dims) and private distractors ({sizes['distractor']} dims, std "
+        f"{HARD_DISTRACTOR_STD}) through a fixed random tanh network into x1, x2 "
+        f"({HARD_DIM} features)")
+    return manifest, arrays
+
+
+def _many(n: int, seed: int) -> tuple[Manifest, Arrays]:
+    maps, rng = _rngs(seed)
+    prototypes = maps.normal(size=(MANY_CLASSES, MANY_LATENT))
+    y = rng.integers(0, MANY_CLASSES, size=n)
+    z = prototypes[y] + 0.5 * rng.normal(size=(n, MANY_LATENT))
+    views = [f"v{i + 1}" for i in range(len(MANY_NOISE))]
+    arrays: Arrays = {"y": y.astype(np.int64), "z_0": z[:, 0]}
+    for view, noise, dim in zip(views, MANY_NOISE, MANY_DIMS):
+        private = MANY_PRIVATE_STD * rng.normal(size=(n, MANY_PRIVATE))
+        latent = np.concatenate([z + noise * rng.normal(size=z.shape), private], axis=1)
+        arrays[view] = _mix(latent, dim, STRONG_NOISE, maps, rng)
+    labels = [
+        LabelSpec("y", "classification", MANY_CLASSES, "label", tuple(views),
+                  "the object's class: carried by every view, with view noise "
+                  + ", ".join(f"{v} {s}" for v, s in zip(views, MANY_NOISE))),
+        _factor("z_0", views, "first coordinate of the object's latent (shared by every view)"),
+    ]
+    mods = [ModalitySpec(v, (d,)) for v, d in zip(views, MANY_DIMS)]
+    return Manifest(mods, labels, description=(
+        f"many: {len(views)} views of the same objects ({MANY_CLASSES} classes), view noise "
+        f"{MANY_NOISE}, {MANY_PRIVATE} private nuisance dims (std {MANY_PRIVATE_STD}) per view")
+    ), arrays
+
+
 PRESETS: dict[str, Callable[[int, int], tuple[Manifest, Arrays]]] = {
     "factorcl": _factorcl, "rus": _rus, "weak": _weak}
+PRESETS.update(factorcl_hard=_factorcl_hard, many=_many)
 
 
 # ------------------------------------------------------------------------------- public

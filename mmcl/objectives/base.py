@@ -8,7 +8,9 @@ The training loop knows only this interface, never an objective's name:
   main loss (FactorCL's CLUB critics) evaluates them with detached parameters and adds their
   own learning loss on detached inputs, so each group's gradient is exactly its own loss's.
 - `embed(batch)` -> the representation handed downstream; `modality_embeddings(batch)` ->
-  each modality's own representation (for per-modality probes).
+  each modality's own representation (for per-modality probes); `sub_embeddings(batch)` ->
+  the named parts of the representation an objective factorizes it into (FactorCL's Z_S,
+  Z_U1, Z_U2), so probes can read each part alone; {} for an unfactorized one.
 """
 
 from __future__ import annotations
@@ -74,6 +76,13 @@ class Objective(nn.Module):
     @torch.no_grad()
     def modality_embeddings(self, batch: Batch) -> dict[str, Tensor]:
         return self.encoder.encode(batch)
+
+    @torch.no_grad()
+    def sub_embeddings(self, batch: Batch) -> dict[str, Tensor]:
+        """{name: (B, D_name)}: the sub-representations the objective factorizes its
+        representation into, each probed alone (FactorCL: Z_S, Z_U1, Z_U2); {} when the
+        representation is not factorized."""
+        return {}
 
     @torch.no_grad()
     def shared_embeddings(self, batch: Batch) -> dict[str, Tensor]:

@@ -223,6 +223,21 @@ class FactorCL(Objective):
         return torch.cat(list(self.modality_embeddings(batch).values()), dim=-1)
 
     @torch.no_grad()
+    def sub_embeddings(self, batch):
+        """FactorCL's factorized representations (its paper's Table 1 probes each alone):
+        Z_S = the shared heads' outputs of both modalities, Z_U1 / Z_U2 = the unique heads'
+        outputs of modality 1 / 2. Together they are `embed`, in another column order."""
+        encoded = self.encoder.encode(batch)
+        e = [encoded[m] for m in self.modalities]
+
+        def heads(names, i):
+            return [self.heads[h][i](e[i]) for h in names]
+
+        return {"Z_S": torch.cat(heads(SHARED_HEADS, 0) + heads(SHARED_HEADS, 1), dim=-1),
+                "Z_U1": torch.cat(heads(UNIQUE_HEADS, 0), dim=-1),
+                "Z_U2": torch.cat(heads(UNIQUE_HEADS, 1), dim=-1)}
+
+    @torch.no_grad()
     def shared_embeddings(self, batch):
         """With the separable critic, I_NCE(X1;X2) scores g(s1) . h(s2) of the shared heads:
         those are a shared space (dot product). The concat critic scores pairs with an MLP,
