@@ -105,6 +105,34 @@ def test_policy_moves_mu_toward_the_better_candidate():
     assert mu[1] == 0.0                                     # beta's mean stays in [0, 1]
 
 
+def test_scorer_prepares_stored_rows_as_training_does(tmp_path):
+    """The validation rows a trial is scored on go through the run's Preparer: stored
+    vectors are standardised with the manifest's constants, as the Engine and mmcl.load do."""
+    import torch
+
+    from mmcl.data.prepare import Preparer
+    from mmcl.data.synth import generate
+    from mmcl.tune.trial import Scorer, ScoreSpec, read_rows
+
+    import dataclasses
+
+    manifest = generate("weak", str(tmp_path / "data"), n=120, seed=0)
+    manifest = dataclasses.replace(manifest, modalities=[  # constants, as imported data has
+        dataclasses.replace(m, mean=(1.0,) * m.shape[0], std=(2.0,) * m.shape[0])
+        for m in manifest.modalities])
+    cfg = config.from_dict(tiny(tmp_path, "score", data={"path": str(tmp_path / "data")}))
+    scorer = Scorer(cfg, manifest, str(tmp_path / "data"), ScoreSpec(reward=False))
+    objective = scorer.objective(None)
+    val = scorer.val()
+    stored = read_rows(str(tmp_path / "data"), "val", manifest.modality_names, manifest)
+    prepared = Preparer.for_run(manifest, cfg.data)(
+        {m: torch.as_tensor(stored[m]) for m in manifest.modality_names})
+    with torch.no_grad():
+        expected = objective.embed(prepared).numpy()
+    np.testing.assert_allclose(scorer.embed(objective, val), expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(prepared["weak"].numpy() - stored["weak"]).max() > 0.1  # it did standardise
+
+
 def test_searchers_sample_valid_configs():
     from mmcl.tune.sweep import build_search
 
