@@ -388,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: runs/bench/fidelity or "
                    "runs/bench/fidelity-quick)")
     p.set_defaults(func=cmd_bench_fidelity)
+    from mmcl.bench import sampleopt as bench_sampleopt  # registers `bench sampleopt`
+
+    bench_sampleopt.add_parser(bsub)
 
     from mmcl.tune.cli import add_tune_parser
 
