@@ -535,6 +535,14 @@ def plot_compare(report: dict, path: str) -> str | None:
     return path
 
 
+def start_ray_for(settings: CompareSettings, address: str | None, out: str) -> None:
+    """One Ray for every arm, sized for B trials at once: the first arm would otherwise
+    start a Ray sized for itself (one trial) and the searches could not run side by side."""
+    from mmcl.tune.trial import ensure_ray
+
+    ensure_ray(run_config(settings.seeds[0], settings.grid), address, settings.candidates)
+
+
 def run_compare(quick: bool = False, out: str | None = None,
                 settings: CompareSettings | None = None, address: str | None = None,
                 log: Callable[[str], None] = print) -> dict:
@@ -547,6 +555,7 @@ def run_compare(quick: bool = False, out: str | None = None,
     os.makedirs(out, exist_ok=True)
     grid_path = os.path.join(out, "grid.json")
     grid = json.load(open(grid_path)) if os.path.exists(grid_path) else None
+    start_ray_for(settings, address, out)
     start = time.perf_counter()
     runs = []
     with open(os.path.join(out, "compare_runs.jsonl"), "a") as f:
