@@ -368,6 +368,16 @@ class _Embedder:
         return self.model.embed(batch)
 
 
+class ArmInterrupted(RuntimeError):
+    """An arm's search was cut off (Ctrl-C); rerunning the bench resumes it."""
+
+
+def stop_if_interrupted(result, arm: str, seed: int) -> None:
+    if getattr(result, "interrupted", False):
+        raise ArmInterrupted(f"arm {arm} (seed {seed}) was interrupted; run the same bench "
+                             f"command again to resume it")
+
+
 def run_arm(arm: str, seed: int, settings: CompareSettings, folder: str,
             log: Callable[[str], None]) -> dict:
     """Run one arm on the current Ray; probe its final model like a grid cell."""
@@ -381,6 +391,7 @@ def run_arm(arm: str, seed: int, settings: CompareSettings, folder: str,
     start = time.perf_counter()
     if arm == "sample_opt":
         result = run_sample_opt(tf, progress=log)
+        stop_if_interrupted(result, arm, seed)
         last = result.state["rounds"][-1]
         best = last["candidates"][last["best"]]
         model_url, reward = result.url, best["R"]
@@ -390,6 +401,7 @@ def run_arm(arm: str, seed: int, settings: CompareSettings, folder: str,
                                  "R_mean": r["R_mean"]} for r in result.state["rounds"]]}
     else:
         result = run_sweep(tf, progress=log)
+        stop_if_interrupted(result, arm, seed)
         best = result.best
         model_url = join(result.url, "runs", f"trial-{best['trial']}")
         reward = best["val_R"]
