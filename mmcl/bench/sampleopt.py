@@ -607,10 +607,13 @@ def run_compare(quick: bool = False, out: str | None = None,
 
 def add_parser(subparsers) -> None:
     """`mmcl bench sampleopt` (registered by mmcl.cli's bench parser)."""
+    import argparse
+
     p = subparsers.add_parser(
         "sampleopt", help="does TupleInfoNCE's sample optimization beat the defaults and "
         "random search? (grid ground truth; equal-compute comparison on Ray)",
-        description=__doc__.split("\n\n", 2)[1] if __doc__ else None)
+        description=__doc__.split("\n\n", 2)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", action="store_true", help="the (alpha_weak, beta_weak) grid "
                    "(in process, no Ray): OUT/grid.{json,md,png}")
     p.add_argument("--compare", action="store_true", help="(a) defaults, (b) random search, "
