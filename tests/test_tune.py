@@ -106,6 +106,34 @@ def test_policy_moves_mu_toward_the_better_candidate():
     assert mu[1] == 0.0                                     # beta's mean stays in [0, 1]
 
 
+def test_scorer_prepares_stored_rows_as_training_does(tmp_path):
+    """The validation rows a trial is scored on go through the run's Preparer: stored
+    vectors are standardised with the manifest's constants, as the Engine and mmcl.load do."""
+    import torch
+
+    from mmcl.data.prepare import Preparer
+    from mmcl.data.synth import generate
+    from mmcl.tune.trial import Scorer, ScoreSpec, read_rows
+
+    import dataclasses
+
+    manifest = generate("weak", str(tmp_path / "data"), n=120, seed=0)
+    manifest = dataclasses.replace(manifest, modalities=[  # constants, as imported data has
+        dataclasses.replace(m, mean=(1.0,) * m.shape[0], std=(2.0,) * m.shape[0])
+        for m in manifest.modalities])
+    cfg = config.from_dict(tiny(tmp_path, "score", data={"path": str(tmp_path / "data")}))
+    scorer = Scorer(cfg, manifest, str(tmp_path / "data"), ScoreSpec(reward=False))
+    objective = scorer.objective(None)
+    val = scorer.val()
+    stored = read_rows(str(tmp_path / "data"), "val", manifest.modality_names, manifest)
+    prepared = Preparer.for_run(manifest, cfg.data)(
+        {m: torch.as_tensor(stored[m]) for m in manifest.modality_names})
+    with torch.no_grad():
+        expected = objective.embed(prepared).numpy()
+    np.testing.assert_allclose(scorer.embed(objective, val), expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(prepared["weak"].numpy() - stored["weak"]).max() > 0.1  # it did standardise
+
+
 def test_searchers_sample_valid_configs():
     from mmcl.tune.sweep import build_search
 
@@ -248,6 +276,11 @@ def test_sample_optimization_updates_mu_chains_checkpoints_and_resumes(tmp_path)
         assert history2[:1] == history1 and len(history2) == 2
         assert history2[1]["resumed_from_step"] == history1[-1]["step"]
 
+    for entry in (r1, r2):  # where each round's wall time went (bench sampleopt reports it)
+        timing = entry["timing"]
+        assert 0 < timing["train_s"] < timing["round_s"], timing
+        assert 0 < timing["outside_training_share"] < 1 and timing["concurrent"] == 2
+
     traj = json.load(open(os.path.join(second.url, "trajectory.json")))
     assert [r["round"] for r in traj["rounds"]] == [1, 2] and math.isfinite(traj["R_init"])
     import mmcl
@@ -255,6 +288,29 @@ def test_sample_optimization_updates_mu_chains_checkpoints_and_resumes(tmp_path)
     model = mmcl.load(second.url)
     assert model.config.objective.name == "tuple_infonce"
     assert config.load(second.files["policy config"]).storage.name == "so-policy"
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("local_ray")
+def test_bench_sampleopt_quick_writes_the_grid_and_the_three_arms(tmp_path):
+    """`mmcl bench sampleopt --quick`: the grid (in process) and defaults / random search /
+    sample optimization on this module's Ray, each final model probed; table and plots."""
+    from mmcl.bench.sampleopt import ARMS, run_compare, run_grid
+
+    out = str(tmp_path / "bench")
+    grid = run_grid(quick=True, out=out, log=lambda line: None)
+    assert len(grid["summary"]["cells"]) == 4 and os.path.exists(os.path.join(out, "grid.md"))
+    report = run_compare(quick=True, out=out, log=lambda line: None)
+    assert [r["arm"] for r in report["runs"]] == list(ARMS)
+    for row in report["runs"]:
+        assert 0 <= row["weak_factor"] <= 1 and math.isfinite(row["R"]), row
+        assert 0 <= row["beta"] <= 1 and 0.25 <= row["alpha"] <= 16, row
+    assert report["runs"][0]["alpha"] == 1.0 and report["runs"][0]["beta"] == 1.0
+    assert report["summary"]["round_efficiency"]["rounds"] == 1
+    assert set(report["summary"]["checks"]) == {"c_beats_a_by_more_than_seed_spread",
+                                                "c_at_least_b", "c_in_grid_top_quarter"}
+    assert os.path.exists(os.path.join(out, "compare.md"))
+    assert report["plot"] is None or os.path.exists(report["plot"])
 
 
 @pytest.mark.ray

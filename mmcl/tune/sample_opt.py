@@ -221,9 +221,34 @@ def mmcl_candidate(params: dict, spec: dict) -> None:
                     stop_epoch=spec["stop_epoch"])
 
 
+def training_seconds(metrics: dict, batch_size: int, epochs: int) -> float:
+    """Seconds a candidate spent in its training steps this round: its last epoch's steps at
+    its measured throughput, times the round's epochs (the epochs of a round are alike)."""
+    rate, steps = metrics.get("samples_per_s"), metrics.get("steps")
+    if not (finite(rate) and rate > 0 and finite(steps)):
+        return float("nan")
+    return float(epochs * steps * batch_size / rate)
+
+
+def round_timing(results: list[dict], round_s: float, concurrent: int) -> dict:
+    """Where a round's wall time went: `train_s` is the candidates' training time divided by
+    how many ran at once (the round's critical path if nothing else ran); the rest is outside
+    training (Ray Train start-up, checkpoint copies, scoring, Tune's bookkeeping)."""
+    train = [r["train_s"] for r in results if finite(r.get("train_s"))]
+    score = [r["score_s"] for r in results if finite(r.get("score_s"))]
+    at_once = max(1, min(concurrent, len(results)))
+    train_s = sum(train) / at_once if train else float("nan")
+    return {"round_s": round_s, "fit_s": results[0].get("fit_s") if results else None,
+            "train_s": train_s, "score_s": sum(score) / at_once if score else float("nan"),
+            "concurrent": at_once,
+            "outside_training_share": 1.0 - train_s / round_s if round_s > 0 and train
+            else float("nan")}
+
+
 def run_round(tag: str, url: str, base: RunConfig, tf: TuneFile, candidates: list[dict],
               start_checkpoint: str | None, stop_epoch: int, score: ScoreSpec,
-              concurrent: int, progress: Callable[[str], None]) -> tuple[list[dict], bool]:
+              concurrent: int, progress: Callable[[str], None],
+              start_epoch: int = 0) -> tuple[list[dict], bool]:
     """Train the candidates as one Tune experiment `tag` (restored if it was cut off).
     Returns (one result per candidate, whether the experiment was interrupted)."""
     from ray import tune
@@ -231,7 +256,7 @@ def run_round(tag: str, url: str, base: RunConfig, tf: TuneFile, candidates: lis
     round_url = join(url, tag)
     spec = {"base": tf.base, "candidates": candidates, "runs": round_url,
             "records": join(url, PG_RECORDS), "start_checkpoint": start_checkpoint,
-            "stop_epoch": stop_epoch, "score": score}
+            "stop_epoch": stop_epoch, "score": score, "start_epoch": start_epoch}
     trainable = tune.with_resources(tune.with_parameters(mmcl_candidate, spec=spec),
                                     trial_resources())
     param_space = {"candidate": tune.grid_search(list(range(len(candidates))))}
@@ -253,7 +278,9 @@ def run_round(tag: str, url: str, base: RunConfig, tf: TuneFile, candidates: lis
                                       callbacks=[janitor, trust.signature_keeper(folder)])),
         on_resume=lambda: progress(f"[mmcl] {tag}: resuming its candidates (Tuner.restore)"),
         folder=folder)
+    fit_start = time.perf_counter()
     results = tuner.fit()  # Tune catches Ctrl-C: it saves the experiment and returns
+    fit_s = time.perf_counter() - fit_start
     trust.sign(folder)  # what this driver's Tune wrote, before anything reads it back
     statuses = trial_statuses(experiment, storage_fs)
     interrupted = len(results) < len(candidates) or any(
@@ -276,6 +303,9 @@ def run_round(tag: str, url: str, base: RunConfig, tf: TuneFile, candidates: lis
             "loss": metrics.get("loss"), "trial": metrics.get("trial_id"),
             "run": join(round_url, f"cand-{index}"),
             "error": "" if result.error is None else _short_error(result.error),
+            "train_s": training_seconds(metrics, base.train.batch_size,
+                                        stop_epoch - int(spec["start_epoch"])),
+            "score_s": metrics.get("score_seconds"), "fit_s": fit_s,
         }
         if result.error is None and out[index]["epoch"] != stop_epoch:
             out[index]["error"] = f"stopped at epoch {out[index]['epoch']}, not {stop_epoch}"
@@ -524,13 +554,15 @@ def run_sample_opt(tf: TuneFile, address: str | None = None,
             x = policy.sample(np.random.default_rng([seed, r]), so.candidates)
             state["pending"] = {"round": r, "samples": x.tolist()}
             write_state(url, base, state)
+        round_start = time.perf_counter()
         stop_epoch = so.pretrain_epochs + r * so.epochs_per_round
         applied = [apply(xi) for xi in x]
         progress(f"[mmcl] round {r}/{so.rounds}: {so.candidates} candidates from "
                  f"{state['start_checkpoint'] or 'the initial weights'} to epoch {stop_epoch}")
         results, interrupted = run_round(f"round-{r:03d}", url, base, tf,
                                          [a[0] for a in applied], state["start_checkpoint"],
-                                         stop_epoch, score, concurrent, progress)
+                                         stop_epoch, score, concurrent, progress,
+                                         start_epoch=stop_epoch - so.epochs_per_round)
         if interrupted:
             return _paused(url, state, started_at, start_time, files, progress)
         ok = [i for i, res in enumerate(results) if finite(res["score"]) and res["checkpoint"]
@@ -559,6 +591,7 @@ def run_sample_opt(tf: TuneFile, address: str | None = None,
             "R_mean": float(np.mean([results[i]["R"] for i in ok])),
             "R_best_candidate": float(results[best]["R"]), "best": best,
             "best_checkpoint": results[best]["checkpoint"],
+            "timing": round_timing(results, time.perf_counter() - round_start, concurrent),
         }
         state["rounds"].append(entry)
         state.update(mu=[float(v) for v in policy.mu], completed=r, pending=None,

@@ -40,7 +40,7 @@ import numpy as np
 
 from mmcl import config as config_mod
 from mmcl.config import ConfigError, RunConfig
-from mmcl.data.schema import ID_COLUMN, DataError, Manifest
+from mmcl.data.schema import ID_COLUMN, DataError, Manifest, length_column, present_column
 from mmcl.storage import filesystem, join
 from mmcl.train import launcher
 from mmcl.train.launcher import LaunchError
@@ -185,11 +185,28 @@ def read_rows(root: str, split: str, columns: list[str], manifest: Manifest,
     return out
 
 
+def model_input_columns(manifest: Manifest) -> list[str]:
+    """The stored columns a model's input is prepared from: every modality and its
+    `<m>__len` / `<m>__present` companions."""
+    columns = []
+    for spec in manifest.modalities:
+        columns.append(spec.name)
+        if spec.variable_length:
+            columns.append(length_column(spec.name))
+        if spec.nullable:
+            columns.append(present_column(spec.name))
+    return columns
+
+
 class Scorer:
-    """Scores a model's weights on the validation split: probe and/or reward R."""
+    """Scores a model's weights on the validation split: probe and/or reward R. Stored rows
+    go through the run's data Preparer (standardisation, masks, presence), as in training."""
 
     def __init__(self, cfg: RunConfig, manifest: Manifest, root: str, spec: ScoreSpec):
+        from mmcl.data.prepare import Preparer
+
         self.cfg, self.manifest, self.root, self.spec = cfg, manifest, root, spec
+        self.prepare = Preparer.for_run(manifest, cfg.data)
         self._val: dict | None = None
         self._train: dict | None = None
         self._objective = None   # built once, then loaded with each report's weights
@@ -200,7 +217,7 @@ class Scorer:
 
     def val(self) -> dict:
         if self._val is None:
-            cols = self.manifest.modality_names + \
+            cols = model_input_columns(self.manifest) + \
                 ([self.spec.probe_label] if self.spec.probe_label else [])
             self._val = read_rows(self.root, self.cfg.data.val_split, cols, self.manifest,
                                   remote=self._remote())
@@ -208,7 +225,7 @@ class Scorer:
 
     def train_sample(self) -> dict:
         if self._train is None:
-            cols = self.manifest.modality_names + [self.spec.probe_label]
+            cols = model_input_columns(self.manifest) + [self.spec.probe_label]
             self._train = read_rows(self.root, self.cfg.data.train_split, cols, self.manifest,
                                     max_rows=self.spec.probe_rows, seed=self.spec.seed,
                                     remote=self._remote())
@@ -230,9 +247,11 @@ class Scorer:
         return self._objective.eval()
 
     def _tensors(self, arrays: dict, rows: slice) -> dict:
+        """Rows of the stored columns as the model receives them (the Preparer's output)."""
         import torch
 
-        return {m: torch.as_tensor(arrays[m][rows]) for m in self.manifest.modality_names}
+        return self.prepare({c: torch.as_tensor(np.ascontiguousarray(arrays[c][rows]))
+                             for c in model_input_columns(self.manifest)})
 
     def reward(self, objective) -> dict[str, float]:
         """R = sum_k A^k on the validation tuples, averaged over full batches of
