@@ -104,7 +104,7 @@ def probe_factors(objective, manifest, splits, settings: GridSettings) -> dict[s
     from mmcl.evaluate import diagnostics as diag
 
     modalities = manifest.modality_names
-    features = embed_splits(objective, splits, modalities)
+    features = embed_splits(objective, splits, modalities, manifest)
     labels = {s: {k: v for k, v in cols.items() if k not in modalities}
               for s, cols in splits.items()}
     probes = diag.ProbeSettings(l2_grid=settings.l2_grid, max_iter=settings.probe_max_iter,

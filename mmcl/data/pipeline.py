@@ -129,25 +129,36 @@ MISSING_ROWS, MISSING_SUFFIX = "missing_rows", "__missing"
 
 class EpochDrops:
     """Rows dropped per epoch, from a DropCounter (None: nothing is dropped, 0 each epoch).
-    Read after every worker has finished the epoch: each block is counted before a worker
-    receives it, so the epoch's count is complete by then."""
+
+    Ray Data counts a block's drops before any worker receives it, and a worker's EpochStream
+    runs ahead into the next epoch, so a count read when training finishes epoch e would
+    already hold rows of epoch e + 1. The stream calls `mark(e)` instead when this worker's
+    split of epoch e is exhausted and before it asks for epoch e + 1: epoch e's execution has
+    produced (and counted) every block by then, and epoch e + 1's has not started, because Ray
+    Data starts an epoch only once every split asked for it. Create it before the stream
+    starts, so that the base excludes what earlier attempts of the run counted."""
 
     KEYS = {"dropped_rows": "rows", "dropped_missing_rows": MISSING_ROWS}
 
     def __init__(self, counter: DropCounter | None, split: str):
         self.counter, self.split = counter, split
-        self.seen = self._totals()
+        self.marks: dict[int, dict[str, int]] = {}
+        self.base = self._totals()
 
     def _totals(self) -> dict[str, int]:
         counts = self.counter.counts().get(self.split, {}) if self.counter is not None else {}
         return {name: int(counts.get(key, 0)) for name, key in self.KEYS.items()}
 
-    def since_last(self) -> dict[str, int]:
-        """{"dropped_rows": NaN/inf rows, "dropped_missing_rows": incomplete tuples} since
-        the last call."""
-        totals = self._totals()
-        dropped = {k: totals[k] - self.seen[k] for k in totals}
-        self.seen = totals
+    def mark(self, epoch: int) -> None:
+        """Epoch `epoch` has been read in full (EpochStream's `on_epoch_read`)."""
+        self.marks[epoch] = self._totals()
+
+    def of_epoch(self, epoch: int) -> dict[str, int]:
+        """{"dropped_rows": NaN/inf rows, "dropped_missing_rows": incomplete tuples} of
+        `epoch`; call it after the stream has read the epoch, epochs in order."""
+        totals = self.marks.get(epoch) or self._totals()
+        dropped = {k: totals[k] - self.base[k] for k in totals}
+        self.base = totals
         return dropped
 
 
@@ -571,8 +582,10 @@ class EpochStream:
     needs epoch e + 1 to go on."""
 
     def __init__(self, open_epoch: Callable[[int], Iterable], epochs: Iterable[int],
-                 skip: int = 0, ahead: int = AHEAD_BATCHES):
+                 skip: int = 0, ahead: int = AHEAD_BATCHES,
+                 on_epoch_read: Callable[[int], None] | None = None):
         self._open, self._epochs, self._skip = open_epoch, list(epochs), int(skip)
+        self._on_epoch_read = on_epoch_read
         self._items: queue.Queue = queue.Queue(maxsize=max(1, int(ahead)))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fetch, name="mmcl-epoch-stream",
@@ -603,6 +616,8 @@ class EpochStream:
                     close = getattr(batches, "close", None)
                     if close is not None:
                         close()  # ends the split's epoch now, also when stopped early
+                if self._on_epoch_read is not None and not self._stop.is_set():
+                    self._on_epoch_read(epoch)  # before the next epoch is asked for
                 if not self._put((epoch, None, _END)):
                     return
         except BaseException as err:  # noqa: BLE001 - raised again in the consumer

@@ -150,22 +150,23 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
     device = ray.train.torch.get_device()
     shard = ray.train.get_dataset_shard("train")
     # The data starts flowing now, while the model is built, and runs ahead across epochs.
+    drops = EpochDrops(loop_config.get("drop_counter"), cfg.data.train_split)
     stream = EpochStream(lambda e: epoch_batches(shard, cfg, e, rank, device),
                          range(first_epoch, stop_epoch),
-                         skip=state.get("tally", {}).get("batches", 0) if state else 0)
+                         skip=state.get("tally", {}).get("batches", 0) if state else 0,
+                         on_epoch_read=drops.mark)
     try:
-        return _train(cfg, loop_config, state, stream, stop_epoch)
+        return _train(cfg, loop_config, state, stream, stop_epoch, drops)
     finally:
         stream.close()
 
 
 def _train(cfg: RunConfig, loop_config: dict, state: dict | None, stream: EpochStream,
-           stop_epoch: int) -> list[dict]:
+           stop_epoch: int, drops: EpochDrops) -> list[dict]:
     cfg, engine, rank = worker_engine(loop_config)
     restore(engine, state, loop_config, rank)
     resumed_from_step = engine.step  # 0 on a fresh run; reported so resumes are visible
     run_log = tracking.RunLog(cfg, loop_config.get("run_url"), rank)
-    drops = EpochDrops(loop_config.get("drop_counter"), cfg.data.train_split)
     checkpoint_steps = step_checkpointer(engine, cfg, rank)
     probe = OnlineProbe.for_worker(cfg, engine.manifest, loop_config.get("data_root"), rank,
                                    loop_config.get("remote") or (None, None))
@@ -178,7 +179,7 @@ def _train(cfg: RunConfig, loop_config: dict, state: dict | None, stream: EpochS
         summary.update(probe.at_epoch_end(engine, epoch))  # rank 0: probe_<label>
         summary["samples_per_s_total"] = all_reduce_sum([summary["samples_per_s"]])[0]
         summary["resumed_from_step"] = resumed_from_step
-        summary.update(drops.since_last())  # after the all-reduce: epoch complete
+        summary.update(drops.of_epoch(epoch))
         last = epoch + 1 == stop_epoch or engine.finished
         if last or (epoch + 1) % cfg.train.checkpoint_every == 0:
             report_checkpoint(engine, cfg, summary, rank)
