@@ -183,3 +183,23 @@ def test_captioned_shapes_test_captions_are_distinct_and_tokenize_without_unknow
     assert max(map(len, ids)) <= recipe.MAX_LEN
     assert tok.unk_token_id not in {i for row in ids for i in row}
     assert tok.pad_token_id == 0
+
+
+def test_shared_embeddings_of_a_loaded_model_see_prepared_inputs():
+    """`mmcl embed` wrote shared_<m> from the stored columns as they were (uint8 images in
+    0..255, no padding mask, unstandardised vectors): retrieval came out at chance on a
+    trained image+text run. The loaded model prepares them as in training."""
+    from mmcl.data.prepare import Preparer
+    from mmcl.train.checkpoint import TrainedModel
+
+    obj, batch = _objective("cross", "rus")
+    manifest = make_arrays("rus", 64, seed=0)[0]
+    cfg = config.load(None, ["objective.name=cross", *SMALL])
+    model = TrainedModel(obj, cfg, manifest)
+    raw = {m: (3.0 * v + 5.0).numpy() for m, v in batch.items()}
+    shared = model.shared_embeddings(raw)
+    prepared = Preparer.for_run(manifest, cfg.data)(
+        {m: torch.as_tensor(v) for m, v in raw.items()})
+    expected = obj.shared_embeddings(prepared)
+    for m in expected:
+        torch.testing.assert_close(shared[m], expected[m])
