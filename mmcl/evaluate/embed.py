@@ -227,9 +227,8 @@ class Embedder:
             fused = self.model.embed(inputs).float().cpu().numpy()
             own = {m: v.float().cpu().numpy()
                    for m, v in self.model.modality_embeddings(inputs).items()}
-            shared = {m: v.float().cpu().numpy() for m, v in
-                      self.model.objective.shared_embeddings(
-                          {m: t.to(self.device) for m, t in inputs.items()}).items()}
+            shared = {m: v.float().cpu().numpy()
+                      for m, v in self.model.shared_embeddings(inputs).items()}
         cols: dict[str, pa.Array] = {ID_COLUMN: pa.array(np.asarray(batch[ID_COLUMN]),
                                                          pa.int64())}
         cols[FUSED] = _tensor_column(fused)

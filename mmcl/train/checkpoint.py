@@ -350,6 +350,11 @@ class TrainedModel:
     def modality_embeddings(self, batch: Mapping) -> dict[str, torch.Tensor]:
         return self.objective.modality_embeddings(self._tensors(batch))
 
+    def shared_embeddings(self, batch: Mapping) -> dict[str, torch.Tensor]:
+        """Each modality in the objective's cross-modal space (retrieval), from a prepared
+        batch as in training: stored uint8 images and `<m>__len` columns are not inputs."""
+        return self.objective.shared_embeddings(self._tensors(batch))
+
 
 def load(path: str, endpoint_url: str | None = None, region: str | None = None) -> TrainedModel:
     """Open a trained model from a run folder, its model/ folder, or a checkpoint folder."""
