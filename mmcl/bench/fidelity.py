@@ -54,6 +54,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from mmcl.plotting import agg_pyplot
 from mmcl.bench.env import json_default
 from mmcl.bench.timing import torch_threads
 
@@ -981,10 +982,7 @@ def part_tables_markdown(report: dict) -> list[str]:
 def plot(report: dict, path: str) -> str | None:
     """Grouped bars (x: columns, bars: rows, error bars: std over seeds) with the machine,
     versions, settings and wall time written under the axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = agg_pyplot()
 
     from mmcl.bench.env import describe
 

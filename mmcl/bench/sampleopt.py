@@ -32,6 +32,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from mmcl.plotting import agg_pyplot_or_none
+
 WEAK = "weak"                     # the weak modality's name in the presets used here
 FACTORS = ("weak_factor", "shared", "y")   # probed columns: the weak one first
 
@@ -214,12 +216,8 @@ def grid_markdown(report: dict) -> str:
 
 
 def plot_grid(report: dict, path: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = agg_pyplot_or_none()
+    if plt is None:
         return None
     s, cells = report["settings"], report["summary"]["cells"]
     alphas, betas = list(s["alphas"]), list(s["betas"])
@@ -507,12 +505,8 @@ def compare_markdown(report: dict) -> str:
 
 
 def plot_compare(report: dict, path: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = agg_pyplot_or_none()
+    if plt is None:
         return None
     table = report["summary"]["table"]
     arms = [a for a in ARMS if a in table]

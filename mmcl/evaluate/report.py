@@ -32,6 +32,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from mmcl.plotting import agg_pyplot
 from mmcl import storage
 from mmcl.data.schema import LabelSpec
 from mmcl.evaluate import diagnostics as diag
@@ -839,10 +840,7 @@ def curve_panels(histories: Mapping[str, list[dict]],
 def plot_curves(histories: Mapping[str, list[dict]], path: str,
                 objectives: Mapping[str, str] | None = None) -> str | None:
     """Training curves per run: every metric its own panel (`curve_panels`); one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = agg_pyplot()
 
     panels = curve_panels(histories, objectives)
     if not panels:
@@ -909,10 +907,7 @@ def plot_factor_bars(reports: Sequence[dict], names: Sequence[str], path: str) -
     """Grouped bars: probe score per column (x) per run (bars), one panel per representation
     (`factor_panels`); each bar topped by its run's own raw reference (black), each column's
     chance (grey dashes); error bars for several-run reports; a legend per panel, outside."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = agg_pyplot()
 
     panels = factor_panels(reports, names)
     if not panels:
@@ -989,10 +984,7 @@ def recall_curves(reports: Sequence[dict], names: Sequence[str]) -> dict[str, di
 def plot_recall(reports: Sequence[dict], names: Sequence[str], objectives: Sequence[str],
                 path: str) -> str | None:
     """One plot: recall@k against k, a line per run and direction, colour per objective."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = agg_pyplot()
 
     curves = recall_curves(reports, names)
     if not curves:

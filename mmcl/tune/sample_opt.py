@@ -49,6 +49,7 @@ from typing import Callable, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mmcl.plotting import agg_pyplot_or_none
 from mmcl import config as config_mod
 from mmcl.config import ConfigError, ModalityAugment, RunConfig
 from mmcl.storage import filesystem, join
@@ -408,12 +409,8 @@ class SampleOptResult:
 
 def plot_trajectory(state: dict, path: str) -> str | None:
     """trajectory.png: R per round (candidates, mean, best) and mu per coordinate."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = agg_pyplot_or_none()
+    if plt is None:
         return None
     rounds = state["rounds"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
