@@ -544,19 +544,10 @@ def plot_compare(report: dict, path: str) -> str | None:
 def start_ray_for(settings: CompareSettings, address: str | None, out: str) -> None:
     """One Ray for every arm, sized for B trials at once: the first arm would otherwise
     start a Ray sized for itself (one trial) and the searches could not run side by side."""
-    import ray
-
     from mmcl.tune.trial import ensure_ray
 
-    for attempt in range(3):  # Ray gives its raylet 30 s to start; a loaded box needs more
-        try:
-            ensure_ray(run_config(settings.seeds[0], settings.grid), address,
-                       settings.candidates)
-            return
-        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception on timeout
-            if "timed out during startup" not in str(err) or attempt == 2:
-                raise
-            ray.shutdown()
+    # mmcl.cluster starts local Ray once more when Ray's fixed raylet wait runs out
+    ensure_ray(run_config(settings.seeds[0], settings.grid), address, settings.candidates)
 
 
 def run_compare(quick: bool = False, out: str | None = None,
