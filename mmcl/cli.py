@@ -417,7 +417,8 @@ def add_bench_perf(sub) -> None:
     p.add_argument("--out", help="output folder (default: runs/bench/quick or runs/bench/full)")
     p.add_argument("--only", action="append", metavar="SECTION",
                    choices=["objective_step", "efficiency", "critics", "loss_memory",
-                            "hf_encoders", "read", "data_plane", "startup", "import"],
+                            "hf_encoders", "online_probe", "read", "data_plane", "startup",
+                            "import"],
                    help="run only this section (repeatable; default: all but import, which "
                    "runs only when named)")
     p.set_defaults(func=cmd_bench_perf)

@@ -115,7 +115,7 @@ def test_bench_perf_quick_runs_and_writes_json_and_markdown(tmp_path):
         assert key in report["machine"], key
     sections = report["sections"]
     assert set(sections) == {"objective_step", "efficiency", "critics", "loss_memory",
-                             "hf_encoders", "read",
+                             "hf_encoders", "online_probe", "read",
                              "data_plane", "startup"}
     for name, section in sections.items():
         assert "error" not in section, (name, section.get("error"))
@@ -139,8 +139,13 @@ def test_bench_perf_quick_runs_and_writes_json_and_markdown(tmp_path):
     assert sections["startup"]["instrumented"]["returncode"] == 0
     markdown = (out / "perf.md").read_text()
     for heading in ("# mmcl bench perf (quick)", "## objective_step", "## efficiency",
-                    "## critics", "## loss_memory", "## hf_encoders", "## read", "## data_plane",
+                    "## critics", "## loss_memory", "## hf_encoders", "## online_probe",
+                    "## read", "## data_plane",
                     "## startup"):
         assert heading in markdown, heading
     assert "| model | M |" in markdown and "| N |" in markdown
     assert "frozen / trainable step" in markdown
+    assert "TupleInfoNCE / plain tuple-contrast step" in markdown
+    probe = sections["online_probe"]
+    assert probe["probe_over_epoch"]["median"] > 0 and probe["last_figures"]
+    assert "online probe / epoch" in markdown

@@ -1,6 +1,8 @@
 """`mmcl bench perf` section hf_encoders: the training step of an image+text model with
 Hugging Face backbones (a ViT and a BERT built from their configs, nothing downloaded),
-trainable against frozen (`freeze: all`), and the share of the step its encoders take.
+trainable against frozen (`freeze: all`), the share of the step its encoders take, and
+TupleInfoNCE's step against a plain tuple-contrast step with the same backbones (issue 20's
+"with real backbones" goal).
 
 The encoders' share is measured directly: the two views' `encode` (forward) plus a backward
 of their embeddings, against the whole `Engine.train_step` (augment, encode, fusion, loss,
@@ -19,7 +21,8 @@ SIZES = {"quick": (32, 8, 16, 64, 2, 16), "full": (96, 16, 32, 256, 4, 32)}
 VOCAB = 1000
 
 
-def _overrides(side, patch, width, layers, freeze: bool, bf16: bool) -> list[str]:
+def _overrides(side, patch, width, layers, freeze: bool, bf16: bool,
+               objective: str = "tuple_infonce") -> list[str]:
     common = f"hidden_size: {width}, num_hidden_layers: {layers}, num_attention_heads: 4, " \
              f"intermediate_size: {4 * width}"
     vit = f"{{model_type: vit, image_size: {side}, patch_size: {patch}, {common}}}"
@@ -31,7 +34,7 @@ def _overrides(side, patch, width, layers, freeze: bool, bf16: bool) -> list[str
            "augment.per_modality.image.crop=0.9", "augment.per_modality.image.flip=0.5",
            "augment.per_modality.image.color_jitter=0.8", "augment.per_modality.image.noise=0",
            "augment.per_modality.image.dropout=0", "augment.per_modality.caption.token_mask=0.15",
-           "augment.per_modality.caption.mask_token_id=3", "objective.name=tuple_infonce",
+           "augment.per_modality.caption.mask_token_id=3", f"objective.name={objective}",
            "train.seed=0", f"train.mixed_precision={str(bf16).lower()}"]
     if freeze:
         out += ["model.encoders.image.freeze=all", "model.encoders.caption.freeze=all"]
@@ -56,14 +59,18 @@ def hf_encoders(quick: bool) -> dict:
              "caption": torch.randint(4, VOCAB, (batch_size, length), generator=gen),
              "caption__len": torch.randint(length // 2, length + 1, (batch_size,),
                                            generator=gen)}
-    variants = {"trainable": (False, False), "frozen": (True, False)}
+    # name: (freeze, bf16, objective)
+    variants = {"trainable": (False, False, "tuple_infonce"),
+                "frozen": (True, False, "tuple_infonce"),
+                "plain_tuple": (False, False, "tuple")}
     if device == "cuda":
-        variants.update({"trainable_bf16": (False, True), "frozen_bf16": (True, True)})
+        variants.update({"trainable_bf16": (False, True, "tuple_infonce"),
+                         "frozen_bf16": (True, True, "tuple_infonce")})
     engines = {name: Engine(config.load(None, [f"train.batch_size={batch_size}",
                                                 *_overrides(side, patch, width, layers,
-                                                            freeze, bf16)]),
+                                                            freeze, bf16, objective)]),
                             manifest, 10**6, device=device)
-               for name, (freeze, bf16) in variants.items()}
+               for name, (freeze, bf16, objective) in variants.items()}
     trainable = engines["trainable"]
 
     def encoders_only():
@@ -96,6 +103,7 @@ def hf_encoders(quick: bool) -> dict:
                     for k, t in times.items()},
         "frozen_over_trainable": paired_ratio(times["frozen"], times["trainable"]),
         "encoder_share_of_step": paired_ratio(times["encoders_only"], times["trainable"]),
+        "tuple_infonce_over_tuple": paired_ratio(times["trainable"], times["plain_tuple"]),
     }
     if device == "cuda":
         out["bf16_over_fp32"] = paired_ratio(times["trainable_bf16"], times["trainable"])
@@ -113,6 +121,9 @@ def md_hf_encoders(s: dict) -> list[str]:
     lines += ["", f"- frozen / trainable step: {s['frozen_over_trainable']['median']:.2f}",
               f"- encoders (two views, forward + backward) / trainable step: {share:.2f}; "
               f"fusion, loss, augmentation and optimiser: {1 - share:.2f}"]
+    if "tuple_infonce_over_tuple" in s:
+        lines.append("- TupleInfoNCE / plain tuple-contrast step, same backbones: "
+                     f"{s['tuple_infonce_over_tuple']['median']:.2f}")
     if "bf16_over_fp32" in s:
         lines.append(f"- bf16 / fp32 trainable step: {s['bf16_over_fp32']['median']:.2f}")
     return lines

@@ -14,8 +14,10 @@ Sections (each a dict in perf.json and a part of perf.md):
     loss_memory     peak memory of the TupleInfoNCE loss against the global batch: local loss
                     (n_local x N_global logits per worker) against every worker scoring N x N
     hf_encoders     an image+text step with Hugging Face backbones (ViT + BERT from configs),
-                    trainable against frozen, the encoders' share of the step, bf16 on GPU
-                    (mmcl.bench.encoders_perf)
+                    trainable against frozen, the encoders' share of the step, TupleInfoNCE
+                    against a plain tuple step, bf16 on GPU (mmcl.bench.encoders_perf)
+    online_probe    the online probe (eval.every_epochs) against the training epoch it
+                    follows, the README demo, one worker's share (mmcl.bench.probe_cost)
     read            raw read throughput of the shard format against the same data stored as
                     list<float> columns (pyarrow, and Ray Data)
     data_plane      Ray path (Ray Data from Parquet shards -> DDP workers) against the same
@@ -50,9 +52,10 @@ import numpy as np
 from mmcl.bench.env import describe, json_default, load_average, machine
 from mmcl.bench.timing import interleaved, paired_ratio, peak_memory, quartiles, torch_threads
 from mmcl.bench.encoders_perf import hf_encoders, md_hf_encoders as _md_hf_encoders  # noqa: F401
+from mmcl.bench.probe_cost import md_online_probe as _md_online_probe  # noqa: F401
 
-SECTIONS = ("objective_step", "efficiency", "critics", "loss_memory", "hf_encoders", "read",
-            "data_plane", "startup")
+SECTIONS = ("objective_step", "efficiency", "critics", "loss_memory", "hf_encoders",
+            "online_probe", "read", "data_plane", "startup")
 # Run only when asked for (`--only import`): `mmcl data import` throughput (mmcl.bench.ingest).
 OPTIONAL_SECTIONS = ("import",)
 MB = 1e6
@@ -960,6 +963,12 @@ def run_perf(quick: bool = False, out: str | None = None,
             if name in chosen:
                 sec[name] = _section(name, lambda n=name: globals()[n](quick), log)
                 write()
+        if "online_probe" in chosen:
+            from mmcl.bench.probe_cost import online_probe
+
+            sec["online_probe"] = _section("online_probe",
+                                           lambda: online_probe(quick, workdir), log)
+            write()
         needs_ray = {"read", "data_plane", "import"} & set(chosen)
         if needs_ray:
             started_ray = _ensure_ray(log)
