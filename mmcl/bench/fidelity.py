@@ -142,11 +142,10 @@ REFERENCE_NOTES = {
             "initialisation, fused embedding, not trained",
 }
 
-# Overrides every run shares: one temperature for every InfoNCE-type loss (TupleInfoNCE's
-# code default is 0.07, the others' 0.1; with one value tuple vs tuple_infonce differ only by
-# the disturbed negatives). FactorCL's critics keep their own scale (temperature 1) and a
-# smaller critic (hidden 64 instead of 256, ~6x cheaper per step on CPU).
-COMMON_OVERRIDES: tuple[str, ...] = ()
+# Overrides per objective: one temperature for every InfoNCE-type loss (TupleInfoNCE's code
+# default is 0.07, the others' 0.1; with one value tuple vs tuple_infonce differ only by the
+# disturbed negatives). FactorCL's critics keep their own scale (temperature 1) and a smaller
+# critic (hidden 64 instead of 256, cheaper per step on CPU).
 OBJECTIVE_OVERRIDES: dict[str, tuple[str, ...]] = {
     "cross": ("objective.temperature=0.1",),
     "cross_self": ("objective.temperature=0.1",),
@@ -269,7 +268,6 @@ class Settings:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["common_overrides"] = list(COMMON_OVERRIDES)
         d["objective_overrides"] = {k: list(v) for k, v in OBJECTIVE_OVERRIDES.items()}
         d["split"] = [0.8, 0.1, 0.1]
         d["rus_pretrain_note"] = (
@@ -339,7 +337,7 @@ def run_config(m: Method | None, preset: str, seed: int, settings: Settings):
         f"train.batch_size={settings.batch_size}", f"train.lr={settings.lr}",
         f"train.optimizer={settings.optimizer}",
         f"train.weight_decay={settings.weight_decay}", "scaling.num_workers=1",
-        *COMMON_OVERRIDES, *settings.model, *settings.augment,
+        *settings.model, *settings.augment,
         *settings.preset_overrides.get(preset, ()),
         *((m.overrides if m else ())),
     ]

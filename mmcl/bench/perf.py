@@ -340,13 +340,23 @@ def _reencode_loss_difference(mmcl_engine, reencode_engine, batch) -> float:
 # ------------------------------------------------------------------------------- critics
 
 
+def tiled_pair_scores(critic, x, y):
+    """The baseline for `ConcatCritic.pair_scores`, as FactorCL's code scores all pairs: tile
+    all Nx * Ny pairs and call critic(x, y); s[i, j] = f(x_i, y_j). tests/test_critics.py
+    checks it against scoring each pair on its own."""
+    nx, ny = len(x), len(y)
+    x_tiled = x.repeat_interleave(ny, dim=0)  # x_0 x_0 ... x_1 x_1 ...
+    y_tiled = y.repeat(nx, 1)  # y_0 y_1 ... y_0 y_1 ...
+    return critic(x_tiled, y_tiled).reshape(nx, ny)
+
+
 def critics(quick: bool) -> dict:
     """ConcatCritic.pair_scores (first layer evaluated on N rows of each side) against
     tiled_pair_scores (FactorCL's code: N^2 concatenations), forward + backward of the
     I_NCE bound as in training."""
     import torch
 
-    from mmcl.objectives.critics import ConcatCritic, tiled_pair_scores
+    from mmcl.objectives.critics import ConcatCritic
     from mmcl.objectives.functional import nce_lower_bound
 
     # Quick (the smoke test) uses a 4x narrower critic: the tiled N = 512 pass of the default
