@@ -282,7 +282,7 @@ def trial_rows(results, tune_file: TuneFile,
         metrics = result.metrics or {}
         trial = metrics.get("trial_id") or _trial_id(result.path)
         status, config = statuses.get(trial, ("TERMINATED", {}))
-        params = {p: (result.config or config).get(p) for p in tune_file.space}
+        params = {path: (result.config or config).get(path) for path in tune_file.space}
         try:
             epochs = tune_file.config_with(params).train.epochs
         except ConfigError:
@@ -426,8 +426,8 @@ def run_sweep(tune_file: TuneFile, address: str | None = None,
     statuses = trial_statuses(experiment, storage_fs)
     rows = trial_rows(results, tune_file, statuses)
     expected = num_samples * math.prod(
-        len(d.values) for d in tune_file.space.values()
-        if d.is_grid or (settings.searcher == "grid" and d.kind == "choice"))
+        len(dist.values) for dist in tune_file.space.values()
+        if dist.is_grid or (settings.searcher == "grid" and dist.kind == "choice"))
     interrupted = any(r["status"] == "unfinished" for r in rows) or len(rows) < expected
     for row in rows:  # ASHA ends a trial at its last report, before it writes its folder
         finish_from_checkpoint(row["checkpoint"],
@@ -447,7 +447,7 @@ def run_sweep(tune_file: TuneFile, address: str | None = None,
             best_config_text(user_tune_file, best["params"], f"{name}-best", header), base)
     summary = {"name": name, "metric": score.metric, "label": score.probe_label,
                "searcher": settings.searcher, "scheduler": settings.scheduler,
-               "space": {p: d.describe() for p, d in tune_file.space.items()},
+               "space": {path: dist.describe() for path, dist in tune_file.space.items()},
                "interrupted": interrupted, "best": best, "trials": rows}
     files["summary"] = write_output(join(url, "summary.json"),
                                     json.dumps(summary, indent=2, default=str), base)
