@@ -9,9 +9,9 @@ Local Ray starts without its dashboard. The dashboard hosts Ray's state API, and
 2.60's own placement-group cleaner (ray/train/v2/_internal/execution/controller/
 placement_group_cleaner.py) asks that API whether the Train controller is alive: without the
 dashboard every query fails (`ServerUnavailable`, a RayStateApiException, which the cleaner
-answers with `continue`), so a group whose controller was killed is never removed. Measured
-on this 2-core machine: local `ray.init` took 17 s without the dashboard and 30 s with it, a
-cost every `mmcl pretrain` and every test module would pay; only a search whose scheduler
+answers with `continue`), so a group whose controller was killed is never removed. But the
+dashboard makes local `ray.init` much slower (docs/performance.md, section 5), a cost every
+`mmcl pretrain` and every test module would pay; only a search whose scheduler
 stops trials (ASHA) leaves such groups behind, and mmcl.tune.trial's PlacementGroupJanitor
 removes those (tests/test_cluster.py checks it does). On a cluster started with `ray start`
 the dashboard runs and both cleaners work.

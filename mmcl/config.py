@@ -258,8 +258,8 @@ class _FactorCL(_Objective):
                                      "by it; 1 = FactorCL's code")
     critic: Literal["concat", "separable"] = Field(
         "concat", description="concat: MLP on [x, y] as FactorCL's code; separable: dot product")
-    # Defaults: hidden 64 and 32 sampled negatives cost ~6x fewer FLOPs than hidden 64 on all
-    # pairs at batch 128 (docs/performance.md) for the same fidelity (mmcl bench fidelity).
+    # Defaults: hidden 64 and 32 sampled negatives cost fewer FLOPs than hidden 64 on all pairs
+    # (docs/performance.md, section 2) for the same fidelity (mmcl bench fidelity).
     critic_hidden: int = Field(64, ge=1)
     negatives: int = Field(32, ge=0, description="K: each critic scores every y against its "
                            "positive and K sampled other rows of the global batch (O(N K) "

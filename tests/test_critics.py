@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from mmcl.objectives.critics import ConcatCritic, SeparableCritic, sample_rows, tiled_pair_scores
+from mmcl.bench.perf import tiled_pair_scores
+from mmcl.objectives.critics import ConcatCritic, SeparableCritic, sample_rows
 from mmcl.objectives.functional import (club_upper_bound, club_upper_bound_sampled,
                                         nce_lower_bound, nce_lower_bound_sampled)
 

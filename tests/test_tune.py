@@ -80,6 +80,34 @@ def test_space_parses_distributions_and_validates_their_edges():
         section_config(SampleOptConfig, {"candidates": 1}, "sample_opt", "f.yaml")
 
 
+def test_each_distribution_becomes_the_tune_domain_of_its_name():
+    from ray.tune.search import sample
+
+    def domain(kind, grid_choices=False, **keys):
+        return space.parse_distribution("x", {"tune": kind, **keys}).to_tune(grid_choices)
+
+    expected = {  # kind, keys -> (domain class, sampler class, bounds, q)
+        ("uniform", ()): (sample.Float, sample.Float._Uniform, (0.0, 4.0), None),
+        ("quniform", (("q", 0.5),)): (sample.Float, sample.Float._Uniform, (0.0, 4.0), 0.5),
+        ("loguniform", ()): (sample.Float, sample.Float._LogUniform, (1.0, 4.0), None),
+        ("qloguniform", (("q", 0.5),)): (sample.Float, sample.Float._LogUniform, (1.0, 4.0),
+                                         0.5),
+        ("randint", ()): (sample.Integer, sample.Integer._Uniform, (1, 4), None),
+        ("qrandint", (("q", 2),)): (sample.Integer, sample.Integer._Uniform, (1, 4), 2),
+        ("lograndint", ()): (sample.Integer, sample.Integer._LogUniform, (1, 4), None),
+    }
+    for (kind, keys), (cls, sampler_cls, bounds, q) in expected.items():
+        low = 0 if kind in ("uniform", "quniform") else 1
+        made = domain(kind, low=low, high=4, **dict(keys))
+        sampler = made.get_sampler()
+        assert isinstance(made, cls) and (made.lower, made.upper) == bounds, kind
+        assert isinstance(getattr(sampler, "sampler", sampler), sampler_cls), kind
+        assert getattr(sampler, "q", None) == q, kind
+    assert domain("choice", values=[1, "a"]).categories == [1, "a"]
+    assert domain("choice", grid_choices=True, values=[1, "a"]) == {"grid_search": [1, "a"]}
+    assert domain("grid", values=[0.1, 0.2]) == {"grid_search": [0.1, 0.2]}
+
+
 def test_tune_files_in_configs_are_valid():
     for name in ("tune_weak.yaml", "sample_opt_weak.yaml"):
         tf = space.load(os.path.join(os.path.dirname(__file__), "..", "configs", "tune", name))

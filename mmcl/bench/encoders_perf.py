@@ -14,6 +14,7 @@ autocast (`train.mixed_precision`).
 from __future__ import annotations
 
 from mmcl.bench.timing import interleaved, paired_ratio, quartiles, torch_threads
+from mmcl.markdown import table_lines
 
 # (image side, patch, text length, width, layers, batch): quick is a smoke test on a laptop
 # CPU, full a ViT-S/BERT-mini scale model.
@@ -115,8 +116,7 @@ def md_hf_encoders(s: dict) -> list[str]:
         return f"{q['median']:.1f} ({q['p25']:.1f}-{q['p75']:.1f})"
 
     lines = [f"- {k}: {v}" for k, v in s["settings"].items()]
-    lines += ["", "| step | ms |", "|---|---|"]
-    lines += [f"| {k} | {ms(v)} |" for k, v in s["step_ms"].items()]
+    lines += [""] + table_lines(["step", "ms"], [[k, ms(v)] for k, v in s["step_ms"].items()])
     share = s["encoder_share_of_step"]["median"]
     lines += ["", f"- frozen / trainable step: {s['frozen_over_trainable']['median']:.2f}",
               f"- encoders (two views, forward + backward) / trainable step: {share:.2f}; "

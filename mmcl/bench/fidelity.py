@@ -57,6 +57,7 @@ import numpy as np
 from mmcl.plotting import agg_pyplot
 from mmcl.bench.env import json_default
 from mmcl.bench.timing import torch_threads
+from mmcl.markdown import table_lines
 
 CHANCE = 0.5   # every probed column is a balanced binary label; balanced accuracy of a guess
 
@@ -141,11 +142,10 @@ REFERENCE_NOTES = {
             "initialisation, fused embedding, not trained",
 }
 
-# Overrides every run shares: one temperature for every InfoNCE-type loss (TupleInfoNCE's
-# code default is 0.07, the others' 0.1; with one value tuple vs tuple_infonce differ only by
-# the disturbed negatives). FactorCL's critics keep their own scale (temperature 1) and a
-# smaller critic (hidden 64 instead of 256, ~6x cheaper per step on CPU).
-COMMON_OVERRIDES: tuple[str, ...] = ()
+# Overrides per objective: one temperature for every InfoNCE-type loss (TupleInfoNCE's code
+# default is 0.07, the others' 0.1; with one value tuple vs tuple_infonce differ only by the
+# disturbed negatives). FactorCL's critics keep their own scale (temperature 1) and a smaller
+# critic (hidden 64 instead of 256, cheaper per step on CPU).
 OBJECTIVE_OVERRIDES: dict[str, tuple[str, ...]] = {
     "cross": ("objective.temperature=0.1",),
     "cross_self": ("objective.temperature=0.1",),
@@ -268,7 +268,6 @@ class Settings:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["common_overrides"] = list(COMMON_OVERRIDES)
         d["objective_overrides"] = {k: list(v) for k, v in OBJECTIVE_OVERRIDES.items()}
         d["split"] = [0.8, 0.1, 0.1]
         d["rus_pretrain_note"] = (
@@ -338,7 +337,7 @@ def run_config(m: Method | None, preset: str, seed: int, settings: Settings):
         f"train.batch_size={settings.batch_size}", f"train.lr={settings.lr}",
         f"train.optimizer={settings.optimizer}",
         f"train.weight_decay={settings.weight_decay}", "scaling.num_workers=1",
-        *COMMON_OVERRIDES, *settings.model, *settings.augment,
+        *settings.model, *settings.augment,
         *settings.preset_overrides.get(preset, ()),
         *((m.overrides if m else ())),
     ]
@@ -863,21 +862,18 @@ def to_markdown(report: dict) -> str:
     lines.append(f"Cells: balanced accuracy on the test split ({chance}), mean ± sample std "
                  "over seeds (seed s: data set seed s and training seed s).")
     lines.append("")
-    header = ["row", *[names[k] for k in keys]]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join(["---"] + ["---:"] * len(keys)) + "|")
-    for row, cells in table.items():
-        label = f"*{row}*" if row in REFERENCES else row
-        lines.append("| " + " | ".join([label, *[cell_text(cells[k]) for k in keys]]) + " |")
+    lines += table_lines(["row", *[names[k] for k in keys]],
+                         [[f"*{row}*" if row in REFERENCES else row,
+                           *[cell_text(cells[k]) for k in keys]] for row, cells in table.items()],
+                         align="l" + "r" * len(keys))
     lines += comm_comparison(table)
     lines.append("")
     lines.append("## Targets")
     lines.append("")
-    lines.append("| target | met | numbers |")
-    lines.append("|---|:---:|---|")
-    for t in report["targets"]:
-        mark = {True: "met", False: "NOT MET", None: "not run"}[t["met"]]
-        lines.append(f"| {t['target']} | {mark} | {t['detail']} |")
+    marks = {True: "met", False: "NOT MET", None: "not run"}
+    lines += table_lines(["target", "met", "numbers"],
+                         [[t["target"], marks[t["met"]], t["detail"]] for t in report["targets"]],
+                         align="lc")
     lines.append("")
     lines.append(f"Thresholds (balanced accuracy): {report['thresholds']}")
     lines.append("")
@@ -929,9 +925,7 @@ def comm_comparison(table: dict) -> list[str]:
         return f"{mean:.1f} ± {std:.1f}" if len(cells) and cells[0].get("n", 0) > 1 \
             else f"{mean:.1f}"
 
-    lines = ["", "### Beside CoMM's table (bimodal Trifeature, linear probe accuracy %)", "",
-             "| row | R (mmcl) | R (CoMM) | U (mmcl) | U (CoMM) | S (mmcl) | S (CoMM) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = []
     for row in ("cross", "cross_self", "comm", "comm_linear", "tuple", "tuple_infonce",
                 "factorcl_ssl"):
         if row not in table:
@@ -939,8 +933,10 @@ def comm_comparison(table: dict) -> list[str]:
         paper = COMM_PAPER.get(row, {})
         ours = [pct(row, ["shape"]), pct(row, ["texture1", "texture2"]), pct(row, ["synergy"])]
         theirs = [f"{paper[c]:.1f}" if c in paper else "–" for c in "RUS"]
-        lines.append(f"| {row} | {ours[0]} | {theirs[0]} | {ours[1]} | {theirs[1]} | "
-                     f"{ours[2]} | {theirs[2]} |")
+        rows.append([row, ours[0], theirs[0], ours[1], theirs[1], ours[2], theirs[2]])
+    lines = ["", "### Beside CoMM's table (bimodal Trifeature, linear probe accuracy %)", ""]
+    lines += table_lines(["row", "R (mmcl)", "R (CoMM)", "U (mmcl)", "U (CoMM)", "S (mmcl)",
+                          "S (CoMM)"], rows, align="lrrrrrr")
     lines.append("")
     lines.append("mmcl: balanced accuracy % on the test pairs (U: mean of the texture1 and "
                  "texture2 probes, ± the mean of their stds). CoMM: Dufumier et al. 2024, "
@@ -962,20 +958,18 @@ def part_tables_markdown(report: dict) -> list[str]:
             continue
         keys = sorted({k for p in parts.values() for c in p.values() for k in c},
                       key=report["columns"].index)
-        lines += ["", f"## {title}", "", "| row | part | " + " | ".join(names[k] for k in keys)
-                  + " |", "|---|---|" + "---:|" * len(keys)]
-        for row, by_part in parts.items():
-            for part, cells in by_part.items():
-                lines.append(f"| {row} | {part} | " + " | ".join(
-                    cell_text(cells[k]) if k in cells else "–" for k in keys) + " |")
+        lines += ["", f"## {title}", ""] + table_lines(
+            ["row", "part", *[names[k] for k in keys]],
+            [[row, part, *[cell_text(cells[k]) if k in cells else "–" for k in keys]]
+             for row, by_part in parts.items() for part, cells in by_part.items()],
+            align="ll" + "r" * len(keys))
     few = report.get("few_label_table") or {}
     if few:
         keys = sorted({k for cells in few.values() for k in cells})
-        lines += ["", "## Few-label probes (k labelled rows per class; fused / raw:all)", "",
-                  "| row | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
-        for row, cells in few.items():
-            lines.append(f"| {row} | " + " | ".join(
-                cell_text(cells[k]) if k in cells else "–" for k in keys) + " |")
+        lines += ["", "## Few-label probes (k labelled rows per class; fused / raw:all)", ""]
+        lines += table_lines(["row", *keys],
+                             [[row, *[cell_text(cells[k]) if k in cells else "–" for k in keys]]
+                              for row, cells in few.items()], align="l" + "r" * len(keys))
     return lines
 
 

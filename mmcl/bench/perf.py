@@ -53,6 +53,7 @@ from mmcl.bench.env import describe, json_default, load_average, machine
 from mmcl.bench.timing import interleaved, paired_ratio, peak_memory, quartiles, torch_threads
 from mmcl.bench.encoders_perf import hf_encoders, md_hf_encoders as _md_hf_encoders  # noqa: F401
 from mmcl.bench.probe_cost import md_online_probe as _md_online_probe  # noqa: F401
+from mmcl.markdown import table_lines
 
 SECTIONS = ("objective_step", "efficiency", "critics", "loss_memory", "hf_encoders",
             "online_probe", "read", "data_plane", "startup")
@@ -339,13 +340,23 @@ def _reencode_loss_difference(mmcl_engine, reencode_engine, batch) -> float:
 # ------------------------------------------------------------------------------- critics
 
 
+def tiled_pair_scores(critic, x, y):
+    """The baseline for `ConcatCritic.pair_scores`, as FactorCL's code scores all pairs: tile
+    all Nx * Ny pairs and call critic(x, y); s[i, j] = f(x_i, y_j). tests/test_critics.py
+    checks it against scoring each pair on its own."""
+    nx, ny = len(x), len(y)
+    x_tiled = x.repeat_interleave(ny, dim=0)  # x_0 x_0 ... x_1 x_1 ...
+    y_tiled = y.repeat(nx, 1)  # y_0 y_1 ... y_0 y_1 ...
+    return critic(x_tiled, y_tiled).reshape(nx, ny)
+
+
 def critics(quick: bool) -> dict:
     """ConcatCritic.pair_scores (first layer evaluated on N rows of each side) against
     tiled_pair_scores (FactorCL's code: N^2 concatenations), forward + backward of the
     I_NCE bound as in training."""
     import torch
 
-    from mmcl.objectives.critics import ConcatCritic, tiled_pair_scores
+    from mmcl.objectives.critics import ConcatCritic
     from mmcl.objectives.functional import nce_lower_bound
 
     # Quick (the smoke test) uses a 4x narrower critic: the tiled N = 512 pass of the default
@@ -1083,40 +1094,36 @@ def _md_goals(goals: dict) -> list[str]:
 
 def _md_objective_step(s: dict) -> list[str]:
     out = _md_settings(s) + [f"- model `{x['name']}`: {x['what']}" for x in s["settings"]["models"]]
-    out += ["", "| model | M | tuple ms | tuple_infonce ms | re-encoding ms | tuple_infonce / tuple "
-            "| re-encoding / tuple_infonce | loss diff re-enc vs mmcl |", "|---" * 8 + "|"]
-    for r in s["rows"]:
-        ms = r["step_ms"]
-        out.append(f"| {r['setting']} | {r['modalities']} | {_iqr(ms['tuple'], 1)} | "
-                   f"{_iqr(ms['tuple_infonce'], 1)} | {_iqr(ms['reencode'], 1)} | "
-                   f"**{_f(r['tuple_infonce_over_tuple']['median'])}** | "
-                   f"**{_f(r['reencode_over_tuple_infonce']['median'])}** | "
-                   f"{r['loss_abs_difference_reencode_vs_mmcl']:.1e} |")
+    out += [""] + table_lines(
+        ["model", "M", "tuple ms", "tuple_infonce ms", "re-encoding ms", "tuple_infonce / tuple",
+         "re-encoding / tuple_infonce", "loss diff re-enc vs mmcl"],
+        [[r["setting"], r["modalities"], _iqr(r["step_ms"]["tuple"], 1),
+          _iqr(r["step_ms"]["tuple_infonce"], 1), _iqr(r["step_ms"]["reencode"], 1),
+          f"**{_f(r['tuple_infonce_over_tuple']['median'])}**",
+          f"**{_f(r['reencode_over_tuple_infonce']['median'])}**",
+          f"{r['loss_abs_difference_reencode_vs_mmcl']:.1e}"] for r in s["rows"]])
     out += ["", "Load-independent: MFLOP per step (torch.utils.flop_counter, matmuls forward + "
-            "backward), the floor of the disturbed negatives (analytic) and the ratios", "",
-            "| model | M | tuple | tuple_infonce | re-encoding | floor | tuple_infonce / "
-            "(floor + tuple) | tuple_infonce / tuple | re-encoding / tuple_infonce |",
-            "|---" * 9 + "|"]
+            "backward), the floor of the disturbed negatives (analytic) and the ratios", ""]
+    rows = []
     for r in s["rows"]:
         f, q, floor = r["mflop_per_step"], r["flop_ratios"], r.get("floor_mflop")
-        out.append(f"| {r['setting']} | {r['modalities']} | {_f(f['tuple'], 0)} | "
-                   f"{_f(f['tuple_infonce'], 0)} | {_f(f['reencode'], 0)} | "
-                   f"{_f(floor['total'], 0) if floor else '-'} | "
-                   f"**{_f(q['tuple_infonce_over_floor_plus_tuple'])}** | "
-                   f"{_f(q['tuple_infonce_over_tuple'])} | "
-                   f"{_f(q['reencode_over_tuple_infonce'])} |")
+        rows.append([r["setting"], r["modalities"], _f(f["tuple"], 0), _f(f["tuple_infonce"], 0),
+                     _f(f["reencode"], 0), _f(floor["total"], 0) if floor else "-",
+                     f"**{_f(q['tuple_infonce_over_floor_plus_tuple'])}**",
+                     _f(q["tuple_infonce_over_tuple"]), _f(q["reencode_over_tuple_infonce"])])
+    out += table_lines(["model", "M", "tuple", "tuple_infonce", "re-encoding", "floor",
+                        "tuple_infonce / (floor + tuple)", "tuple_infonce / tuple",
+                        "re-encoding / tuple_infonce"], rows)
     return out + [""] + _md_goals(s["goals"])
 
 
 def _md_efficiency(s: dict) -> list[str]:
     out = _md_settings(s) + [
-        f"- machine matmul rate (same rounds): **{_f(s['matmul_gflop_per_s'])} GFLOP/s**", "",
-        "| objective | data | step ms | MFLOP per step | GFLOP/s | FLOP efficiency |",
-        "|---" * 6 + "|"]
-    for r in s["rows"]:
-        out.append(f"| {r['objective']} | {r['data']} | {_iqr(r['step_ms'], 1)} | "
-                   f"{_f(r['mflop_per_step'], 0)} | {_f(r['gflop_per_s'])} | "
-                   f"**{r['flop_efficiency']:.1%}** |")
+        f"- machine matmul rate (same rounds): **{_f(s['matmul_gflop_per_s'])} GFLOP/s**", ""]
+    out += table_lines(
+        ["objective", "data", "step ms", "MFLOP per step", "GFLOP/s", "FLOP efficiency"],
+        [[r["objective"], r["data"], _iqr(r["step_ms"], 1), _f(r["mflop_per_step"], 0),
+          _f(r["gflop_per_s"]), f"**{r['flop_efficiency']:.1%}**"] for r in s["rows"]])
     out += ["", f"- factorcl_ssl / cross on the same `factorcl` batch: time "
             f"{_f(s['factorcl_ssl_over_cross']['median'])}x (same-round median), FLOPs "
             f"{_f(s['factorcl_ssl_over_cross_flops'])}x"]
@@ -1124,28 +1131,23 @@ def _md_efficiency(s: dict) -> list[str]:
 
 
 def _md_critics(s: dict) -> list[str]:
-    out = _md_settings(s) + ["", "| N | max abs diff | equal to 1e-5 | pair_scores ms | tiled ms "
-                             "| speed-up | peak MB pair_scores | peak MB tiled | memory ratio |",
-                             "|---|---|---|---|---|---|---|---|---|"]
-    for r in s["rows"]:
-        out.append(f"| {r['n']} | {r['max_abs_difference']:.1e} | {_f(r['equal_to_1e-5'])} | "
-                   f"{_iqr(r['ms']['pair_scores'], 1)} | {_iqr(r['ms']['tiled'], 1)} | "
-                   f"**{_f(r['speedup']['median'])}x** | {_f(r['peak_mb']['pair_scores'], 1)} | "
-                   f"{_f(r['peak_mb']['tiled'], 1)} | {_f(r['memory_ratio'])}x |")
-    return out
+    return _md_settings(s) + [""] + table_lines(
+        ["N", "max abs diff", "equal to 1e-5", "pair_scores ms", "tiled ms", "speed-up",
+         "peak MB pair_scores", "peak MB tiled", "memory ratio"],
+        [[r["n"], f"{r['max_abs_difference']:.1e}", _f(r["equal_to_1e-5"]),
+          _iqr(r["ms"]["pair_scores"], 1), _iqr(r["ms"]["tiled"], 1),
+          f"**{_f(r['speedup']['median'])}x**", _f(r["peak_mb"]["pair_scores"], 1),
+          _f(r["peak_mb"]["tiled"], 1), f"{_f(r['memory_ratio'])}x"] for r in s["rows"]])
 
 
 def _md_loss_memory(s: dict) -> list[str]:
-    out = _md_settings(s) + ["", "| workers | global batch | local-loss logits | local loss MB "
-                             "(growth) | all-pairs logits | all-pairs MB (growth) |",
-                             "|---|---|---|---|---|---|"]
-    for r in s["rows"]:
-        out.append(f"| {r['workers']} | {r['global_batch']} | "
-                   f"{r['local_logits'][0]} x {r['local_logits'][1]} | "
-                   f"{_f(r['local_loss_mb'], 1)} ({_f(r['local_growth'], 1)}x) | "
-                   f"{r['all_pairs_logits'][0]} x {r['all_pairs_logits'][1]} | "
-                   f"{_f(r['all_pairs_mb'], 1)} ({_f(r['all_pairs_growth'], 1)}x) |")
-    return out
+    return _md_settings(s) + [""] + table_lines(
+        ["workers", "global batch", "local-loss logits", "local loss MB (growth)",
+         "all-pairs logits", "all-pairs MB (growth)"],
+        [[r["workers"], r["global_batch"], f"{r['local_logits'][0]} x {r['local_logits'][1]}",
+          f"{_f(r['local_loss_mb'], 1)} ({_f(r['local_growth'], 1)}x)",
+          f"{r['all_pairs_logits'][0]} x {r['all_pairs_logits'][1]}",
+          f"{_f(r['all_pairs_mb'], 1)} ({_f(r['all_pairs_growth'], 1)}x)"] for r in s["rows"]])
 
 
 def _md_import(s: dict) -> list[str]:
@@ -1155,8 +1157,7 @@ def _md_import(s: dict) -> list[str]:
 
 
 def _md_read(s: dict) -> list[str]:
-    out = _md_settings(s) + ["", "| reader | format | s per pass | rows/s | payload MB/s | "
-                             "file MB/s | list / fixed time |", "|---|---|---|---|---|---|---|"]
+    rows = []
     for reader in ("pyarrow", "ray_data"):
         if reader not in s:
             continue
@@ -1165,27 +1166,25 @@ def _md_read(s: dict) -> list[str]:
             x = r[fmt]
             ratio = f"**{_f(r['list_over_fixed_time']['median'])}**" \
                 if fmt == "list_float" else ""
-            out.append(f"| {reader} | {fmt} | {_iqr(x['s_per_pass'], 3)} | "
-                       f"{_f(x['rows_per_s'])} | {_f(x['payload_mb_per_s'], 1)} | "
-                       f"{_f(x['file_mb_per_s'], 1)} | {ratio} |")
-    return out
+            rows.append([reader, fmt, _iqr(x["s_per_pass"], 3), _f(x["rows_per_s"]),
+                         _f(x["payload_mb_per_s"], 1), _f(x["file_mb_per_s"], 1), ratio])
+    return _md_settings(s) + [""] + table_lines(
+        ["reader", "format", "s per pass", "rows/s", "payload MB/s", "file MB/s",
+         "list / fixed time"], rows)
 
 
 def _md_data_plane(s: dict) -> list[str]:
-    out = _md_settings(s) + ["", "| source | reader | workers | steps/epoch/worker | samples/s "
-                             "(steady) | samples/s (epoch 1) | data wait (steady) | data wait "
-                             "(epoch 1) | first batch s (steady / epoch 1) | fit wall s |",
-                             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in s["runs"]:
-        reader = r["variant"] if r["source"] == "ray" else "-"
-        out.append(f"| {r['source']} | {reader} | {r['workers']} | "
-                   f"{r['steps_per_epoch']} | "
-                   f"{_f(r['samples_per_s_total']['steady'], 0)} | "
-                   f"{_f(r['samples_per_s_total']['first_epoch'], 0)} | "
-                   f"{r['data_wait_fraction']['steady']:.1%} | "
-                   f"{r['data_wait_fraction']['first_epoch']:.1%} | "
-                   f"{_f(r['first_batch_s']['steady'])} / {_f(r['first_batch_s']['first_epoch'])}"
-                   f" | {_f(r['fit_wall_s'], 1)} |")
+    out = _md_settings(s) + [""] + table_lines(
+        ["source", "reader", "workers", "steps/epoch/worker", "samples/s (steady)",
+         "samples/s (epoch 1)", "data wait (steady)", "data wait (epoch 1)",
+         "first batch s (steady / epoch 1)", "fit wall s"],
+        [[r["source"], r["variant"] if r["source"] == "ray" else "-", r["workers"],
+          r["steps_per_epoch"], _f(r["samples_per_s_total"]["steady"], 0),
+          _f(r["samples_per_s_total"]["first_epoch"], 0),
+          f"{r['data_wait_fraction']['steady']:.1%}",
+          f"{r['data_wait_fraction']['first_epoch']:.1%}",
+          f"{_f(r['first_batch_s']['steady'])} / {_f(r['first_batch_s']['first_epoch'])}",
+          _f(r["fit_wall_s"], 1)] for r in s["runs"]])
     ro = s["ray_over_memory"]
     out += ["", f"- Ray path / in-memory, 2 workers: **{_f(ro['steady'])}** (median of per-round "
                 f"ratios {[round(x, 3) for x in ro['pairs']]})",
@@ -1204,9 +1203,7 @@ def _md_data_plane(s: dict) -> list[str]:
 
 def _md_startup(s: dict) -> list[str]:
     runs = {k: r for k, r in s.items() if isinstance(r, dict) and "wall_s" in r}
-    out = _md_settings(s) + ["", "| run | environment | wall s (command to exit) | first epoch "
-                             "line s | Ray start-up s (share of wall) | of which ray.init | "
-                             "exit code |", "|---|---|---|---|---|---|---|"]
+    rows = []
     for name, r in runs.items():
         env = " ".join(f"{k}={v}" for k, v in r.get("env", {}).items()) or "-"
         if "ray_start_share" in r:
@@ -1214,22 +1211,25 @@ def _md_startup(s: dict) -> list[str]:
             init = f"{r['ray_start_s']['start_ray']:.1f} ({r['ray_init_share']:.0%})"
         else:
             share = init = "-"
-        out.append(f"| {name} | {env} | **{_f(r['wall_s'], 1)}** | "
-                   f"{_f(r['first_epoch_line_s'], 1)} | {share} | {init} | {r['returncode']} |")
+        rows.append([name, env, f"**{_f(r['wall_s'], 1)}**", _f(r["first_epoch_line_s"], 1),
+                     share, init, r["returncode"]])
+    out = _md_settings(s) + [""] + table_lines(
+        ["run", "environment", "wall s (command to exit)", "first epoch line s",
+         "Ray start-up s (share of wall)", "of which ray.init", "exit code"], rows)
     if "ray_over_no_ray_wall" in s:
         out += ["", f"- demo on Ray / the same demo with `--no-ray`: "
                     f"**{_f(s['ray_over_no_ray_wall'])}x** wall time"]
     phased = {k: r for k, r in runs.items() if "phases_s" in r}
     if phased:
         keys = list(dict.fromkeys(k for r in phased.values() for k in r["phases_s"]))
-        out += ["", "| phase (s) | " + " | ".join(phased) + " |",
-                "|---|" + "---|" * len(phased)]
+        rows = []
         for k in keys:
             cells = []
             for r in phased.values():
                 v = r["phases_s"].get(k)
                 cells.append("-" if v is None else f"{v:.2f} ({v / r['wall_s']:.0%})")
-            out.append(f"| {k} | " + " | ".join(cells) + " |")
+            rows.append([k, *cells])
+        out += [""] + table_lines(["phase (s)", *phased], rows)
     for name, r in runs.items():
         if r["returncode"] != 0:
             out += ["", f"{name} failed; output tail:", "```", r.get("output_tail", ""), "```"]

@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from mmcl.bench.timing import quartiles, torch_threads
+from mmcl.markdown import table_lines
 
 
 def online_probe(quick: bool, workdir: str) -> dict:
@@ -75,10 +76,10 @@ def online_probe(quick: bool, workdir: str) -> dict:
 
 def md_online_probe(s: dict) -> list[str]:
     lines = [f"- {k}: {v}" for k, v in s["settings"].items()]
-    lines += ["", "| | median | p25-p75 |", "|---|---|---|"]
-    for key, label in (("epoch_s", "training epoch, s"), ("probe_s", "online probe, s")):
-        q = s[key]
-        lines.append(f"| {label} | {q['median']:.3f} | {q['p25']:.3f}-{q['p75']:.3f} |")
+    lines += [""] + table_lines(
+        ["", "median", "p25-p75"],
+        [[label, f"{s[key]['median']:.3f}", f"{s[key]['p25']:.3f}-{s[key]['p75']:.3f}"]
+         for key, label in (("epoch_s", "training epoch, s"), ("probe_s", "online probe, s"))])
     ratio = s["probe_over_epoch"]
     lines += ["", f"- online probe / epoch: {ratio['median']:.3f} (per round: "
               + ", ".join(f"{r:.3f}" for r in ratio["rounds"]) + "); goal < 0.05"]

@@ -12,10 +12,10 @@ Facts this module relies on (Ray 2.60, verified; see notes/ray_train_v2.md):
 
 - Ray Data turns Arrow's canonical `arrow.fixed_shape_tensor` columns into (N, *shape) float32
   ndarrays / tensors by itself in `iter_batches(batch_format="numpy")` and
-  `iter_torch_batches`, so no decode step is needed. Measured on 20k and 200k rows x 3
-  modalities x 32 features (2 cores, warm): native 1.6-2.2 s per pass, an extra pyarrow->numpy
-  decode `map_batches` 2.0-3.1 s. The only per-block UDF here checks finiteness (and the
-  column types) and hands the Arrow table on unchanged; it is fused into the read task.
+  `iter_torch_batches`, so no decode step is needed (an extra pyarrow->numpy decode
+  `map_batches` only costs time: docs/performance.md, section 3). The only per-block UDF here
+  checks finiteness (and the column types) and hands the Arrow table on unchanged; it is fused
+  into the read task.
 - `ray.train.DataConfig` (the V2 default) gives every worker `ds.streaming_split(world_size,
   equal=True)`: every worker gets exactly the same number of rows (the remainder, fewer than
   `num_workers` rows, is dropped); with `drop_last=True` and one batch size every worker then
@@ -320,10 +320,8 @@ def parquet_reader(n_files: int):
     the training workers, while every worker waits for its first batch. V1 reads the file
     metadata once, when the dataset is built, and an execution only runs read tasks on
     pooled worker processes (the same seeded per-execution file shuffle, the same projection
-    push-down). `mmcl bench perf` (docs/performance.md; 2 shared cores, 2 workers, the demo
-    model, 51 steps per worker and epoch, epochs of each reader interleaved in one run):
-    data wait 43.9% of the loop with V2's defaults (first batch of an epoch after 12.8 s),
-    16.4% with one footer actor (3.6 s), 4.4% with V1 (0.7 s).
+    push-down). `mmcl bench perf` measures the data wait of each reader, epochs of each
+    interleaved in one run (docs/performance.md, section 3).
 
     So mmcl reads with V1, unless the user chose a reader in the environment
     ($RAY_DATA_USE_DATASOURCE_V2, which Ray reads at import) -- then V2 runs with its footer
@@ -555,8 +553,9 @@ def iter_worker_batches(shard: "ray.data.DataIterator | ray.data.Dataset", batch
 
 # Batches a worker fetches ahead of its training loop, across epoch boundaries too. While the
 # last of them train, the next epoch's execution starts (Ray Data re-executes the dataset every
-# epoch: 0.3-0.7 s before its first batch on 2 busy cores); 4 demo batches (128 rows, 3 x 32
-# floats) are ~0.2 MB, 4 default-size image batches (3 x 96 x 96 uint8 as float32) ~56 MB.
+# epoch; its time to the first batch: docs/performance.md, section 3); 4 demo batches (128
+# rows, 3 x 32 floats) are ~0.2 MB, 4 default-size image batches (3 x 96 x 96 uint8 as
+# float32) ~56 MB.
 AHEAD_BATCHES = 4
 _END = object()
 

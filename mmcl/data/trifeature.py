@@ -19,8 +19,8 @@ dependence between the modalities a self-supervised objective can see) and probe
 *unbiased* pairs (any pair sharing the shape; synergy = 1 in about 1 of 10). Here the
 unbiased pairs are correlated in a random half and not in the other half, so synergy is
 balanced: mmcl's linear probe is unweighted, and on a 1-in-10 label it predicts the majority
-class for every representation (measured: synergy 0.500 for every row). One data
-set holds both: the `biased` column marks the pretraining pairs of the train split; the
+class for every representation (docs/fidelity.md, the trifeature run). One data set holds
+both: the `biased` column marks the pretraining pairs of the train split; the
 probes fit on the train split's unbiased pairs and score on val/test, which are unbiased.
 
 `write_trifeature(folder, ...)` writes the images as PNG files and a CSV table (the layout a

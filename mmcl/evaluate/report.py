@@ -32,6 +32,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from mmcl.markdown import table
 from mmcl.plotting import agg_pyplot
 from mmcl import storage
 from mmcl.data.schema import LabelSpec
@@ -410,12 +411,6 @@ def cell(value, digits: int = 3) -> str:
     if isinstance(value, (int, float, np.number)):
         return f"{float(value):.{digits}f}" if math.isfinite(float(value)) else "–"
     return str(value)
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _value(d: Mapping | None, metric: str):

@@ -100,15 +100,6 @@ class SeparableCritic(nn.Module):
         return torch.einsum("jkd,jd->jk", self.g(x)[rows], self.h(y))
 
 
-def tiled_pair_scores(critic: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """The naive reference for `pair_scores`: tile all Nx * Ny pairs and call critic(x, y).
-    s[i, j] = f(x_i, y_j). Used by tests and benchmarks only."""
-    nx, ny = len(x), len(y)
-    x_tiled = x.repeat_interleave(ny, dim=0)  # x_0 x_0 ... x_1 x_1 ...
-    y_tiled = y.repeat(nx, 1)  # y_0 y_1 ... y_0 y_1 ...
-    return critic(x_tiled, y_tiled).reshape(nx, ny)
-
-
 def sample_rows(n_rows: int, offset: int, n_cols: int, k: int,
                 generator: torch.Generator | None = None) -> Tensor:
     """(n_cols, 1 + k) rows of x for each column j: its positive offset + j first, then k
@@ -124,4 +115,4 @@ def sample_rows(n_rows: int, offset: int, n_cols: int, k: int,
     return rows
 
 
-__all__ = ["ConcatCritic", "SeparableCritic", "mlp", "sample_rows", "tiled_pair_scores"]
+__all__ = ["ConcatCritic", "SeparableCritic", "mlp", "sample_rows"]

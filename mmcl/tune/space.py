@@ -44,7 +44,9 @@ DIST_KEY = "tune"
 SECTIONS = ("sweep", "sample_opt")
 NOT_SEARCHABLE = ("scaling", "storage")
 
-# kind -> (required keys, optional keys)
+# kind -> (required keys, optional keys). Tune's function for a kind has the kind's name (but
+# for grid, TUNE_FUNCTIONS) and takes the required keys in this order, the optional ones by
+# keyword.
 KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "uniform": (("low", "high"), ()),
     "quniform": (("low", "high", "q"), ()),
@@ -56,6 +58,7 @@ KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "choice": (("values",), ()),
     "grid": (("values",), ()),
 }
+TUNE_FUNCTIONS = {"grid": "grid_search"}
 INTEGER_KINDS = ("randint", "qrandint", "lograndint")
 LOG_KINDS = ("loguniform", "qloguniform", "lograndint")
 
@@ -80,26 +83,11 @@ class Distribution:
         """The Tune search-space object. With `grid_choices`, a `choice` becomes a grid."""
         from ray import tune
 
-        if self.kind == "grid" or (grid_choices and self.kind == "choice"):
-            return tune.grid_search(list(self.values))
-        if self.kind == "choice":
-            return tune.choice(list(self.values))
-        if self.kind in ("uniform",):
-            return tune.uniform(self.low, self.high)
-        if self.kind == "quniform":
-            return tune.quniform(self.low, self.high, self.q)
-        log = {"base": self.base} if self.base else {}
-        if self.kind == "loguniform":
-            return tune.loguniform(self.low, self.high, **log)
-        if self.kind == "qloguniform":
-            return tune.qloguniform(self.low, self.high, self.q, **log)
-        if self.kind == "randint":
-            return tune.randint(self.low, self.high)
-        if self.kind == "qrandint":
-            return tune.qrandint(self.low, self.high, self.q)
-        if self.kind == "lograndint":
-            return tune.lograndint(self.low, self.high, **log)
-        raise AssertionError(self.kind)
+        kind = "grid" if grid_choices and self.kind == "choice" else self.kind
+        required, optional = KINDS[kind]
+        args = [list(self.values) if key == "values" else getattr(self, key) for key in required]
+        options = {key: getattr(self, key) for key in optional if getattr(self, key)}
+        return getattr(tune, TUNE_FUNCTIONS.get(kind, kind))(*args, **options)
 
     def edge_values(self) -> list:
         """Values a sample can take at the edges of the distribution (bounds, every listed
@@ -173,16 +161,16 @@ def _number(path: str, key: str, value: Any, integer: bool) -> float | int:
     return int(value) if integer else float(value)
 
 
-def parse_distribution(path: str, spec: Mapping[str, Any]) -> Distribution:
+def parse_distribution(path: str, written: Mapping[str, Any]) -> Distribution:
     """A `{tune: KIND, ...}` mapping at `path` -> Distribution, or a ConfigError that names
     the field and the fix."""
-    kind = spec.get(DIST_KEY)
+    kind = written.get(DIST_KEY)
     if kind not in KINDS:
         raise ConfigError(f"search space: {path}: unknown distribution {kind!r}; choose one "
                           f"of {', '.join(KINDS)}")
     required, optional = KINDS[kind]
-    keys = set(spec) - {DIST_KEY}
-    missing = [k for k in required if k not in spec]
+    keys = set(written) - {DIST_KEY}
+    missing = [k for k in required if k not in written]
     extra = sorted(keys - set(required) - set(optional))
     if missing or extra:
         want = ", ".join(required + tuple(f"[{o}]" for o in optional))
@@ -190,16 +178,16 @@ def parse_distribution(path: str, spec: Mapping[str, Any]) -> Distribution:
                           + (f"; missing {missing}" if missing else "")
                           + (f"; unknown {extra}" if extra else ""))
     if kind in ("choice", "grid"):
-        values = spec["values"]
+        values = written["values"]
         if not isinstance(values, list) or not values:
             raise ConfigError(f"search space: {path}.values must be a non-empty list "
                               f"(got {values!r})")
         return Distribution(path, kind, values=tuple(values))
     integer = kind in INTEGER_KINDS
-    low = _number(path, "low", spec["low"], integer)
-    high = _number(path, "high", spec["high"], integer)
-    q = _number(path, "q", spec["q"], integer) if "q" in spec else None
-    base = _number(path, "base", spec["base"], False) if "base" in spec else None
+    low = _number(path, "low", written["low"], integer)
+    high = _number(path, "high", written["high"], integer)
+    q = _number(path, "q", written["q"], integer) if "q" in written else None
+    base = _number(path, "base", written["base"], False) if "base" in written else None
     if not low < high:
         raise ConfigError(f"search space: {path}: low must be < high (got low={low}, "
                           f"high={high})")
@@ -263,20 +251,20 @@ def load(path: str, overrides: list[str] | tuple = ()) -> TuneFile:
     return parse(config_mod.load_yaml(path), overrides, source=str(path))
 
 
-def validate(tf: TuneFile) -> RunConfig:
+def validate(tune_file: TuneFile) -> RunConfig:
     """Validate the search space through mmcl.config before anything starts: every edge value
     of every distribution (bounds, listed values), each with the other fields at their
     representative values. Returns the representative run config."""
-    rep = tf.representative()
+    rep = tune_file.representative()
     try:
-        base = tf.config_with(rep)
+        base = tune_file.config_with(rep)
     except ConfigError as err:
         raise ConfigError(f"{err}\n(with every searched field at its first value: "
                           f"{rep})") from None
-    for path, dist in tf.space.items():
+    for path, dist in tune_file.space.items():
         for value in dist.edge_values():
             try:
-                tf.config_with({**rep, path: value})
+                tune_file.config_with({**rep, path: value})
             except ConfigError as err:
                 raise ConfigError(
                     f"search space: {path} = {value!r} (from {dist.describe()}) is not a valid "

@@ -45,19 +45,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from mmcl import config as config_mod
 from mmcl.config import ConfigError
-from mmcl.data.schema import unsafe_name
-from mmcl.storage import join, write_text
+from mmcl.markdown import table
+from mmcl.storage import join
 from mmcl.train import launcher
 from mmcl.tune import space as space_mod
 from mmcl.tune import trust
+from mmcl.tune.common import (search_name, section_config, short_error, trial_statuses,
+                              write_output)
 from mmcl.tune.space import TuneFile
 from mmcl.tune.trial import (PG_RECORDS, ScoreSpec, TuneError, absolute_paths, ensure_ray,
                              finish_from_checkpoint, finite, make_janitor, resolve_metric,
                              restore_or_new_tuner, run_train_trial, trial_resources)
+
+# The old private names, still imported by tune/sample_opt.py (issue 19 switches it to
+# mmcl.tune.common's short_error and write_output; then these two lines go).
+_short_error, _write = short_error, write_output
+
 
 class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -76,39 +83,6 @@ class SweepConfig(BaseModel):
     eval_batch: int = Field(256, ge=2)
     probe_rows: int = Field(2048, ge=16)
     seed: int | None = None
-
-
-def section_config(model: type[BaseModel], raw: dict, section: str, source: str,
-                   overrides: tuple[str, ...] = ()):
-    """Validate a tune file's section, with errors that name `section.field` and, for a value
-    given with `--set`, that `--set`."""
-    try:
-        return model.model_validate(raw)
-    except ValidationError as err:
-        given = {a.split("=", 1)[0].strip(): a for a in overrides if "=" in a}
-        lines, sources = [], []
-        for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"])
-            origin = config_mod.override_for([section, *loc.split(".")], given)
-            sources.append(origin or source)
-            msg = ("unknown field (check its spelling)" if e["type"] == "extra_forbidden"
-                   else e["msg"])
-            lines.append(f"  {section}.{loc}: {msg} (got {config_mod.short_repr(e.get('input'))})"
-                         + (f" [from {origin}]" if origin else ""))
-        where = ", ".join(dict.fromkeys(sources))
-        raise ConfigError("\n".join([f"invalid `{section}:` settings in {where}:", *lines])
-                          ) from None
-
-
-def search_name(tf: TuneFile, base) -> str:
-    """The search folder's name: storage.name (checked by the config), else the tune file's
-    name, which must then be one plain folder name as well."""
-    name = base.storage.name or (Path(tf.source).stem if tf.source.endswith((".yaml", ".yml"))
-                                 else "tune")
-    reason = unsafe_name(name)
-    if reason:
-        raise ConfigError(f"sweep name (the tune file's name): {reason}; set storage.name")
-    return name
 
 
 # ----------------------------------------------------------------------------- search
@@ -212,42 +186,44 @@ def limits_its_own_concurrency(search_alg) -> bool:
     return isinstance(search_alg, BasicVariantGenerator)
 
 
-def build_search(tf: TuneFile, settings: SweepConfig, seed: int, concurrent: int):
+def build_search(tune_file: TuneFile, settings: SweepConfig, seed: int, concurrent: int):
     """(param_space, search_alg, num_samples) for the Tuner. The built-in generator takes the
     concurrency limit itself (Tune ignores max_concurrent_trials for a generator instance)."""
     name = settings.searcher.lower()
     grid = name == "grid"
     if grid:
-        bad = [p for p, d in tf.space.items() if d.kind not in ("grid", "choice")]
+        bad = [path for path, dist in tune_file.space.items()
+               if dist.kind not in ("grid", "choice")]
         if bad:
             raise ConfigError(f"sweep.searcher=grid needs every searched field to list its "
                               f"values (grid or choice); {bad} are continuous. Use "
                               f"searcher: random or tpe, or give them values")
-    param_space = {p: d.to_tune(grid_choices=grid) for p, d in tf.space.items()}
-    only_grids = all(d.is_grid for d in tf.space.values())  # nothing random to repeat
+    param_space = {path: dist.to_tune(grid_choices=grid)
+                   for path, dist in tune_file.space.items()}
+    only_grids = all(dist.is_grid for dist in tune_file.space.values())  # nothing random
     num_samples = settings.num_samples or (1 if grid or only_grids else 8)
     search_alg = build_searcher(settings, seed, concurrent)
     if not limits_its_own_concurrency(search_alg):  # a model-based searcher proposes points
-        grids = [p for p, d in tf.space.items() if d.is_grid]
+        grids = [path for path, dist in tune_file.space.items() if dist.is_grid]
         if grids:
             raise ConfigError(f"sweep.searcher={settings.searcher} cannot search grids "
                               f"({grids}); use choice")
-        if not tf.space:
+        if not tune_file.space:
             raise ConfigError(f"sweep.searcher={settings.searcher} needs at least one "
                               f"searched field")
     return param_space, search_alg, num_samples
 
 
-def mmcl_trial(params: dict, spec: dict) -> None:
+def mmcl_trial(params: dict, trial_spec: dict) -> None:
     """One sweep trial (runs in a Tune trial actor): the sampled run config, trained by one
     Ray Train run whose scored metrics reach Tune."""
     from ray import tune
 
-    cfg = config_mod.from_dict(space_mod.with_values(spec["base"], params),
+    cfg = config_mod.from_dict(space_mod.with_values(trial_spec["base"], params),
                                source=f"sampled config {params}")
-    run_train_trial(cfg, storage_path=spec["runs"], spec=spec["score"],
+    run_train_trial(cfg, storage_path=trial_spec["runs"], spec=trial_spec["score"],
                     name=f"trial-{tune.get_context().get_trial_id()}",
-                    pg_records=spec["records"])
+                    pg_records=trial_spec["records"])
 
 
 # ----------------------------------------------------------------------------- results
@@ -288,12 +264,6 @@ class SweepResult:
         return "\n".join(lines)
 
 
-def _short_error(error) -> str:
-    text = str(error).strip().splitlines()
-    lines = [line.strip() for line in text if line.strip()]
-    return (lines[-1] if lines else type(error).__name__)[:200]
-
-
 def _trial_id(path: str | None) -> str:
     """A trial's id from its folder name (`<trainable>_<id>_<index>_<params>_<date>`), for a
     trial that crashed before it reported anything."""
@@ -302,19 +272,7 @@ def _trial_id(path: str | None) -> str:
     return match.group(1) if match else name
 
 
-def trial_statuses(experiment: str, storage_fs) -> dict[str, tuple[str, dict]]:
-    """Tune's (status, config) of every trial, read from the experiment's saved state; the
-    status is TERMINATED, ERROR, PENDING, RUNNING or PAUSED."""
-    from ray.tune import ExperimentAnalysis
-
-    try:
-        analysis = ExperimentAnalysis(experiment, storage_filesystem=storage_fs)
-    except Exception:  # noqa: BLE001 - statuses only refine the table
-        return {}
-    return {t.trial_id: (t.status, dict(t.config or {})) for t in analysis.trials}
-
-
-def trial_rows(results, tf: TuneFile,
+def trial_rows(results, tune_file: TuneFile,
                statuses: dict[str, tuple[str, dict]] | None = None) -> list[dict]:
     """One row per trial: status done | early-stopped | error | unfinished (an interrupted
     sweep), epochs run, scores, the sampled values and, for a crash, its error."""
@@ -324,9 +282,9 @@ def trial_rows(results, tf: TuneFile,
         metrics = result.metrics or {}
         trial = metrics.get("trial_id") or _trial_id(result.path)
         status, config = statuses.get(trial, ("TERMINATED", {}))
-        params = {p: (result.config or config).get(p) for p in tf.space}
+        params = {path: (result.config or config).get(path) for path in tune_file.space}
         try:
-            epochs = tf.config_with(params).train.epochs
+            epochs = tune_file.config_with(params).train.epochs
         except ConfigError:
             epochs = None
         ran = int(metrics.get("epoch") or 0)
@@ -346,7 +304,7 @@ def trial_rows(results, tf: TuneFile,
             "loss": metrics.get("loss", float("nan")),
             "params": params,
             "checkpoint": metrics.get("checkpoint_path"),
-            "error": (_short_error(result.error) if result.error is not None else
+            "error": (short_error(result.error) if result.error is not None else
                       "crashed" if status == "error" else ""),
         })
     rows.sort(key=lambda r: r["trial"])
@@ -371,13 +329,10 @@ def _cell(value) -> str:
 def trials_markdown(rows: list[dict], params: list[str]) -> str:
     header = ["trial", "status", "epochs", "score", "val_probe", "val_R", "loss", *params,
               "error"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        cells = [r["trial"], r["status"], f"{r['epochs']}/{r['max_epochs']}", r["score"],
-                 r["val_probe"], r["val_R"], r["loss"], *[r["params"][p] for p in params],
-                 r["error"].replace("|", "/")]
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    return "\n".join(lines)
+    cells = [[r["trial"], r["status"], f"{r['epochs']}/{r['max_epochs']}", r["score"],
+              r["val_probe"], r["val_R"], r["loss"], *[r["params"][p] for p in params],
+              r["error"].replace("|", "/")] for r in rows]
+    return table(header, [[_cell(c) for c in row] for row in cells])
 
 
 def trials_csv(rows: list[dict], params: list[str]) -> str:
@@ -393,14 +348,10 @@ def trials_csv(rows: list[dict], params: list[str]) -> str:
     return out.getvalue()
 
 
-def _write(url: str, text: str, cfg) -> str:
-    return write_text(url, text, cfg.storage.endpoint_url, cfg.storage.region)
-
-
-def best_config_text(tf: TuneFile, params: dict, name: str, header: str) -> str:
+def best_config_text(tune_file: TuneFile, params: dict, name: str, header: str) -> str:
     """The best trial's config as a ready run config: the tune file's run config with the
     sampled values filled in (data, storage and scaling as the user wrote them)."""
-    raw = tf.raw_with(params)
+    raw = tune_file.raw_with(params)
     raw.setdefault("storage", {})["name"] = name
     cfg = config_mod.from_dict(raw, source="best config")
     return header + config_mod.dump(cfg)
@@ -409,48 +360,48 @@ def best_config_text(tf: TuneFile, params: dict, name: str, header: str) -> str:
 # -------------------------------------------------------------------------------- main
 
 
-def run_sweep(tf: TuneFile, address: str | None = None,
+def run_sweep(tune_file: TuneFile, address: str | None = None,
               progress: Callable[[str], None] = print) -> SweepResult:
     from ray import tune
 
     start = time.perf_counter()
-    settings = section_config(SweepConfig, tf.sections.get("sweep", {}), "sweep", tf.source,
-                              tf.overrides)
-    space_mod.validate(tf)
-    user_tf, tf = tf, absolute_paths(tf)
-    base = tf.base_config()
-    name = search_name(tf, base)
+    settings = section_config(SweepConfig, tune_file.sections.get("sweep", {}), "sweep",
+                              tune_file.source, tune_file.overrides)
+    space_mod.validate(tune_file)
+    user_tune_file, tune_file = tune_file, absolute_paths(tune_file)
+    base = tune_file.base_config()
+    name = search_name(tune_file, base)
     url = join(base.storage.path, name)
     root, manifest = launcher.prepare_data(base)
-    spec_score = resolve_metric(settings.metric, settings.label, base, manifest,
-                                manifest.splits.get(base.data.val_split, 0))
-    score = ScoreSpec(metric=spec_score.metric, probe_label=spec_score.probe_label,
-                      reward=spec_score.reward, eval_batch=settings.eval_batch,
+    resolved = resolve_metric(settings.metric, settings.label, base, manifest,
+                              manifest.splits.get(base.data.val_split, 0))
+    score = ScoreSpec(metric=resolved.metric, probe_label=resolved.probe_label,
+                      reward=resolved.reward, eval_batch=settings.eval_batch,
                       probe_rows=settings.probe_rows, seed=base.train.seed,
-                      reward_augment=spec_score.reward_augment)
+                      reward_augment=resolved.reward_augment)
     seed = base.train.seed if settings.seed is None else settings.seed
-    searched_epochs = tf.space["train.epochs"].edge_values() if "train.epochs" in tf.space \
-        else []
+    searched_epochs = (tune_file.space["train.epochs"].edge_values()
+                       if "train.epochs" in tune_file.space else [])
     max_t = max([base.train.epochs, *searched_epochs])
     # A wrong searcher or scheduler (unknown name, missing package) fails before Ray starts.
-    build_search(tf, settings, seed, 1)
+    build_search(tune_file, settings, seed, 1)
     build_scheduler(settings, max_t)
     concurrent = ensure_ray(base, address, settings.max_concurrent_trials)
-    param_space, search_alg, num_samples = build_search(tf, settings, seed, concurrent)
+    param_space, search_alg, num_samples = build_search(tune_file, settings, seed, concurrent)
 
-    spec = {"base": tf.base, "runs": join(url, "runs"), "records": join(url, PG_RECORDS),
-            "score": score}
-    trainable = tune.with_resources(tune.with_parameters(mmcl_trial, spec=spec),
+    trial_spec = {"base": tune_file.base, "runs": join(url, "runs"),
+                  "records": join(url, PG_RECORDS), "score": score}
+    trainable = tune.with_resources(tune.with_parameters(mmcl_trial, trial_spec=trial_spec),
                                     trial_resources())
     storage_path = launcher.storage_root(base)
     storage_fs = launcher.storage_filesystem(base)
     experiment = f"{storage_path.rstrip('/')}/{name}"
     scheduler = build_scheduler(settings, max_t)
-    progress(f"[mmcl] sweep '{name}': {len(tf.space)} searched fields, {num_samples} "
+    progress(f"[mmcl] sweep '{name}': {len(tune_file.space)} searched fields, {num_samples} "
              f"sample(s) with {settings.searcher} search, scheduler {settings.scheduler}, "
              f"objective {score.metric} on '{base.data.val_split}'; up to {concurrent} trials "
              f"at once ({launcher.cpus_needed(base)} CPUs each). Folder: {url}")
-    janitor = make_janitor(spec["records"], base)
+    janitor = make_janitor(trial_spec["records"], base)
     folder = trust.Folder(url, base.storage.endpoint_url, base.storage.region, what="sweep")
     tuner = restore_or_new_tuner(
         experiment, trainable, param_space, storage_fs,
@@ -473,32 +424,33 @@ def run_sweep(tf: TuneFile, address: str | None = None,
     results = tuner.fit()  # Tune catches Ctrl-C: it saves the experiment and returns
     trust.sign(folder)  # what this driver's Tune wrote, before anything reads it back
     statuses = trial_statuses(experiment, storage_fs)
-    rows = trial_rows(results, tf, statuses)
+    rows = trial_rows(results, tune_file, statuses)
     expected = num_samples * math.prod(
-        len(d.values) for d in tf.space.values()
-        if d.is_grid or (settings.searcher == "grid" and d.kind == "choice"))
+        len(dist.values) for dist in tune_file.space.values()
+        if dist.is_grid or (settings.searcher == "grid" and dist.kind == "choice"))
     interrupted = any(r["status"] == "unfinished" for r in rows) or len(rows) < expected
     for row in rows:  # ASHA ends a trial at its last report, before it writes its folder
-        finish_from_checkpoint(row["checkpoint"], join(spec["runs"], f"trial-{row['trial']}"),
-                               base)
-    params = list(tf.space)
+        finish_from_checkpoint(row["checkpoint"],
+                               join(trial_spec["runs"], f"trial-{row['trial']}"), base)
+    params = list(tune_file.space)
     best = best_row(rows)
-    files = {"trials": _write(join(url, "trials.md"), trials_markdown(rows, params) + "\n",
-                              base),
-             "csv": _write(join(url, "trials.csv"), trials_csv(rows, params), base)}
+    files = {"trials": write_output(join(url, "trials.md"),
+                                    trials_markdown(rows, params) + "\n", base),
+             "csv": write_output(join(url, "trials.csv"), trials_csv(rows, params), base)}
     best_url = None
     if best is not None and not interrupted:
         header = (f"# Best trial {best['trial']} of sweep '{name}' (score {best['score']:.4f}, "
                   f"{score.metric} on '{base.data.val_split}'); searched: "
                   f"{json.dumps(best['params'])}\n")
-        best_url = _write(join(url, "best_config.yaml"),
-                          best_config_text(user_tf, best["params"], f"{name}-best", header), base)
+        best_url = write_output(
+            join(url, "best_config.yaml"),
+            best_config_text(user_tune_file, best["params"], f"{name}-best", header), base)
     summary = {"name": name, "metric": score.metric, "label": score.probe_label,
                "searcher": settings.searcher, "scheduler": settings.scheduler,
-               "space": {p: d.describe() for p, d in tf.space.items()},
+               "space": {path: dist.describe() for path, dist in tune_file.space.items()},
                "interrupted": interrupted, "best": best, "trials": rows}
-    files["summary"] = _write(join(url, "summary.json"),
-                              json.dumps(summary, indent=2, default=str), base)
+    files["summary"] = write_output(join(url, "summary.json"),
+                                    json.dumps(summary, indent=2, default=str), base)
     trust.sign(folder)
     result = SweepResult(name, url, score.metric, rows, params, best, best_url,
                          time.perf_counter() - start, files, interrupted)

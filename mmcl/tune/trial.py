@@ -58,7 +58,7 @@ class TuneError(LaunchError):
 # --------------------------------------------------------------------------- resources
 
 
-def absolute_paths(tf):
+def absolute_paths(tune_file):
     """A copy of a TuneFile whose local storage and data paths are absolute: Tune runs each
     trial in its own working directory, where a relative path points somewhere else."""
     import copy
@@ -66,13 +66,13 @@ def absolute_paths(tf):
 
     from mmcl.storage import is_remote
 
-    base = copy.deepcopy(tf.base)
+    base = copy.deepcopy(tune_file.base)
     for section, key in (("storage", "path"), ("data", "path")):
         node = base.setdefault(section, {})
         value = node.get(key, "./runs" if section == "storage" else None)
         if value and not is_remote(str(value)):
             node[key] = os.path.abspath(os.path.expanduser(str(value)))
-    return dataclasses.replace(tf, base=base)
+    return dataclasses.replace(tune_file, base=base)
 
 
 def trial_resources() -> dict:
@@ -189,12 +189,12 @@ def model_input_columns(manifest: Manifest) -> list[str]:
     """The stored columns a model's input is prepared from: every modality and its
     `<m>__len` / `<m>__present` companions."""
     columns = []
-    for spec in manifest.modalities:
-        columns.append(spec.name)
-        if spec.variable_length:
-            columns.append(length_column(spec.name))
-        if spec.nullable:
-            columns.append(present_column(spec.name))
+    for modality in manifest.modalities:
+        columns.append(modality.name)
+        if modality.variable_length:
+            columns.append(length_column(modality.name))
+        if modality.nullable:
+            columns.append(present_column(modality.name))
     return columns
 
 
@@ -202,10 +202,11 @@ class Scorer:
     """Scores a model's weights on the validation split: probe and/or reward R. Stored rows
     go through the run's data Preparer (standardisation, masks, presence), as in training."""
 
-    def __init__(self, cfg: RunConfig, manifest: Manifest, root: str, spec: ScoreSpec):
+    def __init__(self, cfg: RunConfig, manifest: Manifest, root: str, score_spec: ScoreSpec):
         from mmcl.data.prepare import Preparer
 
-        self.cfg, self.manifest, self.root, self.spec = cfg, manifest, root, spec
+        self.cfg, self.manifest, self.root = cfg, manifest, root
+        self.score_spec = score_spec
         self.prepare = Preparer.for_run(manifest, cfg.data)
         self._val: dict | None = None
         self._train: dict | None = None
@@ -218,16 +219,16 @@ class Scorer:
     def val(self) -> dict:
         if self._val is None:
             cols = model_input_columns(self.manifest) + \
-                ([self.spec.probe_label] if self.spec.probe_label else [])
+                ([self.score_spec.probe_label] if self.score_spec.probe_label else [])
             self._val = read_rows(self.root, self.cfg.data.val_split, cols, self.manifest,
                                   remote=self._remote())
         return self._val
 
     def train_sample(self) -> dict:
         if self._train is None:
-            cols = model_input_columns(self.manifest) + [self.spec.probe_label]
+            cols = model_input_columns(self.manifest) + [self.score_spec.probe_label]
             self._train = read_rows(self.root, self.cfg.data.train_split, cols, self.manifest,
-                                    max_rows=self.spec.probe_rows, seed=self.spec.seed,
+                                    max_rows=self.score_spec.probe_rows, seed=self.score_spec.seed,
                                     remote=self._remote())
         return self._train
 
@@ -267,7 +268,7 @@ class Scorer:
 
         val = self.val()
         n = len(val[ID_COLUMN])
-        size = min(self.spec.eval_batch, n)
+        size = min(self.score_spec.eval_batch, n)
         if size < 2:
             return {"val_R": float("nan")}
         reward = getattr(objective, "reward", None)
@@ -276,15 +277,15 @@ class Scorer:
                 return {"val_R": float("nan")}
             reward = functools.partial(disturbed_retrieval_reward, objective)
         if self._augmenter is None:
-            augment = (AugmentConfig.model_validate(self.spec.reward_augment)
-                       if self.spec.reward_augment is not None else self.cfg.augment)
+            augment = (AugmentConfig.model_validate(self.score_spec.reward_augment)
+                       if self.score_spec.reward_augment is not None else self.cfg.augment)
             self._augmenter = Augmenter(self.manifest.modalities, augment)
         augmenter = self._augmenter
         totals: dict[str, float] = {}
         batches = 0
         for start in range(0, n - size + 1, size):
             batch = self._tensors(val, slice(start, start + size))
-            generator = torch.Generator().manual_seed(self.spec.seed * 100_003 + batches)
+            generator = torch.Generator().manual_seed(self.score_spec.seed * 100_003 + batches)
             view1, view2 = augmenter(batch, generator), augmenter(batch, generator)
             for k, v in reward(view1, view2).items():
                 totals[k] = totals.get(k, 0.0) + v
@@ -303,7 +304,7 @@ class Scorer:
     def probe(self, objective) -> dict[str, float]:
         from mmcl.evaluate.probe import score, select_l2
 
-        label = self.manifest.label(self.spec.probe_label)
+        label = self.manifest.label(self.score_spec.probe_label)
         train, val = self.train_sample(), self.val()
         x_tr, x_va = self.embed(objective, train), self.embed(objective, val)
         y_tr, y_va = train[label.name], val[label.name]
@@ -316,11 +317,11 @@ class Scorer:
 
     def score(self, objective) -> dict[str, float]:
         out: dict[str, float] = {}
-        if self.spec.reward:
+        if self.score_spec.reward:
             out.update(self.reward(objective))
-        if self.spec.probe_label:
+        if self.score_spec.probe_label:
             out.update(self.probe(objective))
-        out["score"] = out.get(self.spec.score_key, float("nan"))
+        out["score"] = out.get(self.score_spec.score_key, float("nan"))
         return out
 
 
