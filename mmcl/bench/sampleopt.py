@@ -390,13 +390,13 @@ def run_arm(arm: str, seed: int, settings: CompareSettings, folder: str,
     if arm == "sample_opt":
         result = run_sample_opt(tf, progress=log)
         stop_if_interrupted(result, arm, seed)
-        last = result.state["rounds"][-1]
+        last = result.state.rounds[-1]
         best = last["candidates"][last["best"]]
         model_url, reward = result.url, best["R"]
         chosen = {"alpha": best["alpha"].get(WEAK), "beta": best["beta"].get(WEAK)}
-        extra = {"timing": [r.get("timing") for r in result.state["rounds"]],
+        extra = {"timing": [r.get("timing") for r in result.state.rounds],
                  "trajectory": [{"round": r["round"], "mu": r["mu_after"],
-                                 "R_mean": r["R_mean"]} for r in result.state["rounds"]]}
+                                 "R_mean": r["R_mean"]} for r in result.state.rounds]}
     else:
         result = run_sweep(tf, progress=log)
         stop_if_interrupted(result, arm, seed)
