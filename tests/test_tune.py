@@ -134,6 +134,35 @@ def test_policy_moves_mu_toward_the_better_candidate():
     assert mu[1] == 0.0                                     # beta's mean stays in [0, 1]
 
 
+def test_sample_optimization_state_reads_the_saved_format_and_refuses_others(tmp_path):
+    from mmcl.tune.sample_opt import FORMAT, STATE_NAME, SearchState, read_state, write_state
+    from mmcl.tune.trial import TuneError
+
+    # A state file as every search since format 1 has written it (one key per field).
+    saved = {"format": 1, "names": ["log_alpha.weak", "beta.weak"], "settings": {"rounds": 3},
+             "metric": "reward", "label": None, "total_epochs": 3,
+             "mu0": {"log_alpha.weak": 0.0, "beta.weak": 1.0}, "mu": [0.5, 0.7],
+             "completed": 1, "pretrained": True, "start_checkpoint": "/ckpt/1",
+             "pending": {"round": 2, "samples": [[0.1, 0.6], [0.9, 0.8]]},
+             "score_init": 1.0, "R_init": 1.0, "score_start": 1.0, "R_start": 1.0,
+             "rounds": [{"round": 1, "best": 0}]}
+    assert FORMAT == 1
+    cfg = config.load(None, [f"storage.path={tmp_path}"])
+    url = str(tmp_path / "so")
+    write_state(url, cfg, saved)
+    state = SearchState.from_record(read_state(url, cfg), "state")
+    assert state.mu == [0.5, 0.7] and state.pending["round"] == 2 and state.completed == 1
+    assert state.record() == saved                     # written back unchanged
+    state.completed = 2
+    write_state(url, cfg, state.record())
+    assert read_state(url, cfg)["completed"] == 2
+    with pytest.raises(TuneError, match="format 1 .found 2"):
+        SearchState.from_record({**saved, "format": 2}, STATE_NAME)
+    with pytest.raises(TuneError, match="lacks mu, names"):
+        SearchState.from_record({k: v for k, v in saved.items() if k not in ("mu", "names")},
+                                STATE_NAME)
+
+
 def test_scorer_prepares_stored_rows_as_training_does(tmp_path):
     """The validation rows a trial is scored on go through the run's Preparer: stored
     vectors are standardised with the manifest's constants, as the Engine and mmcl.load do."""
@@ -283,7 +312,7 @@ def test_sample_optimization_updates_mu_chains_checkpoints_and_resumes(tmp_path)
     assert r1 == first.rounds[0], "round 1 was run again"
 
     # mu moved toward the better candidate: natural gradient, B=2 -> lr/2 (x_best - x_worst)
-    names = second.state["names"]
+    names = second.state.names
     good, bad = sorted(r1["candidates"], key=lambda c: -c["score"])
     assert good["score"] > bad["score"], r1
     assert all(math.isfinite(c["R"]) for c in (good, bad))

@@ -293,6 +293,7 @@ class CompareSettings:
     start_alpha: float = 1.0          # (a) and the search's start: mmcl's default weight
     start_beta: float = 1.0           # (a) and the search's start: the fidelity protocol's
     candidates: int = 4               # B, and (b)'s trials; all run at once in (b) and (c)
+    random_trials: int | None = None  # (b)'s trials when not B (the smoke test's: 1)
     rounds: int = 5                   # (c): rounds x 1 epoch = grid.epochs
     sigma_log_alpha: float = 1.0
     sigma_beta: float = 0.2
@@ -302,9 +303,16 @@ class CompareSettings:
 
     @classmethod
     def quick(cls) -> "CompareSettings":
-        """A smoke test: one seed, 2 candidates, 1 round of 1 epoch; tiny data."""
+        """A smoke test: one seed, 2 candidates, 1 round of 1 epoch, 1 random trial; tiny
+        data. Its cost is the Ray Train runs (4: a Train run's start-up dwarfs 6 steps of
+        training), not the epochs; (b)'s trial count is not its budget here."""
         grid = replace(GridSettings.quick(), epochs=1)
-        return cls(mode="quick", grid=grid, seeds=(0,), candidates=2, rounds=1)
+        return cls(mode="quick", grid=grid, seeds=(0,), candidates=2, rounds=1,
+                   random_trials=1)
+
+    @property
+    def trials_b(self) -> int:
+        return self.random_trials or self.candidates
 
 
 def base_tune_file(seed: int, settings: CompareSettings, folder: str, name: str) -> dict:
@@ -335,8 +343,8 @@ def arm_tune_file(arm: str, seed: int, settings: CompareSettings, folder: str) -
         raw["augment"]["per_modality"][WEAK]["noise"] = {
             "tune": "uniform", "low": settings.beta_box[0], "high": settings.beta_box[1]}
         raw["sweep"] = {**reward, "searcher": "random", "scheduler": "none",
-                        "num_samples": settings.candidates,
-                        "max_concurrent_trials": settings.candidates}
+                        "num_samples": settings.trials_b,
+                        "max_concurrent_trials": settings.trials_b}
     elif arm == "sample_opt":
         raw["sample_opt"] = {
             **reward, "candidates": settings.candidates, "epochs_per_round": 1,
@@ -380,6 +388,7 @@ def run_arm(arm: str, seed: int, settings: CompareSettings, folder: str,
             log: Callable[[str], None]) -> dict:
     """Run one arm on the current Ray; probe its final model like a grid cell."""
     import mmcl
+    from mmcl.bench.env import load_average
     from mmcl.storage import join
     from mmcl.tune import space
     from mmcl.tune.sample_opt import run_sample_opt
@@ -390,13 +399,13 @@ def run_arm(arm: str, seed: int, settings: CompareSettings, folder: str,
     if arm == "sample_opt":
         result = run_sample_opt(tf, progress=log)
         stop_if_interrupted(result, arm, seed)
-        last = result.state["rounds"][-1]
+        last = result.state.rounds[-1]
         best = last["candidates"][last["best"]]
         model_url, reward = result.url, best["R"]
         chosen = {"alpha": best["alpha"].get(WEAK), "beta": best["beta"].get(WEAK)}
-        extra = {"timing": [r.get("timing") for r in result.state["rounds"]],
+        extra = {"timing": [r.get("timing") for r in result.state.rounds],
                  "trajectory": [{"round": r["round"], "mu": r["mu_after"],
-                                 "R_mean": r["R_mean"]} for r in result.state["rounds"]]}
+                                 "R_mean": r["R_mean"]} for r in result.state.rounds]}
     else:
         result = run_sweep(tf, progress=log)
         stop_if_interrupted(result, arm, seed)
@@ -413,7 +422,7 @@ def run_arm(arm: str, seed: int, settings: CompareSettings, folder: str,
     manifest, splits = data_splits(settings.grid.preset, settings.grid.n, seed)
     probes = probe_factors(_Embedder(mmcl.load(model_url)), manifest, splits, settings.grid)
     out = {"arm": arm, "seed": seed, **probes, "R": float(reward), "wall_s": wall_s,
-           **chosen, "model": model_url, **extra}
+           "load": load_average(), **chosen, "model": model_url, **extra}
     log(f"[sampleopt compare] seed {seed} {arm}: weak {probes['weak_factor']:.3f} shared "
         f"{probes['shared']:.3f} y {probes['y']:.3f} R {reward:.3f} alpha {chosen['alpha']} "
         f"beta {chosen['beta']} ({wall_s:.0f}s)")
@@ -493,7 +502,8 @@ def compare_markdown(report: dict) -> str:
                  f"average, of which training {eff['train_s_mean']:.1f} s (candidates' "
                  f"training time / candidates at once), scoring {eff['score_s_mean']:.1f} s: "
                  f"share outside training {eff['outside_training_share_mean']:.0%}")
-    lines.append(f"Budget: (a) one run of {g['epochs']} epochs; (b) {s['candidates']} trials x "
+    trials_b = s.get("random_trials") or s["candidates"]
+    lines.append(f"Budget: (a) one run of {g['epochs']} epochs; (b) {trials_b} trials x "
                  f"{g['epochs']} epochs, all at once; (c) B={s['candidates']} candidates x 1 "
                  f"epoch x {s['rounds']} rounds, all candidates of a round at once. Start of "
                  f"(a) and (c): alpha_weak {s['start_alpha']:g}, beta_weak {s['start_beta']:g};"
@@ -573,11 +583,19 @@ def run_compare(quick: bool = False, out: str | None = None,
                 runs.append(row)
                 f.write(json.dumps(row, default=float) + "\n")
                 f.flush()
-    report = {"settings": asdict(settings), "runs": runs,
+    return write_compare(out, asdict(settings), runs, grid, time.perf_counter() - start,
+                         load_average())
+
+
+def write_compare(out: str, settings: dict, runs: list[dict], grid: dict | None,
+                  wall_s: float, load) -> dict:
+    """compare.{json,md,png} in `out` from the arms' rows (compare_runs.jsonl's lines) and
+    the grid's report (grid.json; None: no top-quarter check)."""
+    report = {"settings": settings, "runs": runs,
               "summary": summarise_compare(runs, grid), "grid": grid and
               {"summary": {k: grid["summary"][k] for k in ("optimum", "top_quarter_threshold",
                                                            "weak_range")}},
-              "wall_s": time.perf_counter() - start, "load": load_average()}
+              "wall_s": wall_s, "load": load}
     with open(os.path.join(out, "compare.json"), "w") as f:
         json.dump(report, f, indent=1, default=float)
     with open(os.path.join(out, "compare.md"), "w") as f:

@@ -30,9 +30,13 @@ decays once over the whole search instead of restarting every round.
     augment_field (noise|dropout|mixup|...), pretrain_epochs (epochs at mu before round 1),
     eval_batch (candidates per retrieval batch of R), max_concurrent_trials, seed.
 
-State. After every round the search folder's `sample_opt_state.json` holds mu, the round, the
-shared checkpoint and the trajectory (the candidates of a round are written there before they
-start). Running the same command again resumes at the next round; a round that was cut off
+Code: `run_sample_opt` resolves the search (`resolve_search`, every user error before Ray
+starts), loads or starts its `SearchState` (`load_state`), and per round trains the candidates
+(`run_round`) and moves mu (`update_policy`); `write_outputs` writes the files at the end.
+
+State. After every round the search folder's `sample_opt_state.json` (`SearchState.record()`)
+holds mu, the round, the shared checkpoint and the trajectory (the candidates of a round are
+written there before they start). Running the same command again resumes at the next round; a round that was cut off
 goes on with `Tuner.restore` and the same candidates. Outputs: trajectory.json (mu and R per
 round), trajectory.png (with matplotlib), model/ (the final best candidate: `mmcl.load` opens
 the search folder), and policy_config.yaml (the run config at the final mu).
@@ -43,7 +47,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Callable, Literal
 
 import numpy as np
@@ -52,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from mmcl.plotting import agg_pyplot_or_none
 from mmcl import config as config_mod
 from mmcl.config import ConfigError, ModalityAugment, RunConfig
+from mmcl.data.schema import Manifest
 from mmcl.storage import filesystem, join
 from mmcl.train import launcher
 from mmcl.tune import space as space_mod
@@ -246,10 +251,10 @@ def round_timing(results: list[dict], round_s: float, concurrent: int) -> dict:
             else float("nan")}
 
 
-def run_round(tag: str, url: str, base: RunConfig, tf: TuneFile, candidates: list[dict],
-              start_checkpoint: str | None, stop_epoch: int, score: ScoreSpec,
-              concurrent: int, progress: Callable[[str], None],
-              start_epoch: int = 0) -> tuple[list[dict], bool]:
+def train_candidates(tag: str, url: str, base: RunConfig, tf: TuneFile,
+                     candidates: list[dict], start_checkpoint: str | None, stop_epoch: int,
+                     score: ScoreSpec, concurrent: int, progress: Callable[[str], None],
+                     start_epoch: int = 0) -> tuple[list[dict], bool]:
     """Train the candidates as one Tune experiment `tag` (restored if it was cut off).
     Returns (one result per candidate, whether the experiment was interrupted)."""
     from ray import tune
@@ -322,7 +327,7 @@ def state_folder(url: str, cfg: RunConfig) -> "trust.Folder":
 
 
 def read_state(url: str, cfg: RunConfig) -> dict | None:
-    """The saved state, once its signature verifies (it decides what is restored)."""
+    """The saved record, once its signature verifies (it decides what is restored)."""
     fs, path = filesystem(join(url, STATE_NAME), cfg.storage.endpoint_url, cfg.storage.region)
     if not fs.exists(path):
         return None
@@ -342,10 +347,282 @@ def write_state(url: str, cfg: RunConfig, state: dict) -> None:
     trust.sign(state_folder(url, cfg))
 
 
+# The settings a resumed search must share with the search it resumes (sigma, lr, gradient
+# and eval_batch may change between rounds).
+RESUME_KEYS = ("candidates", "epochs_per_round", "rounds", "pretrain_epochs", "search",
+               "augment_field", "modalities", "metric", "label")
+
+
+@dataclass
+class SearchState:
+    """Where a search stands. `sample_opt_state.json` is `record()`: these fields as keys,
+    plus `format` (FORMAT). `rounds` holds one entry per finished round (mu before and
+    after, the candidates with their samples, scores and checkpoints, the round's timing);
+    `pending` the samples of the round that has started and not finished."""
+
+    names: list[str]                   # policy coordinates, log_alpha.<m> and beta.<m>
+    settings: dict                     # the sample_opt section it was started with
+    metric: str                        # what the policy maximises: reward | probe
+    label: str | None                  # the probed label (metric probe)
+    total_epochs: int                  # pretrain_epochs + rounds x E: one LR schedule
+    mu0: dict[str, float]
+    mu: list[float]                    # the policy mean now, in `names` order
+    score_init: float                  # the initial weights' score (and R)
+    R_init: float
+    score_start: float                 # the score (and R) where round 1 starts
+    R_start: float
+    pretrained: bool                   # round 0 (pretrain_epochs at mu0) done or not needed
+    completed: int = 0                 # rounds finished
+    start_checkpoint: str | None = None    # the checkpoint the next round starts from
+    pending: dict | None = None        # {"round", "samples"} of a round under way
+    rounds: list[dict] = field(default_factory=list)
+
+    def record(self) -> dict:
+        return {"format": FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_record(cls, record: dict, where: str) -> "SearchState":
+        if not isinstance(record, dict) or record.get("format") != FORMAT:
+            found = record.get("format") if isinstance(record, dict) else type(record).__name__
+            raise TuneError(f"{where} is not a sample-optimization state of format {FORMAT} "
+                            f"(found {found!r}); use a new storage.name")
+        known = {f.name for f in fields(cls)}
+        missing = sorted(f.name for f in fields(cls) if f.name not in record
+                         and f.default is MISSING and f.default_factory is MISSING)
+        if missing:
+            raise TuneError(f"{where} lacks {', '.join(missing)}; use a new storage.name")
+        return cls(**{k: v for k, v in record.items() if k in known})
+
+
+@dataclass
+class Search:
+    """One search's settings, resolved from its tune file (and checked) before Ray starts."""
+
+    tf: TuneFile                       # storage paths made absolute
+    user_tf: TuneFile                  # as given (policy_config.yaml is written from it)
+    so: SampleOptConfig
+    base: RunConfig
+    name: str
+    url: str
+    root: str
+    manifest: Manifest
+    names: list[str]
+    mu0: np.ndarray
+    sigma: np.ndarray
+    total_epochs: int
+    seed: int
+    score: ScoreSpec
+    first_cfg: RunConfig               # a candidate's config at mu0 (the initial scoring)
+
+    def apply(self, x: np.ndarray) -> tuple[dict, dict, dict]:
+        return candidate_params(self.base, self.names, x, self.so, self.total_epochs)
+
+    def policy(self, mu) -> Policy:
+        bounds = [self.so.log_alpha_bounds if n.startswith("log_alpha") else (0.0, 1.0)
+                  for n in self.names]
+        return Policy(self.names, np.asarray(mu, dtype=np.float64), self.sigma,
+                      np.asarray([b[0] for b in bounds]), np.asarray([b[1] for b in bounds]))
+
+    def stop_epoch(self, r: int) -> int:
+        return self.so.pretrain_epochs + r * self.so.epochs_per_round
+
+    def save(self, state: SearchState) -> None:
+        write_state(self.url, self.base, state.record())
+
+
+def resolve_search(tf: TuneFile) -> Search:
+    """The sample_opt section, the data set and the policy's coordinates; every error a
+    user can make here is raised before Ray starts."""
+    so = section_config(SampleOptConfig, tf.sections.get("sample_opt", {}), "sample_opt",
+                        tf.source, tf.overrides)
+    if tf.space:
+        raise ConfigError(f"sample optimization searches alpha and beta with its own policy; "
+                          f"remove the {{tune: ...}} distributions ({', '.join(tf.space)}) or "
+                          f"use --strategy sweep")
+    space_mod.validate(tf)
+    user_tf, tf = tf, absolute_paths(tf)
+    base = tf.base_config()
+    if "alpha" in so.search and base.objective.name != "tuple_infonce":
+        raise ConfigError(f"sample optimization searches TupleInfoNCE's negative weights "
+                          f"alpha; objective.name is '{base.objective.name}'. Use "
+                          f"objective.name=tuple_infonce, or sample_opt.search=[beta]")
+    name = search_name(tf, base)
+    root, manifest = launcher.prepare_data(base)
+    modalities = so.modalities or manifest.modality_names
+    unknown = sorted(set(modalities) - set(manifest.modality_names))
+    if unknown:
+        raise ConfigError(f"sample_opt.modalities: {unknown} are not modalities of the data "
+                          f"set; it has {manifest.modality_names}")
+    if manifest.splits.get(base.data.val_split, 0) < 2:
+        raise TuneError(f"the '{base.data.val_split}' split has fewer than 2 tuples; R is "
+                        f"scored on it (set data.val_split to a larger split)")
+    names = coordinates(so, modalities)
+    mu0 = initial_mu(base, names, so)
+    sigma = np.asarray([so.sigma.log_alpha if n.startswith("log_alpha") else so.sigma.beta
+                        for n in names])
+    total_epochs = so.pretrain_epochs + so.rounds * so.epochs_per_round
+    resolved = resolve_metric(so.metric, so.label, base, manifest,
+                              manifest.splits.get(base.data.val_split, 0))
+    score = ScoreSpec(metric=resolved.metric,
+                      probe_label=resolved.probe_label if so.metric == "probe" else None,
+                      reward=True, eval_batch=so.eval_batch, seed=base.train.seed,
+                      reward_augment=resolved.reward_augment)
+    # Fail on a config the candidates cannot train with, before Ray starts.
+    first_params = candidate_params(base, names, mu0, so, total_epochs)[0]
+    first_cfg = tf.config_with(first_params, source="sample-opt candidate")
+    return Search(tf=tf, user_tf=user_tf, so=so, base=base, name=name,
+                  url=join(base.storage.path, name), root=root, manifest=manifest,
+                  names=names, mu0=mu0, sigma=sigma, total_epochs=total_epochs,
+                  seed=base.train.seed if so.seed is None else so.seed, score=score,
+                  first_cfg=first_cfg)
+
+
+def load_state(search: Search) -> SearchState:
+    """The saved state (signature verified; its settings must match), or a new one scored
+    at the initial weights and saved."""
+    settings = search.so.model_dump(mode="json")
+    record = read_state(search.url, search.base)
+    if record is None:
+        scorer = Scorer(search.first_cfg, search.manifest, search.root, search.score)
+        init = scorer.score(scorer.objective(None))
+        r_init = init.get("val_R", float("nan"))
+        state = SearchState(
+            names=search.names, settings=settings, metric=search.score.metric,
+            label=search.score.probe_label, total_epochs=search.total_epochs,
+            mu0=dict(zip(search.names, map(float, search.mu0))),
+            mu=[float(v) for v in search.mu0], score_init=init["score"], R_init=r_init,
+            score_start=init["score"], R_start=r_init,
+            pretrained=search.so.pretrain_epochs == 0)
+        search.save(state)
+        return state
+    state = SearchState.from_record(record, join(search.url, STATE_NAME))
+    changed = [k for k in RESUME_KEYS if state.settings.get(k) != settings.get(k)]
+    if state.names != search.names or changed:
+        raise ConfigError(f"{search.url} holds a sample optimization with other settings "
+                          f"({', '.join(changed) or 'coordinates'} differ); use a new "
+                          f"storage.name, or the settings it was started with")
+    return state
+
+
+def pretrain(search: Search, state: SearchState, policy: Policy, concurrent: int,
+             progress: Callable[[str], None]) -> bool:
+    """Round 0: pretrain_epochs at mu before the search. False if it was interrupted."""
+    progress(f"[mmcl] round 0: {search.so.pretrain_epochs} epochs at mu before the search")
+    results, interrupted = train_candidates(
+        "round-000", search.url, search.base, search.tf, [search.apply(policy.mu)[0]], None,
+        search.so.pretrain_epochs, search.score, concurrent, progress)
+    if interrupted:
+        return False
+    if not finite(results[0]["score"]):
+        raise TuneError(f"the pretraining run failed: {results[0]['error']}")
+    state.pretrained, state.start_checkpoint = True, results[0]["checkpoint"]
+    state.score_start, state.R_start = results[0]["score"], results[0]["R"]
+    search.save(state)
+    return True
+
+
+@dataclass
+class RoundRun:
+    """One round's candidates, trained: the samples, their configs and their results."""
+
+    round: int
+    x: np.ndarray
+    applied: list[tuple[dict, dict, dict]]
+    results: list[dict]
+    started: float                     # perf_counter at the round's start
+
+
+def run_round(search: Search, state: SearchState, policy: Policy, r: int, concurrent: int,
+              progress: Callable[[str], None]) -> RoundRun | None:
+    """Sample round r's candidates (or take the pending ones of a cut-off round, saved
+    before they start) and train them. None if the round was interrupted."""
+    pending = state.pending
+    if pending and pending["round"] == r:
+        x = np.asarray(pending["samples"], dtype=np.float64)
+    else:
+        x = policy.sample(np.random.default_rng([search.seed, r]), search.so.candidates)
+        state.pending = {"round": r, "samples": x.tolist()}
+        search.save(state)
+    started = time.perf_counter()
+    stop_epoch = search.stop_epoch(r)
+    applied = [search.apply(xi) for xi in x]
+    progress(f"[mmcl] round {r}/{search.so.rounds}: {search.so.candidates} candidates from "
+             f"{state.start_checkpoint or 'the initial weights'} to epoch {stop_epoch}")
+    results, interrupted = train_candidates(
+        f"round-{r:03d}", search.url, search.base, search.tf, [a[0] for a in applied],
+        state.start_checkpoint, stop_epoch, search.score, concurrent, progress,
+        start_epoch=stop_epoch - search.so.epochs_per_round)
+    return None if interrupted else RoundRun(r, x, applied, results, started)
+
+
+def update_policy(search: Search, state: SearchState, policy: Policy, run: RoundRun,
+                  concurrent: int, progress: Callable[[str], None]) -> dict:
+    """REINFORCE on the round's finished candidates; the best one's checkpoint starts the
+    next round. Records the round in the state and saves it; returns the round's entry."""
+    r, x, results = run.round, run.x, run.results
+    ok = [i for i, res in enumerate(results) if finite(res["score"]) and res["checkpoint"]
+          and not res["error"]]
+    if not ok:
+        raise TuneError(f"every candidate of round {r} failed; first error: "
+                        f"{results[0]['error']}. Fix the cause and run the same command "
+                        f"again (the round resumes)")
+    rewards = np.asarray([results[i]["score"] for i in ok])
+    mu_before = policy.mu.copy()
+    advantages = np.zeros(len(x))
+    if len(ok) >= 2:
+        policy.mu, adv = policy.update(x[ok], rewards, search.so.lr, search.so.gradient)
+        advantages[ok] = adv
+    else:
+        progress(f"[mmcl] round {r}: only one candidate finished; mu is not updated")
+    best = ok[int(np.argmax(rewards))]
+    entry = {
+        "round": r, "start_checkpoint": state.start_checkpoint,
+        "stop_epoch": search.stop_epoch(r),
+        "mu": policy.named(mu_before), "mu_after": policy.named(policy.mu),
+        "sigma": policy.named(search.sigma),
+        "candidates": [{"index": i, "x": policy.named(x[i]), "alpha": run.applied[i][1],
+                        "beta": run.applied[i][2], "advantage": float(advantages[i]),
+                        **results[i]} for i in range(len(x))],
+        "score_mean": float(rewards.mean()), "score_best": float(rewards.max()),
+        "R_mean": float(np.mean([results[i]["R"] for i in ok])),
+        "R_best_candidate": float(results[best]["R"]), "best": best,
+        "best_checkpoint": results[best]["checkpoint"],
+        "timing": round_timing(results, time.perf_counter() - run.started, concurrent),
+    }
+    state.rounds.append(entry)
+    state.mu, state.completed, state.pending = [float(v) for v in policy.mu], r, None
+    state.start_checkpoint = results[best]["checkpoint"]
+    search.save(state)
+    progress(f"[mmcl] round {r}: {search.score.metric} mean {entry['score_mean']:.4f}, best "
+             f"{entry['score_best']:.4f} (candidate {best}); R mean {entry['R_mean']:.4f}; "
+             f"mu {entry['mu_after']}")
+    return entry
+
+
+def write_outputs(search: Search, state: SearchState, policy: Policy) -> dict:
+    """trajectory.json (and .png on local storage) after any run; once every round is done,
+    model/ (the last round's best candidate) and policy_config.yaml (the final mu)."""
+    keys = ("names", "settings", "metric", "label", "total_epochs", "mu0", "score_init",
+            "R_init", "score_start", "R_start", "completed", "rounds")
+    trajectory = {k: getattr(state, k) for k in keys}
+    files = {"trajectory": _write(join(search.url, "trajectory.json"),
+                                  json.dumps(trajectory, indent=1, default=float),
+                                  search.base)}
+    if state.rounds and launcher.storage_filesystem(search.base) is None:
+        _, path = filesystem(search.url, search.base.storage.endpoint_url,
+                             search.base.storage.region)
+        png = plot_trajectory(state, join(path, "trajectory.png"))
+        if png:
+            files["plot"] = png
+    if state.completed >= search.so.rounds and state.rounds:
+        files.update(_finish(search, state, policy))
+    return files
+
+
 @dataclass
 class SampleOptResult:
     url: str
-    state: dict
+    state: SearchState
     started_at_round: int
     elapsed_s: float = 0.0
     files: dict = field(default_factory=dict)
@@ -353,35 +630,35 @@ class SampleOptResult:
 
     @property
     def rounds(self) -> list[dict]:
-        return self.state["rounds"]
+        return self.state.rounds
 
     @property
     def finished(self) -> bool:
-        return self.state["completed"] >= self.state["settings"]["rounds"]
+        return self.state.completed >= self.state.settings["rounds"]
 
     @property
     def metric(self) -> str:
-        return self.state["metric"]
+        return self.state.metric
 
     @property
     def score_start(self) -> float:
-        return self.state["score_start"]
+        return self.state.score_start
 
     @property
     def score_final(self) -> float:
         return self.rounds[-1]["score_best"] if self.rounds else float("nan")
 
     def table(self) -> str:
-        names = self.state["names"]
+        names = self.state.names
         probe = self.metric != "reward"
         m = "probe" if probe else "R"
         header = ["round", f"{m} mean", f"{m} best", *(["R mean"] if probe else []), "best",
                   *[f"mu {n}" for n in names]]
-        r_start = [f"{self.state['R_start']:.4f}"] if probe else []
+        r_start = [f"{self.state.R_start:.4f}"] if probe else []
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                  "| " + " | ".join(["start", f"{self.score_start:.4f}", f"{self.score_start:.4f}",
                                     *r_start, "-",
-                                    *[f"{self.state['mu0'][n]:.3f}" for n in names]]) + " |"]
+                                    *[f"{self.state.mu0[n]:.3f}" for n in names]]) + " |"]
         for r in self.rounds:
             r_mean = [f"{r['R_mean']:.4f}"] if probe else []
             lines.append("| " + " | ".join([str(r["round"]), f"{r['score_mean']:.4f}",
@@ -391,9 +668,9 @@ class SampleOptResult:
         return "\n".join(lines)
 
     def summary(self) -> str:
-        done = self.state["completed"]
-        total = self.state["settings"]["rounds"]
-        what = "R" if self.metric == "reward" else f"validation probe of {self.state['label']}"
+        done = self.state.completed
+        total = self.state.settings["rounds"]
+        what = "R" if self.metric == "reward" else f"validation probe of {self.state.label}"
         lines = [self.table(), ""]
         if self.finished:
             lines.append(f"sample optimization finished in {self.elapsed_s:.0f}s: {done} "
@@ -407,29 +684,29 @@ class SampleOptResult:
         return "\n".join(lines)
 
 
-def plot_trajectory(state: dict, path: str) -> str | None:
+def plot_trajectory(state: "SearchState", path: str) -> str | None:
     """trajectory.png: R per round (candidates, mean, best) and mu per coordinate."""
     plt = agg_pyplot_or_none()
     if plt is None:
         return None
-    rounds = state["rounds"]
+    rounds = state.rounds
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     xs = [r["round"] for r in rounds]
     for r in rounds:
         ys = [c["score"] for c in r["candidates"] if finite(c["score"])]
         ax1.scatter([r["round"]] * len(ys), ys, s=12, color="0.6")
-    ax1.plot([0, *xs], [state["score_start"], *[r["score_mean"] for r in rounds]], "o-",
+    ax1.plot([0, *xs], [state.score_start, *[r["score_mean"] for r in rounds]], "o-",
              label="mean of candidates (round 0: start)")
     ax1.plot(xs, [r["score_best"] for r in rounds], "s--", label="best candidate")
-    if state["metric"] != "reward":
-        ax1.plot([0, *xs], [state["R_start"], *[r["R_mean"] for r in rounds]], "^:",
+    if state.metric != "reward":
+        ax1.plot([0, *xs], [state.R_start, *[r["R_mean"] for r in rounds]], "^:",
                  label="R (mean)")
     ax1.set_xlabel("round")
-    ax1.set_ylabel("R = sum_k A^k (validation)" if state["metric"] == "reward"
-                   else f"validation probe of {state['label']}")
+    ax1.set_ylabel("R = sum_k A^k (validation)" if state.metric == "reward"
+                   else f"validation probe of {state.label}")
     ax1.legend(fontsize=8)
-    for n in state["names"]:
-        ax2.plot([0, *xs], [state["mu0"][n], *[r["mu_after"][n] for r in rounds]], "o-",
+    for n in state.names:
+        ax2.plot([0, *xs], [state.mu0[n], *[r["mu_after"][n] for r in rounds]], "o-",
                  label=n)
     ax2.set_xlabel("round")
     ax2.set_ylabel("policy mean mu")
@@ -447,203 +724,74 @@ def plot_trajectory(state: dict, path: str) -> str | None:
 # -------------------------------------------------------------------------------- main
 
 
+
+# -------------------------------------------------------------------------------- main
+
+
 def run_sample_opt(tf: TuneFile, address: str | None = None,
                    stop_after_round: int | None = None,
                    progress: Callable[[str], None] = print) -> SampleOptResult:
     """Run (or resume) a sample optimization. `stop_after_round` pauses the search once that
     round is complete (the state is saved exactly as when the search is killed there)."""
     start_time = time.perf_counter()
-    so = section_config(SampleOptConfig, tf.sections.get("sample_opt", {}), "sample_opt",
-                        tf.source, tf.overrides)
-    if tf.space:
-        raise ConfigError(f"sample optimization searches alpha and beta with its own policy; "
-                          f"remove the {{tune: ...}} distributions ({', '.join(tf.space)}) or "
-                          f"use --strategy sweep")
-    space_mod.validate(tf)
-    user_tf, tf = tf, absolute_paths(tf)
-    base = tf.base_config()
-    if "alpha" in so.search and base.objective.name != "tuple_infonce":
-        raise ConfigError(f"sample optimization searches TupleInfoNCE's negative weights "
-                          f"alpha; objective.name is '{base.objective.name}'. Use "
-                          f"objective.name=tuple_infonce, or sample_opt.search=[beta]")
-    name = search_name(tf, base)
-    url = join(base.storage.path, name)
-    root, manifest = launcher.prepare_data(base)
-    modalities = so.modalities or manifest.modality_names
-    unknown = sorted(set(modalities) - set(manifest.modality_names))
-    if unknown:
-        raise ConfigError(f"sample_opt.modalities: {unknown} are not modalities of the data "
-                          f"set; it has {manifest.modality_names}")
-    if manifest.splits.get(base.data.val_split, 0) < 2:
-        raise TuneError(f"the '{base.data.val_split}' split has fewer than 2 tuples; R is "
-                        f"scored on it (set data.val_split to a larger split)")
-    names = coordinates(so, modalities)
-    mu0 = initial_mu(base, names, so)
-    sigma = np.asarray([so.sigma.log_alpha if n.startswith("log_alpha") else so.sigma.beta
-                        for n in names])
-    total_epochs = so.pretrain_epochs + so.rounds * so.epochs_per_round
-    seed = base.train.seed if so.seed is None else so.seed
-    resolved = resolve_metric(so.metric, so.label, base, manifest,
-                              manifest.splits.get(base.data.val_split, 0))
-    score = ScoreSpec(metric=resolved.metric,
-                      probe_label=resolved.probe_label if so.metric == "probe" else None,
-                      reward=True, eval_batch=so.eval_batch, seed=base.train.seed,
-                      reward_augment=resolved.reward_augment)
-    # Fail on a config the candidates cannot train with, before Ray starts.
-    first_params = candidate_params(base, names, mu0, so, total_epochs)[0]
-    total_cfg = tf.config_with(first_params, source="sample-opt candidate")
+    search = resolve_search(tf)
+    state = load_state(search)
+    started_at = state.completed + 1
+    policy = search.policy(state.mu)
+    so = search.so
+    concurrent = ensure_ray(search.base, address, so.max_concurrent_trials)
+    progress(f"[mmcl] sample optimization '{search.name}': B={so.candidates} candidates x "
+             f"E={so.epochs_per_round} epochs x {so.rounds} rounds over {search.names}; up to "
+             f"{min(concurrent, so.candidates)} candidates at once. Folder: {search.url}")
+    files = {"state": join(search.url, STATE_NAME)}
 
-    settings = so.model_dump(mode="json")
-    state = read_state(url, base)
-    if state is None:
-        scorer = Scorer(total_cfg, manifest, root, score)
-        init = scorer.score(scorer.objective(None))
-        state = {"format": FORMAT, "names": names, "settings": settings,
-                 "metric": score.metric, "label": score.probe_label,
-                 "total_epochs": total_epochs, "mu0": dict(zip(names, map(float, mu0))),
-                 "mu": [float(v) for v in mu0], "completed": 0, "pretrained":
-                 so.pretrain_epochs == 0, "start_checkpoint": None, "pending": None,
-                 "score_init": init["score"], "R_init": init.get("val_R", float("nan")),
-                 "score_start": init["score"], "R_start": init.get("val_R", float("nan")),
-                 "rounds": []}
-        write_state(url, base, state)
-    else:
-        keep = ("candidates", "epochs_per_round", "rounds", "pretrain_epochs", "search",
-                "augment_field", "modalities", "metric", "label")
-        changed = [k for k in keep if state["settings"].get(k) != settings.get(k)]
-        if state["names"] != names or changed:
-            raise ConfigError(f"{url} holds a sample optimization with other settings "
-                              f"({', '.join(changed) or 'coordinates'} differ); use a new "
-                              f"storage.name, or the settings it was started with")
-    started_at = state["completed"] + 1
-    bounds = [so.log_alpha_bounds if n.startswith("log_alpha") else (0.0, 1.0) for n in names]
-    policy = Policy(names, np.asarray(state["mu"], dtype=np.float64), sigma,
-                    np.asarray([b[0] for b in bounds]), np.asarray([b[1] for b in bounds]))
-    concurrent = ensure_ray(base, address, so.max_concurrent_trials)
-    progress(f"[mmcl] sample optimization '{name}': B={so.candidates} candidates x "
-             f"E={so.epochs_per_round} epochs x {so.rounds} rounds over {names}; up to "
-             f"{min(concurrent, so.candidates)} candidates at once. Folder: {url}")
-    files = {"state": join(url, STATE_NAME)}
+    def result(interrupted: bool = False) -> SampleOptResult:
+        return SampleOptResult(search.url, state, started_at, time.perf_counter() - start_time,
+                               files, interrupted=interrupted)
 
-    def apply(x):
-        return candidate_params(base, names, x, so, total_epochs)
+    def paused() -> SampleOptResult:
+        """A round was cut off (Ctrl-C): its candidates are saved as pending; the next run
+        restores that round's Tune experiment and goes on."""
+        progress(f"[mmcl] interrupted in round {state.completed + 1}: run the same command "
+                 f"again to resume it")
+        return result(interrupted=True)
 
-    if not state["pretrained"]:
-        progress(f"[mmcl] round 0: {so.pretrain_epochs} epochs at mu before the search")
-        results, interrupted = run_round("round-000", url, base, tf, [apply(policy.mu)[0]],
-                                         None, so.pretrain_epochs, score, concurrent, progress)
-        if interrupted:
-            return _paused(url, state, started_at, start_time, files, progress)
-        if not finite(results[0]["score"]):
-            raise TuneError(f"the pretraining run failed: {results[0]['error']}")
-        state.update(pretrained=True, start_checkpoint=results[0]["checkpoint"],
-                     score_start=results[0]["score"], R_start=results[0]["R"])
-        write_state(url, base, state)
-
-    while state["completed"] < so.rounds:
-        r = state["completed"] + 1
+    if not state.pretrained and not pretrain(search, state, policy, concurrent, progress):
+        return paused()
+    while state.completed < so.rounds:
+        r = state.completed + 1
         if stop_after_round is not None and r > stop_after_round:
             break
-        pending = state.get("pending")
-        if pending and pending["round"] == r:
-            x = np.asarray(pending["samples"], dtype=np.float64)
-        else:
-            x = policy.sample(np.random.default_rng([seed, r]), so.candidates)
-            state["pending"] = {"round": r, "samples": x.tolist()}
-            write_state(url, base, state)
-        round_start = time.perf_counter()
-        stop_epoch = so.pretrain_epochs + r * so.epochs_per_round
-        applied = [apply(xi) for xi in x]
-        progress(f"[mmcl] round {r}/{so.rounds}: {so.candidates} candidates from "
-                 f"{state['start_checkpoint'] or 'the initial weights'} to epoch {stop_epoch}")
-        results, interrupted = run_round(f"round-{r:03d}", url, base, tf,
-                                         [a[0] for a in applied], state["start_checkpoint"],
-                                         stop_epoch, score, concurrent, progress,
-                                         start_epoch=stop_epoch - so.epochs_per_round)
-        if interrupted:
-            return _paused(url, state, started_at, start_time, files, progress)
-        ok = [i for i, res in enumerate(results) if finite(res["score"]) and res["checkpoint"]
-              and not res["error"]]
-        if not ok:
-            raise TuneError(f"every candidate of round {r} failed; first error: "
-                            f"{results[0]['error']}. Fix the cause and run the same command "
-                            f"again (the round resumes)")
-        rewards = np.asarray([results[i]["score"] for i in ok])
-        mu_before = policy.mu.copy()
-        advantages = np.zeros(len(x))
-        if len(ok) >= 2:
-            policy.mu, adv = policy.update(x[ok], rewards, so.lr, so.gradient)
-            advantages[ok] = adv
-        else:
-            progress(f"[mmcl] round {r}: only one candidate finished; mu is not updated")
-        best = ok[int(np.argmax(rewards))]
-        entry = {
-            "round": r, "start_checkpoint": state["start_checkpoint"], "stop_epoch": stop_epoch,
-            "mu": policy.named(mu_before), "mu_after": policy.named(policy.mu),
-            "sigma": policy.named(sigma),
-            "candidates": [{"index": i, "x": policy.named(x[i]), "alpha": applied[i][1],
-                            "beta": applied[i][2], "advantage": float(advantages[i]),
-                            **results[i]} for i in range(len(x))],
-            "score_mean": float(rewards.mean()), "score_best": float(rewards.max()),
-            "R_mean": float(np.mean([results[i]["R"] for i in ok])),
-            "R_best_candidate": float(results[best]["R"]), "best": best,
-            "best_checkpoint": results[best]["checkpoint"],
-            "timing": round_timing(results, time.perf_counter() - round_start, concurrent),
-        }
-        state["rounds"].append(entry)
-        state.update(mu=[float(v) for v in policy.mu], completed=r, pending=None,
-                     start_checkpoint=results[best]["checkpoint"])
-        write_state(url, base, state)
-        progress(f"[mmcl] round {r}: {score.metric} mean {entry['score_mean']:.4f}, best "
-                 f"{entry['score_best']:.4f} (candidate {best}); R mean {entry['R_mean']:.4f}; "
-                 f"mu {entry['mu_after']}")
-
-    trajectory = {k: state[k] for k in ("names", "settings", "metric", "label", "total_epochs",
-                                        "mu0", "score_init", "R_init", "score_start",
-                                        "R_start", "completed", "rounds")}
-    files["trajectory"] = _write(join(url, "trajectory.json"),
-                                 json.dumps(trajectory, indent=1, default=float), base)
-    fs, path = filesystem(url, base.storage.endpoint_url, base.storage.region)
-    if state["rounds"] and launcher.storage_filesystem(base) is None:
-        png = plot_trajectory(state, join(path, "trajectory.png"))
-        if png:
-            files["plot"] = png
-    result = SampleOptResult(url, state, started_at, time.perf_counter() - start_time, files)
-    if result.finished and state["rounds"]:
-        files.update(_finish(url, base, tf, user_tf, state, manifest, policy, apply))
-    return result
+        run = run_round(search, state, policy, r, concurrent, progress)
+        if run is None:
+            return paused()
+        update_policy(search, state, policy, run, concurrent, progress)
+    files.update(write_outputs(search, state, policy))
+    return result()
 
 
-def _paused(url, state, started_at, start_time, files, progress) -> SampleOptResult:
-    """A round was cut off (Ctrl-C): its candidates are saved as pending; the next run
-    restores that round's Tune experiment and goes on."""
-    progress(f"[mmcl] interrupted in round {state['completed'] + 1}: run the same command "
-             f"again to resume it")
-    return SampleOptResult(url, state, started_at, time.perf_counter() - start_time, files,
-                           interrupted=True)
-
-
-def _finish(url, base, tf, user_tf, state, manifest, policy, apply) -> dict:
+def _finish(search: Search, state: SearchState, policy: Policy) -> dict:
     """model/ from the last round's best candidate; policy_config.yaml at the final mu."""
     import ray.train
 
     from mmcl.train.checkpoint import export_model, read_checkpoint_state
 
-    last = state["rounds"][-1]
+    base, tf = search.base, search.tf
+    last = state.rounds[-1]
     best = last["candidates"][last["best"]]
     checkpoint = ray.train.Checkpoint(last["best_checkpoint"],
                                       filesystem=launcher.storage_filesystem(base))
     with checkpoint.as_directory() as directory:
         weights = read_checkpoint_state(directory)
-    cfg_best = tf.config_with(apply(np.asarray([best["x"][n] for n in state["names"]]))[0])
-    export_model(weights, cfg_best, manifest, join(url, "model"), base.storage.endpoint_url,
-                 base.storage.region)
-    params = apply(policy.mu)[0]
+    cfg_best = tf.config_with(search.apply(np.asarray([best["x"][n] for n in state.names]))[0])
+    export_model(weights, cfg_best, search.manifest, join(search.url, "model"),
+                 base.storage.endpoint_url, base.storage.region)
+    params = search.apply(policy.mu)[0]
     params.pop("train.epochs")
-    raw = user_tf.raw_with(params)
-    raw.setdefault("storage", {})["name"] = f"{search_name(tf, base)}-policy"
+    raw = search.user_tf.raw_with(params)
+    raw.setdefault("storage", {})["name"] = f"{search.name}-policy"
     header = (f"# The run config at the final policy mean of sample optimization "
-              f"'{search_name(tf, base)}': {json.dumps(policy.named(policy.mu))}\n")
+              f"'{search.name}': {json.dumps(policy.named(policy.mu))}\n")
     text = header + config_mod.dump(config_mod.from_dict(raw, source="policy config"))
-    return {"model": join(url, "model"),
-            "policy config": _write(join(url, "policy_config.yaml"), text, base)}
+    return {"model": join(search.url, "model"),
+            "policy config": _write(join(search.url, "policy_config.yaml"), text, base)}
