@@ -7,12 +7,15 @@ column, what it holds (`path`: a file relative to the table; `text`: inline text
 inline numbers; `bytes`: the file's own bytes, as webdataset members are) and the kind with
 its settings; per label column its task and classes; the split column or seeded fractions.
 
-How it streams: Ray Data reads the table; when the table has no id column a single actor
-numbers the rows in table order; a pool of actors decodes blocks (Pillow for images,
-soundfile + scipy's resample_poly for audio, numpy for .npy, a transformers tokenizer for
-text) and writes each block's rows with a `ShardWriter` straight into a temporary folder next
+How it streams: the driver checks the table's columns from its header (no Ray Data pass
+for that); Ray Data reads the table; when the table has no id column a single actor
+numbers the rows in table order; a pool of actors decodes blocks column by column into
+preallocated arrays (Pillow for images, soundfile + scipy's resample_poly for audio, numpy
+for .npy, a transformers tokenizer for text; remote files fetched concurrently per block)
+and writes each block's rows with a `ShardWriter` straight into a temporary folder next
 to the output, returning only a small summary (rows, missing counts, normalisation sums,
-dropped rows) to the driver. The driver holds the manifest and those summaries, nothing else.
+dropped rows, its CPU seconds) to the driver. The normalisation sums are taken by the
+writer from the arrays it writes: no second pass over the data. The driver holds the manifest and those summaries, nothing else.
 At the end the part files are renamed in order, manifest.json is written, and the temporary
 folder replaces the output (`--overwrite`) -- so a refused or failed import leaves an existing
 data set untouched and writes nothing.
@@ -31,6 +34,7 @@ import logging
 import math
 import os
 import posixpath
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -537,6 +541,7 @@ class _ImportBlock:
         dropped row counts its first bad cell's reason, as a row-by-row pass would."""
         from mmcl.data.shards import ShardWriter
 
+        cpu = time.process_time()
         n = table.num_rows
         ids = [int(i) for i in table.column(ID_COLUMN).to_pylist()]
         splits = np.asarray(table.column(_SPLIT_COLUMN).to_pylist(), dtype=object)
@@ -563,6 +568,7 @@ class _ImportBlock:
             summary["splits"][split] = {
                 "rows": writer.rows, "missing": writer.missing, "files": writer.files,
                 "stats": {k: s.to_dict() for k, s in writer.stats.items() if s.count}}
+        summary["cpu_s"] = time.process_time() - cpu  # this process's CPU (mmcl bench)
         return pa.table({SUMMARY_COLUMN: [json.dumps(summary)]})
 
     @staticmethod
@@ -674,6 +680,25 @@ def _read_source(src: str, fmt: str, endpoint_url, region):
     return ray.data.read_parquet(path, filesystem=filesystem, partitioning=None)
 
 
+def _table_columns(src: str, fmt: str, fs, path: str) -> list[str]:
+    """The column names of a CSV, JSONL or Parquet table from its header or first block,
+    read here: no Ray Data execution (a read task) just to learn the schema."""
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    try:
+        with fs.open(path, "rb") as f:
+            if fmt == "parquet":
+                return list(pq.read_schema(f).names)
+            if fmt == "csv":
+                return list(pacsv.open_csv(f).schema.names)
+            return list(pajson.open_json(f).schema.names)
+    except (pa.ArrowException, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"{src}: cannot read the table ({first})") from None
+
+
 def _check_columns(src: str, spec: ImportSpec, names: list[str]) -> None:
     wanted = [(f"modalities.{k}", m.column) for k, m in spec.modalities.items()]
     wanted += [(f"labels.{k}", lab.column) for k, lab in spec.labels.items()]
@@ -707,6 +732,7 @@ class ImportResult:
     manifest: Manifest
     dropped: dict[str, int]
     bytes: int
+    decode_cpu_s: float = 0.0  # CPU seconds of the decode actors' processes in their blocks
 
     def summary(self) -> str:
         m = self.manifest
@@ -746,11 +772,14 @@ def import_table(src: str, out: str, spec: ImportSpec, overwrite: bool = False,
         raise DataError(f"{src}: no such table or folder")
     fmt = _source_format(src, sfs, spath)
     manifest = build_manifest(spec)
+    # A table's columns are checked before Ray starts; webdataset members need Ray's reader.
+    names = None if fmt == "webdataset" else _table_columns(src, fmt, sfs, spath)
     # One decode actor and Ray Data's read tasks: at least 2 CPUs (mmcl.cluster).
     connect(address, cpus_per_job=2, job="import", cost="1 decoder + 1 for Ray Data",
             error=DataError)
     ds = _read_source(src, fmt, endpoint_url, region)
-    names = list(ds.schema().names)
+    if names is None:
+        names = list(ds.schema().names)
     if not spec.id_column and ID_COLUMN in names:  # the table's own ids
         spec = spec.model_copy(update={"id_column": ID_COLUMN})
     _check_columns(src, spec, names)
@@ -827,7 +856,7 @@ def _finish(tmp: str, tmp_url: str, fs, manifest: Manifest, summaries: list[dict
     out = with_stats(out, stats)
     with fs.open(storage.join(tmp, MANIFEST_NAME), "w") as f:
         f.write(out.to_json())
-    return ImportResult(out, dropped, total)
+    return ImportResult(out, dropped, total, sum(s.get("cpu_s", 0.0) for s in summaries))
 
 
 def _swap(fs, tmp: str, path: str) -> None:
