@@ -88,6 +88,22 @@ def test_every_bad_input_is_one_error_naming_row_column_and_file(table, tmp_path
     assert not (tmp_path / "out").exists()  # the failing block wrote nothing
 
 
+def test_the_error_is_the_first_bad_cell_in_row_then_spec_order(table, tmp_path):
+    # The block decodes column by column; the error must still be the one a row-by-row
+    # pass meets first.
+    folder, spec = table
+    rows = rows_of()
+    rows[1] = {**rows[1], "colour": "purple"}
+    rows[2] = {**rows[2], "file": "img/nope.png"}
+    with pytest.raises(DataError, match=r"row id 1, column 'colour'"):
+        run_block(spec, rows, folder, tmp_path / "out")
+    rows[1] = {**rows[1], "file": "img/nope.png"}
+    with pytest.raises(DataError, match=r"row id 1, column 'file'"):
+        run_block(spec, rows, folder, tmp_path / "out")
+    summary = run_block({**spec, "bad_rows": "drop"}, rows, folder, tmp_path / "out")
+    assert summary["dropped"] == {"missing file": 2}  # row 1: its first bad cell only
+
+
 def test_bad_rows_drop_counts_them_by_reason(table, tmp_path):
     folder, spec = table
     rows = rows_of()

@@ -7,12 +7,15 @@ column, what it holds (`path`: a file relative to the table; `text`: inline text
 inline numbers; `bytes`: the file's own bytes, as webdataset members are) and the kind with
 its settings; per label column its task and classes; the split column or seeded fractions.
 
-How it streams: Ray Data reads the table; when the table has no id column a single actor
-numbers the rows in table order; a pool of actors decodes blocks (Pillow for images,
-soundfile + scipy's resample_poly for audio, numpy for .npy, a transformers tokenizer for
-text) and writes each block's rows with a `ShardWriter` straight into a temporary folder next
+How it streams: the driver checks the table's columns from its header (no Ray Data pass
+for that); Ray Data reads the table; when the table has no id column a single actor
+numbers the rows in table order; a pool of actors decodes blocks column by column into
+preallocated arrays (Pillow for images, soundfile + scipy's resample_poly for audio, numpy
+for .npy, a transformers tokenizer for text; remote files fetched concurrently per block)
+and writes each block's rows with a `ShardWriter` straight into a temporary folder next
 to the output, returning only a small summary (rows, missing counts, normalisation sums,
-dropped rows) to the driver. The driver holds the manifest and those summaries, nothing else.
+dropped rows, its CPU seconds) to the driver. The normalisation sums are taken by the
+writer from the arrays it writes: no second pass over the data. The driver holds the manifest and those summaries, nothing else.
 At the end the part files are renamed in order, manifest.json is written, and the temporary
 folder replaces the output (`--overwrite`) -- so a refused or failed import leaves an existing
 data set untouched and writes nothing.
@@ -31,6 +34,7 @@ import logging
 import math
 import os
 import posixpath
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -51,6 +55,7 @@ logger = logging.getLogger(__name__)
 SPLIT_NAMES = ("train", "val", "test")
 SUMMARY_COLUMN = "summary"
 _SPLIT_COLUMN = "__mmcl_split"
+_FETCH_THREADS = 16  # concurrent requests per decode actor for remote files
 _TABLE_FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -259,7 +264,8 @@ def _resolve(base: str, value: str) -> str:
 
 
 class Decoder:
-    """Decodes one row's cell per modality into stored values; caches tokenizers."""
+    """Decodes one row's cell per modality into stored values; caches tokenizers and one
+    filesystem per bucket (a local file is read with `open`: no fsspec per file)."""
 
     def __init__(self, spec: ImportSpec, manifest: Manifest, base: str,
                  endpoint_url: str | None, region: str | None):
@@ -267,15 +273,61 @@ class Decoder:
         self.remote = {"endpoint_url": endpoint_url, "region": region}
         self.tokenizers = {name: _tokenizer(m.tokenizer) for name, m in spec.modalities.items()
                            if m.kind == "text"}
+        self._filesystems: dict[str, Any] = {}
+        self._fetched: dict[str, bytes | BaseException] = {}
+
+    def _remote_fs(self, url: str):
+        """(filesystem, path) of a remote file; one filesystem per scheme and bucket."""
+        scheme, _, rest = url.partition("://")
+        key = f"{scheme}://{rest.split('/', 1)[0]}"
+        if key not in self._filesystems:
+            self._filesystems[key] = storage.filesystem(url, **self.remote)[0]
+        fs = self._filesystems[key]
+        return fs, fs._strip_protocol(url)
+
+    def prefetch(self, values: list, m: ModalityImport) -> None:
+        """Fetch the remote files of one block's cells concurrently (one request at a time
+        would wait on the network once per image); `_read` takes them from here, errors
+        included. Local files are read as they are decoded."""
+        self._fetched = {}
+        if m.holds != "path":
+            return
+        remote = storage.is_remote(self.base)
+        urls = {_resolve(self.base, v) for v in values if isinstance(v, str) and v.strip()
+                and (remote or "://" in v)}
+        urls = sorted(u for u in urls if storage.is_remote(u))
+        if not urls:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        for url in urls:  # the filesystems, made here and not in the threads
+            self._remote_fs(url)
+
+        def fetch(url: str) -> bytes | BaseException:
+            try:
+                fs, path = self._remote_fs(url)
+                return fs.cat_file(path)
+            except Exception as err:  # noqa: BLE001 - raised again by _read for its cell
+                return err
+
+        with ThreadPoolExecutor(min(_FETCH_THREADS, len(urls))) as pool:
+            self._fetched = dict(zip(urls, pool.map(fetch, urls)))
 
     # -- reading a cell's bytes
     def _read(self, value: Any, m: ModalityImport, cell: _Cell) -> bytes:
         if m.holds == "bytes" or isinstance(value, bytes):
             return value if isinstance(value, bytes) else str(value).encode()
-        cell.file = _resolve(self.base, str(value))
+        cell.file = url = _resolve(self.base, str(value))
         try:
-            fs, path = storage.filesystem(cell.file, **self.remote)
-            with fs.open(path, "rb") as f:
+            if url in self._fetched:
+                data = self._fetched.pop(url)
+                if isinstance(data, BaseException):
+                    raise data
+                return data
+            if storage.is_remote(url):
+                fs, path = self._remote_fs(url)
+                return fs.cat_file(path)
+            with open(url.removeprefix("file://"), "rb") as f:
                 return f.read()
         except FileNotFoundError:
             raise cell.error("no such file", "missing file") from None
@@ -482,54 +534,116 @@ class _ImportBlock:
         self.tmp, self.remote = tmp, {"endpoint_url": endpoint_url, "region": region}
         self.decoder = Decoder(self.spec, self.manifest, base, endpoint_url, region)
 
-    def _row(self, row: dict, row_id: int) -> dict:
-        out: dict[str, Any] = {ID_COLUMN: row_id}
-        for name, m in self.spec.modalities.items():
-            mspec = self.manifest.modality(name)
-            value = row.get(m.column)
-            if _is_missing(value):
-                out[name] = np.zeros(mspec.shape, mspec.dtype)
-                out[present_column(name)] = False
-                if mspec.variable_length:
-                    out[length_column(name)] = 0
-                continue
-            values, length = self.decoder.decode(name, value, row_id)
-            out[name], out[present_column(name)] = values, True
-            if mspec.variable_length:
-                out[length_column(name)] = length
-        for name, lab in self.spec.labels.items():
-            out[name] = _label_value(lab, self.manifest.label(name), row.get(lab.column),
-                                     row_id)
-        return out
-
     def __call__(self, table: pa.Table) -> pa.Table:
+        """Column by column: each modality's cells of the whole block are decoded into one
+        preallocated array (no per-row dicts, one stack-free copy per split). The error
+        raised (`bad_rows: fail`) is the first bad cell in row order, then spec order, and a
+        dropped row counts its first bad cell's reason, as a row-by-row pass would."""
         from mmcl.data.shards import ShardWriter
 
-        by_split: dict[str, list[dict]] = {}
-        dropped: dict[str, int] = {}
-        for row in table.to_pylist():
-            row_id = int(row[ID_COLUMN])
-            split = row[_SPLIT_COLUMN]
-            try:
-                by_split.setdefault(split, []).append(self._row(row, row_id))
-            except RowError as err:
-                if self.spec.bad_rows == "fail":
-                    raise DataError(str(err)) from None
-                dropped[err.reason] = dropped.get(err.reason, 0) + 1
-        summary: dict[str, Any] = {"splits": {}, "dropped": dropped}
+        cpu = time.process_time()
+        n = table.num_rows
+        ids = [int(i) for i in table.column(ID_COLUMN).to_pylist()]
+        splits = np.asarray(table.column(_SPLIT_COLUMN).to_pylist(), dtype=object)
+        state = _BlockErrors(n, self.spec.bad_rows == "fail")
+        columns: dict[str, np.ndarray] = {ID_COLUMN: np.asarray(ids, np.int64)}
+        for name, m in self.spec.modalities.items():
+            columns.update(self._modality(name, m, self._cells(table, m.column, n), ids,
+                                          state))
+        for name, lab in self.spec.labels.items():
+            columns[name] = self._labels(name, lab, self._cells(table, lab.column, n), ids,
+                                         state)
+        if state.error is not None:
+            raise DataError(str(state.error)) from None
+        summary: dict[str, Any] = {"splits": {}, "dropped": state.dropped}
         # Named by the block's first id, so that sorting the names orders the part files
         # the same way on every run (random names would not).
-        first = int(min(table.column(ID_COLUMN).to_pylist(), default=0))
-        prefix = f"blk{first:+021d}"
-        for split, rows in by_split.items():
-            columns = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
+        prefix = f"blk{min(ids, default=0):+021d}"
+        kept = splits[state.keep]
+        for split in dict.fromkeys(kept.tolist()):
+            rows = np.flatnonzero(state.keep & (splits == split))
             with ShardWriter(self.tmp, split, self.manifest, prefix=prefix,
                              **self.remote) as writer:
-                writer.write(columns)
+                writer.write({k: v[rows] for k, v in columns.items()})
             summary["splits"][split] = {
                 "rows": writer.rows, "missing": writer.missing, "files": writer.files,
                 "stats": {k: s.to_dict() for k, s in writer.stats.items() if s.count}}
+        summary["cpu_s"] = time.process_time() - cpu  # this process's CPU (mmcl bench)
         return pa.table({SUMMARY_COLUMN: [json.dumps(summary)]})
+
+    @staticmethod
+    def _cells(table: pa.Table, column: str, n: int) -> list:
+        # A webdataset block may lack a member (column) that other blocks have: all null.
+        if column not in table.column_names:
+            return [None] * n
+        return table.column(column).to_pylist()
+
+    def _modality(self, name: str, m: ModalityImport, cells: list, ids: list[int],
+                  state: "_BlockErrors") -> dict[str, np.ndarray]:
+        mspec = self.manifest.modality(name)
+        n = len(cells)
+        # Decoded values keep the decoder's dtype (uint8 images, float64 numbers, ...):
+        # ShardWriter casts them to the storage dtype and refuses values that do not fit.
+        values = np.zeros((n, *mspec.shape), _DECODED_DTYPE.get(m.kind, np.float64))
+        present = np.zeros(n, bool)
+        lengths = np.zeros(n, np.int32) if mspec.variable_length else None
+        self.decoder.prefetch([c for i, c in enumerate(cells) if state.wanted(i)], m)
+        for i, cell in enumerate(cells):
+            if not state.wanted(i) or _is_missing(cell):
+                continue
+            try:
+                decoded, length = self.decoder.decode(name, cell, ids[i])
+            except RowError as err:
+                state.bad(i, err)
+                continue
+            values[i], present[i] = decoded, True
+            if lengths is not None:
+                lengths[i] = length
+        out = {name: values, present_column(name): present}
+        if lengths is not None:
+            out[length_column(name)] = lengths
+        return out
+
+    def _labels(self, name: str, lab: LabelImport, cells: list, ids: list[int],
+                state: "_BlockErrors") -> np.ndarray:
+        spec = self.manifest.label(name)
+        if lab.task == "multilabel":
+            out = np.zeros((len(cells), spec.num_classes), np.uint8)
+        else:
+            out = np.zeros(len(cells), np.float64 if lab.task == "regression" else np.int64)
+        for i, cell in enumerate(cells):
+            if state.wanted(i):
+                try:
+                    out[i] = _label_value(lab, spec, cell, ids[i])
+                except RowError as err:
+                    state.bad(i, err)
+        return out
+
+
+# What each kind's decoder returns (text: token ids; vector/sequence: float64 numbers).
+_DECODED_DTYPE = {"image": np.uint8, "audio": np.float32, "text": np.int64}
+
+
+class _BlockErrors:
+    """Bad cells of one block, visited column by column. `fail`: keep the first bad cell in
+    row order (a later column only needs the rows before it); `drop`: a row is dropped at
+    its first bad cell, whose reason is counted."""
+
+    def __init__(self, n: int, fail: bool):
+        self.fail, self.limit = fail, n
+        self.keep = np.ones(n, bool)
+        self.error: RowError | None = None
+        self.dropped: dict[str, int] = {}
+
+    def wanted(self, i: int) -> bool:
+        return i < self.limit and bool(self.keep[i])
+
+    def bad(self, i: int, err: RowError) -> None:
+        if self.fail:
+            self.error, self.limit = err, i  # rows >= i: an earlier cell already failed
+        else:
+            self.keep[i] = False
+            self.dropped[err.reason] = self.dropped.get(err.reason, 0) + 1
 
 
 # ----------------------------------------------------------------------------- driver
@@ -566,6 +680,25 @@ def _read_source(src: str, fmt: str, endpoint_url, region):
     return ray.data.read_parquet(path, filesystem=filesystem, partitioning=None)
 
 
+def _table_columns(src: str, fmt: str, fs, path: str) -> list[str]:
+    """The column names of a CSV, JSONL or Parquet table from its header or first block,
+    read here: no Ray Data execution (a read task) just to learn the schema."""
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    try:
+        with fs.open(path, "rb") as f:
+            if fmt == "parquet":
+                return list(pq.read_schema(f).names)
+            if fmt == "csv":
+                return list(pacsv.open_csv(f).schema.names)
+            return list(pajson.open_json(f).schema.names)
+    except (pa.ArrowException, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"{src}: cannot read the table ({first})") from None
+
+
 def _check_columns(src: str, spec: ImportSpec, names: list[str]) -> None:
     wanted = [(f"modalities.{k}", m.column) for k, m in spec.modalities.items()]
     wanted += [(f"labels.{k}", lab.column) for k, lab in spec.labels.items()]
@@ -599,6 +732,7 @@ class ImportResult:
     manifest: Manifest
     dropped: dict[str, int]
     bytes: int
+    decode_cpu_s: float = 0.0  # CPU seconds of the decode actors' processes in their blocks
 
     def summary(self) -> str:
         m = self.manifest
@@ -638,11 +772,14 @@ def import_table(src: str, out: str, spec: ImportSpec, overwrite: bool = False,
         raise DataError(f"{src}: no such table or folder")
     fmt = _source_format(src, sfs, spath)
     manifest = build_manifest(spec)
+    # A table's columns are checked before Ray starts; webdataset members need Ray's reader.
+    names = None if fmt == "webdataset" else _table_columns(src, fmt, sfs, spath)
     # One decode actor and Ray Data's read tasks: at least 2 CPUs (mmcl.cluster).
     connect(address, cpus_per_job=2, job="import", cost="1 decoder + 1 for Ray Data",
             error=DataError)
     ds = _read_source(src, fmt, endpoint_url, region)
-    names = list(ds.schema().names)
+    if names is None:
+        names = list(ds.schema().names)
     if not spec.id_column and ID_COLUMN in names:  # the table's own ids
         spec = spec.model_copy(update={"id_column": ID_COLUMN})
     _check_columns(src, spec, names)
@@ -719,7 +856,7 @@ def _finish(tmp: str, tmp_url: str, fs, manifest: Manifest, summaries: list[dict
     out = with_stats(out, stats)
     with fs.open(storage.join(tmp, MANIFEST_NAME), "w") as f:
         f.write(out.to_json())
-    return ImportResult(out, dropped, total)
+    return ImportResult(out, dropped, total, sum(s.get("cpu_s", 0.0) for s in summaries))
 
 
 def _swap(fs, tmp: str, path: str) -> None:
