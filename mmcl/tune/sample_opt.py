@@ -62,7 +62,8 @@ from mmcl.train import launcher
 from mmcl.tune import space as space_mod
 from mmcl.tune import trust
 from mmcl.tune.space import TuneFile
-from mmcl.tune.sweep import _short_error, _write, search_name, section_config, trial_statuses
+from mmcl.tune.common import (search_name, section_config, short_error, trial_statuses,
+                              write_output)
 from mmcl.tune.trial import (PG_RECORDS, ScoreSpec, Scorer, TuneError, absolute_paths,
                              ensure_ray, finite, make_janitor, resolve_metric,
                              restore_or_new_tuner, run_train_trial, trial_resources)
@@ -308,7 +309,7 @@ def train_candidates(tag: str, url: str, base: RunConfig, tf: TuneFile,
             "step": metrics.get("step"), "epoch": metrics.get("epoch"),
             "loss": metrics.get("loss"), "trial": metrics.get("trial_id"),
             "run": join(round_url, f"cand-{index}"),
-            "error": "" if result.error is None else _short_error(result.error),
+            "error": "" if result.error is None else short_error(result.error),
             "train_s": training_seconds(metrics, base.train.batch_size,
                                         stop_epoch - int(spec["start_epoch"])),
             "score_s": metrics.get("score_seconds"), "fit_s": fit_s,
@@ -605,7 +606,7 @@ def write_outputs(search: Search, state: SearchState, policy: Policy) -> dict:
     keys = ("names", "settings", "metric", "label", "total_epochs", "mu0", "score_init",
             "R_init", "score_start", "R_start", "completed", "rounds")
     trajectory = {k: getattr(state, k) for k in keys}
-    files = {"trajectory": _write(join(search.url, "trajectory.json"),
+    files = {"trajectory": write_output(join(search.url, "trajectory.json"),
                                   json.dumps(trajectory, indent=1, default=float),
                                   search.base)}
     if state.rounds and launcher.storage_filesystem(search.base) is None:
@@ -794,4 +795,4 @@ def _finish(search: Search, state: SearchState, policy: Policy) -> dict:
               f"'{search.name}': {json.dumps(policy.named(policy.mu))}\n")
     text = header + config_mod.dump(config_mod.from_dict(raw, source="policy config"))
     return {"model": join(search.url, "model"),
-            "policy config": _write(join(search.url, "policy_config.yaml"), text, base)}
+            "policy config": write_output(join(search.url, "policy_config.yaml"), text, base)}

@@ -61,9 +61,6 @@ from mmcl.tune.trial import (PG_RECORDS, ScoreSpec, TuneError, absolute_paths, e
                              finish_from_checkpoint, finite, make_janitor, resolve_metric,
                              restore_or_new_tuner, run_train_trial, trial_resources)
 
-# The old private names, still imported by tune/sample_opt.py (issue 19 switches it to
-# mmcl.tune.common's short_error and write_output; then these two lines go).
-_short_error, _write = short_error, write_output
 
 
 class SweepConfig(BaseModel):
