@@ -36,7 +36,7 @@ import os
 import posixpath
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -568,7 +568,9 @@ class _ImportBlock:
             summary["splits"][split] = {
                 "rows": writer.rows, "missing": writer.missing, "files": writer.files,
                 "stats": {k: s.to_dict() for k, s in writer.stats.items() if s.count}}
-        summary["cpu_s"] = time.process_time() - cpu  # this process's CPU (mmcl bench)
+        # For `mmcl bench`: this process's CPU seconds in the block, and when it ended.
+        summary["cpu_s"], summary["done_at"] = time.process_time() - cpu, time.time()
+        summary["rows_in"] = n
         return pa.table({SUMMARY_COLUMN: [json.dumps(summary)]})
 
     @staticmethod
@@ -733,6 +735,7 @@ class ImportResult:
     dropped: dict[str, int]
     bytes: int
     decode_cpu_s: float = 0.0  # CPU seconds of the decode actors' processes in their blocks
+    blocks: list[tuple[int, float]] = field(default_factory=list)  # (rows, end)
 
     def summary(self) -> str:
         m = self.manifest
@@ -794,6 +797,10 @@ def import_table(src: str, out: str, spec: ImportSpec, overwrite: bool = False,
             ctx.execution_options.preserve_order = True  # ids follow the table's row order
             ds = ds.map_batches(_Numberer, batch_format="pyarrow", batch_size=None,
                                 concurrency=1, num_cpus=0, zero_copy_batch=True)
+        # A single table file is read as one block, and a block goes to one actor whole:
+        # without this, one decode actor would import the whole table while the others
+        # wait. Streaming (no barrier): blocks are cut to rows_per_task rows as they pass.
+        ds = ds.repartition(target_num_rows_per_block=spec.rows_per_task)
         ds = ds.map_batches(_add_split, fn_args=(spec.model_dump_json(),),
                             batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
         # One CPU stays with the read tasks that feed the decoders.
@@ -856,7 +863,9 @@ def _finish(tmp: str, tmp_url: str, fs, manifest: Manifest, summaries: list[dict
     out = with_stats(out, stats)
     with fs.open(storage.join(tmp, MANIFEST_NAME), "w") as f:
         f.write(out.to_json())
-    return ImportResult(out, dropped, total, sum(s.get("cpu_s", 0.0) for s in summaries))
+    return ImportResult(out, dropped, total, sum(s.get("cpu_s", 0.0) for s in summaries),
+                        sorted(((s["rows_in"], s["done_at"]) for s in summaries
+                                if "done_at" in s), key=lambda b: b[1]))
 
 
 def _swap(fs, tmp: str, path: str) -> None:
