@@ -3,8 +3,11 @@ wait of training on the imported image modality.
 
 - The limit: the same JPEG files decoded by Pillow alone in a tight loop in one process, with
   the decode the import does (read the file, draft decoding, resize, centre crop, to uint8
-  (C, H, W)) written here with Pillow calls only. Timed before and after the imports; wall
-  and CPU time.
+  (C, H, W)) written here with Pillow calls only; wall and CPU time. It runs in a Ray task
+  of 1 CPU, before and after the imports, so that it has the decode actors' process
+  priority (Ray's workers run niced: on a busy machine a loop at the default priority gets
+  many times their share of a core); once more in the driver at the default priority, for
+  reference.
 - The import of the first `small` and of all `large` rows of one table, in the same run on
   the same Ray: time = fixed + n * per_image fitted through the two. Three ratios, each
   (import images/s / decode actors) / (Pillow images/s on one CPU):
@@ -12,8 +15,8 @@ wait of training on the imported image modality.
   * end to end: the large import's whole time;
   * CPU: images per CPU second of the decode actors' processes (their own process time in
     their blocks, reported by the import) against Pillow's images per CPU second. It leaves
-    out the read tasks and the driver but not the load: on a shared machine it is the
-    steadiest of the three.
+    out the read tasks and the driver; CPU time hardly moves with the machine's load, so on
+    a shared machine it is the steadiest of the three.
   The fixed cost (seconds) is Ray Data's planning and tasks, the actors' start, the
   manifest and renames: everything an import pays whatever its size, Ray's own start left
   out (Ray is up before the first import).
@@ -98,6 +101,25 @@ def _pillow_alone(folder: str, n: int, target: int) -> dict:
             "cpu_images_per_s": n / max(1e-9, time.process_time() - cpu)}
 
 
+def _pillow_in_ray(folder: str, n: int, target: int) -> dict:
+    """`_pillow_alone` in a Ray task of 1 CPU: the same process priority as the decode
+    actors (Ray starts its workers niced, 15 on this machine), which on a busy machine get
+    far less of a core than a process at the default priority."""
+    import ray
+
+    return ray.get(ray.remote(num_cpus=1)(_pillow_alone).remote(folder, n, target))
+
+
+def _timeline_rate(blocks: list, actors: int) -> float | None:
+    """Images/s of the decode pool once every actor has finished a block: the rows of the
+    blocks that end after the `actors`-th one, over the time from it to the last."""
+    if len(blocks) <= actors:
+        return None
+    start = blocks[actors - 1][1]
+    rows = sum(r for r, _ in blocks[actors:])
+    return rows / (blocks[-1][1] - start) if blocks[-1][1] > start else None
+
+
 def _fit(small: dict, large: dict) -> tuple[float, float]:
     """(fixed s, per-image s) of time = fixed + n * per_image through two imports."""
     per_image = (large["s"] - small["s"]) / (large["images"] - small["images"])
@@ -122,7 +144,8 @@ def import_throughput(quick: bool, workdir: str) -> dict:
     actors = max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
     loops = min(large, 1024)
     _pillow_alone(folder, min(32, large), target)  # imports, page cache
-    pillow = [_pillow_alone(folder, loops, target) | {"load_average": load_average()}]
+    pillow = [_pillow_in_ray(folder, loops, target) | {"load_average": load_average()}]
+    driver = _pillow_alone(folder, loops, target) | {"load_average": load_average()}
     imports = []
     out = os.path.join(workdir, "import_ds")
     for n in (small, large):
@@ -131,14 +154,18 @@ def import_throughput(quick: bool, workdir: str) -> dict:
         start = time.perf_counter()
         result = import_table(src, out, spec, overwrite=True, concurrency=actors)
         imports.append({"images": n, "s": time.perf_counter() - start,
-                        "decode_cpu_s": result.decode_cpu_s, "load_average": load})
-    pillow.append(_pillow_alone(folder, loops, target) | {"load_average": load_average()})
+                        "decode_cpu_s": result.decode_cpu_s, "load_average": load,
+                        "blocks": len(result.blocks),
+                        "timeline_images_per_s": _timeline_rate(result.blocks, actors)})
+    pillow.append(_pillow_in_ray(folder, loops, target) | {"load_average": load_average()})
     pil_wall = float(np.mean([p["wall_images_per_s"] for p in pillow]))
     pil_cpu = float(np.mean([p["cpu_images_per_s"] for p in pillow]))
     fixed, per_image = _fit(*imports)
     last = imports[-1]
+    timeline = last["timeline_images_per_s"]
     ratios = {
         "steady": (1 / per_image / actors / pil_wall) if per_image > 0 else None,
+        "steady_timeline": timeline / actors / pil_wall if timeline else None,
         "end_to_end": last["images"] / last["s"] / actors / pil_wall,
         "cpu": last["images"] / last["decode_cpu_s"] / pil_cpu if last["decode_cpu_s"] else None}
     steady = ratios["steady"]
@@ -146,7 +173,7 @@ def import_throughput(quick: bool, workdir: str) -> dict:
         "settings": {"images": f"{small} and {large}", "source": f"{size}x{size} JPEG",
                      "stored": f"3x{target}x{target} uint8", "decode_actors": actors,
                      "rows_per_task": ROWS_PER_TASK},
-        "pillow": pillow, "imports": imports,
+        "pillow": pillow, "pillow_driver": driver, "imports": imports,
         "pillow_images_per_s_1cpu": pil_wall, "pillow_cpu_images_per_s": pil_cpu,
         "fixed_s": fixed, "per_image_ms": 1e3 * per_image,
         "steady_images_per_s_per_cpu": (1 / per_image / actors) if per_image > 0 else None,
@@ -189,10 +216,11 @@ def md_import(s: dict, fmt) -> list[str]:
     lines = [f"- {k}: {v}" for k, v in s["settings"].items()]
     lines += ["", "| run | images | s | images/s | decode CPU s | load average |",
               "|---|---|---|---|---|---|"]
-    for p in s["pillow"]:
+    for where, p in [*(("Ray task", p) for p in s["pillow"]),
+                     ("driver, default priority", s["pillow_driver"])]:
         rate = p["wall_images_per_s"]
-        lines.append(f"| Pillow alone, 1 CPU | {p['images']} | {fmt(p['images'] / rate)} | "
-                     f"{fmt(rate, 0)} | - | {p['load_average']} |")
+        lines.append(f"| Pillow alone, 1 CPU ({where}) | {p['images']} | "
+                     f"{fmt(p['images'] / rate)} | {fmt(rate, 0)} | - | {p['load_average']} |")
     for r in s["imports"]:
         lines.append(f"| import | {r['images']} | {fmt(r['s'])} | "
                      f"{fmt(r['images'] / r['s'], 1)} | {fmt(r['decode_cpu_s'])} | "
@@ -200,7 +228,8 @@ def md_import(s: dict, fmt) -> list[str]:
     r = s["ratios"]
     lines += ["", f"- fixed cost {fmt(s['fixed_s'], 1)} s, {fmt(s['per_image_ms'])} ms per "
               f"image ({s['settings']['decode_actors']} decode actors)",
-              f"- import / Pillow alone per CPU: steady **{fmt(r['steady'])}**, end to end "
+              f"- import / Pillow alone per CPU: steady **{fmt(r['steady'])}** (from the "
+              f"large import's block timeline: {fmt(r['steady_timeline'])}), end to end "
               f"{fmt(r['end_to_end'])}, CPU time {fmt(r['cpu'])} (Pillow "
               f"{fmt(s['pillow_cpu_images_per_s'], 0)} images per CPU s)"]
     if "train" not in s:
