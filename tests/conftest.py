@@ -4,6 +4,8 @@ starts Ray (the `ray` marker or the `local_ray` fixture) or the S3 server (`moto
 `slow`, so `pytest -m "not slow"` is the quick tier a developer runs while working."""
 
 import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +176,24 @@ def s3_endpoint(moto_s3, aws_env):
     aws_env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     moto_s3.client("s3").create_bucket(Bucket="mmcl-test")
     yield moto_s3.endpoint
+
+
+def wait_for(predicate, timeout: float, what: str):
+    """Poll `predicate` until it returns something true (returned), or fail after `timeout`
+    seconds naming `what`: a condition, never a sleep that assumes the machine's speed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie does not: it only waits to be reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")

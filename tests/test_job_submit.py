@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_MODEL, TINY_TRAIN
+from conftest import TINY_MODEL, TINY_TRAIN, pid_alive
 
 # A cold `ray start` plus a job that installs its working dir and trains takes minutes on a
 # loaded 2-core machine: more than the suite's default per-test timeout.
@@ -62,13 +62,6 @@ def processes_under(folder: Path) -> set[int]:
     return found - {os.getpid()}
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
 
 def stop_cluster(folder: Path, grace_s: float = 30) -> None:
     """Stop the processes of the cluster started with --temp-dir=folder, and only those
@@ -81,9 +74,9 @@ def stop_cluster(folder: Path, grace_s: float = 30) -> None:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + grace_s
-        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
-        pids = {p for p in pids if alive(p)}
+        pids = {p for p in pids if pid_alive(p)}
         if not pids:
             return
 

@@ -24,7 +24,7 @@ from mmcl import config
 from mmcl.cluster import start_local_ray
 from mmcl.train import launcher
 from mmcl.train.checkpoint import CheckpointError, read_checkpoint_state
-from conftest import TINY_MODEL, TINY_TRAIN, worker_shards
+from conftest import TINY_MODEL, TINY_TRAIN, pid_alive, wait_for, worker_shards
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.train")
@@ -130,15 +130,6 @@ def read_metrics(run_url) -> list[dict]:
     with open(os.path.join(run_url, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 # --------------------------------------------------------- faults inside the workers
@@ -319,14 +310,6 @@ launcher.make_trainer = make_trainer
 sys.exit(main(sys.argv[1:]))
 """
 
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie does not: it only waits to be reaped)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def test_the_driver_killed_mid_checkpoint_then_the_same_command_resumes(data, tmp_path,
