@@ -51,8 +51,8 @@ import numpy as np
 
 from mmcl.bench.env import describe, json_default, load_average, machine
 from mmcl.bench.timing import interleaved, paired_ratio, peak_memory, quartiles, torch_threads
-from mmcl.bench.encoders_perf import hf_encoders, md_hf_encoders as _md_hf_encoders  # noqa: F401
-from mmcl.bench.probe_cost import md_online_probe as _md_online_probe  # noqa: F401
+from mmcl.bench.encoders_perf import hf_encoders, md_hf_encoders
+from mmcl.bench.probe_cost import md_online_probe
 from mmcl.markdown import table_lines
 
 SECTIONS = ("objective_step", "efficiency", "critics", "loss_memory", "hf_encoders",
@@ -970,9 +970,9 @@ def run_perf(quick: bool = False, out: str | None = None,
 
     try:
         sec = report["sections"]
-        for name in ("objective_step", "efficiency", "critics", "loss_memory", "hf_encoders"):
+        for name, section in IN_PROCESS_SECTIONS.items():
             if name in chosen:
-                sec[name] = _section(name, lambda n=name: globals()[n](quick), log)
+                sec[name] = _section(name, lambda fn=section: fn(quick), log)
                 write()
         if "online_probe" in chosen:
             from mmcl.bench.probe_cost import online_probe
@@ -1078,7 +1078,7 @@ def to_markdown(report: dict) -> str:
         if "error" in s:
             lines += [f"failed: `{s['error']}`", ""]
             continue
-        lines += globals()[f"_md_{name}"](s)
+        lines += SECTION_MARKDOWN[name](s)
         lines += ["", f"_{_load(s)}_", ""]
     return "\n".join(lines) + "\n"
 
@@ -1234,3 +1234,15 @@ def _md_startup(s: dict) -> list[str]:
         if r["returncode"] != 0:
             out += ["", f"{name} failed; output tail:", "```", r.get("output_tail", ""), "```"]
     return out
+
+
+# Each section's measurement (those that need neither Ray nor a work folder) and its
+# markdown, named once here.
+IN_PROCESS_SECTIONS = {"objective_step": objective_step, "efficiency": efficiency,
+                       "critics": critics, "loss_memory": loss_memory,
+                       "hf_encoders": hf_encoders}
+SECTION_MARKDOWN = {"objective_step": _md_objective_step, "efficiency": _md_efficiency,
+                    "critics": _md_critics, "loss_memory": _md_loss_memory,
+                    "hf_encoders": md_hf_encoders, "online_probe": md_online_probe,
+                    "read": _md_read, "data_plane": _md_data_plane, "startup": _md_startup,
+                    "import": _md_import}
