@@ -149,3 +149,23 @@ def test_bench_perf_quick_runs_and_writes_json_and_markdown(tmp_path):
     probe = sections["online_probe"]
     assert probe["probe_over_epoch"]["median"] > 0 and probe["last_figures"]
     assert "online probe / epoch" in markdown
+
+
+def test_the_import_benchs_pillow_limit_decodes_what_the_import_stores(tmp_path):
+    """The limit `mmcl bench perf --only import` compares the import with is the import's own
+    image decode in Pillow calls alone: it must give the very arrays the import stores."""
+    import numpy as np
+
+    from mmcl.bench.ingest import _pillow_decode, _write_images
+    from mmcl.data.ingest import Decoder, ImportSpec, build_manifest
+
+    _write_images(str(tmp_path), 3, 80)
+    for size in ([24, 24], [16, 40]):  # square and not: the crop picks the right side
+        spec = ImportSpec.model_validate({"modalities": {
+            "image": {"column": "file", "kind": "image", "size": size},
+            "feat": {"column": "feat", "holds": "numbers", "kind": "vector", "shape": [8]}}})
+        decoder = Decoder(spec, build_manifest(spec), str(tmp_path), None, None)
+        for i in range(3):
+            stored, _ = decoder.decode("image", f"img/{i}.jpg", i)
+            limit = _pillow_decode(str(tmp_path / "img" / f"{i}.jpg"), *size)
+            assert limit.shape == (3, *size) and np.array_equal(stored, limit)

@@ -27,11 +27,12 @@ wait of training on the imported image modality.
 from __future__ import annotations
 
 import io
-import math
 import os
 import time
 
 import numpy as np
+
+from mmcl.markdown import table_lines
 
 GOAL_RATIO = 0.8
 GOAL_WAIT = 0.05
@@ -74,21 +75,17 @@ def _head(table: str, n: int) -> str:
 
 
 def _pillow_decode(path: str, height: int, width: int) -> np.ndarray:
-    """One file as the import stores it, with Pillow alone: draft-decode to the smallest
-    scale still covering the target, resize the shorter side, centre crop, (C, H, W)."""
+    """One file as the import stores it, with Pillow calls alone (none of the import's
+    checks or bookkeeping): draft-decode, the import's own resize and centre crop
+    (`mmcl.data.ingest.draft_size` / `fit_image`), (C, H, W)."""
     from PIL import Image
+
+    from mmcl.data.ingest import draft_size, fit_image
 
     with open(path, "rb") as f:
         img = Image.open(io.BytesIO(f.read()))
-    w, h = img.size
-    scale = max(width / w, height / h)
-    img.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))
-    w, h = img.size
-    scale = max(width / w, height / h)
-    new = (max(width, round(w * scale)), max(height, round(h * scale)))
-    img = (img if img.mode == "RGB" else img.convert("RGB")).resize(new, Image.BILINEAR)
-    left, top = (new[0] - width) // 2, (new[1] - height) // 2
-    img = img.crop((left, top, left + width, top + height))
+    img.draft(None, draft_size(img.size, (height, width)))
+    img = fit_image(img if img.mode == "RGB" else img.convert("RGB"), (height, width), "crop")
     return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
 
 
@@ -214,17 +211,15 @@ def _data_wait(root: str, workdir: str, quick: bool) -> dict:
 def md_import(s: dict, fmt) -> list[str]:
     """The section's markdown lines; `fmt` formats numbers (perf's `_f`)."""
     lines = [f"- {k}: {v}" for k, v in s["settings"].items()]
-    lines += ["", "| run | images | s | images/s | decode CPU s | load average |",
-              "|---|---|---|---|---|---|"]
-    for where, p in [*(("Ray task", p) for p in s["pillow"]),
-                     ("driver, default priority", s["pillow_driver"])]:
-        rate = p["wall_images_per_s"]
-        lines.append(f"| Pillow alone, 1 CPU ({where}) | {p['images']} | "
-                     f"{fmt(p['images'] / rate)} | {fmt(rate, 0)} | - | {p['load_average']} |")
-    for r in s["imports"]:
-        lines.append(f"| import | {r['images']} | {fmt(r['s'])} | "
-                     f"{fmt(r['images'] / r['s'], 1)} | {fmt(r['decode_cpu_s'])} | "
-                     f"{r['load_average']} |")
+    rows = [[f"Pillow alone, 1 CPU ({where})", p["images"],
+             fmt(p["images"] / p["wall_images_per_s"]), fmt(p["wall_images_per_s"], 0), "-",
+             p["load_average"]]
+            for where, p in [*(("Ray task", p) for p in s["pillow"]),
+                             ("driver, default priority", s["pillow_driver"])]]
+    rows += [["import", r["images"], fmt(r["s"]), fmt(r["images"] / r["s"], 1),
+              fmt(r["decode_cpu_s"]), r["load_average"]] for r in s["imports"]]
+    lines += ["", *table_lines(["run", "images", "s", "images/s", "decode CPU s",
+                                "load average"], rows)]
     r = s["ratios"]
     lines += ["", f"- fixed cost {fmt(s['fixed_s'], 1)} s, {fmt(s['per_image_ms'])} ms per "
               f"image ({s['settings']['decode_actors']} decode actors)",

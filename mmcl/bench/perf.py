@@ -81,7 +81,7 @@ def demo_config_path() -> Path | None:
     return path if path.exists() else None
 
 
-def _demo_config(overrides: list[str]):
+def demo_config(overrides: list[str]):
     """The README demo's config with `overrides` (the built-in defaults equal it except for
     what configs/default.yaml names, which is repeated here when the file is missing)."""
     from mmcl import config
@@ -741,7 +741,7 @@ def data_plane(quick: bool, workdir: str) -> dict:
         n, rounds = 4096, 3
     root = os.path.join(workdir, "plane_rus")
     generate("rus", root, n=n, seed=0, overwrite=True)
-    cfg = _demo_config([f"data.path={root}",
+    cfg = demo_config([f"data.path={root}",
                         f"storage.path={os.path.join(workdir, 'plane_runs')}"])
     root, manifest = launcher.prepare_data(cfg)
     sources_2w = ["mmcl", "memory"] + ([] if quick else ["v2_defaults", "v2_one_actor"])
@@ -858,7 +858,7 @@ def startup(quick: bool, workdir: str) -> dict:
     processes, torch.distributed, dataset split: the part of fit before epoch 1 begins, i.e.
     the first epoch line's time minus epoch 1's own duration) plus ray.shutdown. Full mode also
     runs the same demo with `--no-ray` (the same Engine in one process on in-memory tensors)."""
-    cfg = _demo_config([])
+    cfg = demo_config([])
     config_path = demo_config_path()
     base_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     base_env.pop("RAY_ADDRESS", None)
@@ -1021,7 +1021,7 @@ def _ensure_ray(log) -> bool:
         return False
     from mmcl.train import launcher
 
-    cfg = _demo_config([])
+    cfg = demo_config([])
     log(f"[bench] starting local Ray ({max(os.cpu_count() or 1, launcher.cpus_needed(cfg))} "
         "CPUs)")
     launcher.start_ray(cfg, None)

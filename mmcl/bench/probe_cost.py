@@ -23,7 +23,7 @@ from mmcl.markdown import table_lines
 
 
 def online_probe(quick: bool, workdir: str) -> dict:
-    from mmcl.bench.perf import _demo_config
+    from mmcl.bench.perf import demo_config
     from mmcl.data.shards import read_split
     from mmcl.data.synth import generate
     from mmcl.evaluate.online import OnlineProbe
@@ -33,7 +33,7 @@ def online_probe(quick: bool, workdir: str) -> dict:
 
     rounds = 2 if quick else 6
     root = os.path.join(workdir, "probe_rus")
-    cfg = _demo_config([f"data.path={root}",
+    cfg = demo_config([f"data.path={root}",
                         f"storage.path={os.path.join(workdir, 'probe_runs')}"])
     generate(cfg.data.synth.preset, root, n=cfg.data.synth.n, seed=0, overwrite=True)
     root, manifest = launcher.prepare_data(cfg)

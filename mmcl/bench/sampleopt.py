@@ -394,10 +394,11 @@ def run_arm(arm: str, seed: int, settings: CompareSettings, folder: str,
     from mmcl.tune.sample_opt import run_sample_opt
     from mmcl.tune.sweep import run_sweep
 
-    tf = space.parse(arm_tune_file(arm, seed, settings, folder), source=f"{arm} (seed {seed})")
+    tune_file = space.parse(arm_tune_file(arm, seed, settings, folder),
+                            source=f"{arm} (seed {seed})")
     start = time.perf_counter()
     if arm == "sample_opt":
-        result = run_sample_opt(tf, progress=log)
+        result = run_sample_opt(tune_file, progress=log)
         stop_if_interrupted(result, arm, seed)
         last = result.state.rounds[-1]
         best = last["candidates"][last["best"]]
@@ -407,7 +408,7 @@ def run_arm(arm: str, seed: int, settings: CompareSettings, folder: str,
                  "trajectory": [{"round": r["round"], "mu": r["mu_after"],
                                  "R_mean": r["R_mean"]} for r in result.state.rounds]}
     else:
-        result = run_sweep(tf, progress=log)
+        result = run_sweep(tune_file, progress=log)
         stop_if_interrupted(result, arm, seed)
         best = result.best
         model_url = join(result.url, "runs", f"trial-{best['trial']}")

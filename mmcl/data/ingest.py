@@ -15,7 +15,8 @@ for .npy, a transformers tokenizer for text; remote files fetched concurrently p
 and writes each block's rows with a `ShardWriter` straight into a temporary folder next
 to the output, returning only a small summary (rows, missing counts, normalisation sums,
 dropped rows, its CPU seconds) to the driver. The normalisation sums are taken by the
-writer from the arrays it writes: no second pass over the data. The driver holds the manifest and those summaries, nothing else.
+writer from the arrays it writes: no second pass over the data. The driver holds the
+manifest and those summaries, nothing else.
 At the end the part files are renamed in order, manifest.json is written, and the temporary
 folder replaces the output (`--overwrite`) -- so a refused or failed import leaves an existing
 data set untouched and writes nothing.
@@ -346,7 +347,7 @@ class Decoder:
         data = self._read(value, m, cell)
         try:
             img = Image.open(io.BytesIO(data))
-            img.draft(None, _draft_size(img.size, m.size))  # JPEG: decode at reduced scale
+            img.draft(None, draft_size(img.size, m.size))  # JPEG: decode at reduced scale
             img.load()
         except (UnidentifiedImageError, OSError, ValueError) as err:
             raise cell.error(f"not a readable image ({err})", "unreadable image") from None
@@ -358,7 +359,7 @@ class Decoder:
                              f"declares channels: {m.channels}", "wrong channel count")
         if img.mode not in ("L", "RGB", "RGBA", "LA"):
             img = img.convert("L" if channels == 1 else "RGB")
-        img = _fit(img, m.size, m.resize)
+        img = fit_image(img, m.size, m.resize)
         arr = np.asarray(img, dtype=np.uint8)
         arr = arr[:, :, None] if arr.ndim == 2 else arr
         return np.ascontiguousarray(arr.transpose(2, 0, 1)), None
@@ -438,14 +439,16 @@ class Decoder:
         return out, len(arr)
 
 
-def _draft_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+def draft_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
     """The smallest size JPEG draft decoding may go to: still covers `target` (h, w)."""
     w, h = size
     scale = max(target[1] / w, target[0] / h)
     return (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale)))
 
 
-def _fit(img, size: tuple[int, int], how: str):
+def fit_image(img, size: tuple[int, int], how: str):
+    """`img` at `size` (h, w): stretched (`resize`) or its shorter side resized and centre
+    cropped; Pillow only (the import bench's limit runs the same geometry)."""
     from PIL import Image
 
     height, width = size

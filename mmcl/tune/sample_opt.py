@@ -167,12 +167,12 @@ class Policy:
         return {n: float(v) for n, v in zip(self.names, values)}
 
 
-def coordinates(so: SampleOptConfig, modalities: list[str]) -> list[str]:
-    return [f"log_alpha.{m}" for m in modalities if "alpha" in so.search] + \
-           [f"beta.{m}" for m in modalities if "beta" in so.search]
+def coordinates(options: SampleOptConfig, modalities: list[str]) -> list[str]:
+    return [f"log_alpha.{m}" for m in modalities if "alpha" in options.search] + \
+           [f"beta.{m}" for m in modalities if "beta" in options.search]
 
 
-def initial_mu(cfg: RunConfig, names: list[str], so: SampleOptConfig) -> np.ndarray:
+def initial_mu(cfg: RunConfig, names: list[str], options: SampleOptConfig) -> np.ndarray:
     mu = []
     for name in names:
         kind, m = name.split(".", 1)
@@ -185,16 +185,16 @@ def initial_mu(cfg: RunConfig, names: list[str], so: SampleOptConfig) -> np.ndar
                     f"positive starting weight or drop 'alpha' from sample_opt.search")
             mu.append(math.log(w))
         else:
-            mu.append(float(getattr(cfg.augment.for_modality(m), so.augment_field)))
+            mu.append(float(getattr(cfg.augment.for_modality(m), options.augment_field)))
     return np.asarray(mu, dtype=np.float64)
 
 
-def candidate_params(cfg: RunConfig, names: list[str], x: np.ndarray, so: SampleOptConfig,
+def candidate_params(cfg: RunConfig, names: list[str], x: np.ndarray, options: SampleOptConfig,
                      total_epochs: int) -> tuple[dict, dict, dict]:
     """(config overrides by dotted path, alpha by modality, beta by modality) of a sample."""
     params: dict = {"train.epochs": int(total_epochs)}
     alpha, beta = {}, {}
-    low, high = so.log_alpha_bounds
+    low, high = options.log_alpha_bounds
     for name, value in zip(names, x):
         kind, m = name.split(".", 1)
         if kind == "log_alpha":
@@ -203,7 +203,7 @@ def candidate_params(cfg: RunConfig, names: list[str], x: np.ndarray, so: Sample
         else:
             beta[m] = float(min(max(float(value), 0.0), 1.0))
             augment = cfg.augment.for_modality(m).model_dump()
-            augment[so.augment_field] = beta[m]
+            augment[options.augment_field] = beta[m]
             params[f"augment.per_modality.{m}"] = augment
     return params, alpha, beta
 
@@ -211,21 +211,21 @@ def candidate_params(cfg: RunConfig, names: list[str], x: np.ndarray, so: Sample
 # ------------------------------------------------------------------------------- trial
 
 
-def mmcl_candidate(params: dict, spec: dict) -> None:
+def mmcl_candidate(params: dict, trial_spec: dict) -> None:
     """One candidate of a round (runs in a Tune trial actor): its config, trained from the
     round's shared checkpoint until the round's last epoch, scored by R."""
     import ray.train
 
     index = int(params["candidate"])
-    cfg = config_mod.from_dict(space_mod.with_values(spec["base"], spec["candidates"][index]),
-                               source=f"sample-opt candidate {index}")
+    values = space_mod.with_values(trial_spec["base"], trial_spec["candidates"][index])
+    cfg = config_mod.from_dict(values, source=f"sample-opt candidate {index}")
     start = None
-    if spec["start_checkpoint"]:
-        start = ray.train.Checkpoint(spec["start_checkpoint"],
+    if trial_spec["start_checkpoint"]:
+        start = ray.train.Checkpoint(trial_spec["start_checkpoint"],
                                      filesystem=launcher.storage_filesystem(cfg))
-    run_train_trial(cfg, storage_path=spec["runs"], name=f"cand-{index}", spec=spec["score"],
-                    pg_records=spec["records"], start_checkpoint=start,
-                    stop_epoch=spec["stop_epoch"])
+    run_train_trial(cfg, storage_path=trial_spec["runs"], name=f"cand-{index}",
+                    score_spec=trial_spec["score"], pg_records=trial_spec["records"],
+                    start_checkpoint=start, stop_epoch=trial_spec["stop_epoch"])
 
 
 def training_seconds(metrics: dict, batch_size: int, epochs: int) -> float:
@@ -252,7 +252,7 @@ def round_timing(results: list[dict], round_s: float, concurrent: int) -> dict:
             else float("nan")}
 
 
-def train_candidates(tag: str, url: str, base: RunConfig, tf: TuneFile,
+def train_candidates(tag: str, url: str, base: RunConfig, tune_file: TuneFile,
                      candidates: list[dict], start_checkpoint: str | None, stop_epoch: int,
                      score: ScoreSpec, concurrent: int, progress: Callable[[str], None],
                      start_epoch: int = 0) -> tuple[list[dict], bool]:
@@ -261,16 +261,16 @@ def train_candidates(tag: str, url: str, base: RunConfig, tf: TuneFile,
     from ray import tune
 
     round_url = join(url, tag)
-    spec = {"base": tf.base, "candidates": candidates, "runs": round_url,
+    trial_spec = {"base": tune_file.base, "candidates": candidates, "runs": round_url,
             "records": join(url, PG_RECORDS), "start_checkpoint": start_checkpoint,
             "stop_epoch": stop_epoch, "score": score, "start_epoch": start_epoch}
-    trainable = tune.with_resources(tune.with_parameters(mmcl_candidate, spec=spec),
+    trainable = tune.with_resources(tune.with_parameters(mmcl_candidate, trial_spec=trial_spec),
                                     trial_resources())
     param_space = {"candidate": tune.grid_search(list(range(len(candidates))))}
-    storage_path = f"{launcher.storage_root(base).rstrip('/')}/{search_name(tf, base)}"
+    storage_path = f"{launcher.storage_root(base).rstrip('/')}/{search_name(tune_file, base)}"
     storage_fs = launcher.storage_filesystem(base)
     experiment = f"{storage_path}/{tag}"
-    janitor = make_janitor(spec["records"], base)
+    janitor = make_janitor(trial_spec["records"], base)
     folder = trust.Folder(round_url, base.storage.endpoint_url, base.storage.region,
                           what="sample-optimization round")
     tuner = restore_or_new_tuner(
@@ -311,7 +311,7 @@ def train_candidates(tag: str, url: str, base: RunConfig, tf: TuneFile,
             "run": join(round_url, f"cand-{index}"),
             "error": "" if result.error is None else short_error(result.error),
             "train_s": training_seconds(metrics, base.train.batch_size,
-                                        stop_epoch - int(spec["start_epoch"])),
+                                        stop_epoch - int(trial_spec["start_epoch"])),
             "score_s": metrics.get("score_seconds"), "fit_s": fit_s,
         }
         if result.error is None and out[index]["epoch"] != stop_epoch:
@@ -399,9 +399,9 @@ class SearchState:
 class Search:
     """One search's settings, resolved from its tune file (and checked) before Ray starts."""
 
-    tf: TuneFile                       # storage paths made absolute
-    user_tf: TuneFile                  # as given (policy_config.yaml is written from it)
-    so: SampleOptConfig
+    tune_file: TuneFile                       # storage paths made absolute
+    user_tune_file: TuneFile                  # as given (policy_config.yaml is written from it)
+    options: SampleOptConfig
     base: RunConfig
     name: str
     url: str
@@ -416,40 +416,41 @@ class Search:
     first_cfg: RunConfig               # a candidate's config at mu0 (the initial scoring)
 
     def apply(self, x: np.ndarray) -> tuple[dict, dict, dict]:
-        return candidate_params(self.base, self.names, x, self.so, self.total_epochs)
+        return candidate_params(self.base, self.names, x, self.options, self.total_epochs)
 
     def policy(self, mu) -> Policy:
-        bounds = [self.so.log_alpha_bounds if n.startswith("log_alpha") else (0.0, 1.0)
+        bounds = [self.options.log_alpha_bounds if n.startswith("log_alpha") else (0.0, 1.0)
                   for n in self.names]
         return Policy(self.names, np.asarray(mu, dtype=np.float64), self.sigma,
                       np.asarray([b[0] for b in bounds]), np.asarray([b[1] for b in bounds]))
 
     def stop_epoch(self, r: int) -> int:
-        return self.so.pretrain_epochs + r * self.so.epochs_per_round
+        return self.options.pretrain_epochs + r * self.options.epochs_per_round
 
     def save(self, state: SearchState) -> None:
         write_state(self.url, self.base, state.record())
 
 
-def resolve_search(tf: TuneFile) -> Search:
+def resolve_search(tune_file: TuneFile) -> Search:
     """The sample_opt section, the data set and the policy's coordinates; every error a
     user can make here is raised before Ray starts."""
-    so = section_config(SampleOptConfig, tf.sections.get("sample_opt", {}), "sample_opt",
-                        tf.source, tf.overrides)
-    if tf.space:
+    options = section_config(SampleOptConfig, tune_file.sections.get("sample_opt", {}),
+                             "sample_opt", tune_file.source, tune_file.overrides)
+    if tune_file.space:
         raise ConfigError(f"sample optimization searches alpha and beta with its own policy; "
-                          f"remove the {{tune: ...}} distributions ({', '.join(tf.space)}) or "
+                          f"remove the {{tune: ...}} distributions "
+                          f"({', '.join(tune_file.space)}) or "
                           f"use --strategy sweep")
-    space_mod.validate(tf)
-    user_tf, tf = tf, absolute_paths(tf)
-    base = tf.base_config()
-    if "alpha" in so.search and base.objective.name != "tuple_infonce":
+    space_mod.validate(tune_file)
+    user_tune_file, tune_file = tune_file, absolute_paths(tune_file)
+    base = tune_file.base_config()
+    if "alpha" in options.search and base.objective.name != "tuple_infonce":
         raise ConfigError(f"sample optimization searches TupleInfoNCE's negative weights "
                           f"alpha; objective.name is '{base.objective.name}'. Use "
                           f"objective.name=tuple_infonce, or sample_opt.search=[beta]")
-    name = search_name(tf, base)
+    name = search_name(tune_file, base)
     root, manifest = launcher.prepare_data(base)
-    modalities = so.modalities or manifest.modality_names
+    modalities = options.modalities or manifest.modality_names
     unknown = sorted(set(modalities) - set(manifest.modality_names))
     if unknown:
         raise ConfigError(f"sample_opt.modalities: {unknown} are not modalities of the data "
@@ -457,31 +458,32 @@ def resolve_search(tf: TuneFile) -> Search:
     if manifest.splits.get(base.data.val_split, 0) < 2:
         raise TuneError(f"the '{base.data.val_split}' split has fewer than 2 tuples; R is "
                         f"scored on it (set data.val_split to a larger split)")
-    names = coordinates(so, modalities)
-    mu0 = initial_mu(base, names, so)
-    sigma = np.asarray([so.sigma.log_alpha if n.startswith("log_alpha") else so.sigma.beta
+    names = coordinates(options, modalities)
+    mu0 = initial_mu(base, names, options)
+    sigma = np.asarray([options.sigma.log_alpha if n.startswith("log_alpha") else options.sigma.beta
                         for n in names])
-    total_epochs = so.pretrain_epochs + so.rounds * so.epochs_per_round
-    resolved = resolve_metric(so.metric, so.label, base, manifest,
+    total_epochs = options.pretrain_epochs + options.rounds * options.epochs_per_round
+    resolved = resolve_metric(options.metric, options.label, base, manifest,
                               manifest.splits.get(base.data.val_split, 0))
     score = ScoreSpec(metric=resolved.metric,
-                      probe_label=resolved.probe_label if so.metric == "probe" else None,
-                      reward=True, eval_batch=so.eval_batch, seed=base.train.seed,
+                      probe_label=resolved.probe_label if options.metric == "probe" else None,
+                      reward=True, eval_batch=options.eval_batch, seed=base.train.seed,
                       reward_augment=resolved.reward_augment)
     # Fail on a config the candidates cannot train with, before Ray starts.
-    first_params = candidate_params(base, names, mu0, so, total_epochs)[0]
-    first_cfg = tf.config_with(first_params, source="sample-opt candidate")
-    return Search(tf=tf, user_tf=user_tf, so=so, base=base, name=name,
+    first_params = candidate_params(base, names, mu0, options, total_epochs)[0]
+    first_cfg = tune_file.config_with(first_params, source="sample-opt candidate")
+    return Search(tune_file=tune_file, user_tune_file=user_tune_file, options=options,
+                  base=base, name=name,
                   url=join(base.storage.path, name), root=root, manifest=manifest,
                   names=names, mu0=mu0, sigma=sigma, total_epochs=total_epochs,
-                  seed=base.train.seed if so.seed is None else so.seed, score=score,
+                  seed=base.train.seed if options.seed is None else options.seed, score=score,
                   first_cfg=first_cfg)
 
 
 def load_state(search: Search) -> SearchState:
     """The saved state (signature verified; its settings must match), or a new one scored
     at the initial weights and saved."""
-    settings = search.so.model_dump(mode="json")
+    settings = search.options.model_dump(mode="json")
     record = read_state(search.url, search.base)
     if record is None:
         scorer = Scorer(search.first_cfg, search.manifest, search.root, search.score)
@@ -493,7 +495,7 @@ def load_state(search: Search) -> SearchState:
             mu0=dict(zip(search.names, map(float, search.mu0))),
             mu=[float(v) for v in search.mu0], score_init=init["score"], R_init=r_init,
             score_start=init["score"], R_start=r_init,
-            pretrained=search.so.pretrain_epochs == 0)
+            pretrained=search.options.pretrain_epochs == 0)
         search.save(state)
         return state
     state = SearchState.from_record(record, join(search.url, STATE_NAME))
@@ -508,10 +510,10 @@ def load_state(search: Search) -> SearchState:
 def pretrain(search: Search, state: SearchState, policy: Policy, concurrent: int,
              progress: Callable[[str], None]) -> bool:
     """Round 0: pretrain_epochs at mu before the search. False if it was interrupted."""
-    progress(f"[mmcl] round 0: {search.so.pretrain_epochs} epochs at mu before the search")
+    progress(f"[mmcl] round 0: {search.options.pretrain_epochs} epochs at mu before the search")
     results, interrupted = train_candidates(
-        "round-000", search.url, search.base, search.tf, [search.apply(policy.mu)[0]], None,
-        search.so.pretrain_epochs, search.score, concurrent, progress)
+        "round-000", search.url, search.base, search.tune_file, [search.apply(policy.mu)[0]], None,
+        search.options.pretrain_epochs, search.score, concurrent, progress)
     if interrupted:
         return False
     if not finite(results[0]["score"]):
@@ -541,18 +543,19 @@ def run_round(search: Search, state: SearchState, policy: Policy, r: int, concur
     if pending and pending["round"] == r:
         x = np.asarray(pending["samples"], dtype=np.float64)
     else:
-        x = policy.sample(np.random.default_rng([search.seed, r]), search.so.candidates)
+        x = policy.sample(np.random.default_rng([search.seed, r]), search.options.candidates)
         state.pending = {"round": r, "samples": x.tolist()}
         search.save(state)
     started = time.perf_counter()
     stop_epoch = search.stop_epoch(r)
     applied = [search.apply(xi) for xi in x]
-    progress(f"[mmcl] round {r}/{search.so.rounds}: {search.so.candidates} candidates from "
+    progress(f"[mmcl] round {r}/{search.options.rounds}: {search.options.candidates} "
+             f"candidates from "
              f"{state.start_checkpoint or 'the initial weights'} to epoch {stop_epoch}")
     results, interrupted = train_candidates(
-        f"round-{r:03d}", search.url, search.base, search.tf, [a[0] for a in applied],
+        f"round-{r:03d}", search.url, search.base, search.tune_file, [a[0] for a in applied],
         state.start_checkpoint, stop_epoch, search.score, concurrent, progress,
-        start_epoch=stop_epoch - search.so.epochs_per_round)
+        start_epoch=stop_epoch - search.options.epochs_per_round)
     return None if interrupted else RoundRun(r, x, applied, results, started)
 
 
@@ -571,7 +574,7 @@ def update_policy(search: Search, state: SearchState, policy: Policy, run: Round
     mu_before = policy.mu.copy()
     advantages = np.zeros(len(x))
     if len(ok) >= 2:
-        policy.mu, adv = policy.update(x[ok], rewards, search.so.lr, search.so.gradient)
+        policy.mu, adv = policy.update(x[ok], rewards, search.options.lr, search.options.gradient)
         advantages[ok] = adv
     else:
         progress(f"[mmcl] round {r}: only one candidate finished; mu is not updated")
@@ -615,7 +618,7 @@ def write_outputs(search: Search, state: SearchState, policy: Policy) -> dict:
         png = plot_trajectory(state, join(path, "trajectory.png"))
         if png:
             files["plot"] = png
-    if state.completed >= search.so.rounds and state.rounds:
+    if state.completed >= search.options.rounds and state.rounds:
         files.update(_finish(search, state, policy))
     return files
 
@@ -729,21 +732,22 @@ def plot_trajectory(state: "SearchState", path: str) -> str | None:
 # -------------------------------------------------------------------------------- main
 
 
-def run_sample_opt(tf: TuneFile, address: str | None = None,
+def run_sample_opt(tune_file: TuneFile, address: str | None = None,
                    stop_after_round: int | None = None,
                    progress: Callable[[str], None] = print) -> SampleOptResult:
     """Run (or resume) a sample optimization. `stop_after_round` pauses the search once that
     round is complete (the state is saved exactly as when the search is killed there)."""
     start_time = time.perf_counter()
-    search = resolve_search(tf)
+    search = resolve_search(tune_file)
     state = load_state(search)
     started_at = state.completed + 1
     policy = search.policy(state.mu)
-    so = search.so
-    concurrent = ensure_ray(search.base, address, so.max_concurrent_trials)
-    progress(f"[mmcl] sample optimization '{search.name}': B={so.candidates} candidates x "
-             f"E={so.epochs_per_round} epochs x {so.rounds} rounds over {search.names}; up to "
-             f"{min(concurrent, so.candidates)} candidates at once. Folder: {search.url}")
+    options = search.options
+    concurrent = ensure_ray(search.base, address, options.max_concurrent_trials)
+    progress(f"[mmcl] sample optimization '{search.name}': B={options.candidates} candidates x "
+             f"E={options.epochs_per_round} epochs x {options.rounds} rounds over "
+             f"{search.names}; up to "
+             f"{min(concurrent, options.candidates)} candidates at once. Folder: {search.url}")
     files = {"state": join(search.url, STATE_NAME)}
 
     def result(interrupted: bool = False) -> SampleOptResult:
@@ -759,7 +763,7 @@ def run_sample_opt(tf: TuneFile, address: str | None = None,
 
     if not state.pretrained and not pretrain(search, state, policy, concurrent, progress):
         return paused()
-    while state.completed < so.rounds:
+    while state.completed < options.rounds:
         r = state.completed + 1
         if stop_after_round is not None and r > stop_after_round:
             break
@@ -777,19 +781,20 @@ def _finish(search: Search, state: SearchState, policy: Policy) -> dict:
 
     from mmcl.train.checkpoint import export_model, read_checkpoint_state
 
-    base, tf = search.base, search.tf
+    base, tune_file = search.base, search.tune_file
     last = state.rounds[-1]
     best = last["candidates"][last["best"]]
     checkpoint = ray.train.Checkpoint(last["best_checkpoint"],
                                       filesystem=launcher.storage_filesystem(base))
     with checkpoint.as_directory() as directory:
         weights = read_checkpoint_state(directory)
-    cfg_best = tf.config_with(search.apply(np.asarray([best["x"][n] for n in state.names]))[0])
+    best_x = np.asarray([best["x"][n] for n in state.names])
+    cfg_best = tune_file.config_with(search.apply(best_x)[0])
     export_model(weights, cfg_best, search.manifest, join(search.url, "model"),
                  base.storage.endpoint_url, base.storage.region)
     params = search.apply(policy.mu)[0]
     params.pop("train.epochs")
-    raw = search.user_tf.raw_with(params)
+    raw = search.user_tune_file.raw_with(params)
     raw.setdefault("storage", {})["name"] = f"{search.name}-policy"
     header = (f"# The run config at the final policy mean of sample optimization "
               f"'{search.name}': {json.dumps(policy.named(policy.mu))}\n")

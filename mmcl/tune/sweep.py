@@ -218,7 +218,7 @@ def mmcl_trial(params: dict, trial_spec: dict) -> None:
 
     cfg = config_mod.from_dict(space_mod.with_values(trial_spec["base"], params),
                                source=f"sampled config {params}")
-    run_train_trial(cfg, storage_path=trial_spec["runs"], spec=trial_spec["score"],
+    run_train_trial(cfg, storage_path=trial_spec["runs"], score_spec=trial_spec["score"],
                     name=f"trial-{tune.get_context().get_trial_id()}",
                     pg_records=trial_spec["records"])
 

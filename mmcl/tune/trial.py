@@ -331,16 +331,17 @@ def _score_callback_class():
     class ScoreReportCallback(TuneReportCallback):
         """TuneReportCallback that first scores the reported checkpoint (see module doc)."""
 
-        def __init__(self, cfg_json: dict, manifest_json: str, root: str, spec: ScoreSpec):
+        def __init__(self, cfg_json: dict, manifest_json: str, root: str,
+                     score_spec: ScoreSpec):
             super().__init__()
-            self._args = (cfg_json, manifest_json, root, spec)
+            self._args = (cfg_json, manifest_json, root, score_spec)
             self._scorer: Scorer | None = None
 
         def _get_scorer(self) -> Scorer:
             if self._scorer is None:
-                cfg_json, manifest_json, root, spec = self._args
+                cfg_json, manifest_json, root, score_spec = self._args
                 self._scorer = Scorer(RunConfig.model_validate(cfg_json),
-                                      Manifest.from_json(manifest_json), root, spec)
+                                      Manifest.from_json(manifest_json), root, score_spec)
             return self._scorer
 
         def after_report(self, run_context, metrics, checkpoint):
@@ -457,7 +458,7 @@ def trial_run_config(cfg: RunConfig, root: str, storage_path: str, name: str) ->
     return config_mod.from_dict(raw, source="trial config")
 
 
-def run_train_trial(cfg: RunConfig, *, storage_path: str, name: str, spec: ScoreSpec,
+def run_train_trial(cfg: RunConfig, *, storage_path: str, name: str, score_spec: ScoreSpec,
                     pg_records: str, start_checkpoint=None, stop_epoch: int | None = None
                     ) -> dict:
     """Inside a Tune trial: prepare the data, run one Ray Train run named `name` in
@@ -485,7 +486,7 @@ def run_train_trial(cfg: RunConfig, *, storage_path: str, name: str, spec: Score
     trainer = launcher.make_trainer(run_cfg, root, manifest, steps, name,
                                     loop=functools.partial(tune_worker_loop, extra=extra))
     trainer.run_config.callbacks.append(_score_callback_class()(
-        run_cfg.model_dump(mode="json"), manifest.to_json(), root, spec))
+        run_cfg.model_dump(mode="json"), manifest.to_json(), root, score_spec))
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
