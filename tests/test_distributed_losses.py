@@ -110,6 +110,10 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         extra["warnings"] = [str(w.message) for w in caught
                              if issubclass(w.category, (FutureWarning, DeprecationWarning))]
         torch.save({"cases": cases, **extra}, f"{out_dir}/rank{rank}.pt")
+        # Both ranks finish every gloo operation before either tears its group down: a rank
+        # destroying its group while the peer still talks to it aborted the process
+        # ("terminate called without an active exception") on a loaded machine.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
