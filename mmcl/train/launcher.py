@@ -198,11 +198,16 @@ def finish_run(cfg: RunConfig, manifest: Manifest, run_url: str, state: dict) ->
 
     export_model(state, cfg, manifest, join(run_url, "model"), cfg.storage.endpoint_url,
                  cfg.storage.region)
+    write_run_record(cfg, run_url, state["history"])
+
+
+def write_run_record(cfg: RunConfig, run_url: str, history: list[dict]) -> None:
+    """A run folder's config.yaml and metrics.jsonl (one row per epoch)."""
     fs, path = filesystem(run_url, cfg.storage.endpoint_url, cfg.storage.region)
     with fs.open(join(path, "config.yaml"), "w") as f:
         f.write(config_mod.dump(cfg))
     with fs.open(join(path, "metrics.jsonl"), "w") as f:
-        for row in state["history"]:
+        for row in history:
             f.write(json.dumps(row) + "\n")
 
 

@@ -66,7 +66,8 @@ from mmcl.tune.common import (search_name, section_config, short_error, trial_st
                               write_output)
 from mmcl.tune.trial import (PG_RECORDS, ScoreSpec, Scorer, TuneError, absolute_paths,
                              ensure_ray, finite, make_janitor, resolve_metric,
-                             restore_or_new_tuner, run_train_trial, trial_resources)
+                             in_process_resources, restore_or_new_tuner,
+                             run_in_process_trial, run_train_trial, trial_resources)
 
 STATE_NAME = "sample_opt_state.json"
 FORMAT = 1
@@ -223,9 +224,19 @@ def mmcl_candidate(params: dict, trial_spec: dict) -> None:
     if trial_spec["start_checkpoint"]:
         start = ray.train.Checkpoint(trial_spec["start_checkpoint"],
                                      filesystem=launcher.storage_filesystem(cfg))
-    run_train_trial(cfg, storage_path=trial_spec["runs"], name=f"cand-{index}",
-                    score_spec=trial_spec["score"], pg_records=trial_spec["records"],
-                    start_checkpoint=start, stop_epoch=trial_spec["stop_epoch"])
+    common = dict(storage_path=trial_spec["runs"], name=f"cand-{index}",
+                  score_spec=trial_spec["score"], start_checkpoint=start,
+                  stop_epoch=trial_spec["stop_epoch"])
+    if trains_in_trial(cfg):
+        run_in_process_trial(cfg, **common)
+    else:
+        run_train_trial(cfg, pg_records=trial_spec["records"], **common)
+
+
+def trains_in_trial(cfg: RunConfig) -> bool:
+    """One-worker candidates train in their Tune trial's process (`run_in_process_trial`);
+    more workers need their Ray Train run (a DDP group)."""
+    return cfg.scaling.num_workers == 1
 
 
 def training_seconds(metrics: dict, batch_size: int, epochs: int) -> float:
@@ -264,8 +275,9 @@ def train_candidates(tag: str, url: str, base: RunConfig, tune_file: TuneFile,
     trial_spec = {"base": tune_file.base, "candidates": candidates, "runs": round_url,
             "records": join(url, PG_RECORDS), "start_checkpoint": start_checkpoint,
             "stop_epoch": stop_epoch, "score": score, "start_epoch": start_epoch}
+    resources = in_process_resources(base) if trains_in_trial(base) else trial_resources()
     trainable = tune.with_resources(tune.with_parameters(mmcl_candidate, trial_spec=trial_spec),
-                                    trial_resources())
+                                    resources)
     param_space = {"candidate": tune.grid_search(list(range(len(candidates))))}
     storage_path = f"{launcher.storage_root(base).rstrip('/')}/{search_name(tune_file, base)}"
     storage_fs = launcher.storage_filesystem(base)

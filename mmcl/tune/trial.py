@@ -497,6 +497,89 @@ def run_train_trial(cfg: RunConfig, *, storage_path: str, name: str, score_spec:
     return state
 
 
+def in_process_resources(cfg: RunConfig) -> dict:
+    """A trial that trains itself (`run_in_process_trial`) holds its worker's CPUs."""
+    return {"CPU": cfg.scaling.cpus_per_worker, "memory": TRIAL_DRIVER_RESOURCES["memory"]}
+
+
+def write_run_checkpoint(url: str, state: dict, cfg: RunConfig, manifest: Manifest) -> str:
+    """A checkpoint folder at `url`, written in place on local storage (uploaded from a
+    temporary folder to S3). Returns its path as Ray Train reports one (bucket/prefix/...
+    on S3), so that `ray.train.Checkpoint(path, filesystem=...)` opens it."""
+    import shutil
+    import tempfile
+
+    from mmcl.storage import is_remote
+    from mmcl.train.checkpoint import write_checkpoint
+
+    fs, path = filesystem(url, cfg.storage.endpoint_url, cfg.storage.region)
+    if not is_remote(url):
+        shutil.rmtree(path, ignore_errors=True)  # a rerun of a cut-off trial
+        write_checkpoint(path, state, cfg, manifest)
+        return path
+    with tempfile.TemporaryDirectory() as directory:
+        write_checkpoint(directory, state, cfg, manifest)
+        fs.put(directory + "/", path, recursive=True)
+    return path
+
+
+def run_in_process_trial(cfg: RunConfig, *, storage_path: str, name: str,
+                         score_spec: ScoreSpec, start_checkpoint=None,
+                         stop_epoch: int | None = None) -> dict:
+    """Inside a Tune trial, for a one-worker run: the Engine trains in the trial's own
+    process on the training split read into memory (a sample-optimization candidate's data;
+    a one-worker Ray Train run adds a controller, a worker process and a Ray Data pipeline
+    that cost far more than its epoch here: docs/fidelity.md, "Share of a round spent
+    outside training"). Same schedule, seeding per batch and checkpoint contents as
+    `run_train_trial`; each epoch is scored from the weights in memory and reported to Tune
+    with the path of its checkpoint (written once, in the run folder, with config.yaml and
+    metrics.jsonl beside it; no model/ export). A cut-off trial starts again from
+    `start_checkpoint`. Returns the final engine state."""
+    import torch
+    from ray import tune
+
+    from mmcl.train.checkpoint import read_checkpoint_state
+    from mmcl.train.engine import Engine, epochs_needed
+    from mmcl.train.local import memory_batches
+    from mmcl.train.worker import seed_batch
+
+    root, manifest = launcher.prepare_data(cfg)
+    run_cfg = trial_run_config(cfg, root, storage_path, name)
+    steps = launcher.train_steps(run_cfg, manifest, 1, root)
+    columns = model_input_columns(manifest) + [
+        lab.name for lab in manifest.labels if lab.role == "label"]
+    rows = read_rows(root, run_cfg.data.train_split, columns, manifest,
+                     remote=launcher.remote(run_cfg))
+    torch.set_num_threads(max(1, run_cfg.scaling.cpus_per_worker))
+    engine = Engine(run_cfg, manifest, steps, "cpu")
+    if start_checkpoint is not None:
+        with start_checkpoint.as_directory() as directory:
+            engine.load_state_dict(read_checkpoint_state(directory))
+    resumed_from_step = engine.step
+    stop = epochs_needed(run_cfg.train, steps)
+    stop = min(stop, stop_epoch or stop)
+    scorer = Scorer(run_cfg, manifest, root, score_spec)
+    run_url = join(storage_path, name)
+    for epoch in range(engine.epoch, stop):
+        def batches(epoch=epoch):
+            for index, batch in enumerate(memory_batches(rows, run_cfg.train.batch_size,
+                                                         run_cfg.train.seed, epoch)):
+                seed_batch(engine, run_cfg, epoch, index, 0)
+                yield batch
+        summary = engine.train_epoch(batches())
+        summary["resumed_from_step"] = resumed_from_step
+        checkpoint = write_run_checkpoint(join(run_url, f"checkpoint_epoch{engine.epoch:04d}"),
+                                          engine.state_dict(), run_cfg, manifest)
+        scored = time.perf_counter()
+        scores = scorer.score(engine.objective.eval())
+        scores["score_seconds"] = time.perf_counter() - scored
+        tune.report({**summary, **scores, "checkpoint_path": checkpoint})
+        if engine.finished:
+            break
+    launcher.write_run_record(run_cfg, run_url, engine.history)
+    return engine.state_dict()
+
+
 def finish_from_checkpoint(checkpoint_path: str, run_url: str, base: RunConfig) -> bool:
     """Write a trial's standard run folder (model/, config.yaml, metrics.jsonl) from its last
     checkpoint, when the trial itself could not (a scheduler stops a trial as soon as its
