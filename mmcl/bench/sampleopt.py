@@ -290,8 +290,14 @@ class CompareSettings:
     mode: str = "full"
     grid: GridSettings = field(default_factory=GridSettings)
     seeds: tuple[int, ...] = (0, 1, 2)
-    start_alpha: float = 1.0          # (a) and the search's start: mmcl's default weight
-    start_beta: float = 1.0           # (a) and the search's start: the fidelity protocol's
+    start_alpha: float = 1.0          # (a): mmcl's default weight
+    start_beta: float = 1.0           # (a): the fidelity protocol's weak augmentation
+    # (c)'s policy mean at round 1; None: (a)'s point. The box's centre (geometric for
+    # alpha) is what (b) knows too (it samples the box): at (a)'s beta = 1, the top of the
+    # box, half of (c)'s samples were clipped to one point (docs/fidelity.md).
+    search_start_alpha: float | None = None
+    search_start_beta: float | None = None
+    reward_views: str = "start"       # (c)'s sample_opt.reward_views
     candidates: int = 4               # B, and (b)'s trials; all run at once in (b) and (c)
     random_trials: int | None = None  # (b)'s trials when not B (the smoke test's: 1)
     rounds: int = 5                   # (c): rounds x 1 epoch = grid.epochs
@@ -315,12 +321,15 @@ class CompareSettings:
         return self.random_trials or self.candidates
 
 
-def base_tune_file(seed: int, settings: CompareSettings, folder: str, name: str) -> dict:
-    """The run config every arm starts from (the grid's cell at the start point)."""
+def base_tune_file(seed: int, settings: CompareSettings, folder: str, name: str,
+                   start: tuple[float, float] | None = None) -> dict:
+    """The run config an arm starts from: the grid's cell at `start` (alpha_weak,
+    beta_weak), by default (a)'s point."""
     from mmcl import config as config_mod
 
     g = settings.grid
-    cfg = run_config(seed, g, cell_overrides(settings.start_alpha, settings.start_beta, g))
+    alpha, beta = start or (settings.start_alpha, settings.start_beta)
+    cfg = run_config(seed, g, cell_overrides(alpha, beta, g))
     raw = cfg.model_dump(mode="json", exclude_unset=False)
     raw["train"]["epochs"] = g.epochs
     raw["storage"] = {"path": folder, "name": name}
@@ -328,10 +337,20 @@ def base_tune_file(seed: int, settings: CompareSettings, folder: str, name: str)
     return raw
 
 
+def search_start(settings: CompareSettings) -> tuple[float, float]:
+    """(alpha_weak, beta_weak) where (c)'s policy mean starts."""
+    alpha = settings.start_alpha if settings.search_start_alpha is None \
+        else settings.search_start_alpha
+    beta = settings.start_beta if settings.search_start_beta is None \
+        else settings.search_start_beta
+    return alpha, beta
+
+
 def arm_tune_file(arm: str, seed: int, settings: CompareSettings, folder: str) -> dict:
     """The tune file of one arm: 'defaults' (one trial at the start point), 'random'
     (Tune random search over the box) or 'sample_opt'."""
-    raw = base_tune_file(seed, settings, folder, arm)
+    raw = base_tune_file(seed, settings, folder, arm,
+                         search_start(settings) if arm == "sample_opt" else None)
     g = settings.grid
     reward = {"metric": "reward", "eval_batch": g.eval_batch, "seed": seed}
     if arm == "defaults":
@@ -351,6 +370,7 @@ def arm_tune_file(arm: str, seed: int, settings: CompareSettings, folder: str) -
             "rounds": settings.rounds, "modalities": [WEAK], "search": ["alpha", "beta"],
             "sigma": {"log_alpha": settings.sigma_log_alpha, "beta": settings.sigma_beta},
             "lr": settings.policy_lr, "augment_field": "noise",
+            "reward_views": settings.reward_views,
             "log_alpha_bounds": [math.log(settings.alpha_box[0]),
                                  math.log(settings.alpha_box[1])],
             "max_concurrent_trials": settings.candidates}
@@ -506,13 +526,20 @@ def compare_markdown(report: dict) -> str:
     trials_b = s.get("random_trials") or s["candidates"]
     lines.append(f"Budget: (a) one run of {g['epochs']} epochs; (b) {trials_b} trials x "
                  f"{g['epochs']} epochs, all at once; (c) B={s['candidates']} candidates x 1 "
-                 f"epoch x {s['rounds']} rounds, all candidates of a round at once. Start of "
-                 f"(a) and (c): alpha_weak {s['start_alpha']:g}, beta_weak {s['start_beta']:g};"
-                 f" box of (b) and (c): alpha_weak in {list(s['alpha_box'])}, beta_weak in "
+                 f"epoch x {s['rounds']} rounds, all candidates of a round at once. (a) at "
+                 f"alpha_weak {s['start_alpha']:g}, beta_weak {s['start_beta']:g}; (c) starts "
+                 f"at {search_start_text(s)}; box of (b) and (c): alpha_weak in {list(s['alpha_box'])}, beta_weak in "
                  f"{list(s['beta_box'])}; sigma (log alpha, beta) = ({s['sigma_log_alpha']:g}, "
                  f"{s['sigma_beta']:g}), policy lr {s['policy_lr']:g}.")
     lines.append(f"Wall time {report['wall_s']:.0f} s; load average {report['load']}.")
     return "\n".join(lines)
+
+
+def search_start_text(s: dict) -> str:
+    alpha = s.get("search_start_alpha")
+    beta = s.get("search_start_beta")
+    return (f"alpha_weak {s['start_alpha'] if alpha is None else alpha:g}, beta_weak "
+            f"{s['start_beta'] if beta is None else beta:g}")
 
 
 def plot_compare(report: dict, path: str) -> str | None:

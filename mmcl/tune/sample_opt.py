@@ -55,7 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mmcl.plotting import agg_pyplot_or_none
 from mmcl import config as config_mod
-from mmcl.config import ConfigError, ModalityAugment, RunConfig
+from mmcl.config import AugmentConfig, ConfigError, ModalityAugment, RunConfig
 from mmcl.data.schema import Manifest
 from mmcl.storage import filesystem, join
 from mmcl.train import launcher
@@ -102,6 +102,10 @@ class SampleOptConfig(BaseModel):
         "reward", description="what the policy maximises: R (the paper's) or the validation "
         "probe of `label`")
     label: str | None = None
+    reward_views: Literal["start", "default"] = Field(
+        "start", description="the augmentation R's two views are drawn with: the search's "
+        "starting one, or mmcl's default (AugmentConfig()). Views as strong as a strong "
+        "start favour candidates trained at least that strongly (docs/fidelity.md)")
     eval_batch: int = Field(256, ge=2)
     max_concurrent_trials: int | None = Field(None, ge=1)
     seed: int | None = None
@@ -480,7 +484,8 @@ def resolve_search(tune_file: TuneFile) -> Search:
     score = ScoreSpec(metric=resolved.metric,
                       probe_label=resolved.probe_label if options.metric == "probe" else None,
                       reward=True, eval_batch=options.eval_batch, seed=base.train.seed,
-                      reward_augment=resolved.reward_augment)
+                      reward_augment=resolved.reward_augment
+                      if options.reward_views == "start" else AugmentConfig().model_dump())
     # Fail on a config the candidates cannot train with, before Ray starts.
     first_params = candidate_params(base, names, mu0, options, total_epochs)[0]
     first_cfg = tune_file.config_with(first_params, source="sample-opt candidate")
