@@ -295,15 +295,17 @@ class CompareSettings:
     # (c)'s policy mean at round 1; None: (a)'s point. The box's centre (geometric for
     # alpha) is what (b) knows too (it samples the box): at (a)'s beta = 1, the top of the
     # box, half of (c)'s samples were clipped to one point (docs/fidelity.md).
-    search_start_alpha: float | None = None
-    search_start_beta: float | None = None
-    reward_views: str = "start"       # (c)'s sample_opt.reward_views
+    search_start_alpha: float | None = 2.0
+    search_start_beta: float | None = 0.5
+    # (c)'s sample_opt.reward_views: R's views from mmcl's default augmentation; views at
+    # the start's strength made R prefer beta = 1 after one epoch (docs/fidelity.md)
+    reward_views: str = "default"
     candidates: int = 4               # B, and (b)'s trials; all run at once in (b) and (c)
     random_trials: int | None = None  # (b)'s trials when not B (the smoke test's: 1)
     rounds: int = 5                   # (c): rounds x 1 epoch = grid.epochs
     sigma_log_alpha: float = 1.0
-    sigma_beta: float = 0.2
-    policy_lr: float = 1.0
+    sigma_beta: float = 0.3
+    policy_lr: float = 2.0
     alpha_box: tuple[float, float] = (0.25, 16.0)
     beta_box: tuple[float, float] = (0.0, 1.0)
 
