@@ -7,12 +7,14 @@ The paper's single-pass bilevel search, with Ray Tune running the candidates:
             (`augment_field`, default noise). mu starts at the run config's values.
     round r = 1..rounds:
         sample B candidates x_i ~ N(mu, sigma^2)              (seeded by (seed, r))
-        train each from the round's shared checkpoint for E epochs: B Ray Train runs, in
-            parallel as Tune trials (alpha_k = exp(x), beta_k = clip(x, 0, 1))
+        train each from the round's shared checkpoint for E epochs, in parallel as Tune
+            trials (alpha_k = exp(x), beta_k = clip(x, 0, 1)): a one-worker candidate trains
+            in its trial's process, a multi-worker one launches its Ray Train run
         score each by R = sum_k A^k on the validation tuples (the objective's `reward`:
             top-1 retrieval of a tuple's second view among its k-disturbed versions, on
-            views drawn with the search's starting augmentation, the same for every
-            candidate; see TupleInfoNCE.reward for why not modality k alone)
+            views drawn with the search's starting augmentation, or mmcl's default one
+            (`reward_views: default`), the same for every candidate; see
+            TupleInfoNCE.reward for why not modality k alone)
         mu += lr * mean_i( Ahat_i * g_i ),  Ahat_i = (R_i - mean R) / std R  (REINFORCE on
             standardised advantages), g_i = sigma^2 * grad_mu log p(x_i) = x_i - mu
             ("natural", the default: one lr fits coordinates of different sigma) or
@@ -28,7 +30,8 @@ decays once over the whole search instead of restarting every round.
     candidates (B), epochs_per_round (E), rounds, sigma ({log_alpha, beta} or one number),
     lr, gradient (natural|vanilla), search ([alpha, beta]), modalities (default: all),
     augment_field (noise|dropout|mixup|...), pretrain_epochs (epochs at mu before round 1),
-    eval_batch (candidates per retrieval batch of R), max_concurrent_trials, seed.
+    reward_views (start|default), eval_batch (candidates per retrieval batch of R),
+    max_concurrent_trials, seed.
 
 Code: `run_sample_opt` resolves the search (`resolve_search`, every user error before Ray
 starts), loads or starts its `SearchState` (`load_state`), and per round trains the candidates
