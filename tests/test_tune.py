@@ -134,6 +134,22 @@ def test_policy_moves_mu_toward_the_better_candidate():
     assert mu[1] == 0.0                                     # beta's mean stays in [0, 1]
 
 
+def test_reward_views_choose_the_augmentation_r_is_scored_on(tmp_path):
+    from mmcl.config import AugmentConfig
+    from mmcl.tune.sample_opt import resolve_search, trains_in_trial
+
+    strong = {"per_modality": {"c": {"noise": 0.9}}}
+    searches = {views: resolve_search(space.parse(tiny(
+        tmp_path, f"views-{views}", augment=strong,
+        sample_opt={"reward_views": views, "modalities": ["c"]}), source="tiny"))
+        for views in ("start", "default")}
+    start, default = searches["start"], searches["default"]
+    assert start.score.reward_augment["per_modality"]["c"]["noise"] == 0.9
+    assert default.score.reward_augment == AugmentConfig().model_dump()
+    assert default.mu0[-1] == 0.9          # the policy still starts at the run's strength
+    assert trains_in_trial(default.base)   # one worker: no Ray Train run per candidate
+
+
 def test_sample_optimization_state_reads_the_saved_format_and_refuses_others(tmp_path):
     from mmcl.tune.sample_opt import FORMAT, STATE_NAME, SearchState, read_state, write_state
     from mmcl.tune.trial import TuneError
