@@ -172,7 +172,9 @@ TRIFEATURE_METHODS = ("cross", "cross_self", "comm", "comm_linear", "tuple", "tu
                       "factorcl_ssl")
 TRIFEATURE_N = 6000          # pairs: 3000 biased pretraining, 1500 unbiased probe-train,
 #                              600 val, 900 test (mmcl.data.trifeature.SPLIT_FRACTIONS)
-TRIFEATURE_EPOCHS = 8
+# 12 epochs = 564 steps a row: what 21 rows x 3 seeds fit in ~70 min at one torch thread on a
+# shared 2-core CPU (0.18-0.41 s a step; CoMM trains 100 epochs)
+TRIFEATURE_EPOCHS = 12
 TRIFEATURE_BATCH = 64
 TRIFEATURE_DATA_SEED = 0     # one data set for every seed (as CoMM's): seeds vary the model
 TRIFEATURE_MODEL = ("model.embed_dim=64", "model.encoder.kind=cnn", "model.encoder.hidden=32",
