@@ -149,8 +149,8 @@ RANDOM = "random init"
 REFERENCES = (RAW, RANDOM)
 REFERENCE_NOTES = {
     RAW: "linear probe on every modality's raw features concatenated (raw:all)",
-    RANDOM: "the tuple/CoMM architecture (MLP encoders + transformer fusion) at its random "
-            "initialisation, fused embedding, not trained",
+    RANDOM: "the tuple/CoMM architecture (the bench's encoders + transformer fusion) at its "
+            "random initialisation, fused embedding, not trained",
 }
 
 # Overrides per objective: one temperature for every InfoNCE-type loss (TupleInfoNCE's code
@@ -183,7 +183,7 @@ TRIFEATURE_METHODS = ("cross", "cross_self", "comm", "comm_linear", "tuple", "tu
                       "factorcl_ssl")
 TRIFEATURE_N = 6000          # pairs: 3000 biased pretraining, 1500 unbiased probe-train,
 #                              600 val, 900 test (mmcl.data.trifeature.SPLIT_FRACTIONS)
-# 12 epochs = 564 steps a row: what 21 rows x 3 seeds fit in ~70 min at one torch thread on a
+# 12 epochs = 552 steps a row: what 21 rows x 3 seeds fit in ~70 min at one torch thread on a
 # shared 2-core CPU (0.18-0.41 s a step; CoMM trains 100 epochs)
 TRIFEATURE_EPOCHS = 12
 TRIFEATURE_BATCH = 64
@@ -899,8 +899,11 @@ def to_markdown(report: dict) -> str:
         lines.append(f"{key} probed on {rows} (PROBE_ROWS).  ")
     chance = ("chance 0.5; trifeature's shape and textures: 10 classes, chance 0.1"
               if any(k.startswith("trifeature:") for k in keys) else "chance 0.5")
+    seeds = ("seed s: training seed s on one data set, data seed "
+             f"{TRIFEATURE_DATA_SEED}" if any(k.startswith("trifeature:") for k in keys) else
+             "seed s: data set seed s and training seed s")
     lines.append(f"Cells: balanced accuracy on the test split ({chance}), mean ± sample std "
-                 "over seeds (seed s: data set seed s and training seed s).")
+                 f"over seeds ({seeds}).")
     lines.append("")
     lines += table_lines(["row", *[names[k] for k in keys]],
                          [[f"*{row}*" if row in REFERENCES else row,
