@@ -156,6 +156,26 @@ def test_trifeature_quick_bench_builds_images_through_import_and_fills_the_table
     assert (out / "data" / data / "manifest.json").exists()
     pngs = os.listdir(out / "data" / f"{data}-source" / "images")
     assert len(pngs) == 2 * report["settings"]["n"] and pngs[0].endswith(".png")
+    # FactorCL's parts are embedded from the images the model sees (uint8 -> [0, 1], as embed):
+    # together they are exactly embed's columns
+    import numpy as np
+    import torch
+
+    from mmcl.data.shards import read_manifest, read_split
+    from mmcl.evaluate.diagnostics import FUSED_KIND
+    from mmcl.objectives import build_objective
+
+    manifest = read_manifest(str(out / "data" / data))
+    test = {"test": read_split(str(out / "data" / data), "test")}
+    settings = fidelity.Settings.trifeature(quick=True)
+    torch.manual_seed(0)
+    objective = build_objective(fidelity.run_config(
+        fidelity.method("factorcl_ssl"), "trifeature", 0, settings), manifest)
+    names = manifest.modality_names
+    parts = fidelity.embed_parts(objective, test, names, manifest)["test"]
+    embed = fidelity.embed_splits(objective, test, names, manifest)["test"][FUSED_KIND]
+    together = np.concatenate([parts[k] for k in sorted(parts)], axis=1)
+    np.testing.assert_allclose(np.sort(together, axis=1), np.sort(embed, axis=1), atol=1e-5)
 
 
 def test_sub_representations_and_modality_embeddings_are_probed_alone():
@@ -177,7 +197,7 @@ def test_sub_representations_and_modality_embeddings_are_probed_alone():
                   for s, cols in splits.items()}
         out = fidelity.part_scores(objective, splits, labels,
                                    fidelity._specs(manifest, preset),
-                                   manifest.modality_names, preset, settings)
+                                   manifest.modality_names, preset, settings, manifest)
         assert list(out) == [group] and set(out[group]) == parts
         keys = {fidelity.column_key(p, c) for p, c, _, _ in fidelity.COLUMNS if p == preset}
         for scores in out[group].values():
@@ -187,4 +207,32 @@ def test_sub_representations_and_modality_embeddings_are_probed_alone():
     objective = build_objective(fidelity.run_config(fidelity.method("cross"), "factorcl_hard",
                                                     0, settings), manifest)
     assert fidelity.part_scores(objective, splits, {}, [], manifest.modality_names,
-                                "factorcl_hard", settings) == {}
+                                "factorcl_hard", settings, manifest) == {}
+
+
+def test_trifeature_textures_are_probed_where_colour_2_does_not_name_texture_1():
+    """On the correlated probe pairs (synergy 1) colour 2 names texture 1; the bench probes
+    the textures on the synergy-0 pairs only, the other columns on every pair. A feature that
+    carries texture 1 on the synergy-1 rows only reads it on all rows, not on the bench's."""
+    import numpy as np
+
+    from mmcl.data.schema import LabelSpec
+    from mmcl.evaluate.diagnostics import probe_columns
+
+    rng = np.random.default_rng(0)
+    specs = [LabelSpec("texture1", num_classes=10), LabelSpec("synergy", num_classes=2)]
+    labels, features = {}, {}
+    for split, n in (("train", 600), ("val", 200), ("test", 400)):
+        texture, synergy = rng.integers(0, 10, n), rng.integers(0, 2, n)
+        leak = np.eye(10)[texture] * synergy[:, None]          # "colour 2" on synergy-1 rows
+        labels[split] = {"texture1": texture, "synergy": synergy}
+        features[split] = {"fused": np.concatenate(
+            [leak, synergy[:, None], rng.normal(size=(n, 2))], axis=1).astype(np.float32)}
+    probes = fidelity.probe_settings(fidelity.Settings.quick())
+    every = probe_columns(labels, specs, features, probes)
+    bench = fidelity.probe(fidelity.IMAGE_PRESETS[0], labels, specs, features, probes)
+    score = {name: {c: r[c]["probes"]["fused"]["balanced_accuracy"] for c in r}
+             for name, r in (("every", every), ("bench", bench))}
+    assert score["every"]["texture1"] > 0.45 and score["bench"]["texture1"] < 0.25
+    assert score["bench"]["synergy"] == score["every"]["synergy"] > 0.95
+    assert list(bench) == ["texture1", "synergy"]

@@ -94,6 +94,17 @@ IMAGE_PRESETS = ("trifeature",)   # run on their own: `mmcl bench fidelity --pre
 # Presets whose objectives are also probed per modality embedding (emb:m): does the fused
 # embedding keep what its best single modality holds?
 MODALITY_PROBE_PRESETS = ("many",)
+# Columns probed on a subset of the pairs only: {(preset, column): (label, value)} keeps the
+# rows where `label == value`. Trifeature's textures: the probe pairs are correlated
+# (colour 2 = pairing[texture 1], synergy 1) in a random half to balance synergy, and in that
+# half image 2's colour names texture 1, so a probe read texture 1 off colour 2 (an untrained
+# CNN's image-2 embedding: 0.37 on all test pairs, 0.09 on the synergy-0 ones; chance 0.10).
+# On the synergy-0 pairs colour 2 is any colour but pairing[texture 1]: the textures are
+# probed there (CoMM's unbiased pairs: colour 2 uniform, correlated in 1 of 10).
+PROBE_ROWS: dict[tuple[str, str], tuple[str, int]] = {
+    ("trifeature", "texture1"): ("synergy", 0),
+    ("trifeature", "texture2"): ("synergy", 0),
+}
 # Few-label probe (k labelled rows per class) of the fused and raw features, per preset.
 FEW_LABEL_K: dict[str, tuple[int, ...]] = {"many": (10,)}
 
@@ -138,8 +149,8 @@ RANDOM = "random init"
 REFERENCES = (RAW, RANDOM)
 REFERENCE_NOTES = {
     RAW: "linear probe on every modality's raw features concatenated (raw:all)",
-    RANDOM: "the tuple/CoMM architecture (MLP encoders + transformer fusion) at its random "
-            "initialisation, fused embedding, not trained",
+    RANDOM: "the tuple/CoMM architecture (the bench's encoders + transformer fusion) at its "
+            "random initialisation, fused embedding, not trained",
 }
 
 # Overrides per objective: one temperature for every InfoNCE-type loss (TupleInfoNCE's code
@@ -172,7 +183,9 @@ TRIFEATURE_METHODS = ("cross", "cross_self", "comm", "comm_linear", "tuple", "tu
                       "factorcl_ssl")
 TRIFEATURE_N = 6000          # pairs: 3000 biased pretraining, 1500 unbiased probe-train,
 #                              600 val, 900 test (mmcl.data.trifeature.SPLIT_FRACTIONS)
-TRIFEATURE_EPOCHS = 8
+# 12 epochs = 552 steps a row: what 21 rows x 3 seeds fit in ~70 min at one torch thread on a
+# shared 2-core CPU (0.18-0.41 s a step; CoMM trains 100 epochs)
+TRIFEATURE_EPOCHS = 12
 TRIFEATURE_BATCH = 64
 TRIFEATURE_DATA_SEED = 0     # one data set for every seed (as CoMM's): seeds vary the model
 TRIFEATURE_MODEL = ("model.embed_dim=64", "model.encoder.kind=cnn", "model.encoder.hidden=32",
@@ -289,6 +302,9 @@ class Settings:
                       "representation mmcl embed writes): logistic regression, L2 from l2_grid "
                       "chosen on val by balanced accuracy, refit on train+val, balanced "
                       "accuracy on test")
+        d["probe_rows"] = {column_key(p, c): f"only the rows where {label} == {value}"
+                           for (p, c), (label, value) in PROBE_ROWS.items()
+                           if p in self.presets}
         return d
 
 
@@ -380,6 +396,27 @@ def embed_splits(objective, splits: dict, modalities: Sequence[str], manifest,
     return out
 
 
+def probe(preset: str, label_splits: dict, specs, features: dict, probes) -> dict:
+    """diag.probe_columns of every column of `specs`, the PROBE_ROWS columns on their own
+    subset of the rows (same features, same probe settings)."""
+    from mmcl.evaluate import diagnostics as diag
+
+    groups: dict[tuple[str, int] | None, list] = {}
+    for spec in specs:
+        groups.setdefault(PROBE_ROWS.get((preset, spec.name)), []).append(spec)
+    out: dict[str, dict] = {}
+    for rows, group in groups.items():
+        labels, x = label_splits, features
+        if rows is not None:
+            keep = {s: np.asarray(cols[rows[0]]) == rows[1] for s, cols in label_splits.items()}
+            labels = {s: {c: np.asarray(v)[keep[s]] for c, v in cols.items()}
+                      for s, cols in label_splits.items()}
+            x = {s: {kind: f[keep[s]] for kind, f in kinds.items()}
+                 for s, kinds in features.items()}
+        out.update(diag.probe_columns(labels, group, x, probes))
+    return {spec.name: out[spec.name] for spec in specs}
+
+
 def probe_settings(settings: Settings, preset: str | None = None):
     from mmcl.evaluate.diagnostics import ProbeSettings
 
@@ -387,15 +424,19 @@ def probe_settings(settings: Settings, preset: str | None = None):
                          few_label_k=FEW_LABEL_K.get(preset, ()), max_rows=None)
 
 
-def embed_parts(objective, splits: dict, modalities: Sequence[str], batch_size: int = 1024,
+def embed_parts(objective, splits: dict, modalities: Sequence[str], manifest,
+                batch_size: int = 1024,
                 per_modality: bool = False) -> dict[str, dict[str, np.ndarray]]:
     """{split: {kind: features}} of the objective's sub-representations
     (`objective.sub_embeddings`, kind "sub:NAME") and, with per_modality, of every modality's
-    own embedding (`modality_embeddings`, kind "emb:m"); empty dicts when it has neither."""
+    own embedding (`modality_embeddings`, kind "emb:m"); empty dicts when it has neither. The
+    stored columns go through the Preparer first, as in embed_splits (uint8 images -> [0, 1])."""
     import torch
 
+    from mmcl.data.prepare import Preparer
     from mmcl.evaluate import diagnostics as diag
 
+    prepare = Preparer(manifest)
     objective.eval()
     out = {}
     for split, cols in splits.items():
@@ -403,8 +444,8 @@ def embed_parts(objective, splits: dict, modalities: Sequence[str], batch_size: 
         parts: dict[str, list[np.ndarray]] = {}
         with torch.no_grad():
             for start in range(0, n, batch_size):
-                batch = {m: torch.from_numpy(np.ascontiguousarray(
-                    cols[m][start:start + batch_size], dtype=np.float32)) for m in modalities}
+                batch = prepare({m: torch.from_numpy(np.ascontiguousarray(
+                    cols[m][start:start + batch_size])) for m in modalities})
                 found = {f"sub:{k}": v for k, v in objective.sub_embeddings(batch).items()}
                 if per_modality:
                     found.update({diag.emb_kind(k): v for k, v in
@@ -529,7 +570,7 @@ def run_preset(preset: str, seed: int, settings: Settings, log: Callable[[str], 
         features = {s: {kind: np.concatenate([raw_features(cols[m], manifest.modality(m))
                                               for m in modalities], axis=1)}
                     for s, cols in splits.items()}
-        raw, per_modality = diag.probe_columns(label_splits, specs, features, probes), None
+        raw, per_modality = probe(preset, label_splits, specs, features, probes), None
     if raw is not None:
         done(RAW, raw, kind, probe_s=time.perf_counter() - start,
              raw_per_modality=per_modality, few_label=few_label_scores(raw, preset, kind))
@@ -537,9 +578,8 @@ def run_preset(preset: str, seed: int, settings: Settings, log: Callable[[str], 
     torch.manual_seed(cfg.train.seed)
     start = time.perf_counter()
     random_model = build_objective(cfg, manifest)
-    results = diag.probe_columns(label_splits, specs,
-                                 embed_splits(random_model, splits, modalities, manifest),
-                                 probes)
+    results = probe(preset, label_splits, specs,
+                    embed_splits(random_model, splits, modalities, manifest), probes)
     done(RANDOM, results, diag.FUSED_KIND, probe_s=time.perf_counter() - start)
 
     for name in settings.methods:
@@ -559,9 +599,9 @@ def run_preset(preset: str, seed: int, settings: Settings, log: Callable[[str], 
         train_s = time.perf_counter() - start
         start = time.perf_counter()
         features = embed_splits(engine.objective, splits, modalities, manifest)
-        results = diag.probe_columns(label_splits, specs, features, probes)
+        results = probe(preset, label_splits, specs, features, probes)
         parts = part_scores(engine.objective, splits, label_splits, specs, modalities,
-                            preset, settings)
+                            preset, settings, manifest)
         last = engine.history[-1] if engine.history else {}
         done(m.name, results, diag.FUSED_KIND, train_s=train_s, **parts,
              few_label=few_label_scores(results, preset, diag.FUSED_KIND),
@@ -571,16 +611,14 @@ def run_preset(preset: str, seed: int, settings: Settings, log: Callable[[str], 
 
 
 def part_scores(objective, splits: dict, label_splits: dict, specs, modalities,
-                preset: str, settings: Settings) -> dict:
+                preset: str, settings: Settings, manifest) -> dict:
     """{"sub_scores": {sub name: scores}} for an objective with sub-representations and
     {"modality_scores": {modality: scores}} on MODALITY_PROBE_PRESETS (empty when neither)."""
-    from mmcl.evaluate import diagnostics as diag
-
-    features = embed_parts(objective, splits, modalities,
+    features = embed_parts(objective, splits, modalities, manifest,
                            per_modality=preset in MODALITY_PROBE_PRESETS)
     if not features["train"]:
         return {}
-    results = diag.probe_columns(label_splits, specs, features, probe_settings(settings))
+    results = probe(preset, label_splits, specs, features, probe_settings(settings))
     out: dict[str, dict] = {}
     for kind in features["train"]:
         group = "sub_scores" if kind.startswith("sub:") else "modality_scores"
@@ -857,10 +895,15 @@ def to_markdown(report: dict) -> str:
         lines.append(f"trifeature: {settings['image_size']}x{settings['image_size']} renders; "
                      f"pretraining {settings['trifeature_pretrain_note']}.  ")
     lines.append(f"Probe: {settings['probe']}; L2 grid {settings['l2_grid']}.  ")
+    for key, rows in settings.get("probe_rows", {}).items():   # absent in older reports
+        lines.append(f"{key} probed on {rows} (PROBE_ROWS).  ")
     chance = ("chance 0.5; trifeature's shape and textures: 10 classes, chance 0.1"
               if any(k.startswith("trifeature:") for k in keys) else "chance 0.5")
+    seeds = ("seed s: training seed s on one data set, data seed "
+             f"{TRIFEATURE_DATA_SEED}" if any(k.startswith("trifeature:") for k in keys) else
+             "seed s: data set seed s and training seed s")
     lines.append(f"Cells: balanced accuracy on the test split ({chance}), mean ± sample std "
-                 "over seeds (seed s: data set seed s and training seed s).")
+                 f"over seeds ({seeds}).")
     lines.append("")
     lines += table_lines(["row", *[names[k] for k in keys]],
                          [[f"*{row}*" if row in REFERENCES else row,
