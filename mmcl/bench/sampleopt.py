@@ -292,11 +292,11 @@ class CompareSettings:
     seeds: tuple[int, ...] = (0, 1, 2)
     start_alpha: float = 1.0          # (a): mmcl's default weight
     start_beta: float = 1.0           # (a): the fidelity protocol's weak augmentation
-    # (c)'s policy mean at round 1; None: (a)'s point. The box's centre (geometric for
-    # alpha) is what (b) knows too (it samples the box): at (a)'s beta = 1, the top of the
-    # box, half of (c)'s samples were clipped to one point (docs/fidelity.md).
-    search_start_alpha: float | None = 2.0
-    search_start_beta: float | None = 0.5
+    # (c)'s policy mean at round 1: the box's centre (geometric for alpha), what (b) knows
+    # too (it samples the box); at (a)'s beta = 1, the top of the box, half of (c)'s samples
+    # were clipped to one point (docs/fidelity.md).
+    search_start_alpha: float = 2.0
+    search_start_beta: float = 0.5
     # (c)'s sample_opt.reward_views: R's views from mmcl's default augmentation; views at
     # the start's strength made R prefer beta = 1 after one epoch (docs/fidelity.md)
     reward_views: str = "default"
@@ -339,20 +339,12 @@ def base_tune_file(seed: int, settings: CompareSettings, folder: str, name: str,
     return raw
 
 
-def search_start(settings: CompareSettings) -> tuple[float, float]:
-    """(alpha_weak, beta_weak) where (c)'s policy mean starts."""
-    alpha = settings.start_alpha if settings.search_start_alpha is None \
-        else settings.search_start_alpha
-    beta = settings.start_beta if settings.search_start_beta is None \
-        else settings.search_start_beta
-    return alpha, beta
-
-
 def arm_tune_file(arm: str, seed: int, settings: CompareSettings, folder: str) -> dict:
     """The tune file of one arm: 'defaults' (one trial at the start point), 'random'
     (Tune random search over the box) or 'sample_opt'."""
     raw = base_tune_file(seed, settings, folder, arm,
-                         search_start(settings) if arm == "sample_opt" else None)
+                         (settings.search_start_alpha, settings.search_start_beta)
+                         if arm == "sample_opt" else None)
     g = settings.grid
     reward = {"metric": "reward", "eval_batch": g.eval_batch, "seed": seed}
     if arm == "defaults":
@@ -530,18 +522,12 @@ def compare_markdown(report: dict) -> str:
                  f"{g['epochs']} epochs, all at once; (c) B={s['candidates']} candidates x 1 "
                  f"epoch x {s['rounds']} rounds, all candidates of a round at once. (a) at "
                  f"alpha_weak {s['start_alpha']:g}, beta_weak {s['start_beta']:g}; (c) starts "
-                 f"at {search_start_text(s)}; box of (b) and (c): alpha_weak in {list(s['alpha_box'])}, beta_weak in "
+                 f"at alpha_weak {s['search_start_alpha']:g}, beta_weak "
+                 f"{s['search_start_beta']:g}; box of (b) and (c): alpha_weak in {list(s['alpha_box'])}, beta_weak in "
                  f"{list(s['beta_box'])}; sigma (log alpha, beta) = ({s['sigma_log_alpha']:g}, "
                  f"{s['sigma_beta']:g}), policy lr {s['policy_lr']:g}.")
     lines.append(f"Wall time {report['wall_s']:.0f} s; load average {report['load']}.")
     return "\n".join(lines)
-
-
-def search_start_text(s: dict) -> str:
-    alpha = s.get("search_start_alpha")
-    beta = s.get("search_start_beta")
-    return (f"alpha_weak {s['start_alpha'] if alpha is None else alpha:g}, beta_weak "
-            f"{s['start_beta'] if beta is None else beta:g}")
 
 
 def plot_compare(report: dict, path: str) -> str | None:

@@ -539,9 +539,9 @@ def run_in_process_trial(cfg: RunConfig, *, storage_path: str, name: str,
     from ray import tune
 
     from mmcl.train.checkpoint import read_checkpoint_state
-    from mmcl.train.engine import Engine, epochs_needed
+    from mmcl.train.engine import Engine
     from mmcl.train.local import memory_batches
-    from mmcl.train.worker import seed_batch
+    from mmcl.train.worker import seeded, stop_epoch_of
 
     root, manifest = launcher.prepare_data(cfg)
     run_cfg = trial_run_config(cfg, root, storage_path, name)
@@ -556,17 +556,13 @@ def run_in_process_trial(cfg: RunConfig, *, storage_path: str, name: str,
         with start_checkpoint.as_directory() as directory:
             engine.load_state_dict(read_checkpoint_state(directory))
     resumed_from_step = engine.step
-    stop = epochs_needed(run_cfg.train, steps)
-    stop = min(stop, stop_epoch or stop)
+    stop = stop_epoch_of(run_cfg, {"steps_per_epoch": steps, "stop_epoch": stop_epoch})
     scorer = Scorer(run_cfg, manifest, root, score_spec)
     run_url = join(storage_path, name)
     for epoch in range(engine.epoch, stop):
-        def batches(epoch=epoch):
-            for index, batch in enumerate(memory_batches(rows, run_cfg.train.batch_size,
-                                                         run_cfg.train.seed, epoch)):
-                seed_batch(engine, run_cfg, epoch, index, 0)
-                yield batch
-        summary = engine.train_epoch(batches())
+        batches = enumerate(memory_batches(rows, run_cfg.train.batch_size,
+                                           run_cfg.train.seed, epoch))
+        summary = engine.train_epoch(seeded(engine, run_cfg, batches, epoch, 0))
         summary["resumed_from_step"] = resumed_from_step
         checkpoint = write_run_checkpoint(join(run_url, f"checkpoint_epoch{engine.epoch:04d}"),
                                           engine.state_dict(), run_cfg, manifest)
