@@ -370,6 +370,17 @@ def make_splits(preset: str, n: int, seed: int):
     return manifest, split_arrays(arrays, manifest, (0.8, 0.1, 0.1), seed)
 
 
+def prepared_batches(cols: dict, modalities: Sequence[str], prepare, batch_size: int):
+    """The stored columns of one split in batches, through the data layer's Preparer as in
+    training (uint8 images -> [0, 1]): every embedding the bench probes reads them so."""
+    import torch
+
+    n = len(cols[modalities[0]])
+    for start in range(0, n, batch_size):
+        yield prepare({m: torch.from_numpy(np.ascontiguousarray(
+            cols[m][start:start + batch_size])) for m in modalities})
+
+
 def embed_splits(objective, splits: dict, modalities: Sequence[str], manifest,
                  batch_size: int = 1024) -> dict[str, dict[str, np.ndarray]]:
     """{split: {kind: features}} with kind "fused" = objective.embed (what `mmcl embed` writes
@@ -385,12 +396,9 @@ def embed_splits(objective, splits: dict, modalities: Sequence[str], manifest,
     objective.eval()
     out = {}
     for split, cols in splits.items():
-        n = len(cols[modalities[0]])
         parts = []
         with torch.no_grad():
-            for start in range(0, n, batch_size):
-                batch = prepare({m: torch.from_numpy(np.ascontiguousarray(
-                    cols[m][start:start + batch_size])) for m in modalities})
+            for batch in prepared_batches(cols, modalities, prepare, batch_size):
                 parts.append(objective.embed(batch).float().cpu().numpy())
         out[split] = diag.feature_kinds({FUSED: np.concatenate(parts)}, [], [])
     return out
@@ -429,8 +437,7 @@ def embed_parts(objective, splits: dict, modalities: Sequence[str], manifest,
                 per_modality: bool = False) -> dict[str, dict[str, np.ndarray]]:
     """{split: {kind: features}} of the objective's sub-representations
     (`objective.sub_embeddings`, kind "sub:NAME") and, with per_modality, of every modality's
-    own embedding (`modality_embeddings`, kind "emb:m"); empty dicts when it has neither. The
-    stored columns go through the Preparer first, as in embed_splits (uint8 images -> [0, 1])."""
+    own embedding (`modality_embeddings`, kind "emb:m"); empty dicts when it has neither."""
     import torch
 
     from mmcl.data.prepare import Preparer
@@ -440,12 +447,9 @@ def embed_parts(objective, splits: dict, modalities: Sequence[str], manifest,
     objective.eval()
     out = {}
     for split, cols in splits.items():
-        n = len(cols[modalities[0]])
         parts: dict[str, list[np.ndarray]] = {}
         with torch.no_grad():
-            for start in range(0, n, batch_size):
-                batch = prepare({m: torch.from_numpy(np.ascontiguousarray(
-                    cols[m][start:start + batch_size])) for m in modalities})
+            for batch in prepared_batches(cols, modalities, prepare, batch_size):
                 found = {f"sub:{k}": v for k, v in objective.sub_embeddings(batch).items()}
                 if per_modality:
                     found.update({diag.emb_kind(k): v for k, v in
