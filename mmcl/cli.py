@@ -445,7 +445,7 @@ def add_bench_fidelity(sub) -> None:
     p.add_argument("--preset", choices=["trifeature"],
                    help="trifeature: CoMM's bimodal Trifeature table on images (cross, "
                    "cross_self, comm, comm_linear, tuple, tuple_infonce, factorcl_ssl; the "
-                   "built-in CNN on 32x32 renders) instead of the vector presets")
+                   "built-in CNN on 64x64 renders) instead of the vector presets")
     p.add_argument("--out", help="output folder (default: runs/bench/fidelity, "
                    "runs/bench/fidelity-trifeature, with -quick for --quick)")
     p.set_defaults(func=cmd_bench_fidelity)

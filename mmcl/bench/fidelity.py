@@ -183,9 +183,14 @@ TRIFEATURE_METHODS = ("cross", "cross_self", "comm", "comm_linear", "tuple", "tu
                       "factorcl_ssl")
 TRIFEATURE_N = 6000          # pairs: 3000 biased pretraining, 1500 unbiased probe-train,
 #                              600 val, 900 test (mmcl.data.trifeature.SPLIT_FRACTIONS)
-# 12 epochs = 552 steps a row: what 21 rows x 3 seeds fit in ~70 min at one torch thread on a
-# shared 2-core CPU (0.18-0.41 s a step; CoMM trains 100 epochs)
-TRIFEATURE_EPOCHS = 12
+# 64x64 renders, 24 epochs = 1104 steps a row, two torch threads: ~70 min for 7 rows x 3 seeds
+# on 2 cores. At 32x32 and 12 epochs (run D in docs/fidelity.md) no row learnt the shapes
+# (R <= 0.67) nor cross_self / comm texture 2; resolution x steps moved both, the probe's
+# convergence, colour jitter, a stronger crop, a wider CNN and the temperature did not.
+# CoMM: 224x224, AlexNet, 100 epochs.
+TRIFEATURE_IMAGE_SIZE = 64
+TRIFEATURE_EPOCHS = 24
+TRIFEATURE_THREADS = 2
 TRIFEATURE_BATCH = 64
 TRIFEATURE_DATA_SEED = 0     # one data set for every seed (as CoMM's): seeds vary the model
 TRIFEATURE_MODEL = ("model.embed_dim=64", "model.encoder.kind=cnn", "model.encoder.hidden=32",
@@ -264,7 +269,7 @@ class Settings:
 
     @classmethod
     def trifeature(cls, quick: bool = False) -> "Settings":
-        """CoMM's bimodal Trifeature table on 2 CPU cores: 32x32 renders, the built-in CNN
+        """CoMM's bimodal Trifeature table on 2 CPU cores: 64x64 renders, the built-in CNN
         (3 stride-2 conv blocks of 32 channels; CoMM: AlexNet on 224x224, 100 epochs), the
         geometric SimCLR augmentations (see TRIFEATURE_AUGMENT). quick: a smoke
         test of every row and column (a few hundred pairs, 1 epoch, a tiny CNN)."""
@@ -277,7 +282,8 @@ class Settings:
                               "model.proj_hidden=32", "model.proj_dim=16"),
                        l2_grid=(1e-3,), probe_max_iter=20, image_size=16, **common)
         return cls(mode="full", n=TRIFEATURE_N, epochs=TRIFEATURE_EPOCHS,
-                   batch_size=TRIFEATURE_BATCH, model=TRIFEATURE_MODEL, **common)
+                   batch_size=TRIFEATURE_BATCH, model=TRIFEATURE_MODEL,
+                   image_size=TRIFEATURE_IMAGE_SIZE, threads=TRIFEATURE_THREADS, **common)
 
     def to_dict(self) -> dict:
         d = asdict(self)
