@@ -183,8 +183,8 @@ TRIFEATURE_METHODS = ("cross", "cross_self", "comm", "comm_linear", "tuple", "tu
                       "factorcl_ssl")
 TRIFEATURE_N = 6000          # pairs: 3000 biased pretraining, 1500 unbiased probe-train,
 #                              600 val, 900 test (mmcl.data.trifeature.SPLIT_FRACTIONS)
-# 64x64 renders, 24 epochs = 1104 steps a row, two torch threads: ~70 min for 7 rows x 3 seeds
-# on 2 cores. At 32x32 and 12 epochs (run D in docs/fidelity.md) no row learnt the shapes
+# 64x64 renders, 24 epochs = 1104 steps a row, two torch threads: 65 min for 7 rows x 3 seeds
+# on an otherwise idle 2-core machine (run E in docs/fidelity.md). At 32x32 and 12 epochs (run D in docs/fidelity.md) no row learnt the shapes
 # (R <= 0.67) nor cross_self / comm texture 2; resolution x steps moved both, the probe's
 # convergence, colour jitter, a stronger crop, a wider CNN and the temperature did not.
 # CoMM: 224x224, AlexNet, 100 epochs.
@@ -250,7 +250,7 @@ class Settings:
     threads: int = 1
     rus_pretrain: str = "biased"     # "biased" (CoMM's protocol) or "unbiased"
     trifeature_pretrain: str = "biased"  # "biased" (CoMM's protocol) or "unbiased"
-    image_size: int = 32             # trifeature renders (CoMM: 224)
+    image_size: int = TRIFEATURE_IMAGE_SIZE  # trifeature renders (CoMM: 224)
     raw_per_modality: bool = True    # also probe each modality's raw features (JSON only)
     preset_overrides: dict[str, tuple[str, ...]] = field(
         default_factory=lambda: {p: tuple(v) for p, v in PRESET_OVERRIDES.items()})
@@ -283,7 +283,7 @@ class Settings:
                        l2_grid=(1e-3,), probe_max_iter=20, image_size=16, **common)
         return cls(mode="full", n=TRIFEATURE_N, epochs=TRIFEATURE_EPOCHS,
                    batch_size=TRIFEATURE_BATCH, model=TRIFEATURE_MODEL,
-                   image_size=TRIFEATURE_IMAGE_SIZE, threads=TRIFEATURE_THREADS, **common)
+                   threads=TRIFEATURE_THREADS, **common)
 
     def to_dict(self) -> dict:
         d = asdict(self)
