@@ -276,3 +276,45 @@ def write_text(url: str, text: str, endpoint_url: str | None = None,
 
 def join(url: str, *parts: str) -> str:
     return "/".join([str(url).rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def check_inside(url: str, root: str) -> None:
+    """Refuse to write `url` (a file or folder, there yet or not) inside the folder `root` when
+    a symbolic link lies on its way from `root` or anywhere below it: a link in a run folder
+    (a planted `RUN/eval -> /elsewhere`, `RUN/eval/report.md -> ~/.bashrc`) must never carry
+    mmcl's outputs out of the run, nor onto another of its files. One StorageError naming
+    the link. Object stores have no links: s3:// URLs pass. (Checked when the command
+    starts: a link planted while it runs is not seen.)"""
+    if is_remote(url) or is_remote(root):
+        return
+    base = os.path.abspath(os.path.expanduser(str(root)))
+    target = os.path.abspath(os.path.expanduser(str(url)))
+    relative = os.path.relpath(target, base)
+    if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        raise StorageError(f"cannot write {url}: it is not inside {root}")
+    links = []
+    step = base
+    for part in ([] if relative == os.curdir else relative.split(os.sep)):
+        step = os.path.join(step, part)
+        if os.path.islink(step):
+            links.append(step)
+            break
+        if not os.path.exists(step):
+            break
+    if not links and os.path.isdir(target) and not os.path.islink(target):
+        for folder, dirs, files in os.walk(target):   # links are not followed
+            found = [os.path.join(folder, n) for n in sorted(dirs + files)
+                     if os.path.islink(os.path.join(folder, n))]
+            if found:
+                links.append(found[0])
+                break
+    if links:
+        link = links[0]
+        try:
+            points = os.readlink(link)
+        except OSError:
+            points = "?"
+        raise StorageError(
+            f"cannot write {url}: {link} is a symbolic link (to {points}); mmcl writes a "
+            f"run's outputs only into real folders inside the run {root}, never through a "
+            f"link. Remove the link, or copy the run (cp -rL) and use the copy")

@@ -105,9 +105,11 @@ def _absolute(url: str) -> str:
 
 
 def read_run(run: str, endpoint_url: str | None = None, region: str | None = None) -> RunInfo:
-    """The config and model manifest of a run folder (or its model/ or a checkpoint folder)."""
-    from mmcl import config as config_mod
-    from mmcl.train.checkpoint import CONFIG, MANIFEST, STATE, WEIGHTS, CheckpointError
+    """The config and model manifest of a run folder (or its model/ or a checkpoint folder).
+    Nothing is imported here: a plug-in encoder kind is refused (or allowed) where the model
+    is loaded (`mmcl.load(..., trust_plugins)`)."""
+    from mmcl.train.checkpoint import (CONFIG, MANIFEST, STATE, WEIGHTS, CheckpointError,
+                                       read_config)
 
     url = _absolute(run)
     fs, root = storage.filesystem(url, endpoint_url, region)
@@ -116,9 +118,7 @@ def read_run(run: str, endpoint_url: str | None = None, region: str | None = Non
         has_weights = any(fs.exists(storage.join(folder, w)) for w in (WEIGHTS, STATE))
         if has_weights and fs.exists(storage.join(folder, CONFIG)) and \
                 fs.exists(storage.join(folder, MANIFEST)):
-            cfg = config_mod.from_dict(
-                config_mod.parse_yaml(fs.cat_file(storage.join(folder, CONFIG)).decode(), CONFIG),
-                source=storage.join(shown, CONFIG))
+            cfg = read_config(fs, folder, shown, trust_plugins=True)
             manifest = Manifest.from_json(fs.cat_file(storage.join(folder, MANIFEST)).decode(),
                                           storage.join(shown, MANIFEST))
             parent = url.rstrip("/").rsplit("/", 1)
@@ -204,12 +204,13 @@ class Embedder:
 
     def __init__(self, model_url: str, modalities: Sequence[str], labels: Sequence[str],
                  raw: Sequence[str] = (), device: str = "auto", endpoint_url: str | None = None,
-                 region: str | None = None, passthrough: Sequence[str] = ()):
+                 region: str | None = None, passthrough: Sequence[str] = (),
+                 trust_plugins: bool = False):
         import torch
 
         import mmcl
 
-        self.model = mmcl.load(model_url, endpoint_url, region)
+        self.model = mmcl.load(model_url, endpoint_url, region, trust_plugins=trust_plugins)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
@@ -299,8 +300,10 @@ def embed_run(run: str, out: str, data: str | None = None, splits: Sequence[str]
               concurrency: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
               use_gpu: bool | None = None, raw: bool | Sequence[str] = False,
               overwrite: bool = False, endpoint_url: str | None = None,
-              region: str | None = None) -> EmbedResult:
+              region: str | None = None, trust_plugins: bool = False) -> EmbedResult:
     """Embed every split (or `splits`) of the run's data set (or `data`) into `out`.
+    `trust_plugins`: import a plug-in encoder kind the run's recorded config names (refused
+    by default, see mmcl.load).
 
     `raw=True` also writes each modality's flattened raw features (up to RAW_MAX_FEATURES per
     modality) as `raw_<m>`: the reference `mmcl eval` probes beside the embeddings.
@@ -348,10 +351,11 @@ def embed_run(run: str, out: str, data: str | None = None, splits: Sequence[str]
     # here, once, before anything is written or an actor starts.
     from mmcl.train.checkpoint import load as load_model
 
-    load_model(info.model_url, endpoint_url, region)
+    load_model(info.model_url, endpoint_url, region, trust_plugins=trust_plugins)
     _prepare_out(out, overwrite, endpoint_url, region)
     kwargs = dict(model_url=info.model_url, modalities=modalities, labels=label_names,
-                  raw=raw_mods, endpoint_url=endpoint_url, region=region)
+                  raw=raw_mods, endpoint_url=endpoint_url, region=region,
+                  trust_plugins=trust_plugins)
     nonfinite = info.config.data.nonfinite
     if use_ray:
         backend = _embed_on_ray(root, data_manifest, splits, out, kwargs, nonfinite,

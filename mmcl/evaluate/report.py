@@ -141,10 +141,11 @@ def evaluate_run(run: str, data: str | None = None, *,
                  batch_size: int = 1024, use_gpu: bool | None = None,
                  progress: Callable[[str], None] | None = None,
                  endpoint_url: str | None = None, region: str | None = None,
-                 probe_cache: bool = True) -> dict:
+                 probe_cache: bool = True, trust_plugins: bool = False) -> dict:
     """Embed, probe and diagnose one run; writes RUN/eval/{embeddings/,report.json,report.md}
-    and returns the report. `endpoint_url`/`region`: S3 endpoint of the run (default: the
-    run's storage block, then the AWS environment). `probe_cache`: read and write the
+    (never through a symbolic link: storage.check_inside) and returns the report.
+    `trust_plugins`: see mmcl.load. `endpoint_url`/`region`: S3 endpoint of the run (default:
+    the run's storage block, then the AWS environment). `probe_cache`: read and write the
     raw-feature probes in the cache beside the run (`probe_cache_folder`; they are the same
     for every run of a data set and settings, see mmcl.evaluate.cache)."""
     start = time.perf_counter()
@@ -154,12 +155,13 @@ def evaluate_run(run: str, data: str | None = None, *,
     remote = info.remote_with(endpoint_url, region)
     folder = storage.join(info.url, EVAL_DIR)
     emb_out = storage.join(folder, "embeddings")
+    storage.check_inside(folder, info.url)
     splits = [settings.train_split, settings.val_split, settings.test_split]
     _say(progress, f"[mmcl] {info.name}: embedding {', '.join(splits)} "
                    f"({'Ray Data' if use_ray else 'in process'}) -> {emb_out}")
     embedded = embed_run(info.url, emb_out, data, splits, use_ray=use_ray, address=address,
                          concurrency=concurrency, batch_size=batch_size, use_gpu=use_gpu,
-                         raw=True, overwrite=True, **remote)
+                         raw=True, overwrite=True, trust_plugins=trust_plugins, **remote)
     meta = read_meta(emb_out, **remote)
     specs = [LabelSpec(**lab) for lab in meta["labels"]]
     if not specs:
@@ -306,6 +308,8 @@ def evaluate_runs(runs: Sequence[str], data: str | None = None, *, out: str | No
     combined = aggregate(reports)
     combined["config_differences"] = differences
     folder = out or storage.join(infos[0].url, EVAL_DIR, "seeds")
+    if out is None:
+        storage.check_inside(folder, infos[0].url)
     json_url, md_url = write_report(combined, folder, **infos[0].remote_with(endpoint_url, region))
     combined["_path"] = json_url
     _say(progress, f"[mmcl] mean ± std over {len(reports)} runs: wrote {json_url} and {md_url}")

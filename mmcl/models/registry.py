@@ -12,6 +12,12 @@ Kinds come from three places, all through this one table:
   then registered under that string, so Ray workers (which never ran the user's script) find
   it by importing it themselves.
 
+A config the user gives (a file, `--set`) is the user's own: its plug-ins are imported. A config
+read back from a run folder or checkpoint (`mmcl.load`, `mmcl eval`, `mmcl embed`) may have
+been written or edited by someone else, and `kind: "os:system"` would be called: its plug-in
+kinds are refused (`refuse_plugins`) unless the caller consents (`trust_plugins=True`,
+`--allow-plugins`). mmcl's own kinds and names registered in this process need no consent.
+
 Entries may be given as an import string ("mmcl.models.hf:HFEncoder") so that heavy
 dependencies (transformers) load only when a config uses the kind.
 """
@@ -112,3 +118,25 @@ def lookup(kind: str, field: str = "model.encoder.kind") -> Entry:
 def kinds() -> list[str]:
     """Every registered kind name ("auto" resolves per modality kind and is not listed)."""
     return sorted(k for k in _REGISTRY if not IMPORT_FORM.match(k))
+
+
+PLUGIN_CONSENT = ("pass --allow-plugins (mmcl eval / mmcl embed) or "
+                  "mmcl.load(path, trust_plugins=True)")
+
+
+def plugin_kinds(kinds) -> list[str]:
+    """The kinds among `kinds` that would be imported: "module:Name" plug-ins."""
+    return sorted({k for k in kinds if isinstance(k, str) and IMPORT_FORM.match(k)})
+
+
+def refuse_plugins(kinds, source: str) -> None:
+    """One ConfigError when `kinds` (those a recorded config names) hold a plug-in: building
+    the model would import that module and call what it names. Built-in and registered kinds
+    pass."""
+    plugins = plugin_kinds(kinds)
+    if plugins:
+        raise ConfigError(
+            f"{source} names the plug-in encoder kind {plugins[0]!r}: loading the model would "
+            f"import that module and run its code. A plug-in named by a recorded config (a run "
+            f"or checkpoint folder, which anyone with write access to it may have edited) is "
+            f"imported only when you say so: {PLUGIN_CONSENT}, only for a run you trust")

@@ -356,8 +356,53 @@ class TrainedModel:
         return self.objective.shared_embeddings(self._tensors(batch))
 
 
-def load(path: str, endpoint_url: str | None = None, region: str | None = None) -> TrainedModel:
-    """Open a trained model from a run folder, its model/ folder, or a checkpoint folder."""
+def encoder_kinds(cfg: RunConfig) -> list[str]:
+    """Every encoder kind a config names (the default encoder and the per-modality ones)."""
+    return [cfg.model.encoder.kind, *(e.kind for e in cfg.model.encoders.values())]
+
+
+def read_config(fs, folder: str, shown: str | None = None,
+                trust_plugins: bool = False) -> RunConfig:
+    """The config.yaml recorded in a run, model or checkpoint folder (`shown`: the folder as
+    messages name it). Everything wrong with it is one CheckpointError or ConfigError naming
+    the file: not UTF-8, not YAML, a YAML tag (`!!python/object...`: mmcl's loader is safe and
+    never constructs objects), not a mapping, an invalid field. A plug-in encoder kind
+    ("module:Name") is refused unless `trust_plugins` (see mmcl.models.registry)."""
+    import yaml
+
+    from mmcl.models.registry import refuse_plugins
+
+    url = join(shown or folder, CONFIG)
+    try:
+        text = fs.cat_file(join(folder, CONFIG)).decode("utf-8")
+        raw = config_mod.parse_yaml(text, url)
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{url} is not UTF-8 text; it is not a config mmcl "
+                              f"wrote. Use the run's own folder or rerun it") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = str(getattr(err, "problem", None) or err).splitlines()[0][:200]
+        raise CheckpointError(
+            f"{url} is not a readable run config{where}: {problem}. A recorded config is "
+            f"plain YAML as mmcl wrote it (no tags such as !!python/...); use the run's own "
+            f"folder or rerun it") from None
+    except OSError as err:
+        raise CheckpointError(f"{url} cannot be read ({err.strerror or err})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise CheckpointError(f"{url} holds a YAML {type(raw).__name__}, not a run config "
+                              f"(a mapping of sections); use the run's own folder or rerun it")
+    cfg = config_mod.from_dict(raw, source=url)
+    if not trust_plugins:
+        refuse_plugins(encoder_kinds(cfg), url)
+    return cfg
+
+
+def load(path: str, endpoint_url: str | None = None, region: str | None = None,
+         trust_plugins: bool = False) -> TrainedModel:
+    """Open a trained model from a run folder, its model/ folder, or a checkpoint folder.
+    `trust_plugins`: import a plug-in encoder kind ("module:Name") the recorded config names
+    (refused by default: the folder may have been edited by someone else)."""
     from mmcl.objectives import build_objective  # objectives are heavy; load them on use
 
     fs, root = filesystem(path, endpoint_url, region)
@@ -365,9 +410,7 @@ def load(path: str, endpoint_url: str | None = None, region: str | None = None) 
     for folder in candidates:
         for weights_name in (WEIGHTS, STATE):
             if fs.exists(join(folder, weights_name)) and fs.exists(join(folder, CONFIG)):
-                cfg = config_mod.from_dict(
-                    config_mod.parse_yaml(fs.cat_file(join(folder, CONFIG)).decode(), CONFIG),
-                    source=join(folder, CONFIG))
+                cfg = read_config(fs, folder, trust_plugins=trust_plugins)
                 manifest = Manifest.from_json(fs.cat_file(join(folder, MANIFEST)).decode(),
                                               join(folder, MANIFEST))
                 state = safe_load(fs.cat_file(join(folder, weights_name)),

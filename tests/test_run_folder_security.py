@@ -1,0 +1,206 @@
+"""Run folders read back (issue 34, item 3): `mmcl eval` never writes through a symbolic link
+out of the run (or onto another of its files), a recorded config.yaml never makes `mmcl.load`,
+`mmcl eval` or `mmcl embed` import a plug-in without the caller's consent, and a recorded
+config that is not plain YAML is one `mmcl: error:` line. No Ray: one tiny in-process run,
+copied per test inside the same storage folder (so its generated data set is shared)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import mmcl
+from mmcl import config, storage
+from mmcl.cli import EXIT_USER_ERROR, main
+from mmcl.config import ConfigError
+from mmcl.train import launcher
+from mmcl.train.checkpoint import CheckpointError
+
+TINY = ["data.synth.n=240", "train.epochs=1", "train.batch_size=32", "train.warmup_epochs=0",
+        "model.embed_dim=8", "model.encoder.hidden=8", "model.proj_hidden=8",
+        "model.proj_dim=8", "model.fusion_heads=2", "model.encoder.kind=mlp"]
+FAST_EVAL = ["--no-ray", "--l2-grid", "1e-2", "--few-label-k", "--knn-k", "0",
+             "--max-rows", "200"]
+
+
+def one_error(capsys) -> str:
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("mmcl: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    storage_path = tmp_path_factory.mktemp("runs")
+    cfg = config.load(None, [*TINY, f"storage.path={storage_path}", "storage.name=base"])
+    return Path(launcher.pretrain(cfg, in_process=True).run_url)
+
+
+@pytest.fixture
+def run(trained, request) -> Path:
+    """A fresh copy of the trained run beside it (same storage folder, same data)."""
+    copy = trained.parent / f"copy-{request.node.name.split('[')[0][-40:]}-{os.getpid()}"
+    if copy.exists():
+        shutil.rmtree(copy)
+    shutil.copytree(trained, copy, symlinks=True)
+    yield copy
+    shutil.rmtree(copy, ignore_errors=True)
+
+
+def edit_configs(run: Path, old: str, new: str) -> None:
+    for path in (run / "config.yaml", run / "model" / "config.yaml"):
+        text = path.read_text()
+        assert old in text
+        path.write_text(text.replace(old, new))
+
+
+# ------------------------------------------------------------------ symlinks out of a run
+
+
+@pytest.mark.parametrize("link", ["eval", "eval/report.md", "eval/embeddings",
+                                  "eval/embeddings/split=train"])
+def test_eval_never_writes_through_a_symlink_in_the_run(run, tmp_path, capsys, link):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim.txt"
+    victim.write_text("keep me\n")
+    (run / link).parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(victim if link.endswith(".md") else outside, run / link)
+    assert main(["eval", "--run", str(run), *FAST_EVAL]) == EXIT_USER_ERROR
+    err = one_error(capsys)
+    assert "symbolic link" in err and link.split("/")[-1] in err
+    assert sorted(p.name for p in outside.iterdir()) == ["victim.txt"]
+    assert victim.read_text() == "keep me\n"
+
+
+def test_eval_of_a_plain_run_writes_and_rewrites_its_report(run, capsys):
+    for _ in range(2):    # the second finds the first's eval/ folder: real folders pass
+        assert main(["eval", "--run", str(run), *FAST_EVAL]) == 0
+        assert (run / "eval" / "report.md").is_file()
+        assert (run / "eval" / "embeddings").is_dir()
+
+
+def test_a_link_onto_another_file_of_the_run_is_refused_too(run, capsys):
+    (run / "eval").mkdir()
+    os.symlink(run / "model" / "config.yaml", run / "eval" / "report.json")
+    before = (run / "model" / "config.yaml").read_text()
+    assert main(["eval", "--run", str(run), *FAST_EVAL]) == EXIT_USER_ERROR
+    assert "symbolic link" in one_error(capsys)
+    assert (run / "model" / "config.yaml").read_text() == before
+
+
+def test_check_inside_allows_real_folders_and_a_linked_run_folder(tmp_path):
+    real = tmp_path / "real-run"
+    (real / "eval" / "embeddings").mkdir(parents=True)
+    storage.check_inside(str(real / "eval"), str(real))          # real folders
+    storage.check_inside(str(real / "new" / "deeper"), str(real))  # not there yet
+    linked = tmp_path / "linked-run"
+    os.symlink(real, linked)      # the run folder itself may be a link (runs on a big disk)
+    storage.check_inside(str(linked / "eval"), str(linked))
+    with pytest.raises(storage.StorageError, match="not inside"):
+        storage.check_inside(str(tmp_path / "elsewhere"), str(real))
+    storage.check_inside("s3://bucket/run/eval", "s3://bucket/run")
+
+
+# ------------------------------------------------------------------ plug-ins need consent
+
+
+PLUGIN = '''
+import math
+from pathlib import Path
+
+Path({marker!r}).write_text("imported")
+
+
+def Encoder(spec, cfg, embed_dim):
+    from mmcl.models.encoders import MLPEncoder
+
+    Path({marker!r}).write_text("called")
+    return MLPEncoder(math.prod(spec.shape), cfg, embed_dim)
+'''
+
+
+def plant_plugin(run: Path, tmp_path: Path, monkeypatch, name: str) -> Path:
+    """A module `name` on sys.path whose import and call leave a marker file, and the run's
+    recorded configs edited to name it as their encoder kind."""
+    marker = tmp_path / f"{name}.marker"
+    (tmp_path / "plugins").mkdir(exist_ok=True)
+    (tmp_path / "plugins" / f"{name}.py").write_text(PLUGIN.format(marker=str(marker)))
+    monkeypatch.syspath_prepend(str(tmp_path / "plugins"))
+    edit_configs(run, "kind: mlp", f"kind: {name}:Encoder")
+    return marker
+
+
+def test_mmcl_load_refuses_a_plugin_named_by_a_recorded_config(run, tmp_path, monkeypatch):
+    marker = plant_plugin(run, tmp_path, monkeypatch, "mmcl_test_plugin_load")
+    with pytest.raises(ConfigError, match="trust_plugins=True") as info:
+        mmcl.load(str(run))
+    assert "--allow-plugins" in str(info.value) and "mmcl_test_plugin_load:Encoder" in str(
+        info.value)
+    assert not marker.exists()
+    # With consent it is imported and builds the model (weights fit: the same MLP).
+    model = mmcl.load(str(run), trust_plugins=True)
+    assert marker.read_text() == "called" and model.objective is not None
+
+
+def test_os_system_in_a_recorded_config_is_never_called(run, capsys):
+    edit_configs(run, "kind: mlp", "kind: os:system")
+    with pytest.raises(ConfigError, match="'os:system'"):
+        mmcl.load(str(run))
+    with pytest.raises(ConfigError):
+        mmcl.load(str(run / "model"))
+
+
+@pytest.mark.parametrize("command", ["eval", "embed"])
+def test_eval_and_embed_refuse_a_plugin_without_allow_plugins(run, tmp_path, monkeypatch,
+                                                              capsys, command):
+    marker = plant_plugin(run, tmp_path, monkeypatch, f"mmcl_test_plugin_{command}")
+    argv = ([command, "--run", str(run), *FAST_EVAL] if command == "eval" else
+            [command, "--run", str(run), "--out", str(tmp_path / "emb"), "--no-ray"])
+    assert main(argv) == EXIT_USER_ERROR
+    err = one_error(capsys)
+    assert "--allow-plugins" in err and "plug-in" in err
+    assert not marker.exists() and not (tmp_path / "emb").exists()
+    assert not (run / "eval").exists()
+
+
+def test_embed_with_allow_plugins_imports_it(run, tmp_path, monkeypatch, capsys):
+    marker = plant_plugin(run, tmp_path, monkeypatch, "mmcl_test_plugin_allowed")
+    assert main(["embed", "--run", str(run), "--out", str(tmp_path / "emb"), "--no-ray",
+                 "--allow-plugins"]) == 0
+    assert marker.read_text() == "called"
+
+
+def test_builtin_kinds_need_no_consent(trained):
+    assert mmcl.load(str(trained)).objective is not None
+
+
+# ------------------------------------------------------------ a recorded config not YAML
+
+
+@pytest.mark.parametrize("text", [
+    "model: !!python/object/apply:os.system ['echo hacked']\n",
+    "train: !custom {lr: 1}\n",
+    "- just\n- a list\n",
+    "model: [unclosed\n",
+])
+def test_a_recorded_config_that_is_not_plain_yaml_is_one_error(run, tmp_path, capsys, text):
+    for path in (run / "config.yaml", run / "model" / "config.yaml"):
+        path.write_text(text)
+    with pytest.raises(CheckpointError, match="config.yaml"):
+        mmcl.load(str(run))
+    assert main(["eval", "--run", str(run), *FAST_EVAL]) == EXIT_USER_ERROR
+    assert "config.yaml" in one_error(capsys)
+    assert main(["embed", "--run", str(run), "--out", str(tmp_path / "e"),
+                 "--no-ray"]) == EXIT_USER_ERROR
+    assert "config.yaml" in one_error(capsys)
+
+
+def test_a_recorded_config_with_non_utf8_bytes_is_one_error(run, capsys):
+    (run / "model" / "config.yaml").write_bytes(b"train: {lr: \xff\xfe}\n")
+    assert main(["eval", "--run", str(run), *FAST_EVAL]) == EXIT_USER_ERROR
+    assert "UTF-8" in one_error(capsys)
