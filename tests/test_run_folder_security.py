@@ -204,3 +204,140 @@ def test_a_recorded_config_with_non_utf8_bytes_is_one_error(run, capsys):
     (run / "model" / "config.yaml").write_bytes(b"train: {lr: \xff\xfe}\n")
     assert main(["eval", "--run", str(run), *FAST_EVAL]) == EXIT_USER_ERROR
     assert "UTF-8" in one_error(capsys)
+
+
+# -------------------------------------------------------------------- Ctrl-C in pretrain
+
+
+def test_ctrl_c_in_a_no_ray_pretrain_says_where_the_run_is(tmp_path, monkeypatch, capsys):
+    from mmcl.train import local
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local, "fit_in_memory", interrupted)
+    argv = ["pretrain", "--no-ray", *[a for s in [*TINY, f"storage.path={tmp_path}",
+                                                  "storage.name=stopped"]
+                                      for a in ("--set", s)]]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("mmcl:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("mmcl: interrupted: the run ")
+    assert str(tmp_path / "stopped") in lines[0] and "same command" in lines[0]
+
+
+class _Controller:
+    aborted = 0
+
+    class _Abort:
+        def remote(self):
+            _Controller.aborted += 1
+
+    abort = _Abort()
+
+
+class _RayLikeTrainer:
+    """Does what Ray Train's fit() does with Ctrl-C: registers its SIGINT handler (Ray's
+    own calls controller.abort and then sys.exit(0), and the process ends with status 1 and
+    no word), then the user presses Ctrl-C while it waits for the controller."""
+
+    def _register_sigint_handler(self, controller):
+        import signal
+        import sys
+
+        def ray_handler(signum, frame):
+            controller.abort.remote()
+            sys.exit(0)
+
+        signal.signal(signal.SIGINT, ray_handler)
+
+    def fit(self):
+        import signal
+
+        self._register_sigint_handler(_Controller())
+        os.kill(os.getpid(), signal.SIGINT)   # delivered to this (the main) thread now
+        for _ in range(10_000_000):            # the handler runs between two of these
+            pass
+        raise AssertionError("the SIGINT was not handled")
+
+
+def test_ctrl_c_in_a_ray_pretrain_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    import signal
+
+    monkeypatch.setattr(launcher, "start_ray", lambda *a, **k: None)
+    monkeypatch.setattr(launcher, "make_trainer", lambda *a, **k: _RayLikeTrainer())
+    before = signal.getsignal(signal.SIGINT)
+    argv = ["pretrain", *[a for s in [*TINY, f"storage.path={tmp_path}", "storage.name=ray-stop"]
+                          for a in ("--set", s)]]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("mmcl:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"mmcl: interrupted: the run {tmp_path / 'ray-stop'}")
+    assert "before its first checkpoint" in lines[0]
+    assert _Controller.aborted == 1                      # the workers were asked to stop
+    assert signal.getsignal(signal.SIGINT) is before     # the handler before is back
+
+
+# ------------------------------------------------------------- a full disk in a Ray run
+
+
+def _disk_full_on_a_worker():
+    import errno
+
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    class Wrapped(Exception):   # as Ray wraps a worker's exception with its traceback
+        def __init__(self, base):
+            super().__init__("worker traceback ...")
+            self._base_exc = base
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/ckpt/state.pt")
+    return WorkerGroupError("rank 0 failed", {0: Wrapped(full), 1: RuntimeError("collateral")})
+
+
+def test_a_full_disk_on_a_worker_is_not_retried_and_other_failures_are():
+    import pickle
+
+    from ray.train import FailureConfig
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from mmcl.train.failures import NoRetryWhenDiskFull
+
+    policy = pickle.loads(pickle.dumps(NoRetryWhenDiskFull(FailureConfig(max_failures=3))))
+    assert policy.make_decision(_disk_full_on_a_worker()) == FailureDecision.RAISE
+    crash = WorkerGroupError("x", {0: RuntimeError("segfault")})
+    assert policy.make_decision(crash) == FailureDecision.RETRY
+
+
+class _FullDiskTrainer:
+    """Ray Train's controller loop in small: every attempt's worker group fails with a full
+    disk, and the failure policy Ray Train would use decides whether to retry."""
+
+    attempts = 0
+
+    def fit(self):
+        from ray.train import FailureConfig
+        from ray.train.v2._internal.execution.failure_handling import FailureDecision
+        from ray.train.v2.api import data_parallel_trainer as dpt
+
+        policy = dpt.create_failure_policy(FailureConfig(max_failures=3))
+        while True:
+            _FullDiskTrainer.attempts += 1
+            error = _disk_full_on_a_worker()
+            if policy.make_decision(error) == FailureDecision.RAISE:
+                raise error
+
+
+def test_a_full_disk_in_a_ray_pretrain_is_one_error_without_retries(tmp_path, monkeypatch,
+                                                                    capsys):
+    monkeypatch.setattr(launcher, "start_ray", lambda *a, **k: None)
+    monkeypatch.setattr(launcher, "make_trainer", lambda *a, **k: _FullDiskTrainer())
+    argv = ["pretrain", *[a for s in [*TINY, f"storage.path={tmp_path}", "storage.name=full",
+                                      "scaling.max_failures=3"] for a in ("--set", s)]]
+    assert main(argv) == EXIT_USER_ERROR
+    err = one_error(capsys)
+    assert "no space left on the device" in err and "/ckpt/state.pt" in err
+    assert _FullDiskTrainer.attempts == 1

@@ -273,6 +273,8 @@ def unwritable(url: str, err: OSError) -> Exception:
               errno.EPERM: "operation not permitted",
               errno.ENOTDIR: "a part of the path is a file, not a folder"}.get(
                   err.errno, err.strerror or type(err).__name__)
+    if err.errno is None and "no space left on device" in str(err).lower():
+        reason = "no space left on the device"   # pyarrow's errors carry only the text
     return StorageError(f"cannot write {url}: {reason}. Free space or fix the permissions "
                         f"there, or choose another storage.path; the run's earlier files "
                         f"and checkpoints are left as they were")
