@@ -85,20 +85,28 @@ def run_config(tmp_path, vit, bert, wav, data, epochs):
         "augment.per_modality.image.color_jitter=0.5", "augment.per_modality.image.noise=0",
         "augment.per_modality.image.dropout=0",
         "augment.per_modality.caption.token_mask=0.2", "augment.per_modality.caption.crop=0.3",
-        f"storage.path={tmp_path / 'runs'}", "storage.name=hf"])
+        "storage.path=runs", "storage.name=hf"])
 
 
-def test_hf_encoders_pretrain_on_two_workers_resume_export_and_load(tmp_path):
+def test_hf_encoders_pretrain_on_two_workers_resume_export_and_load(tmp_path, monkeypatch):
     vit = save_tiny(tmp_path / "vit", "vit", VIT)
     bert = save_tiny(tmp_path / "bert", "bert", BERT)
     wav = save_tiny(tmp_path / "wav2vec2", "wav2vec2", WAV2VEC2)
     data = imported_dataset(tmp_path)
+    # The config names the data, the run storage and the model folders relative to a working
+    # directory that is not the Ray workers' (README: `model: ./my-bert`, `storage.path:
+    # ./runs`): the driver resolves them before anything is shipped.
+    monkeypatch.chdir(tmp_path)
+    relative = dict(vit="./vit", bert="./bert", wav="./wav2vec2", data="data")
 
-    first = launcher.pretrain(run_config(tmp_path, vit, bert, wav, data, epochs=1))
+    first = launcher.pretrain(run_config(tmp_path, **relative, epochs=1))
+    # The online probe read the val slice on rank 0 (a relative data.path there did not).
+    assert "probe_colour" in first.history[-1]
+    assert first.run_url == str(tmp_path / "runs" / "hf")
     # As if the driver had been killed after epoch 1's checkpoint, before the export (a
     # finished run is never resumed): the rerun with more epochs resumes from the checkpoint.
     shutil.rmtree(first.model_url)
-    resumed = launcher.pretrain(run_config(tmp_path, vit, bert, wav, data, epochs=2))
+    resumed = launcher.pretrain(run_config(tmp_path, **relative, epochs=2))
     with open(os.path.join(resumed.run_url, "metrics.jsonl")) as f:
         epochs = [json.loads(line)["epoch"] for line in f]
     assert first.run_url == resumed.run_url and epochs == [1, 2]

@@ -61,18 +61,11 @@ class TuneError(LaunchError):
 def absolute_paths(tune_file):
     """A copy of a TuneFile whose local storage and data paths are absolute: Tune runs each
     trial in its own working directory, where a relative path points somewhere else."""
-    import copy
     import dataclasses
 
-    from mmcl.storage import is_remote
+    from mmcl.paths import resolve_raw
 
-    base = copy.deepcopy(tune_file.base)
-    for section, key in (("storage", "path"), ("data", "path")):
-        node = base.setdefault(section, {})
-        value = node.get(key, "./runs" if section == "storage" else None)
-        if value and not is_remote(str(value)):
-            node[key] = os.path.abspath(os.path.expanduser(str(value)))
-    return dataclasses.replace(tune_file, base=base)
+    return dataclasses.replace(tune_file, base=resolve_raw(tune_file.base))
 
 
 def trial_resources() -> dict:
