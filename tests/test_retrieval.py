@@ -87,6 +87,98 @@ def test_retrieval_over_parquet_in_chunks_matches_memory(tmp_path):
     assert 0 < from_files["a_to_b"]["recall@1"] < 1
 
 
+def test_rows_with_an_absent_side_are_neither_queries_nor_gallery_items():
+    """6 tuples, identical unit vectors per pair; tuple 2 lacks b, tuple 4 lacks a, and their
+    stored stand-ins score above every true match. Only tuples 0, 1, 3, 5 are queries, each
+    finds its own pair first; the a -> b gallery has the 5 rows with b, b -> a the 5 with a."""
+    x = _unit(np.random.default_rng(5).normal(size=(6, 8)))
+    a, b = x.copy(), x.copy()
+    b[2] = 10 * x.sum(axis=0)          # absent b: a vector that beats every match
+    a[4] = 10 * x.sum(axis=0)          # absent a: likewise
+    has_a = np.array([1, 1, 1, 1, 0, 1], bool)
+    has_b = np.array([1, 1, 0, 1, 1, 1], bool)
+    r = retrieval_metrics(a, b, chunk_rows=4, present_a=has_a, present_b=has_b)
+    assert r["n"] == 4 and r["absent"] == 2
+    for way in ("a_to_b", "b_to_a"):
+        assert r[way]["recall@1"] == 1.0 and r[way]["median_rank"] == 1.0
+        assert r[way]["gallery"] == 5 and r[way]["chance@1"] == pytest.approx(1 / 5)
+    _, ab, ba = retrieval_ranks(array_source(a, b, 4, present_a=has_a, present_b=has_b))
+    assert len(ab) == 4 and (ab == 1).all() and (ba == 1).all()
+
+
+def test_same_label_recall_and_map_in_a_hand_case():
+    """Query q (label 0) against 4 gallery items scored 0.9 (label 1), 0.8 (0), 0.5 (1),
+    0.1 (0): the first item of its label is 2nd, AP = (1/2 + 2/4) / 2 = 0.5."""
+    from mmcl.evaluate.retrieval import label_figures
+
+    q = np.array([[1.0, 0.0]])
+    gallery = np.array([[0.9, 0], [0.8, 0], [0.5, 0], [0.1, 0]])
+    f = label_figures(q, np.array([0]), gallery, np.array([1, 0, 1, 0]), ks=(1, 2))
+    assert f["label_recall@1"] == 0.0 and f["label_recall@2"] == 1.0
+    assert f["label_mAP"] == pytest.approx(0.5)
+    assert f["label_chance@1"] == pytest.approx(0.5)
+
+
+def test_same_label_figures_match_sklearn_with_absent_rows_and_ties():
+    """Random pairs in 3 classes, some sides absent, integer vectors so scores tie: the
+    label recall@k and mAP of each direction against a per-query scikit-learn oracle."""
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(7)
+    n = 90
+    labels = rng.integers(0, 3, n)
+    centres = rng.normal(size=(3, 4))
+    # small integers: dot products are exact, so ties are ties in every order of summation
+    a = np.round(2 * (centres[labels] + 0.8 * rng.normal(size=(n, 4))))
+    b = np.round(2 * (centres[labels] + 0.8 * rng.normal(size=(n, 4))))
+    has_a, has_b = rng.random(n) > 0.15, rng.random(n) > 0.15
+    r = retrieval_metrics(a, b, chunk_rows=16, present_a=has_a, present_b=has_b,
+                          labels=labels, ks=(1, 5))
+    q = has_a & has_b
+    for way, (qx, gx, g) in {"a_to_b": (a, b, has_b), "b_to_a": (b, a, has_a)}.items():
+        aps, hit1, hit5 = [], [], []
+        for i in np.flatnonzero(q):
+            scores = gx[g] @ qx[i]
+            relevant = labels[g] == labels[i]
+            aps.append(average_precision_score(relevant, scores))
+            best = scores[relevant].max()
+            rank = 1 + (scores > best).sum()
+            hit1.append(rank <= 1)
+            hit5.append(rank <= 5)
+        assert r[way]["label_mAP"] == pytest.approx(np.mean(aps), abs=1e-12)
+        assert r[way]["label_recall@1"] == pytest.approx(np.mean(hit1))
+        assert r[way]["label_recall@5"] == pytest.approx(np.mean(hit5))
+        assert r[way]["label_recall@1"] >= r[way]["recall@1"]
+    assert r["label"] == "label" and r["n"] == int(q.sum())
+
+
+def test_parquet_retrieval_reads_presence_and_label_columns(tmp_path):
+    """The embedding output's `<m>__present` and label columns: the figures of memory."""
+    rng = np.random.default_rng(8)
+    n = 60
+    labels = rng.integers(0, 4, n)
+    a, b = _unit(rng.normal(size=(n, 4))), _unit(rng.normal(size=(n, 4)))
+    has_b = rng.random(n) > 0.2
+    folder = tmp_path / split_folder("test")
+    folder.mkdir()
+    order = rng.permutation(n)
+    for i, rows in enumerate(np.array_split(order, 2)):
+        pq.write_table(pa.table({"id": pa.array(rows, pa.int64()),
+                                 shared_column("a"): _tensor_column(a[rows]),
+                                 shared_column("b"): _tensor_column(b[rows]),
+                                 "b__present": pa.array(has_b[rows]),
+                                 "digit": pa.array(labels[rows], pa.int64())}),
+                       folder / f"part-{i}.parquet")
+    from_files = retrieval_from_parquet(str(tmp_path), "test", "a", "b", chunk_rows=7,
+                                        label="digit")
+    in_memory = retrieval_metrics(a.astype(np.float32), b.astype(np.float32), chunk_rows=n,
+                                  present_b=has_b, labels=labels, label="digit")
+    for key, value in in_memory.items():   # rows in another order: sums to rounding
+        assert from_files[key] == (pytest.approx(value) if key.endswith("_to_b") or
+                                   key.endswith("_to_a") else value), key
+    assert from_files["n"] == int(has_b.sum()) and from_files["b_to_a"]["gallery"] == n
+
+
 def _objective(name: str, preset: str, *extra):
     manifest, arrays = make_arrays(preset, 64, seed=0)
     cfg = config.load(None, [f"objective.name={name}", *SMALL, *extra])
@@ -147,6 +239,10 @@ def test_eval_reports_retrieval_for_a_cross_run_and_names_pairs_without_space(tm
     assert "knn" in report["labels"]["y"] and report["labels"]["y"]["knn"]["fused"]["k"] == 5
     md = open(os.path.join(cross, "eval", "report.md")).read()
     assert "Cross-modal retrieval" in md and "a → b" in md and "kNN" in md
+    # The data's class label gives same-label figures beside the exact-row ones.
+    assert retrieval["label"] == "y" and "same y R@1" in md
+    assert ab["a_to_b"]["label_recall@1"] >= ab["a_to_b"]["recall@1"]
+    assert 0 < ab["a_to_b"]["label_mAP"] <= 1
 
     # asking for one pair only; an objective on fused tuples has no shared space
     settings = ProbeSettings(l2_grid=(1e-2,), few_label_k=(), knn_k=0, retrieval=("c:a",))

@@ -79,6 +79,9 @@ class ProbeSettings:
     knn_temperature: float = 0.07
     retrieval: tuple[str, ...] | None = None   # "a:b" pairs; None: every shared-space pair
     retrieval_ks: tuple[int, ...] = (1, 5, 10)
+    # same-label retrieval figures by this class label; None: the first classification
+    # label of role "label" (none: exact-row figures only)
+    retrieval_label: str | None = None
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"

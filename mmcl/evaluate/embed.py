@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from mmcl import storage
 from mmcl.cluster import connect
-from mmcl.data.schema import ID_COLUMN, DataError, Manifest
+from mmcl.data.schema import ID_COLUMN, DataError, Manifest, present_column
 
 FUSED = "embedding"
 SPLIT_COLUMN = "split"
@@ -238,6 +238,9 @@ class Embedder:
         for m in self.modalities:
             if m in shared:   # only objectives with a cross-modal space (retrieval)
                 cols[shared_column(m)] = _tensor_column(shared[m].reshape(len(shared[m]), -1))
+        for m in self.modalities:
+            if present_column(m) in batch:   # a nullable modality: retrieval leaves absent out
+                cols[present_column(m)] = pa.array(np.asarray(batch[present_column(m)], bool))
         for m in self.raw:
             x = np.asarray(batch[m], dtype=np.float32)
             cols[raw_column(m)] = _tensor_column(x.reshape(len(x), -1))

@@ -187,7 +187,8 @@ def evaluate_run(run: str, data: str | None = None, *,
                        f"from the probe cache {cache.folder}")
     _say(progress, f"[mmcl] {info.name}: retrieval on {settings.test_split}")
     retrieval = retrieval_section(emb_out, settings, modalities, embedded.dims,
-                                  info.config.objective.name, remote)
+                                  info.config.objective.name, remote,
+                                  retrieval_label(settings, specs))
     history = read_history(info.url, **remote)
     cfg = info.config
     report = {
@@ -230,11 +231,27 @@ def check_retrieval_pairs(settings: diag.ProbeSettings, modalities: Sequence[str
                           f"(it has {list(modalities)})")
 
 
+def retrieval_label(settings: diag.ProbeSettings, specs: Sequence[LabelSpec]) -> str | None:
+    """The class label of the same-label retrieval figures: the one asked for, else the
+    first classification label of role "label" (None: there is none)."""
+    classes = [s for s in specs if s.task == "classification"]
+    if settings.retrieval_label is not None:
+        if settings.retrieval_label not in [s.name for s in classes]:
+            raise ReportError(f"retrieval label {settings.retrieval_label!r} is not a "
+                              f"classification label of the data (those are "
+                              f"{[s.name for s in classes]})")
+        return settings.retrieval_label
+    return next((s.name for s in classes if s.role == "label"), None)
+
+
 def retrieval_section(emb_out: str, settings: diag.ProbeSettings, modalities: Sequence[str],
-                      columns: Mapping[str, int], objective: str, remote: Mapping) -> dict:
+                      columns: Mapping[str, int], objective: str, remote: Mapping,
+                      label: str | None = None) -> dict:
     """Recall@k and median rank, both ways, for every asked pair (default: every pair of
-    modalities the objective puts in one space), over the whole test split in chunks.
-    Pairs without a shared space are listed, with the reason, instead of scored."""
+    modalities the objective puts in one space), over the whole test split in chunks; with
+    a class `label`, same-label recall@k and mAP beside them. Tuples lacking a modality are
+    left out of that pair. Pairs without a shared space are listed, with the reason, instead
+    of scored."""
     from itertools import combinations
 
     from mmcl.evaluate.retrieval import retrieval_from_parquet
@@ -247,13 +264,22 @@ def retrieval_section(emb_out: str, settings: diag.ProbeSettings, modalities: Se
                  "protocol": "each query ranks every test tuple's other modality by dot "
                              "product in the objective's shared space (cosine where the loss "
                              "is cosine); rank = 1 + rows scoring strictly higher; chance "
-                             "recall@k = k/N, median rank (N+1)/2; all test rows (no "
-                             "max_rows sample)"}
+                             "recall@k = k/N, median rank (N+1)/2 (N: the gallery); "
+                             "all test rows (no max_rows sample); a tuple lacking either "
+                             "modality is no query, and no gallery item where it lacks the "
+                             "gallery's modality"
+                             + (f"; same label ({label}): a query is found at k when an "
+                                f"item of its {label} is in the top k; mAP: mean average "
+                                "precision with the items of its label as relevant"
+                                if label else "")}
+    if label:
+        out["label"] = label
     for pair in asked:
         a, b = pair.split(":")
         if a in shared and b in shared:
             out["pairs"][pair] = retrieval_from_parquet(emb_out, settings.test_split, a, b,
-                                                        settings.retrieval_ks, **remote)
+                                                        settings.retrieval_ks, **remote,
+                                                        label=label)
         else:
             out["no_shared_space"].append(pair)
     if out["no_shared_space"]:
@@ -496,10 +522,14 @@ def _retrieval_rows(retrieval: Mapping | None) -> list[list[str]]:
         for q, g in ((a, b), (b, a)):
             d = r[f"{q}_to_{g}"]
             ks = [k for k in (retrieval.get("ks") or [1, 5, 10])]
-            rows.append([f"{q} → {g}", str(r.get("n", "–")),
-                         *[f"{cell(d.get(f'recall@{k}'))} ({cell(d.get(f'chance@{k}'), 4)})"
-                           for k in ks],
-                         f"{cell(d.get('median_rank'), 1)} ({cell(d.get('chance_median_rank'), 1)})"])
+            row = [f"{q} → {g}", str(r.get("n", "–")),
+                   *[f"{cell(d.get(f'recall@{k}'))} ({cell(d.get(f'chance@{k}'), 4)})"
+                     for k in ks],
+                   f"{cell(d.get('median_rank'), 1)} ({cell(d.get('chance_median_rank'), 1)})"]
+            if retrieval.get("label"):
+                row += [*[cell(d.get(f"label_recall@{k}")) for k in ks],
+                        f"{cell(d.get('label_mAP'))} ({cell(d.get('label_chance@1'))})"]
+            rows.append(row)
     return rows
 
 
@@ -513,8 +543,14 @@ def _retrieval_lines(report: dict) -> list[str]:
     if rows:
         lines += ["Recall@k and median rank, chance in brackets (k/N; (N+1)/2): "
                   + retrieval.get("protocol", ""), "",
-                  table(["query → gallery", "N", *[f"R@{k}" for k in ks], "median rank"],
+                  table(["query → gallery", "N", *[f"R@{k}" for k in ks], "median rank",
+                         *([*[f"same {retrieval['label']} R@{k}" for k in ks],
+                            "mAP (chance)"] if retrieval.get("label") else [])],
                         rows), ""]
+        if any(r.get("absent") for r in retrieval.get("pairs", {}).values()):
+            lines += ["Tuples lacking a modality are left out of that pair: " + ", ".join(
+                f"{p} {r['absent']}" for p, r in retrieval["pairs"].items()
+                if r.get("absent")) + ".", ""]
     if retrieval.get("no_shared_space"):
         lines += [f"No shared space for {', '.join(retrieval['no_shared_space'])}: "
                   + retrieval.get("no_shared_space_reason", ""), ""]
@@ -685,16 +721,21 @@ def _retrieval_compare_lines(reports: Sequence[dict], names: Sequence[str]) -> l
         return []
     ks = (reports[0].get("retrieval") or {}).get("ks") or [1, 5, 10]
     rows = []
+    labelled = any((r.get("retrieval") or {}).get("label") for r in reports)
+    metrics = [(f"R@{k}", f"recall@{k}", f"chance@{k}") for k in ks]
+    if labelled:
+        metrics += [*[(f"same-label R@{k}", f"label_recall@{k}", None) for k in ks],
+                    ("same-label mAP", "label_mAP", "label_chance@1")]
     for d in directions:
-        for k in ks:
+        for shown, key, chance_key in metrics:
             vals, chance_ = [], "–"
             for r in reports:
                 found = [res[d] for res in (r.get("retrieval") or {}).get("pairs", {}).values()
                          if d in res]
-                vals.append(cell(found[0].get(f"recall@{k}")) if found else "–")
-                if found:
-                    chance_ = cell(found[0].get(f"chance@{k}"), 4)
-            rows.append([d.replace("_to_", " → "), f"R@{k}", chance_, *vals])
+                vals.append(cell(found[0].get(key)) if found else "–")
+                if found and chance_key:
+                    chance_ = cell(found[0].get(chance_key), 4)
+            rows.append([d.replace("_to_", " → "), shown, chance_, *vals])
     return ["## Cross-modal retrieval (test split)", "",
             "'–': the run's objective has no space shared by these modalities.", "",
             table(["query → gallery", "recall", "chance", *names], rows), ""]
