@@ -207,6 +207,10 @@ class _Objective(Strict):
 
 class CrossConfig(_Objective):
     name: Literal["cross"] = "cross"
+    views: Literal[1, 2] = Field(
+        1, description="augmented views per tuple: 1 contrasts the modalities of one view "
+        "(CLIP / CMC, half the encoder work); 2 takes modality a from one view and b from "
+        "the other")
 
 
 class CrossSelfConfig(_Objective):
@@ -306,7 +310,11 @@ class TrainConfig(Strict):
     warmup_epochs: float = Field(0.5, ge=0, description="linear warm-up, then cosine decay")
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; None = off")
-    mixed_precision: bool = Field(False, description="bf16 autocast on GPU; ignored on CPU")
+    mixed_precision: Literal["auto"] | bool = Field(
+        "auto", description="auto: bf16 autocast on CUDA workers, fp32 on CPU; true: bf16 "
+        "on CUDA (fp32 on CPU); false: fp32 everywhere")
+    compile: bool = Field(False, description="torch.compile the modality encoders (CUDA "
+                          "workers; measured in docs/performance.md before you turn it on)")
     seed: int = 0
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
     max_steps: int | None = Field(
@@ -369,7 +377,9 @@ class TrackingConfig(Strict):
         "tensorboard", description="tensorboard: event files in the run folder's tensorboard/ "
         "(`tensorboard --logdir RUN`); mlflow / wandb: Ray Train's setup_mlflow / "
         "setup_wandb (optional extras: pip install 'mmcl[mlflow]' / 'mmcl[wandb]')")
-    every_n_steps: int = Field(10, ge=1, description="log step metrics every n steps")
+    every_n_steps: int = Field(10, ge=1, description="read the step metrics from the device "
+                               "and log them (tracker, progress bar) every n steps; in "
+                               "between, a step never waits for the device")
     experiment: str | None = Field(None, description="MLflow experiment / W&B project; "
                                    "None = 'mmcl'")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; None = a local "

@@ -34,7 +34,7 @@ def test_reencoding_baseline_gives_mmcls_loss_and_gradients(extra):
     grads, losses = [], []
     for model in (objective, reference):
         objective.zero_grad()
-        loss = model(views[0], views[1], views[0], generator=torch.Generator().manual_seed(5)).loss
+        loss = model(views, views[0], generator=torch.Generator().manual_seed(5)).loss
         loss.backward()
         losses.append(loss.detach())
         grads.append([p.grad.clone() for p in objective.parameters() if p.grad is not None])

@@ -62,8 +62,8 @@ def test_a_nan_loss_fails_clearly_or_is_skipped(data):
     batch["a"] = batch["a"].clone()
     batch["a"][0, 0] = math.nan
     engine = Engine(config.load(None, SMALL), manifest, 4)
-    with pytest.raises(NonFiniteLossError, match="train.nonfinite_loss=skip"):
-        engine.train_step(batch)
+    with pytest.raises(NonFiniteLossError, match="became nan at step 0 .*train.nonfinite_loss=skip"):
+        engine.train_epoch([batch])  # read when the step's metrics are: at the epoch's end
     skipping = Engine(config.load(None, [*SMALL, "train.nonfinite_loss=skip"]), manifest, 4)
     before = [p.detach().clone() for p in skipping.objective.parameters()]
     assert skipping.train_step(batch) is None and skipping.skipped_batches == 1
@@ -129,3 +129,35 @@ def test_the_epoch_stream_runs_ahead_across_epochs_and_keeps_order_and_errors():
     with pytest.raises(ValueError, match="broken shard"):
         next(third)
     stream.close()
+
+
+@pytest.mark.parametrize("name, views", [("cross", 1), ("cross", 2), ("cross_self", 2),
+                                         ("tuple_infonce", 2), ("comm", 2)])
+def test_a_step_encodes_each_modality_once_per_view_the_objective_declares(data, name, views):
+    """The view count is the objective's declaration: a one-view objective (cross, CLIP's
+    recipe, by default) runs every encoder once per step, not twice."""
+    manifest, arrays = data
+    extra = [f"objective.views={views}"] if name == "cross" else []
+    engine = Engine(config.load(None, [*SMALL, f"objective.name={name}", *extra]), manifest, 4)
+    assert engine.objective.num_views == views
+    calls = {m: 0 for m in manifest.modality_names}
+    for m, encoder in engine.objective.encoder.encoders.items():
+        encoder.register_forward_hook(lambda *_, m=m: calls.__setitem__(m, calls[m] + 1))
+    engine.train_step(next(memory_batches(arrays, 32, 0, 0)))
+    assert calls == {m: views for m in manifest.modality_names}
+
+
+def test_metrics_are_read_from_the_device_only_when_logged(data):
+    """A step returns tensors (no host sync); the epoch's summary and every log call carry
+    numbers, the log every tracking.every_n_steps steps and at the epoch's end."""
+    manifest, arrays = data
+    engine = Engine(config.load(None, [*SMALL, "tracking.every_n_steps=3"]), manifest, 8)
+    logged = []
+    engine.on_log = logged.append
+    assert isinstance(engine.train_step(next(memory_batches(arrays, 32, 0, 0)))["loss"],
+                      torch.Tensor)
+    summary = engine.train_epoch(memory_batches(arrays, 32, 0, 1))
+    assert [m["step"] for m in logged] == [3, 6, 9]
+    assert [m["steps"] for m in logged] == [2, 3, 3]  # the first step was taken by hand
+    assert all(isinstance(m["loss"], float) for m in logged)
+    assert isinstance(summary["loss"], float) and summary["steps"] == 8

@@ -67,8 +67,8 @@ def test_tuple_infonce_with_all_weights_off_equals_tuple(rus):
         view1 = batch
         view2 = {k: v + 0.3 * torch.randn(v.shape, generator=noise)
                  if k in manifest.modality_names else v for k, v in batch.items()}
-        a = tuple_obj(view1, view2, batch).loss
-        b = tin(view1, view2, batch).loss
+        a = tuple_obj([view1, view2], batch).loss
+        b = tin([view1, view2], batch).loss
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
@@ -83,7 +83,7 @@ def test_tuple_infonce_runs_each_encoder_once_per_view(rus):
     fuse_swapped = obj.encoder.fuse_swapped
     obj.encoder.fuse_swapped = lambda e, swaps: swapped.append(len(swaps)) or fuse_swapped(e, swaps)
     batch = batch_of(arrays)
-    obj(batch, batch, batch, generator=torch.Generator().manual_seed(0))
+    obj([batch, batch], batch, generator=torch.Generator().manual_seed(0))
     assert calls == {m: 2 for m in obj.modalities}, calls  # two views, once each
     # fusion: one call per view, the tuples themselves and their disturbed sets together
     assert len(fused) == 0
@@ -106,7 +106,7 @@ def reencoding_step(extra, layers):
     out = []
     for model in (objective, ReencodingTupleInfoNCE(objective)):
         objective.zero_grad()
-        loss = model(views[0], views[1], views[0], generator=torch.Generator().manual_seed(5)).loss
+        loss = model(views, views[0], generator=torch.Generator().manual_seed(5)).loss
         loss.backward()
         out.append((loss.detach(), [p.grad.clone() for p in objective.parameters()
                                     if p.grad is not None]))
@@ -138,7 +138,7 @@ def test_tuple_infonce_key_grad_false_stops_exactly_the_key_gradients(rus):
                                            f"objective.key_grad={key_grad}"), manifest)
         views = [{m: torch.as_tensor(arrays[m][:16]).clone().requires_grad_()
                   for m in obj.modalities} for _ in range(2)]
-        loss = obj(views[0], views[1], views[0], generator=torch.Generator().manual_seed(3)).loss
+        loss = obj(views, views[0], generator=torch.Generator().manual_seed(3)).loss
         loss.backward()
         grads[key_grad] = [{m: v.grad for m, v in view.items()} for view in views]
     for m in manifest.modality_names:
@@ -155,7 +155,7 @@ def test_tuple_infonce_weights_change_the_loss(rus):
         torch.manual_seed(0)
         obj = build_objective(small_config("tuple_infonce",
                                            f"objective.default_negative_weight={w}"), manifest)
-        losses.append(obj(batch, batch, batch, generator=torch.Generator().manual_seed(1))
+        losses.append(obj([batch, batch], batch, generator=torch.Generator().manual_seed(1))
                       .loss.item())
     assert losses[0] < losses[1] < losses[2], losses  # more negatives, harder task
 
@@ -244,9 +244,9 @@ def test_comm_masked_from_original_uses_the_batch(rus):
     orig.load_state_dict(aug.state_dict())
     noisy = {k: v + 0.5 * torch.randn_like(v) if v.is_floating_point() else v
              for k, v in batch.items()}
-    assert not torch.isclose(aug(noisy, noisy, batch).loss, orig(noisy, noisy, batch).loss)
+    assert not torch.isclose(aug([noisy, noisy], batch).loss, orig([noisy, noisy], batch).loss)
     # with un-augmented views the two variants coincide
-    torch.testing.assert_close(aug(batch, batch, batch).loss, orig(batch, batch, batch).loss)
+    torch.testing.assert_close(aug([batch, batch], batch).loss, orig([batch, batch], batch).loss)
 
 
 def test_comm_sum_is_m_plus_one_times_mean(rus):
@@ -258,8 +258,8 @@ def test_comm_sum_is_m_plus_one_times_mean(rus):
     total.load_state_dict(mean.state_dict())
     noisy = {k: v.flip(0) if v.is_floating_point() else v for k, v in batch.items()}
     m = len(mean.modalities)
-    torch.testing.assert_close(total(batch, noisy, batch).loss,
-                               (m + 1) * mean(batch, noisy, batch).loss)
+    torch.testing.assert_close(total([batch, noisy], batch).loss,
+                               (m + 1) * mean([batch, noisy], batch).loss)
 
 
 def test_factorcl_refuses_three_modalities(rus):
@@ -272,7 +272,7 @@ def test_factorcl_club_critics_move_only_by_their_own_loss(factorcl_data):
     manifest, arrays = factorcl_data
     obj = build_objective(small_config("factorcl_ssl", "objective.negatives=0"), manifest)
     batch = batch_of(arrays)
-    out = obj(batch, {k: v * 1.1 if v.is_floating_point() else v for k, v in batch.items()},
+    out = obj([batch, {k: v * 1.1 if v.is_floating_point() else v for k, v in batch.items()}],
               batch)
     out.loss.backward()
     club_grads = [p.grad.clone() for p in obj.club_critics.parameters()]
@@ -302,12 +302,12 @@ def test_factorcl_sampled_negatives(factorcl_data):
         torch.manual_seed(0)
         obj = build_objective(small_config("factorcl_ssl", f"objective.negatives={k}"), manifest)
         gen = torch.Generator().manual_seed(4)
-        losses[k] = obj(batch, view2, batch, generator=gen).loss
+        losses[k] = obj([batch, view2], batch, generator=gen).loss
     torch.testing.assert_close(losses[31], losses[0], rtol=0, atol=0)
     assert math.isfinite(losses[8].item()) and losses[8].item() != losses[0].item()
     obj.club_learning_loss = lambda *a: torch.zeros(())  # only the main loss is left
     obj.zero_grad()
-    obj(batch, view2, batch, generator=gen).loss.backward()
+    obj([batch, view2], batch, generator=gen).loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in obj.club_critics.parameters())
     assert any(p.grad is not None and p.grad.any() for p in obj.critics.parameters())
 
@@ -354,7 +354,7 @@ def test_factorcl_sup_conditions_on_labels(factorcl_data):
     shuffled = {**batch, obj.label_column: batch[obj.label_column].roll(1)}
     assert not torch.equal(shuffled[obj.label_column], batch[obj.label_column])
     with torch.no_grad():
-        true, wrong = (obj(batch, batch, labels).metrics for labels in (batch, shuffled))
+        true, wrong = (obj([batch, batch], labels).metrics for labels in (batch, shuffled))
     for term in ("nce_x1x2", "club_x1x2"):
         assert true[term] == wrong[term], term
     for term in ("club_x1x2_cond", "nce_x1c1", "nce_x2c2", "nce_x1x2_cond"):
@@ -366,3 +366,28 @@ def test_supcon_needs_a_classification_label(rus):
     no_labels = manifest.select(None, [])
     with pytest.raises(ObjectiveError, match="classification label"):
         build_objective(small_config("supcon"), no_labels)
+
+
+def test_one_view_cross_is_clip_between_the_modalities_of_one_view(rus):
+    """cross on one view: for every modality pair (a, b), the symmetric InfoNCE of a's and
+    b's projections of the same tuples; checked against explicit loops."""
+    manifest, arrays = rus
+    obj = build_objective(small_config("cross"), manifest)
+    assert obj.num_views == 1
+    batch = batch_of(arrays, 12)
+    loss = obj([batch], batch).loss
+    with torch.no_grad():
+        z = obj.project(batch)
+    tau = obj.cfg.temperature
+    pairs = [(a, b) for i, a in enumerate(obj.modalities) for b in obj.modalities[i + 1:]]
+    expected = 0.0
+    for a, b in pairs:
+        for x, y in ((z[a], z[b]), (z[b], z[a])):
+            for i in range(len(x)):
+                logits = [float(x[i] @ y[j]) / tau for j in range(len(y))]
+                expected += -(logits[i] - math.log(sum(math.exp(v) for v in logits))) \
+                    / (2 * len(x) * len(pairs))
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert all(obj.encoder.encoders[m].parameters().__next__().grad is not None
+               for m in obj.modalities)

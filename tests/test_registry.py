@@ -139,7 +139,7 @@ def test_a_plugin_encoder_trains_inside_an_objective(plugin_module):
                                           "seq": {"kind": "mmcl_test_plugins:MeanEncoder"}}}})
     objective = build_objective(cfg, Manifest([VECTOR, SEQ]))
     batch = {"vec": torch.randn(4, 6), "seq": torch.randn(4, 5, 3)}
-    out = objective(batch, batch, batch, torch.Generator().manual_seed(0))
+    out = objective([batch] * objective.num_views, batch, torch.Generator().manual_seed(0))
     out.loss.backward()
     assert objective.encoder.encoders["seq"].out.weight.grad is not None
 
@@ -156,4 +156,4 @@ def test_the_shipped_plugin_config_builds_and_trains(monkeypatch):
     assert len(objective.encoder.encoders["a"].branches) == 4
     assert type(objective.encoder.encoders["c"]).__name__ == "MLPEncoder"
     batch = {m: torch.randn(4, 8) for m in "abc"}
-    objective(batch, batch, batch, torch.Generator().manual_seed(0)).loss.backward()
+    objective([batch] * objective.num_views, batch, torch.Generator().manual_seed(0)).loss.backward()

@@ -331,9 +331,9 @@ def _reencode_loss_difference(mmcl_engine, reencode_engine, batch) -> float:
     views = [mmcl_engine.augmenter(batch, gen) for _ in range(2)]
     state = gen.get_state()
     with torch.no_grad():
-        a = obj(views[0], views[1], batch, generator=gen).loss
+        a = obj(views, batch, generator=gen).loss
         gen.set_state(state)
-        b = ref(views[0], views[1], batch, generator=gen).loss
+        b = ref(views, batch, generator=gen).loss
     return float((a - b).abs())
 
 

@@ -47,8 +47,8 @@ class ReencodingTupleInfoNCE(nn.Module):
         return tuple_info_nce(anchor, positive, disturbed, [w for _, w in active],
                               self.objective.cfg.temperature)
 
-    def forward(self, view1, view2, batch, generator: torch.Generator | None = None
-                ) -> LossOutput:
+    def forward(self, views, batch, generator: torch.Generator | None = None) -> LossOutput:
+        view1, view2 = views
         z1, z2 = self._full(view1), self._full(view2)
         loss = self.direction(z1, z2, view2, generator)
         if self.objective.cfg.symmetric:

@@ -1,8 +1,12 @@
-"""What every objective is: a module that turns two augmented views of a batch into a loss.
+"""What every objective is: a module that turns augmented views of a batch into a loss.
 
 The training loop knows only this interface, never an objective's name:
-- `forward(view1, view2, batch, generator)` -> `LossOutput(loss, metrics)`; `batch` is the
-  un-augmented batch (labels live there; CoMM's paper variant reads its modalities).
+- `num_views`: how many augmented views of each tuple the objective contrasts (each view
+  costs one pass of every encoder, so the loop builds no more than this).
+- `forward(views, batch, generator)` -> `LossOutput(loss, metrics)`; `views` is a list of
+  `num_views` augmented batches, `batch` the un-augmented batch (labels live there; CoMM's
+  paper variant reads its modalities). Metrics are detached tensors: the loop reads them from
+  the device only when it logs.
 - `optimizer_groups()` -> the parameter groups each optimiser steps. All groups are stepped
   after ONE backward of `loss`: an objective whose auxiliary networks must not be moved by the
   main loss (FactorCL's CLUB critics) evaluates them with detached parameters and adds their
@@ -52,6 +56,8 @@ class Objective(nn.Module):
     name: ClassVar[str]
     # True when some parameters get no gradient in a step (DDP must then look for them).
     has_unused_parameters: ClassVar[bool] = False
+    # Augmented views per tuple the loss contrasts (an instance may set its own from config).
+    num_views: int = 2
 
     def __init__(self, cfg, manifest: Manifest, model_cfg: ModelConfig):
         super().__init__()
@@ -61,7 +67,7 @@ class Objective(nn.Module):
         self.encoder = MultimodalEncoder(manifest.modalities, model_cfg)
 
     # -- the interface the loop uses
-    def forward(self, view1: Batch, view2: Batch, batch: Batch,
+    def forward(self, views: list[Batch], batch: Batch,
                 generator: torch.Generator | None = None) -> LossOutput:
         raise NotImplementedError
 

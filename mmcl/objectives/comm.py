@@ -32,7 +32,8 @@ class CoMM(FusedObjective):
         masked = [self.project(masked_embeddings, [m]) for m in self.modalities]
         return masked + [self.project(full_embeddings)]
 
-    def forward(self, view1, view2, batch, generator=None):
+    def forward(self, views, batch, generator=None):
+        view1, view2 = views
         e1, e2 = self.encoder.encode(view1), self.encoder.encode(view2)
         if self.cfg.masked_from == "original":
             e0 = self.encoder.encode(batch)

@@ -1,9 +1,11 @@
 """Cross (CLIP / CMC) and Cross+Self baselines (docs/methods.md, "Baselines").
 
 Cross: symmetric InfoNCE between the embeddings of two modalities of the same tuple, averaged
-over all modality pairs; modality a is taken from one view and b from the other (and the
-reverse), so both augmentations are used. It learns only what modalities share.
-Cross+Self adds, for every modality, SimCLR (NT-Xent) between its two augmentations.
+over all modality pairs. By default on one augmented view (CLIP / CMC: each encoder runs once
+per tuple); with `views: 2` modality a is taken from one view and b from the other (and the
+reverse), at twice the encoder work. It learns only what modalities share.
+Cross+Self adds, for every modality, SimCLR (NT-Xent) between its two augmentations, so it
+always takes two views.
 Neither trains the fusion module: the representation downstream is the concatenation of the
 per-modality embeddings.
 """
@@ -29,6 +31,7 @@ class Cross(Objective):
     def __init__(self, cfg, manifest, model_cfg):
         super().__init__(cfg, manifest, model_cfg)
         self.require_modalities(at_least=2)
+        self.num_views = getattr(cfg, "views", 2)
         d = model_cfg.embed_dim
         self.heads = nn.ModuleDict({
             m: ProjectionHead(d, model_cfg.proj_hidden, model_cfg.proj_dim)
@@ -39,15 +42,19 @@ class Cross(Objective):
         return {m: normalize(self.heads[m](e)) for m, e in embeddings.items()}
 
     def cross_loss(self, z1, z2) -> torch.Tensor:
+        """Over the modality pairs (a, b): InfoNCE of a in z1 against b in z2, averaged with
+        a in z2 against b in z1 when the views differ (z1 is z2: one view)."""
         tau = self.cfg.temperature
         pairs = list(combinations(self.modalities, 2))
+        if z1 is z2:
+            return sum(info_nce(z1[a], z1[b], tau) for a, b in pairs) / len(pairs)
         return sum(0.5 * (info_nce(z1[a], z2[b], tau) + info_nce(z2[a], z1[b], tau))
                    for a, b in pairs) / len(pairs)
 
-    def forward(self, view1, view2, batch, generator=None):
-        z1, z2 = self.project(view1), self.project(view2)
-        loss = self.cross_loss(z1, z2)
-        return LossOutput(loss, {"cross": loss.detach().item()})
+    def forward(self, views, batch, generator=None):
+        z = [self.project(view) for view in views]
+        loss = self.cross_loss(z[0], z[-1])
+        return LossOutput(loss, {"cross": loss.detach()})
 
     @torch.no_grad()
     def embed(self, batch):
@@ -63,11 +70,10 @@ class Cross(Objective):
 class CrossSelf(Cross):
     name = "cross_self"
 
-    def forward(self, view1, view2, batch, generator=None):
-        z1, z2 = self.project(view1), self.project(view2)
+    def forward(self, views, batch, generator=None):
+        z1, z2 = (self.project(view) for view in views)
         cross = self.cross_loss(z1, z2)
         self_terms = sum(nt_xent(z1[m], z2[m], self.cfg.temperature)
                          for m in self.modalities) / len(self.modalities)
         loss = cross + self.cfg.self_weight * self_terms
-        return LossOutput(loss, {"cross": cross.detach().item(),
-                                 "self": self_terms.detach().item()})
+        return LossOutput(loss, {"cross": cross.detach(), "self": self_terms.detach()})

@@ -174,7 +174,8 @@ class FactorCL(Objective):
         return -self.nce(critic, x.detach(), y.detach(), generator)
 
     # -- the objective
-    def forward(self, view1, view2, batch, generator=None):
+    def forward(self, views, batch, generator=None):
+        view1, view2 = views
         g = generator  # draws the sampled negatives, if any
         encoded, encoded_aug = self.encoder.encode(view1), self.encoder.encode(view2)
         t = self.terms_inputs([encoded[m] for m in self.modalities],
@@ -198,9 +199,9 @@ class FactorCL(Objective):
                        + self.club_learning_loss(club_cond, t.club_x1x2_given_c.x1,
                                                  t.club_x1x2_given_c.x2, g))
         loss = -(shared + unique) + critic_loss
-        metrics = {k: v.detach().item() for k, v in terms.items()}
-        metrics.update(shared=shared.detach().item(), unique=unique.detach().item(),
-                       club_critic_loss=critic_loss.detach().item())
+        metrics = {k: v.detach() for k, v in terms.items()}
+        metrics.update(shared=shared.detach(), unique=unique.detach(),
+                       club_critic_loss=critic_loss.detach())
         return LossOutput(loss, metrics)
 
     def optimizer_groups(self):

@@ -21,7 +21,8 @@ class SupCon(FusedObjective):
         super().__init__(cfg, manifest, model_cfg)
         self.label_column, _ = self.classification_label(cfg.label_column)
 
-    def forward(self, view1, view2, batch, generator=None):
+    def forward(self, views, batch, generator=None):
+        view1, view2 = views
         z1 = self.project(self.encoder.encode(view1))
         z2 = self.project(self.encoder.encode(view2))
         loss = sup_con(torch.stack([z1, z2], dim=1), batch[self.label_column],

@@ -16,7 +16,8 @@ from mmcl.objectives.registry import register
 class TupleContrast(FusedObjective):
     name = "tuple"
 
-    def forward(self, view1, view2, batch, generator=None):
+    def forward(self, views, batch, generator=None):
+        view1, view2 = views
         z1 = self.project(self.encoder.encode(view1))
         z2 = self.project(self.encoder.encode(view2))
         tau = self.cfg.temperature

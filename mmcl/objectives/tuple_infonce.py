@@ -93,7 +93,8 @@ class TupleInfoNCE(FusedObjective):
         n = next(iter(embeddings.values())).shape[0]
         return list(normalize(self.head(self.encoder.fuse_swapped(embeddings, swaps))).split(n))
 
-    def forward(self, view1, view2, batch, generator=None):
+    def forward(self, views, batch, generator=None):
+        view1, view2 = views
         e1, e2 = self.encoder.encode(view1), self.encoder.encode(view2)
         log_weights = [w for _, w in self.active_modalities()]
         # Keys of direction 1 are view 2's (its derangements drawn first), then direction 2's.
@@ -114,7 +115,7 @@ class TupleInfoNCE(FusedObjective):
             loss = 0.5 * (loss + tuple_info_nce(z2, keys1, disturbed1, log_weights, tau))
         metrics = {}
         if not self.active_modalities():  # the plain tuple loss, for comparison in logs
-            metrics["tuple"] = loss.detach().item()
+            metrics["tuple"] = loss.detach()
         return LossOutput(loss, metrics)
 
     def reward(self, view1: dict[str, Tensor], view2: dict[str, Tensor],

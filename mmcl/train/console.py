@@ -220,7 +220,7 @@ class EpochProgress:
         if self.bar is None:
             return
         self.bar.set_description(bar_description(self.epoch, self.epochs, metrics))
-        self.bar.update(1)
+        self.bar.update(metrics.get("steps", 1))  # the steps since the last log
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,10 +1,16 @@
 """One worker's training state and step, with no Ray in sight.
 
 The Ray worker loop (mmcl.train.worker), the in-memory loop (mmcl.train.local) and the
-benchmarks all drive the same `Engine`: two augmented views on the worker's device, the
-objective's loss (negatives gathered across workers inside the loss), one backward, gradient
-clipping, one step of every optimiser the objective asks for, warm-up + cosine schedules.
-The engine never looks at the objective's name.
+benchmarks all drive the same `Engine`: the augmented views the objective declares it needs
+(`Objective.num_views`) on the worker's device, the objective's loss (negatives gathered
+across workers inside the loss), one backward, gradient clipping, one step of every optimiser
+the objective asks for, warm-up + cosine schedules. The engine never looks at the objective's
+name.
+
+On CUDA a step never waits for the device: its metrics and the finiteness of its loss stay
+on the device and are read every `tracking.every_n_steps` steps, at step checkpoints and at
+the epoch's end (only `train.nonfinite_loss: skip` must decide before its optimiser step, so
+it reads the loss every step).
 """
 
 from __future__ import annotations
@@ -57,19 +63,72 @@ def make_optimizer(group: OptimGroup, train: TrainConfig,
     if train.optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=lr, momentum=0.9, weight_decay=wd)
     cls = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
-    return cls(param_groups, lr=lr, weight_decay=wd)
+    # The fused kernel updates every parameter in a few launches instead of a few per
+    # parameter; CUDA only (the CPU build's fused path is slower than foreach there).
+    fused = bool(group.params) and all(p.is_cuda for p in group.params)
+    return cls(param_groups, lr=lr, weight_decay=wd, fused=fused or None)
+
+
+def autocast_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA unless train.mixed_precision is false; None (fp32) on every other device."""
+    if device.type != "cuda" or train.mixed_precision is False:
+        return None
+    return torch.bfloat16
+
+
+def use_fast_cuda_matmuls() -> None:
+    """TF32 for the fp32 matmuls and convolutions left outside autocast (8x the fp32 rate
+    on an H200, at fp32's range)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _all_ranks_finite(loss: Tensor) -> bool:
-    """Every worker must agree to skip a batch, or DDP's gradient all-reduce deadlocks."""
+    """Every worker must agree to skip a batch, or DDP's gradient all-reduce deadlocks.
+    The vote is a tensor on the loss's device: NCCL refuses host tensors."""
     finite = torch.isfinite(loss.detach()).to(torch.int32)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item())
+
+
+class NonFiniteWatch:
+    """The first step whose loss was NaN/inf, kept on the device (no host sync per step)
+    and read with `check`, which every worker calls at the same steps."""
+
+    def __init__(self, device: torch.device):
+        self.step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.value = torch.zeros((), dtype=torch.float32, device=device)
+
+    def see(self, loss: Tensor, step: int) -> None:
+        first = (self.step < 0) & ~torch.isfinite(loss.detach())
+        self.step = torch.where(first, torch.full_like(self.step, step), self.step)
+        self.value = torch.where(first, loss.detach().float(), self.value)
+
+    def check(self, epoch: int) -> None:
+        seen = (self.step >= 0).to(torch.int32)
+        if _distributed():  # all workers stop together, on the device's own tensors
+            dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        if not bool(seen.item()):
+            return
+        step = int(self.step.item())
+        where = (f"the loss became {self.value.item()} at step {step}" if step >= 0
+                 else "the loss became non-finite on another worker")
+        raise NonFiniteLossError(
+            f"{where} (epoch {epoch}); the last checkpoint is intact. Lower train.lr, check "
+            f"the data for extreme values, or set train.nonfinite_loss=skip")
+
+
+def _number(value: Tensor | float) -> float:
+    return float(value.detach().double().cpu()) if isinstance(value, Tensor) else float(value)
 
 
 @dataclass
@@ -93,9 +152,42 @@ class EpochTally:
         for k, v in metrics.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
 
+    def means(self) -> dict[str, float]:
+        """The mean of every metric over the tally's steps (one read from the device)."""
+        return {k: _number(v) / max(self.steps, 1) for k, v in self.sums.items()}
+
     def state(self) -> dict:
-        return {"batches": self.batches, "steps": self.steps, "rows": self.rows,
-                "sums": dict(self.sums)}
+        """Numbers only (the sums are read from the device): checkpoints hold this."""
+        sums = {k: v * max(self.steps, 1) for k, v in self.means().items()}
+        return {"batches": self.batches, "steps": self.steps, "rows": self.rows, "sums": sums}
+
+
+class _Interval:
+    """The steps since the last log: metric sums on the device, rows, data wait, time."""
+
+    def __init__(self):
+        self.start(time.perf_counter())
+
+    def start(self, now: float) -> None:
+        self.tally, self.wait, self.began = EpochTally(), 0.0, now
+
+    def add(self, metrics: dict[str, Tensor] | None, rows: int, wait_s: float) -> None:
+        self.tally.add(metrics, rows)
+        self.wait += wait_s
+
+    @property
+    def steps(self) -> int:
+        return self.tally.steps
+
+    def read(self, step: int, lr: float) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = now - self.began
+        out = {**self.tally.means(), "step": step, "lr": lr,
+               "samples_per_s": self.tally.rows / elapsed if elapsed else 0.0,
+               "data_wait_fraction": self.wait / elapsed if elapsed else 0.0,
+               "steps": self.tally.steps}
+        self.start(now)
+        return out
 
 
 def total_steps(train: TrainConfig, steps_per_epoch: int) -> int:
@@ -121,6 +213,11 @@ class Engine:
         self.steps_per_epoch = steps_per_epoch
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
         self.objective: Objective = build_objective(cfg, manifest).to(self.device)
+        if self.device.type == "cuda":
+            use_fast_cuda_matmuls()
+        if cfg.train.compile:
+            for encoder in self.objective.encoder.encoders.values():
+                encoder.compile()  # in place: state dict keys stay the same
         self.model = wrap(self.objective) if wrap else self.objective
         self.augmenter = Augmenter(manifest.modalities, cfg.augment)
         self.prepare = Preparer.for_run(manifest, cfg.data)
@@ -142,33 +239,44 @@ class Engine:
         self.history: list[dict] = []  # one entry per finished epoch; travels in checkpoints
         self.tally = EpochTally()  # the epoch in progress; travels in checkpoints
         self.skipped_batches = 0
-        # Called after every step with its metrics, lr, step, samples/s and data-wait
-        # fraction (the progress bar, experiment tracking); None: nothing is called.
-        self.on_step: Callable[[dict], None] | None = None
-        use_amp = cfg.train.mixed_precision and self.device.type == "cuda"
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp \
+        self.nonfinite = NonFiniteWatch(self.device)
+        self.log_every = cfg.tracking.every_n_steps
+        # Called every `log_every` steps and at the epoch's end with the mean metrics of the
+        # steps since the last call, lr, step, samples/s and data-wait fraction (the progress
+        # bar, experiment tracking); None: nothing is called.
+        self.on_log: Callable[[dict], None] | None = None
+        # Called after every step with no argument (step checkpoints); None: nothing.
+        self.after_step: Callable[[], None] | None = None
+        self.last_logged: dict[str, float] = {}
+        self._interval = _Interval()
+        dtype = autocast_dtype(cfg.train, self.device)
+        self.autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype \
             else nullcontext
 
     @property
     def lr(self) -> float:
         return self.optimizers["main"].param_groups[0]["lr"]
 
-    def train_step(self, batch: Mapping[str, Tensor]) -> dict[str, float] | None:
-        """One optimisation step; returns the step's metrics, or None for a skipped batch."""
+    def views(self, batch: Mapping[str, Tensor]) -> list[dict[str, Tensor]]:
+        """The augmented views the objective contrasts, and no more (each costs one pass of
+        every encoder)."""
+        return [self.augmenter(batch, self.generator) for _ in range(self.objective.num_views)]
+
+    def train_step(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+        """One optimisation step; returns the step's metrics as tensors on the device (read
+        them when you log, not every step), or None for a skipped batch. A non-finite loss
+        is raised by `check_finite` (train.nonfinite_loss=fail) or skips the batch here."""
         self.model.train()
         batch = self.prepare(to_device(batch, self.device))  # dtypes, masks, standardising
-        view1 = self.augmenter(batch, self.generator)
-        view2 = self.augmenter(batch, self.generator)
+        views = self.views(batch)
         with self.autocast():
-            out = self.model(view1, view2, batch, generator=self.generator)
-        if not _all_ranks_finite(out.loss):
-            if self.cfg.train.nonfinite_loss == "fail":
-                raise NonFiniteLossError(
-                    f"the loss became {out.loss.item()} at step {self.step} (epoch "
-                    f"{self.epoch}); the last checkpoint is intact. Lower train.lr, check the "
-                    f"data for extreme values, or set train.nonfinite_loss=skip")
-            self.skipped_batches += 1
-            return None
+            out = self.model(views, batch, generator=self.generator)
+        if self.cfg.train.nonfinite_loss == "skip":
+            if not _all_ranks_finite(out.loss):
+                self.skipped_batches += 1
+                return None
+        else:
+            self.nonfinite.see(out.loss, self.step)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -179,7 +287,11 @@ class Engine:
         for sched in self.schedulers.values():
             sched.step()
         self.step += 1
-        return {"loss": out.loss.detach().item(), **out.metrics}
+        return {"loss": out.loss.detach(), **out.metrics}
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLossError if a step's loss was NaN/inf (every worker together)."""
+        self.nonfinite.check(self.epoch)
 
     @property
     def finished(self) -> bool:
@@ -190,12 +302,13 @@ class Engine:
         """Runs one epoch over `batches` (or what is left of it: a run resumed mid-epoch
         passes the batches after those in `self.tally`, which it goes on from); stops early
         once the run has taken all its steps. Returns mean metrics, throughput and data wait
-        of the whole epoch. `self.on_step`, when set, gets every step's metrics (see
-        `_step_metrics`) after the tally holds that step."""
+        of the whole epoch. `self.on_log` gets the metrics of every `log_every` steps (see
+        `log_now`), `self.after_step` is called after every step."""
         tally = self.tally
         rows, wait = 0, 0.0  # this process's share, for throughput and data wait
         stream = iter(batches)
         start = tick = time.perf_counter()
+        self._interval.start(tick)
         while not self.finished:  # never pull a batch the run will not train on
             batch = next(stream, None)
             if batch is None:
@@ -205,16 +318,19 @@ class Engine:
             metrics = self.train_step(batch)
             batch_rows = len(next(iter(batch.values())))
             tally.add(metrics, batch_rows)
+            self._interval.add(metrics, batch_rows, fetched - tick)
             if metrics is not None:
                 rows += batch_rows
-                if self.on_step is not None:
-                    self.on_step(self._step_metrics(metrics, batch_rows, fetched - tick,
-                                               time.perf_counter() - tick))
+                if self.step % self.log_every == 0:
+                    self.log_now()
+                if self.after_step is not None:
+                    self.after_step()
             tick = time.perf_counter()
+        self.log_now()
         elapsed = time.perf_counter() - start
         self.epoch += 1
         self.tally = EpochTally()
-        summary = {k: v / max(tally.steps, 1) for k, v in tally.sums.items()}
+        summary = tally.means()
         summary.update(epoch=self.epoch, step=self.step, steps=tally.steps, lr=self.lr,
                        samples_per_s=rows / elapsed if elapsed else 0.0,
                        data_wait_fraction=wait / elapsed if elapsed else 0.0,
@@ -222,10 +338,17 @@ class Engine:
         self.history.append(summary)
         return summary
 
-    def _step_metrics(self, metrics: dict, rows: int, wait_s: float, total_s: float) -> dict:
-        return {**metrics, "step": self.step, "lr": self.lr,
-                "samples_per_s": rows / total_s if total_s else 0.0,
-                "data_wait_fraction": wait_s / total_s if total_s else 0.0}
+    def log_now(self) -> dict[str, float]:
+        """Read the steps since the last log from the device (one wait for it), stop on a
+        non-finite loss, hand their mean metrics to `on_log`; returns the latest logged
+        metrics. Every worker calls this at the same steps (the finiteness check is a
+        collective)."""
+        self.check_finite()
+        if self._interval.steps:
+            self.last_logged = self._interval.read(self.step, self.lr)
+            if self.on_log is not None:
+                self.on_log(self.last_logged)
+        return self.last_logged
 
     # -- checkpoint state: tensors, numbers, strings, lists and dicts only, so that it loads
     #    with torch.load(weights_only=True)

@@ -50,7 +50,7 @@ def fit_in_memory(cfg: RunConfig, manifest: Manifest, train: Mapping[str, np.nda
     engine = Engine(cfg, manifest, steps_per_epoch(rows, cfg.train.batch_size), device)
     if init_weights is not None:
         engine.objective.load_state_dict(init_weights)
-    engine.on_step = run_log.step if run_log else None
+    engine.on_log = run_log.step if run_log else None
     for epoch in range(cfg.train.epochs):
         summary = engine.train_epoch(
             memory_batches(train, cfg.train.batch_size, cfg.train.seed, epoch))

@@ -29,11 +29,14 @@ from mmcl.train.checkpoint import (newest_complete_checkpoint, read_checkpoint_s
 from mmcl.train.engine import Engine, epochs_needed
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """The sums over all workers of per-worker values (the values themselves on one)."""
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """The sums over all workers of per-worker values (the values themselves on one). The
+    tensor lives on the training device: NCCL, the GPU workers' backend, refuses host
+    tensors; one worker communicates nothing."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
     return tensor.tolist()
 
 
@@ -129,12 +132,14 @@ def report_checkpoint(engine: Engine, cfg: RunConfig, metrics: dict, rank: int) 
 
 def step_checkpointer(engine: Engine, cfg: RunConfig, rank: int):
     """Called after every step: a mid-epoch checkpoint every train.checkpoint_every_steps
-    steps (none at the run's last step: the final checkpoint follows). Every worker takes the
-    same steps (skipped batches are agreed on by all), so all of them report together."""
+    steps (none at the run's last step: the final checkpoint follows), after the steps so far
+    are read and found finite. Every worker takes the same steps (skipped batches are agreed
+    on by all), so all of them report together."""
     every = cfg.train.checkpoint_every_steps
 
-    def after_step(metrics: dict) -> None:
+    def after_step() -> None:
         if every and engine.step % every == 0 and not engine.finished:
+            metrics = engine.log_now()
             report_checkpoint(engine, cfg, {"epoch": engine.epoch, "step": engine.step,
                                             "epoch_batches": engine.tally.batches,
                                             "loss": metrics["loss"]}, rank)
@@ -173,11 +178,13 @@ def _train(cfg: RunConfig, loop_config: dict, state: dict | None, stream: EpochS
     for epoch in range(engine.epoch, stop_epoch):
         bar = console.EpochProgress(epoch + 1, cfg.train.epochs, engine.steps_per_epoch,
                                     enabled=rank == 0 and loop_config.get("progress_bar", False))
-        engine.on_step = lambda m: (bar.update(m), run_log.step(m), checkpoint_steps(m))
+        engine.on_log = lambda m: (bar.update(m), run_log.step(m))
+        engine.after_step = checkpoint_steps
         summary = engine.train_epoch(seeded(engine, cfg, stream.epoch(epoch), epoch, rank))
         bar.close()
         summary.update(probe.at_epoch_end(engine, epoch))  # rank 0: probe_<label>
-        summary["samples_per_s_total"] = all_reduce_sum([summary["samples_per_s"]])[0]
+        summary["samples_per_s_total"] = all_reduce_sum([summary["samples_per_s"]],
+                                                        engine.device)[0]
         summary["resumed_from_step"] = resumed_from_step
         summary.update(drops.of_epoch(epoch))
         last = epoch + 1 == stop_epoch or engine.finished
