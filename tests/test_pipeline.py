@@ -123,6 +123,40 @@ def _poison(root, tmp_path, manifest):
     return bad, name, int(arrays["id"][7])
 
 
+def test_every_epoch_of_a_many_file_split_takes_the_same_full_batches_on_every_worker(
+        tmp_path, rus):
+    """Ray Data's local shuffle yields short batches at block boundaries in mid-stream (a
+    224x224 run took 14, 14 and 8 steps where its epochs had 12): with many small files and
+    a shuffle buffer of one batch, each worker's every epoch is floor(rows / batch) full
+    batches, through the run's own EpochStream."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mmcl.data.shards import write_dataset
+
+    root, manifest = rus
+    splits = {s: read_split(root, s) for s in manifest.splits}
+    many = str(tmp_path / "many")
+    manifest = write_dataset(many, manifest, splits, max_rows_per_shard=25)
+    assert len(list_shards(many, "train")) > 10
+    workers, batch_size, epochs = 2, 32, 2
+    ds = pipeline.build_dataset(many, "train", manifest, seed=0)
+
+    def run(args):
+        rank, shard = args
+        stream = pipeline.EpochStream(
+            lambda e: pipeline.iter_worker_batches(shard, batch_size, shuffle_buffer=batch_size,
+                                                   seed=0, epoch=e, rank=rank), range(epochs))
+        try:
+            return [[len(b["id"]) for _, b in stream.epoch(e)] for e in range(epochs)]
+        finally:
+            stream.close()
+
+    with ThreadPoolExecutor(workers) as pool:
+        sizes = list(pool.map(run, enumerate(worker_shards(ds, workers))))
+    full = [batch_size] * ((manifest.splits["train"] // workers) // batch_size)
+    assert sizes == [[full] * epochs] * workers
+
+
 def test_nonfinite_rows_fail_with_a_data_error_naming_modality_and_id(tmp_path, rus):
     root, manifest = rus
     bad, name, bad_id = _poison(root, tmp_path, manifest)

@@ -523,11 +523,13 @@ def iter_worker_batches(shard: "ray.data.DataIterator | ray.data.Dataset", batch
                         device: "str | torch.device" = "cpu",
                         prefetch_batches: int = 1) -> Iterator[dict[str, "torch.Tensor"]]:
     """One epoch of one worker's shard as dict[column, tensor] batches of exactly
-    `batch_size` rows (drop_last), modalities (B, *shape) float32, `id` int64.
+    `batch_size` rows (the rows that do not fill a last batch are left out), modalities
+    (B, *shape) float32, `id` int64.
 
     The in-stream shuffle (`shuffle_buffer` rows; 0 = off) is seeded from (seed, epoch, rank).
-    Every worker of an equal split gets the same number of batches. A `DataError` raised in
-    the data pipeline is re-raised here as `DataError`.
+    Every worker of an equal split gets the same number of batches, floor(rows / batch_size).
+    Batches for a CUDA device come through pinned host memory. A `DataError` raised in the
+    data pipeline is re-raised here as `DataError`.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -535,11 +537,14 @@ def iter_worker_batches(shard: "ray.data.DataIterator | ray.data.Dataset", batch
     if shuffle_buffer:
         kwargs.update(local_shuffle_buffer_size=int(shuffle_buffer),
                       local_shuffle_seed=local_shuffle_seed(seed, epoch, rank))
-    batches = shard.iter_torch_batches(batch_size=int(batch_size), drop_last=True,
+    import torch
+
+    batches = shard.iter_torch_batches(batch_size=int(batch_size), drop_last=False,
                                        device=device, prefetch_batches=prefetch_batches,
+                                       pin_memory=torch.device(device).type == "cuda",
                                        **kwargs)
     try:
-        yield from batches
+        yield from full_batches(batches, int(batch_size))
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - re-raised unless it carries a DataError
@@ -547,6 +552,31 @@ def iter_worker_batches(shard: "ray.data.DataIterator | ray.data.Dataset", batch
         if data_error is None:
             raise
         raise data_error from None
+
+
+def full_batches(batches: Iterable[dict[str, "torch.Tensor"]], batch_size: int
+                 ) -> Iterator[dict[str, "torch.Tensor"]]:
+    """`batches` re-cut into batches of exactly `batch_size` rows, in order; the rows that
+    do not fill a last batch are dropped. Ray Data's local shuffle yields short batches in
+    mid-stream at block boundaries, not only at the end (drop_last keeps them): a worker
+    then took more, smaller steps than an epoch has, and workers differed in step counts
+    (DDP waits forever for the one with fewer)."""
+    import torch
+
+    pending: list[dict[str, torch.Tensor]] = []
+    rows = 0
+    for batch in batches:
+        n = len(next(iter(batch.values())))
+        if not pending and n == batch_size:
+            yield batch  # the common case: nothing to copy
+            continue
+        pending.append(batch)
+        rows += n
+        while rows >= batch_size:
+            joined = {k: torch.cat([b[k] for b in pending]) for k in pending[0]}
+            yield {k: v[:batch_size] for k, v in joined.items()}
+            rows -= batch_size
+            pending = [{k: v[batch_size:] for k, v in joined.items()}] if rows else []
 
 
 # --------------------------------------------------------------- a run's stream of epochs
