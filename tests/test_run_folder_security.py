@@ -341,3 +341,59 @@ def test_a_full_disk_in_a_ray_pretrain_is_one_error_without_retries(tmp_path, mo
     err = one_error(capsys)
     assert "no space left on the device" in err and "/ckpt/state.pt" in err
     assert _FullDiskTrainer.attempts == 1
+
+
+# ------------------------------------------- a Tune trial killed after its last epoch line
+
+
+def _trial_killed_after_its_last_epoch(tmp_path, epochs_trained=1, epochs=1):
+    """A sweep trial's Train run folder as a driver killed right after the last epoch line
+    leaves it: the complete checkpoint of that epoch, no model/ (Tune never recorded it)."""
+    from mmcl.train.checkpoint import write_checkpoint
+    from mmcl.tune.trial import trial_run_config
+
+    cfg = config.load(None, [*TINY, f"storage.path={tmp_path}", "storage.name=trial-x",
+                             f"train.epochs={epochs}"])
+    root, manifest = launcher.prepare_data(cfg)
+    run_cfg = trial_run_config(cfg, root, str(tmp_path), "trial-x")
+    trained = run_cfg.model_copy(update={"train": run_cfg.train.model_copy(
+        update={"epochs": epochs_trained})})
+    state = launcher._pretrain_in_process(trained, root, manifest)
+    write_checkpoint(str(tmp_path / "trial-x" / "checkpoint_000000"), state, run_cfg, manifest)
+    return cfg, manifest
+
+
+def test_a_trial_killed_after_its_last_epoch_resumes_with_its_score(tmp_path, monkeypatch):
+    import math
+
+    from ray import tune
+
+    from mmcl.tune.trial import ScoreSpec, default_probe_label, run_train_trial
+
+    cfg, manifest = _trial_killed_after_its_last_epoch(tmp_path)
+    reported = []
+    monkeypatch.setattr(tune, "report", lambda metrics, **kw: reported.append(metrics))
+
+    def trained_again(*args, **kwargs):
+        raise AssertionError("the finished Train run was started again")
+
+    monkeypatch.setattr(launcher, "make_trainer", trained_again)
+    spec = ScoreSpec(metric="probe", probe_label=default_probe_label(manifest), reward=False)
+    state = run_train_trial(cfg, storage_path=str(tmp_path), name="trial-x", score_spec=spec,
+                            pg_records=str(tmp_path / "pg"))
+    assert state["epoch"] == 1
+    assert len(reported) == 1 and reported[0]["epoch"] == 1
+    assert math.isfinite(reported[0]["score"]) and reported[0]["score"] == reported[0][
+        "val_probe"]
+    assert (tmp_path / "trial-x" / "model" / "weights.pt").is_file()
+
+
+def test_a_trial_with_epochs_left_resumes_by_training(tmp_path):
+    from mmcl.tune.trial import ScoreSpec, report_finished_trial, trial_run_config
+
+    cfg, manifest = _trial_killed_after_its_last_epoch(tmp_path, epochs_trained=1, epochs=2)
+    root, _ = launcher.prepare_data(cfg)
+    run_cfg = trial_run_config(cfg, root, str(tmp_path), "trial-x")
+    steps = launcher.train_steps(run_cfg, manifest, run_cfg.scaling.num_workers, root)
+    assert report_finished_trial(run_cfg, manifest, root, str(tmp_path), "trial-x", steps,
+                                 ScoreSpec(reward=False)) is None
