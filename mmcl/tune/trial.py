@@ -467,6 +467,10 @@ def run_train_trial(cfg: RunConfig, *, storage_path: str, name: str, score_spec:
     root, manifest = launcher.prepare_data(cfg)
     run_cfg = trial_run_config(cfg, root, storage_path, name)
     steps = launcher.train_steps(run_cfg, manifest, run_cfg.scaling.num_workers, root)
+    finished = report_finished_trial(run_cfg, manifest, root, storage_path, name, steps,
+                                     score_spec, stop_epoch)
+    if finished is not None:
+        return finished
     context = ray.data.DataContext.get_current()  # the dataset carries it to Ray Data
     context.enable_progress_bars = False
     context.enable_operator_progress_bars = False
@@ -486,6 +490,37 @@ def run_train_trial(cfg: RunConfig, *, storage_path: str, name: str, score_spec:
         raise launcher.user_error(err) from err
     with result.checkpoint.as_directory() as directory:
         state = read_checkpoint_state(directory)
+    launcher.finish_run(run_cfg, manifest, join(storage_path, name), state)
+    return state
+
+
+def report_finished_trial(run_cfg: RunConfig, manifest: Manifest, root: str,
+                          storage_path: str, name: str, steps: int, score_spec: ScoreSpec,
+                          stop_epoch: int | None = None) -> dict | None:
+    """A trial whose Train run already holds the complete checkpoint of its last epoch: its
+    driver was killed after the last epoch line, before Tune recorded the result. Training
+    it again would report nothing, and Tune would fail the resumed trial ("did not include
+    the specified metric(s) 'score'"). Instead its last epoch is scored from that checkpoint
+    and reported to Tune as the first time, and its run folder is finished. Returns the final
+    state, or None when epochs are left to train (the usual resume)."""
+    from ray import tune
+
+    from mmcl.train.checkpoint import newest_complete_checkpoint
+    from mmcl.train.worker import stop_epoch_of
+
+    url = launcher.checkpoint_url(run_cfg, f"{launcher.storage_root(run_cfg)}/{name}")
+    found = newest_complete_checkpoint(url, run_cfg.storage.endpoint_url, run_cfg.storage.region)
+    stop = stop_epoch_of(run_cfg, {"steps_per_epoch": steps, "stop_epoch": stop_epoch})
+    if found is None or found.epoch < stop:
+        return None
+    state = found.state
+    history = list(state.get("history") or [])
+    last = dict(history[-1]) if history else {"epoch": found.epoch}
+    scorer = Scorer(run_cfg, manifest, root, score_spec)
+    scored = time.perf_counter()
+    scores = scorer.score(scorer.objective(state["objective"]))
+    scores["score_seconds"] = time.perf_counter() - scored
+    tune.report({**last, **scores})
     launcher.finish_run(run_cfg, manifest, join(storage_path, name), state)
     return state
 
