@@ -305,3 +305,24 @@ def test_too_small_a_cluster_is_a_clear_error(tmp_path):
     cfg = tiny_config(tmp_path, "scaling.num_workers=8")
     with pytest.raises(launcher.LaunchError, match="scaling.num_workers"):
         launcher.pretrain(cfg)
+
+
+def test_a_worker_hands_no_host_tensor_to_a_gpu_process_group(tmp_path, monkeypatch):
+    """NCCL, the backend of GPU workers, refuses host tensors ("No backend type associated
+    with device type cpu"): an epoch summary's all-reduce crashed every GPU run at the end of
+    epoch 1. A process group whose gloo is registered for CUDA only refuses them the same
+    way on a CPU machine; a one-worker run under it (epoch summaries, step checkpoints, the
+    online probe, the finiteness check) must finish."""
+    import ray.train.torch as train_torch
+
+    class DeviceOnlyGroup(train_torch.TorchTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, torch_config=train_torch.TorchConfig(backend="cuda:gloo"),
+                             **kwargs)
+
+    monkeypatch.setattr(train_torch, "TorchTrainer", DeviceOnlyGroup)
+    cfg = tiny_config(tmp_path, "storage.name=gpu-rule", "scaling.num_workers=1",
+                      "train.epochs=2", "train.checkpoint_every_steps=3",
+                      "objective.name=cross", "scaling.max_failures=0")
+    result = launcher.pretrain(cfg)
+    assert [h["epoch"] for h in read_metrics(result.run_url)] == [1, 2]
