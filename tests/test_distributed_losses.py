@@ -52,6 +52,8 @@ def _critic_bound(bound, sign):
 
 CASES = {
     "info_nce": lambda z, lab, _: info_nce(z["a"], z["b"], TAU),
+    # data.missing=mask: rows whose label is 0 lack a side (rank 0 keeps 2 rows, rank 1 3)
+    "info_nce_masked": lambda z, lab, _: info_nce(z["a"], z["b"], TAU, valid=lab != 0),
     "nt_xent": lambda z, lab, _: nt_xent(z["a"], z["b"], TAU),
     "tuple_info_nce": lambda z, lab, _: tuple_info_nce(
         z["a"], z["b"], [z["c"], z["d"], z["e"]], [0.0, -math.inf, math.log(2.0)], TAU),

@@ -56,6 +56,12 @@ class Objective(nn.Module):
     name: ClassVar[str]
     # True when some parameters get no gradient in a step (DDP must then look for them).
     has_unused_parameters: ClassVar[bool] = False
+    # data.missing=mask: True when a tuple's absent modality (batch["<m>__present"] false)
+    # contributes nothing to the loss; build_objective refuses mask for the others.
+    supports_missing: ClassVar[bool] = False
+    # Whether the loss reads the fusion module (then mask also needs a fusion that treats
+    # absence exactly: model.fusion=transformer).
+    uses_fusion: ClassVar[bool] = True
     # Augmented views per tuple the loss contrasts (an instance may set its own from config).
     num_views: int = 2
 
@@ -130,7 +136,11 @@ def normalize(x: Tensor) -> Tensor:
 
 
 class FusedObjective(Objective):
-    """An objective on fused tuple embeddings: encoders, fusion, then one projection head."""
+    """An objective on fused tuple embeddings: encoders, fusion, then one projection head.
+    A tuple's absent modality is left out of its fused embedding (TransformerFusion drops
+    its token), so a loss on whole fused tuples honours data.missing=mask."""
+
+    supports_missing = True
 
     def __init__(self, cfg, manifest: Manifest, model_cfg: ModelConfig):
         super().__init__(cfg, manifest, model_cfg)
@@ -145,3 +155,14 @@ class FusedObjective(Objective):
 
     # The default: {}. TupleInfoNCE, Tuple and SupCon compare fused tuples only (their fusion
     # never sees one modality alone), so single-modality vectors share no trained space.
+
+
+def pair_present(batch: Batch, a: str, b: str) -> Tensor | None:
+    """bool (B,): the rows of `batch` where modalities a and b are both present
+    (data.missing=mask); None when neither can be absent."""
+    from mmcl.data.schema import present_column
+
+    flags = [batch[present_column(m)].bool() for m in (a, b) if present_column(m) in batch]
+    if not flags:
+        return None
+    return flags[0] & flags[1] if len(flags) == 2 else flags[0]

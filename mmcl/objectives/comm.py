@@ -22,6 +22,8 @@ from mmcl.objectives.registry import register
 @register
 class CoMM(FusedObjective):
     name = "comm"
+    # Its single-modality views of a tuple lacking that modality hold no modality at all.
+    supports_missing = False
 
     def __init__(self, cfg, manifest, model_cfg):
         super().__init__(cfg, manifest, model_cfg)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mmcl.models import ProjectionHead
-from mmcl.objectives.base import LossOutput, Objective, normalize
+from mmcl.objectives.base import LossOutput, Objective, normalize, pair_present
 from mmcl.objectives.functional import info_nce, nt_xent
 from mmcl.objectives.registry import register
 
@@ -27,6 +27,9 @@ from mmcl.objectives.registry import register
 class Cross(Objective):
     name = "cross"
     has_unused_parameters = True  # the fusion module is never used
+    # data.missing=mask: a pair's InfoNCE runs over the tuples holding both modalities only.
+    supports_missing = True
+    uses_fusion = False
 
     def __init__(self, cfg, manifest, model_cfg):
         super().__init__(cfg, manifest, model_cfg)
@@ -41,19 +44,24 @@ class Cross(Objective):
         embeddings = self.encoder.encode(view)
         return {m: normalize(self.heads[m](e)) for m, e in embeddings.items()}
 
-    def cross_loss(self, z1, z2) -> torch.Tensor:
+    def cross_loss(self, z1, z2, batch=None) -> torch.Tensor:
         """Over the modality pairs (a, b): InfoNCE of a in z1 against b in z2, averaged with
-        a in z2 against b in z1 when the views differ (z1 is z2: one view)."""
+        a in z2 against b in z1 when the views differ (z1 is z2: one view). With `batch`'s
+        presence flags, a pair's rows lacking a or b are neither anchors nor candidates."""
         tau = self.cfg.temperature
         pairs = list(combinations(self.modalities, 2))
+        ok = {(a, b): pair_present(batch, a, b) if batch is not None else None
+              for a, b in pairs}
         if z1 is z2:
-            return sum(info_nce(z1[a], z1[b], tau) for a, b in pairs) / len(pairs)
-        return sum(0.5 * (info_nce(z1[a], z2[b], tau) + info_nce(z2[a], z1[b], tau))
+            return sum(info_nce(z1[a], z1[b], tau, valid=ok[a, b])
+                       for a, b in pairs) / len(pairs)
+        return sum(0.5 * (info_nce(z1[a], z2[b], tau, valid=ok[a, b])
+                          + info_nce(z2[a], z1[b], tau, valid=ok[a, b]))
                    for a, b in pairs) / len(pairs)
 
     def forward(self, views, batch, generator=None):
         z = [self.project(view) for view in views]
-        loss = self.cross_loss(z[0], z[-1])
+        loss = self.cross_loss(z[0], z[-1], batch)
         return LossOutput(loss, {"cross": loss.detach()})
 
     @torch.no_grad()
@@ -69,6 +77,7 @@ class Cross(Objective):
 @register
 class CrossSelf(Cross):
     name = "cross_self"
+    supports_missing = False  # its SimCLR terms would contrast absent values
 
     def forward(self, views, batch, generator=None):
         z1, z2 = (self.project(view) for view in views)

@@ -71,16 +71,42 @@ def _nt_xent(a: Tensor, b: Tensor, a_all: Tensor, b_all: Tensor, offset: int,
 
 
 def info_nce(a: Tensor, b: Tensor, temperature: float, *,
-             distributed: bool | None = None) -> Tensor:
+             distributed: bool | None = None, valid: Tensor | None = None) -> Tensor:
     """CLIP's symmetric InfoNCE between aligned rows of a and b (N x d each).
 
     L = 1/2 [ mean_i -log softmax_j(a_i·b_j/tau)[i] + mean_i -log softmax_j(b_i·a_j/tau)[i] ].
+
+    `valid` (bool (N,)): the rows that are pairs (both sides present, data.missing=mask); the
+    others are neither anchors nor candidates, so they contribute nothing: the loss equals
+    InfoNCE on the valid rows alone (over ranks too: each rank divides its sum by the global
+    count over the world size). No valid row anywhere: a zero that keeps the graph.
     """
     gather = _gathering(distributed)
     offset = _offset(len(a), gather)
     a_all, b_all = _global(a, gather), _global(b, gather)
-    return 0.5 * (_one_way(a, b_all, offset, temperature)
-                  + _one_way(b, a_all, offset, temperature))
+    if valid is None:
+        return 0.5 * (_one_way(a, b_all, offset, temperature)
+                      + _one_way(b, a_all, offset, temperature))
+    valid = valid.to(device=a.device, dtype=torch.bool).reshape(len(a))
+    valid_all = gather_no_grad(valid.to(torch.uint8)).bool() if gather else valid
+    count = valid_all.sum()
+    if not bool(count):
+        return 0.0 * (a.sum() + b.sum())
+    ranks = len(valid_all) / len(valid)   # the world size (every rank holds N rows)
+    return 0.5 * (_one_way_masked(a, b_all, offset, temperature, valid, valid_all)
+                  + _one_way_masked(b, a_all, offset, temperature, valid, valid_all)
+                  ) * ranks / count
+
+
+def _one_way_masked(query: Tensor, keys: Tensor, offset: int, temperature: float,
+                    valid: Tensor, valid_all: Tensor) -> Tensor:
+    """The SUM over valid local queries of -log softmax over the valid keys (-inf masks the
+    others out of the softmax exactly)."""
+    logits = (query @ keys.T / temperature).masked_fill(~valid_all[None, :], -math.inf)
+    logits = logits.masked_fill(~valid[:, None], 0.0)   # invalid queries: finite, dropped
+    losses = F.cross_entropy(logits, _local_targets(len(query), offset, query.device),
+                             reduction="none")
+    return losses.masked_fill(~valid, 0.0).sum()
 
 
 def nt_xent(a: Tensor, b: Tensor, temperature: float, *,
