@@ -365,3 +365,57 @@ def test_online_probe_scores_a_held_out_slice_and_shows_in_the_epoch_line():
     line = epoch_line({"epoch": 2, "step": 10, "loss": 1.0, **figures}, 5)
     assert f"probe y {figures['probe_y']:.3f}" in line
     assert OnlineProbe(0, {"id": np.arange(200)}).at_epoch_end(None, 0) == {}
+
+
+# ------------------------------------------------------------- raw reference of every modality
+
+
+def test_a_modality_above_the_raw_limit_is_projected_not_skipped():
+    from mmcl.evaluate.embed import raw_reference, raw_reference_note
+
+    rng = np.random.default_rng(0)
+    small = rng.normal(size=(5, 2, 3)).astype(np.float32)
+    np.testing.assert_array_equal(raw_reference(small, limit=6), small.reshape(5, 6))
+    x = rng.normal(size=(64, 10_000)).astype(np.float32)
+    z = raw_reference(x, limit=512)
+    assert z.shape == (64, 512) and np.isfinite(z).all()
+    np.testing.assert_array_equal(z, raw_reference(x, limit=512))   # fixed: same every call
+    # A count sketch: every value lands in one feature with a sign, so it is a linear map
+    # that keeps sums of squares in expectation (inner products within a few per cent).
+    linear = raw_reference(x[:2].sum(0, keepdims=True), limit=512)
+    np.testing.assert_allclose(linear[0], z[:2].sum(0), rtol=1e-4, atol=1e-3)
+    ratio = (z ** 2).sum(1) / (x ** 2).sum(1)
+    assert abs(ratio.mean() - 1) < 0.05
+    assert raw_reference_note(10_000, 512).startswith("10000 values through a fixed seeded "
+                                                      "random projection to 512")
+    assert raw_reference_note(512, 512) is None
+
+
+def test_eval_gives_every_modality_a_raw_reference_and_says_how(tmp_path, monkeypatch):
+    """A run whose modalities (16 values each) are all above a raw limit of 8: each still gets
+    raw:<m> (projected to 8 features) and raw:all, and report.json / report.md say how."""
+    import os
+
+    from mmcl import config
+    from mmcl.evaluate import embed
+    from mmcl.evaluate.diagnostics import ProbeSettings
+    from mmcl.evaluate.report import evaluate_run
+    from mmcl.train import launcher
+
+    sets = ["data.synth.n=300", "train.epochs=1", "train.batch_size=50",
+            "train.warmup_epochs=0", "model.embed_dim=16", "model.encoder.hidden=16",
+            "model.proj_hidden=16", "model.proj_dim=16", "model.fusion_heads=2",
+            f"storage.path={tmp_path}", "storage.name=r", "objective.name=tuple"]
+    run = launcher.pretrain(config.load(None, sets), in_process=True).run_url
+    monkeypatch.setattr(embed, "RAW_MAX_FEATURES", 8)
+    report = evaluate_run(run, settings=ProbeSettings(l2_grid=(1e-2,), few_label_k=(),
+                                                      knn_k=0), use_ray=False,
+                          probe_cache=False)
+    reps = report["representations"]
+    for m in ("a", "b", "c"):
+        assert "random projection to 8" in reps[f"raw:{m}"]
+        assert f"raw:{m}" in report["labels"]["y"]["probes"]
+        assert report["embedding"]["columns"][f"raw_{m}"] == 8
+    assert "raw:all" in reps
+    md = open(os.path.join(run, "eval", "report.md")).read()
+    assert "16 values through a fixed seeded random projection to 8" in md

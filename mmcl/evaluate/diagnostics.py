@@ -51,13 +51,16 @@ def raw_kind(modality: str) -> str:
     return f"raw:{modality}"
 
 
-def describe_kinds(modalities: Sequence[str], raw_modalities: Sequence[str]) -> dict[str, str]:
+def describe_kinds(modalities: Sequence[str], raw_modalities: Sequence[str],
+                   projected: Mapping[str, str] | None = None) -> dict[str, str]:
     """{kind: what it is}, in report order."""
     out = {FUSED_KIND: "the model's embedding handed downstream (objective.embed: the fused "
                        "pre-projection tuple embedding; concatenations for cross/FactorCL)"}
     out.update({emb_kind(m): f"modality {m!r}'s own embedding (objective.modality_embeddings)"
                 for m in modalities})
     out.update({raw_kind(m): f"modality {m!r}'s raw features, flattened (reference)"
+                if m not in (projected or {}) else
+                f"modality {m!r}'s raw features: {projected[m]} (reference)"
                 for m in raw_modalities})
     if len(raw_modalities) > 1:
         out[RAW_ALL] = "every modality's raw features, concatenated (reference)"

@@ -27,6 +27,7 @@ larger than memory. Ray does not keep the row order: match rows by `id`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -44,7 +45,8 @@ from mmcl.data.schema import ID_COLUMN, DataError, Manifest, present_column
 FUSED = "embedding"
 SPLIT_COLUMN = "split"
 META_NAME = "_embeddings.json"   # "_" prefix: Parquet readers skip it when reading the folder
-RAW_MAX_FEATURES = 4096          # raw reference columns only for modalities up to this size
+RAW_MAX_FEATURES = 4096          # raw reference width: larger modalities are projected to it
+RAW_PROJECTION_SEED = 0
 DEFAULT_BATCH_SIZE = 1024
 FORMAT = 1
 
@@ -61,6 +63,43 @@ def modality_column(name: str) -> str:
 def raw_column(name: str) -> str:
     """Output column of one modality's raw features, flattened (evaluation reference only)."""
     return f"raw_{name}"
+
+
+@functools.lru_cache(maxsize=16)
+def _sketch(features: int, width: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(feature order, bucket starts, signs in that order) of the count sketch from
+    `features` to `width` sums: a seeded permutation of `i % width` puts every feature in one
+    bucket (each bucket gets floor or ceil of features / width of them)."""
+    rng = np.random.default_rng([seed, features, width])
+    bucket = rng.permutation(np.arange(features) % width)
+    sign = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), features)
+    order = np.argsort(bucket, kind="stable")
+    starts = np.searchsorted(bucket[order], np.arange(width))
+    return order, starts, sign[order]
+
+
+def raw_reference(x: np.ndarray, limit: int | None = None,
+                  seed: int = RAW_PROJECTION_SEED) -> np.ndarray:
+    """A modality's raw reference features, (N, ...) -> (N, at most `limit`) float32: the
+    flattened values when there are at most `limit` (default RAW_MAX_FEATURES), else a fixed
+    seeded sparse random projection to `limit` (a count sketch: each value, times a random
+    sign, is added into one of `limit` sums; inner products are kept in expectation, and a
+    linear probe of it is a linear probe of the raw values through one fixed linear map)."""
+    limit = RAW_MAX_FEATURES if limit is None else int(limit)
+    x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+    if x.shape[1] <= limit:
+        return x
+    order, starts, sign = _sketch(x.shape[1], limit, seed)
+    return np.add.reduceat(x[:, order] * sign, starts, axis=1).astype(np.float32)
+
+
+def raw_reference_note(features: int, limit: int | None = None) -> str | None:
+    """How a modality of `features` values becomes its raw reference (None: as it is)."""
+    limit = RAW_MAX_FEATURES if limit is None else int(limit)
+    if features <= limit:
+        return None
+    return (f"{features} values through a fixed seeded random projection to {limit} (each "
+            f"value, times a random sign, summed into one of {limit} features)")
 
 
 def shared_column(name: str) -> str:
@@ -205,7 +244,7 @@ class Embedder:
     def __init__(self, model_url: str, modalities: Sequence[str], labels: Sequence[str],
                  raw: Sequence[str] = (), device: str = "auto", endpoint_url: str | None = None,
                  region: str | None = None, passthrough: Sequence[str] = (),
-                 trust_plugins: bool = False):
+                 trust_plugins: bool = False, raw_limit: int | None = None):
         import torch
 
         import mmcl
@@ -217,6 +256,7 @@ class Embedder:
         self.model.objective.to(device)
         self.modalities, self.labels = list(modalities), list(labels)
         self.raw, self.passthrough = list(raw), list(passthrough)
+        self.raw_limit = raw_limit or RAW_MAX_FEATURES
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> pa.Table:
         import torch
@@ -242,8 +282,7 @@ class Embedder:
             if present_column(m) in batch:   # a nullable modality: retrieval leaves absent out
                 cols[present_column(m)] = pa.array(np.asarray(batch[present_column(m)], bool))
         for m in self.raw:
-            x = np.asarray(batch[m], dtype=np.float32)
-            cols[raw_column(m)] = _tensor_column(x.reshape(len(x), -1))
+            cols[raw_column(m)] = _tensor_column(raw_reference(batch[m], self.raw_limit))
         for name in [*self.labels, *self.passthrough]:
             cols[name] = label_column(np.asarray(batch[name]))
         return pa.table(cols)
@@ -308,8 +347,9 @@ def embed_run(run: str, out: str, data: str | None = None, splits: Sequence[str]
     `trust_plugins`: import a plug-in encoder kind the run's recorded config names (refused
     by default, see mmcl.load).
 
-    `raw=True` also writes each modality's flattened raw features (up to RAW_MAX_FEATURES per
-    modality) as `raw_<m>`: the reference `mmcl eval` probes beside the embeddings.
+    `raw=True` also writes each modality's raw reference as `raw_<m>` (its flattened values,
+    or for a modality of more than RAW_MAX_FEATURES values a fixed random projection to that
+    many, see `raw_reference`): the reference `mmcl eval` probes beside the embeddings.
     `use_gpu=None` uses one GPU per actor when the Ray cluster has GPUs."""
     from mmcl.data.shards import list_shards, read_manifest
 
@@ -344,11 +384,10 @@ def embed_run(run: str, out: str, data: str | None = None, splits: Sequence[str]
     splits = [s for s in splits if list_shards(root, s, endpoint_url, region)]
     if not splits:
         raise EmbedError(f"the data set at {root} has no shards in the requested splits")
-    if raw is True:
-        raw_mods = [m for m in modalities
-                    if int(np.prod(data_manifest.modality(m).shape)) <= RAW_MAX_FEATURES]
-    else:
-        raw_mods = [m for m in (raw or []) if m in modalities]
+    # Every modality has a raw reference; one above RAW_MAX_FEATURES values is projected.
+    raw_mods = list(modalities) if raw is True else [m for m in (raw or []) if m in modalities]
+    raw_notes = {m: note for m in raw_mods
+                 if (note := raw_reference_note(int(np.prod(data_manifest.modality(m).shape))))}
     out = _absolute(out)
     # Weights that do not fit the run's config (a checkpoint of another config) are refused
     # here, once, before anything is written or an actor starts.
@@ -358,7 +397,7 @@ def embed_run(run: str, out: str, data: str | None = None, splits: Sequence[str]
     _prepare_out(out, overwrite, endpoint_url, region)
     kwargs = dict(model_url=info.model_url, modalities=modalities, labels=label_names,
                   raw=raw_mods, endpoint_url=endpoint_url, region=region,
-                  trust_plugins=trust_plugins)
+                  trust_plugins=trust_plugins, raw_limit=RAW_MAX_FEATURES)
     nonfinite = info.config.data.nonfinite
     if use_ray:
         backend = _embed_on_ray(root, data_manifest, splits, out, kwargs, nonfinite,
@@ -372,7 +411,7 @@ def embed_run(run: str, out: str, data: str | None = None, splits: Sequence[str]
                          backend, time.perf_counter() - start)
     meta = {"format": FORMAT, "run": info.url, "model": info.model_url, "data": root,
             "objective": info.config.objective.name, "modalities": modalities,
-            "raw": raw_mods, "rows": rows, "columns": dims, "labels": result.labels,
+            "raw": raw_mods, "raw_projected": raw_notes, "rows": rows, "columns": dims, "labels": result.labels,
             "backend": backend, "nonfinite": nonfinite,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     fs, path = storage.filesystem(out, endpoint_url, region)
