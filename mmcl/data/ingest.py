@@ -29,6 +29,7 @@ reason instead. A null (or empty) cell is a missing modality, recorded in the ma
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -49,6 +50,7 @@ from mmcl import storage
 from mmcl.cluster import connect
 from mmcl.data.schema import (ID_COLUMN, MANIFEST_NAME, DataError, LabelSpec, Manifest,
                               ModalitySpec, length_column, present_column)
+from mmcl.data.shards import holding_output, output_lease, recover_stranded, replace_with  # noqa: F401
 from mmcl.data.stats import FeatureStats, with_stats
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ SUMMARY_COLUMN = "summary"
 _SPLIT_COLUMN = "__mmcl_split"
 _FETCH_THREADS = 16  # concurrent requests per decode actor for remote files
 _TABLE_FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+DEFAULT_MAX_CELL_BYTES = 16 * 1024 * 1024
+_TOKENIZE_CHARS = 4096  # text is tokenized in prefixes of at least this many characters
 
 
 # ---------------------------------------------------------------------------- the spec
@@ -158,6 +162,14 @@ class ImportSpec(_Strict):
         "fail", description="a row with a bad input: fail the import, or drop and count it")
     rows_per_task: int = Field(1024, ge=1, description="rows each decode task writes at once")
     description: str = ""
+    # What a cell may read (see `Decoder.locate`)
+    root: str | None = Field(None, description="folder that path cells may name files in "
+                             "(default: the table's own folder); symlinks are resolved first")
+    urls: list[Literal["s3", "gs", "gcs", "http", "https"]] = Field(
+        default_factory=list, description="URL schemes a path cell may name (default: none; "
+        "file:// never)")
+    max_cell_bytes: int = Field(DEFAULT_MAX_CELL_BYTES, ge=1, description="the most bytes "
+                                "one cell (inline value, or the file it names) may hold")
 
 
 def load_spec(path: str) -> ImportSpec:
@@ -195,10 +207,26 @@ def _tokenizer(name: str):
         raise DataError("text modalities need Hugging Face transformers: pip install "
                         "'mmcl[text]'") from None
 
+    own_code = DataError(f"tokenizer {name!r} comes with its own code (auto_map in its "
+                         "tokenizer_config.json or config.json); mmcl never runs a tokenizer "
+                         "folder's code: use a tokenizer saved with save_pretrained from a "
+                         "standard transformers class")
+    for file in ("tokenizer_config.json", "config.json"):
+        try:
+            with open(os.path.join(name, file)) as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict) and "auto_map" in config:
+            raise own_code
     try:
-        return AutoTokenizer.from_pretrained(name)
+        # A folder (or hub repo) whose tokenizer is its own Python code is never run:
+        # trust_remote_code=False refuses it without transformers' interactive prompt.
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - any loading failure is the spec's problem
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if "trust_remote_code" in str(err) or "custom code" in str(err):
+            raise own_code from None
         raise DataError(f"tokenizer {name!r} cannot be loaded ({first}); give a local folder "
                         "saved with save_pretrained, or a hub name on a machine that reaches "
                         "the hub") from None
@@ -264,9 +292,25 @@ def _resolve(base: str, value: str) -> str:
     return posixpath.join(base, value) if "://" in base else os.path.join(base, value)
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def trust_key_folder() -> str:
+    """The folder of the user's mmcl trust key (mmcl.tune.trust): never read by an import."""
+    from mmcl.tune.trust import key_file
+
+    return os.path.realpath(key_file().parent)
+
+
 class Decoder:
     """Decodes one row's cell per modality into stored values; caches tokenizers and one
-    filesystem per bucket (a local file is read with `open`: no fsspec per file)."""
+    filesystem per bucket (a local file is read with `open`: no fsspec per file).
+
+    What a path cell may read (`locate`): a file inside the table's folder, or inside the
+    `root` the spec names, after resolving symlinks and `..`; never a file in the trust
+    key's folder; a URL only when the spec lists its scheme in `urls` (file:// never). What
+    it may hold: at most `max_cell_bytes` (a file is read only that far)."""
 
     def __init__(self, spec: ImportSpec, manifest: Manifest, base: str,
                  endpoint_url: str | None, region: str | None):
@@ -276,6 +320,9 @@ class Decoder:
                            if m.kind == "text"}
         self._filesystems: dict[str, Any] = {}
         self._fetched: dict[str, bytes | BaseException] = {}
+        root = spec.root or base
+        self.root = root.rstrip("/") if storage.is_remote(root) else os.path.realpath(root)
+        self.key_folder = trust_key_folder()
 
     def _remote_fs(self, url: str):
         """(filesystem, path) of a remote file; one filesystem per scheme and bucket."""
@@ -286,28 +333,74 @@ class Decoder:
         fs = self._filesystems[key]
         return fs, fs._strip_protocol(url)
 
+    def locate(self, value: str, cell: _Cell) -> str:
+        """The file (local path or URL) a path cell may read; RowError if it may not."""
+        allow = ("put the files inside the table's folder, or name a folder that holds "
+                 "them with `root:` in the spec")
+        if "://" in value:
+            scheme = value.split("://", 1)[0].lower()
+            if scheme == "file":
+                raise cell.error(f"the file:// URL {value[:80]!r} is not read: give a path "
+                                 f"relative to the table ({allow})", "path not allowed")
+            if scheme not in self.spec.urls and not (
+                    storage.is_remote(self.base) and value.startswith(self.root + "/")):
+                raise cell.error(f"the URL {value[:80]!r} is not read: the spec allows no "
+                                 f"{scheme}:// URLs; add `urls: [{scheme}]` to the spec to "
+                                 "fetch them", "URL not allowed")
+            return value
+        if storage.is_remote(self.base):
+            scheme, _, rest = self.base.partition("://")
+            url = f"{scheme}://{posixpath.normpath(posixpath.join(rest, value))}"
+            if value.startswith("/") or not _inside(url, self.root):
+                raise cell.error(f"the path {value[:80]!r} is outside the table's folder "
+                                 f"{self.root}; {allow}", "path not allowed")
+            return url
+        path = os.path.realpath(os.path.join(self.base, os.path.expanduser(value)))
+        if not _inside(path, self.root):
+            raise cell.error(f"the path {value[:80]!r} resolves to {path}, outside the "
+                             f"table's folder {self.root} (symlinks are followed first); "
+                             f"{allow}", "path not allowed")
+        if _inside(path, self.key_folder):
+            raise cell.error(f"the path {value[:80]!r} is in the folder of mmcl's trust key "
+                             f"{self.key_folder}, which an import never reads",
+                             "path not allowed")
+        return path
+
+    def _too_big(self, cell: _Cell, what: str) -> RowError:
+        return cell.error(f"{what} holds more than max_cell_bytes={self.spec.max_cell_bytes} "
+                          "bytes; raise max_cell_bytes in the spec if it should be read",
+                          "cell too large")
+
     def prefetch(self, values: list, m: ModalityImport) -> None:
         """Fetch the remote files of one block's cells concurrently (one request at a time
         would wait on the network once per image); `_read` takes them from here, errors
-        included. Local files are read as they are decoded."""
+        included. Local files are read as they are decoded; cells that may not be read
+        (`locate`) are not fetched; audio is opened lazily (only its kept frames)."""
         self._fetched = {}
-        if m.holds != "path":
+        if m.holds != "path" or m.kind == "audio":
             return
-        remote = storage.is_remote(self.base)
-        urls = {_resolve(self.base, v) for v in values if isinstance(v, str) and v.strip()
-                and (remote or "://" in v)}
-        urls = sorted(u for u in urls if storage.is_remote(u))
+        urls = set()
+        for v in values:
+            if isinstance(v, str) and v.strip():
+                try:
+                    url = self.locate(v, _Cell(0, m.column))
+                except RowError:
+                    continue  # refused again, with its row, when the cell is read
+                if storage.is_remote(url):
+                    urls.add(url)
+        urls = sorted(urls)
         if not urls:
             return
         from concurrent.futures import ThreadPoolExecutor
 
         for url in urls:  # the filesystems, made here and not in the threads
             self._remote_fs(url)
+        limit = self.spec.max_cell_bytes
 
         def fetch(url: str) -> bytes | BaseException:
             try:
                 fs, path = self._remote_fs(url)
-                return fs.cat_file(path)
+                return fs.cat_file(path, start=0, end=limit + 1)
             except Exception as err:  # noqa: BLE001 - raised again by _read for its cell
                 return err
 
@@ -316,20 +409,42 @@ class Decoder:
 
     # -- reading a cell's bytes
     def _read(self, value: Any, m: ModalityImport, cell: _Cell) -> bytes:
+        limit = self.spec.max_cell_bytes
         if m.holds == "bytes" or isinstance(value, bytes):
-            return value if isinstance(value, bytes) else str(value).encode()
-        cell.file = url = _resolve(self.base, str(value))
+            data = value if isinstance(value, bytes) else str(value).encode()
+            if len(data) > limit:
+                raise self._too_big(cell, "the cell")
+            return data
+        cell.file = url = self.locate(str(value), cell)
         try:
             if url in self._fetched:
                 data = self._fetched.pop(url)
                 if isinstance(data, BaseException):
                     raise data
-                return data
+            elif storage.is_remote(url):
+                fs, path = self._remote_fs(url)
+                data = fs.cat_file(path, start=0, end=limit + 1)
+            else:
+                with open(url, "rb") as f:
+                    data = f.read(limit + 1)
+        except FileNotFoundError:
+            raise cell.error("no such file", "missing file") from None
+        except (OSError, PermissionError) as err:
+            raise cell.error(f"cannot read the file ({err})", "unreadable file") from None
+        if len(data) > limit:
+            raise self._too_big(cell, "the file")
+        return data
+
+    def _open(self, value: Any, m: ModalityImport, cell: _Cell):
+        """A file object of the cell's file, read lazily (audio: only the kept frames)."""
+        if m.holds == "bytes" or isinstance(value, bytes):
+            return io.BytesIO(self._read(value, m, cell))
+        cell.file = url = self.locate(str(value), cell)
+        try:
             if storage.is_remote(url):
                 fs, path = self._remote_fs(url)
-                return fs.cat_file(path)
-            with open(url.removeprefix("file://"), "rb") as f:
-                return f.read()
+                return fs.open(path, "rb")
+            return open(url, "rb")
         except FileNotFoundError:
             raise cell.error("no such file", "missing file") from None
         except (OSError, PermissionError) as err:
@@ -339,6 +454,9 @@ class Decoder:
         """(stored values, length for variable-length modalities)."""
         m = self.spec.modalities[name]
         cell = _Cell(row_id, m.column)
+        if isinstance(value, str) and m.holds in ("text", "numbers") \
+                and len(value) > self.spec.max_cell_bytes:
+            raise self._too_big(cell, "the cell")
         return getattr(self, f"_{m.kind}")(name, m, value, cell)
 
     def _image(self, name, m: ModalityImport, value, cell):
@@ -349,7 +467,10 @@ class Decoder:
             img = Image.open(io.BytesIO(data))
             img.draft(None, draft_size(img.size, m.size))  # JPEG: decode at reduced scale
             img.load()
-        except (UnidentifiedImageError, OSError, ValueError) as err:
+        except Image.DecompressionBombError as err:
+            raise cell.error(f"the image is too large to decode ({err}); shrink it",
+                             "image too large") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
             raise cell.error(f"not a readable image ({err})", "unreadable image") from None
         if img.mode == "P":
             img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -365,32 +486,65 @@ class Decoder:
         return np.ascontiguousarray(arr.transpose(2, 0, 1)), None
 
     def _audio(self, name, m: ModalityImport, value, cell):
+        """Only the frames that are kept are read: `length` samples at the target rate,
+        plus the resampling filter's reach."""
         import soundfile as sf
         from scipy.signal import resample_poly
 
-        data = self._read(value, m, cell)
-        try:
-            wave, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
-            raise cell.error(f"not a readable audio file ({err})", "unreadable audio") from None
+        bad = (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError, OSError)
+        with self._open(value, m, cell) as fobj:
+            try:
+                with sf.SoundFile(fobj) as f:
+                    rate, declared = int(f.samplerate), f.frames
+                    g = math.gcd(rate, int(m.sample_rate))
+                    up, down = int(m.sample_rate) // g, rate // g
+                    need = m.length if rate == m.sample_rate else (
+                        math.ceil(m.length * down / up) + 10 * max(up, down) // up + 16)
+                    want = min(need, declared) if declared > 0 else need
+                    wave = f.read(want, dtype="float32", always_2d=True)
+                    cut_short = "should be" in "".join(
+                        ln for ln in f.extra_info.splitlines() if ln.startswith("data"))
+            except bad as err:
+                raise cell.error(f"not a readable audio file ({err})", "unreadable audio"
+                                 ) from None
+        if cut_short or (declared > 0 and len(wave) < want):
+            raise cell.error("the audio file is truncated (its header declares more "
+                             "samples than it holds)", "truncated audio")
         wave = wave.mean(axis=1)  # mono
         if rate != m.sample_rate:
-            g = math.gcd(int(rate), int(m.sample_rate))
-            wave = resample_poly(wave, m.sample_rate // g, int(rate) // g).astype(np.float32)
+            wave = resample_poly(wave, up, down).astype(np.float32)
         out = np.zeros(m.length, np.float32)
         out[:min(len(wave), m.length)] = wave[:m.length]
         return out, None
+
+    def _tokens(self, tok, text: str, m: ModalityImport) -> tuple[list[int], bool]:
+        """(token ids, exact): a long text is tokenized in growing prefixes until one gives
+        more tokens than are kept (+ a margin for the word the prefix cuts), so one cell's
+        memory stays near max_len, not its size. exact: the whole text was tokenized."""
+        chars = max(_TOKENIZE_CHARS, 32 * m.max_len)
+        while True:
+            if len(text) <= chars:
+                return tok(text, add_special_tokens=True)["input_ids"], True
+            ids = tok(text[:chars], add_special_tokens=True)["input_ids"]
+            if len(ids) > m.max_len + 8:
+                return ids, False
+            chars *= 4
 
     def _text(self, name, m: ModalityImport, value, cell):
         text = value
         if m.holds in ("path", "bytes"):
             text = self._read(value, m, cell)
         if isinstance(text, bytes):
-            text = text.decode("utf-8", errors="replace")
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise cell.error(f"the text is not valid UTF-8 (byte {err.start}); save it "
+                                 "as UTF-8", "not UTF-8") from None
         tok = self.tokenizers[name]
-        ids = tok(str(text), add_special_tokens=True)["input_ids"]
+        ids, exact = self._tokens(tok, str(text), m)
         if len(ids) > m.max_len and not m.truncation:
-            raise cell.error(f"the text has {len(ids)} tokens, more than max_len={m.max_len}; "
+            count = f"{len(ids)}" if exact else f"over {m.max_len}"
+            raise cell.error(f"the text has {count} tokens, more than max_len={m.max_len}; "
                              "raise max_len or set truncation: true", "text too long")
         ids = ids[:m.max_len]
         out = np.full(m.max_len, _pad_id(tok), np.int64)
@@ -399,20 +553,24 @@ class Decoder:
 
     def _numbers(self, value, m: ModalityImport, cell) -> np.ndarray:
         if m.holds in ("path", "bytes"):
-            data = self._read(value, m, cell)
+            arr = _load_npy(self._read(value, m, cell), cell)
+        else:
             try:
-                return np.load(io.BytesIO(data), allow_pickle=False)
-            except (ValueError, OSError, EOFError) as err:
-                raise cell.error(f"not a readable .npy array ({err})", "unreadable array"
+                if isinstance(value, str):
+                    text = value.strip().strip("[]").replace(",", " ")
+                    arr = np.array([float(v) for v in text.split()], np.float64)
+                else:
+                    arr = np.asarray(value, np.float64)
+            except (TypeError, ValueError):
+                raise cell.error(f"cannot read numbers from {str(value)[:40]!r}", "bad numbers"
                                  ) from None
-        try:
-            if isinstance(value, str):
-                text = value.strip().strip("[]").replace(",", " ")
-                return np.array([float(v) for v in text.split()], np.float64)
-            return np.asarray(value, np.float64)
-        except (TypeError, ValueError):
-            raise cell.error(f"cannot read numbers from {str(value)[:40]!r}", "bad numbers"
-                             ) from None
+        if arr.dtype.kind not in "biuf":
+            raise cell.error(f"the array has dtype {arr.dtype}, not numbers", "bad numbers")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise cell.error(f"{int((~np.isfinite(arr)).sum())} value(s) are nan or inf; "
+                             "give finite numbers (or bad_rows: drop to skip such rows)",
+                             "non-finite numbers")
+        return arr
 
     def _vector(self, name, m: ModalityImport, value, cell):
         arr = self._numbers(value, m, cell)
@@ -437,6 +595,27 @@ class Decoder:
         out = np.zeros((m.max_len, m.features), np.float64)
         out[:len(arr)] = arr
         return out, len(arr)
+
+
+def _load_npy(data: bytes, cell: _Cell) -> np.ndarray:
+    """A .npy array from its bytes; its header is checked against the bytes there are
+    before anything is allocated (a header may claim terabytes)."""
+    fmt = np.lib.format
+    bio = io.BytesIO(data)
+    try:
+        version = fmt.read_magic(bio)
+        header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = header(bio)
+        if dtype.hasobject:
+            raise ValueError("object arrays are not read")
+        need = math.prod(shape) * dtype.itemsize
+        if need > len(data) - bio.tell():
+            raise ValueError(f"its header declares shape {list(shape)} ({need} bytes), the "
+                             f"file holds {len(data) - bio.tell()}: truncated or corrupt")
+        bio.seek(0)
+        return np.load(bio, allow_pickle=False)
+    except (ValueError, OSError, EOFError, MemoryError, SyntaxError, TypeError) as err:
+        raise cell.error(f"not a readable .npy array ({err})", "unreadable array") from None
 
 
 def draft_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
@@ -470,12 +649,20 @@ def _label_value(lab: LabelImport, spec: LabelSpec, value: Any, row_id: int):
     if _is_missing(value):
         raise cell.error("the label is missing", "missing label")
     if isinstance(value, bytes):
-        value = value.decode().strip()
+        try:
+            value = value.decode("utf-8").strip()
+        except UnicodeDecodeError as err:
+            raise cell.error(f"the label is not valid UTF-8 (byte {err.start})", "bad label"
+                             ) from None
     if lab.task == "regression":
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
-            raise cell.error(f"{value!r} is not a number", "bad label") from None
+            raise cell.error(f"{str(value)[:40]!r} is not a number", "bad label") from None
+        if not math.isfinite(number):
+            raise cell.error(f"the regression label is {number}; labels must be finite",
+                             "bad label")
+        return number
     if lab.task == "multilabel":
         names = value if isinstance(value, (list, tuple, np.ndarray)) else \
             [v for v in str(value).split(lab.separator) if v.strip()]
@@ -494,11 +681,13 @@ def _class_index(lab: LabelImport, spec: LabelSpec, value: Any, cell: _Cell) -> 
         raise cell.error(f"{text!r} is not one of the declared classes {lab.classes}",
                          "label not in classes")
     try:
-        index = int(float(text))
+        number = float(text)
+        index = int(number) if math.isfinite(number) and number.is_integer() else -1
     except ValueError:
         index = -1
     if not 0 <= index < spec.num_classes:
-        raise cell.error(f"{text!r} is not a class id 0..{spec.num_classes - 1}",
+        raise cell.error(f"{text[:40]!r} is not a class id (an integer 0.."
+                         f"{spec.num_classes - 1})",
                          "label not in classes")
     return index
 
@@ -565,15 +754,21 @@ class _ImportBlock:
         kept = splits[state.keep]
         for split in dict.fromkeys(kept.tolist()):
             rows = np.flatnonzero(state.keep & (splits == split))
-            with ShardWriter(self.tmp, split, self.manifest, prefix=prefix,
-                             **self.remote) as writer:
-                writer.write({k: v[rows] for k, v in columns.items()})
+            try:
+                with ShardWriter(self.tmp, split, self.manifest, prefix=prefix,
+                                 **self.remote) as writer:
+                    writer.write({k: v[rows] for k, v in columns.items()})
+            except OSError as err:  # a full disk, a storage error: one line, not retried
+                raise DataError(f"cannot write the import's shards ({self.tmp}): "
+                                f"{err.strerror or err}") from None
             summary["splits"][split] = {
                 "rows": writer.rows, "missing": writer.missing, "files": writer.files,
                 "stats": {k: s.to_dict() for k, s in writer.stats.items() if s.count}}
         # For `mmcl bench`: this process's CPU seconds in the block, and when it ended.
         summary["cpu_s"], summary["done_at"] = time.process_time() - cpu, time.time()
         summary["rows_in"] = n
+        if self.spec.id_column:  # the table's own ids: the driver checks them for repeats
+            summary["ids"] = base64.b64encode(np.asarray(ids, "<i8").tobytes()).decode()
         return pa.table({SUMMARY_COLUMN: [json.dumps(summary)]})
 
     @staticmethod
@@ -668,7 +863,12 @@ def _source_format(src: str, fs, path: str) -> str:
     return _TABLE_FORMATS[ext]
 
 
-def _read_source(src: str, fmt: str, endpoint_url, region):
+def _csv_block_bytes(spec: ImportSpec | None) -> int:
+    """pyarrow's CSV block: a row must fit in one, so a cell of max_cell_bytes does."""
+    return (spec.max_cell_bytes if spec else DEFAULT_MAX_CELL_BYTES) + (1 << 20)
+
+
+def _read_source(src: str, fmt: str, endpoint_url, region, spec: ImportSpec | None = None):
     import ray.data
     import pyarrow.csv as pacsv
 
@@ -678,14 +878,17 @@ def _read_source(src: str, fmt: str, endpoint_url, region):
     if fmt == "csv":
         # Cells stay strings (paths, numbers lists, class names); empty cells are nulls.
         return ray.data.read_csv(path, filesystem=filesystem, partitioning=None,
-                                 convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+                                 convert_options=pacsv.ConvertOptions(strings_can_be_null=True),
+                                 read_options=pacsv.ReadOptions(
+                                     block_size=_csv_block_bytes(spec)))
     if fmt == "json":
         return ray.data.read_json(path, filesystem=filesystem, partitioning=None,
                                   lines=True)
     return ray.data.read_parquet(path, filesystem=filesystem, partitioning=None)
 
 
-def _table_columns(src: str, fmt: str, fs, path: str) -> list[str]:
+def _table_columns(src: str, fmt: str, fs, path: str,
+                   spec: ImportSpec | None = None) -> list[str]:
     """The column names of a CSV, JSONL or Parquet table from its header or first block,
     read here: no Ray Data execution (a read task) just to learn the schema."""
     import pyarrow.csv as pacsv
@@ -697,10 +900,13 @@ def _table_columns(src: str, fmt: str, fs, path: str) -> list[str]:
             if fmt == "parquet":
                 return list(pq.read_schema(f).names)
             if fmt == "csv":
-                return list(pacsv.open_csv(f).schema.names)
+                return list(pacsv.open_csv(f, read_options=pacsv.ReadOptions(
+                    block_size=_csv_block_bytes(spec))).schema.names)
             return list(pajson.open_json(f).schema.names)
-    except (pa.ArrowException, OSError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        if isinstance(err, UnicodeDecodeError):
+            first = f"its header is not valid UTF-8: {first}; save the table as UTF-8"
         raise DataError(f"{src}: cannot read the table ({first})") from None
 
 
@@ -720,7 +926,9 @@ def _add_split(table: pa.Table, spec_json: str) -> pa.Table:
     spec = ImportSpec.model_validate_json(spec_json)
     if spec.id_column and spec.id_column != ID_COLUMN:
         table = table.append_column(ID_COLUMN, table.column(spec.id_column))
-    ids = table.column(ID_COLUMN).to_pylist()
+    ids = _checked_ids(table.column(ID_COLUMN).to_pylist(), spec.id_column or ID_COLUMN)
+    table = table.set_column(table.column_names.index(ID_COLUMN), ID_COLUMN,
+                             pa.array(ids, pa.int64()))
     if spec.split_column:
         splits = [str(s) for s in table.column(spec.split_column).to_pylist()]
         bad = [(i, s) for i, s in zip(ids, splits) if s not in SPLIT_NAMES]
@@ -730,6 +938,31 @@ def _add_split(table: pa.Table, spec_json: str) -> pa.Table:
     else:
         splits = [_row_split(int(i), spec.fractions, spec.seed) for i in ids]
     return table.append_column(_SPLIT_COLUMN, pa.array(splits, pa.string()))
+
+
+_INT64 = (-2 ** 63, 2 ** 63 - 1)
+
+
+def _checked_ids(values: list, column: str) -> list[int]:
+    """The id column's values as ints; DataError for one that is not an integer in int64
+    (`abc`, empty, `2.5`, 2**63)."""
+    out = []
+    for v in values:
+        i = None
+        if isinstance(v, bytes):
+            v = v.decode("utf-8", errors="replace")
+        if isinstance(v, int) and not isinstance(v, bool):
+            i = v
+        elif isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            i = int(v)
+        elif isinstance(v, str) and v.strip().lstrip("+-").isdigit():
+            i = int(v.strip())
+        if i is None or not _INT64[0] <= i <= _INT64[1]:
+            raise DataError(f"column {column!r} (the tuple ids): {str(v)[:40]!r} is not an "
+                            "integer id (ids are unique integers in the int64 range; "
+                            "leave id_column unset to number the rows)")
+        out.append(i)
+    return out
 
 
 @dataclass
@@ -765,25 +998,36 @@ def import_table(src: str, out: str, spec: ImportSpec, overwrite: bool = False,
                  endpoint_url: str | None = None, region: str | None = None,
                  concurrency: int | None = None, address: str | None = None) -> ImportResult:
     """Import SRC into a data set at `out` with `spec` (see the module doc) on the Ray
-    initialised here, the cluster at `address`, or a local Ray started for it."""
+    initialised here, the cluster at `address`, or a local Ray started for it. Holds the
+    output's writer lease throughout (a second import or convert to `out` is refused)."""
+    if spec.root and not storage.is_remote(spec.root):  # decode actors run elsewhere
+        spec = spec.model_copy(update={"root": os.path.abspath(os.path.expanduser(spec.root))})
+    fs, path = storage.filesystem(out, endpoint_url, region)
+    with holding_output(out, endpoint_url, region):
+        if not storage.is_remote(out):
+            recover_stranded(path)
+        _check_target(fs, path, out, overwrite)
+        return _import(src, out, spec, fs, path, endpoint_url, region, concurrency, address)
+
+
+def _import(src: str, out: str, spec: ImportSpec, fs, path: str, endpoint_url, region,
+            concurrency, address) -> ImportResult:
     import ray
     import ray.data
 
     from mmcl.data.pipeline import find_data_error
 
-    fs, path = storage.filesystem(out, endpoint_url, region)
-    _check_target(fs, path, out, overwrite)
     sfs, spath = storage.filesystem(src, endpoint_url, region)
     if not sfs.exists(spath):
         raise DataError(f"{src}: no such table or folder")
     fmt = _source_format(src, sfs, spath)
     manifest = build_manifest(spec)
     # A table's columns are checked before Ray starts; webdataset members need Ray's reader.
-    names = None if fmt == "webdataset" else _table_columns(src, fmt, sfs, spath)
+    names = None if fmt == "webdataset" else _table_columns(src, fmt, sfs, spath, spec)
     # One decode actor and Ray Data's read tasks: at least 2 CPUs (mmcl.cluster).
     connect(address, cpus_per_job=2, job="import", cost="1 decoder + 1 for Ray Data",
             error=DataError)
-    ds = _read_source(src, fmt, endpoint_url, region)
+    ds = _read_source(src, fmt, endpoint_url, region, spec)
     if names is None:
         names = list(ds.schema().names)
     if not spec.id_column and ID_COLUMN in names:  # the table's own ids
@@ -791,7 +1035,7 @@ def import_table(src: str, out: str, spec: ImportSpec, overwrite: bool = False,
     _check_columns(src, spec, names)
     base = src.rstrip("/") if fmt == "webdataset" else (
         posixpath.dirname(src) if "://" in src else os.path.dirname(os.path.abspath(src)))
-    tmp = f"{path.rstrip('/')}.importing-{uuid.uuid4().hex[:8]}"
+    tmp = f"{path.rstrip('/')}.importing-{uuid.uuid4().hex[:8]}"  # see shards.aside_path
     tmp_url = fs.unstrip_protocol(tmp) if storage.is_remote(out) else tmp
     ctx = ray.data.DataContext.get_current()
     before = ctx.execution_options.preserve_order
@@ -823,12 +1067,43 @@ def import_table(src: str, out: str, spec: ImportSpec, overwrite: bool = False,
             raise
         found = find_data_error(err) if isinstance(err, Exception) else None
         if found is None:
+            found = _source_error(err, spec)
+        if found is None:
             raise
         raise DataError(f"{src}: {found}; nothing was written to {out}") from None
     finally:
         ctx.execution_options.preserve_order = before
-    _swap(fs, tmp, path)
+    if storage.is_remote(out):
+        _swap(fs, tmp, path)
+    else:
+        replace_with(tmp, path)
     return result
+
+
+def _source_error(err: BaseException, spec: ImportSpec) -> str | None:
+    """The reason a table or tar shard could not be read, when Ray Data's reader failed on
+    it (not UTF-8, a row over the block size, a truncated tar): one line, or None."""
+    import tarfile
+
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen or len(seen) > 50:
+            continue
+        seen.add(id(e))
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        if isinstance(e, (tarfile.TarError, EOFError)) or "tar" in type(e).__name__.lower():
+            return f"a webdataset .tar shard is truncated or corrupt ({text})"
+        if isinstance(e, UnicodeDecodeError) or "UTF8" in text or "UTF-8" in text:
+            return f"the table is not valid UTF-8 text ({text}); save it as UTF-8"
+        if "straddling" in text or "block size" in text:
+            return (f"a row of the table is longer than max_cell_bytes="
+                    f"{spec.max_cell_bytes} bytes ({text}); shorten it, or raise "
+                    "max_cell_bytes in the spec")
+        if isinstance(e, pa.ArrowInvalid):
+            return f"cannot read the table ({text})"
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
 
 
 def _finish(tmp: str, tmp_url: str, fs, manifest: Manifest, summaries: list[dict],
@@ -853,6 +1128,15 @@ def _finish(tmp: str, tmp_url: str, fs, manifest: Manifest, summaries: list[dict
                     stats[m].merge(FeatureStats.from_dict(raw))
     if not rows:
         raise DataError("no rows were imported" + (f" (dropped: {dropped})" if dropped else ""))
+    if spec.id_column:
+        ids = np.concatenate([np.frombuffer(base64.b64decode(s["ids"]), "<i8")
+                              for s in summaries if "ids" in s] or [np.zeros(0, "<i8")])
+        values, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            twice = values[counts > 1]
+            raise DataError(f"column {spec.id_column!r} (the tuple ids) repeats "
+                            f"{len(twice)} id(s), e.g. {twice[:3].tolist()}; ids must be "
+                            "unique (leave id_column unset to number the rows)")
     total = 0
     for split, names in files.items():
         for i, name in enumerate(sorted(names)):

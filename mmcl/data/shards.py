@@ -15,6 +15,10 @@ memory for small data, tests and in-process training.
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+import uuid
 from contextlib import contextmanager
 from typing import Any, Literal, Mapping, Sequence
 
@@ -400,9 +404,14 @@ def write_dataset(root: str, manifest: Manifest, splits: Mapping[str, Mapping[st
                   max_bytes_per_shard: int = DEFAULT_MAX_BYTES, endpoint_url: str | None = None,
                   region: str | None = None, stats_split: str | None = None) -> Manifest:
     """Write whole splits ({split: {column: array}}) as a data set; returns the manifest with
-    its row counts. manifest.json is written last, so an interrupted write never looks like
-    a complete data set. Ids must be unique over all splits. With `stats_split` (e.g.
-    "train") the manifest records normalisation constants computed on that split."""
+    its row counts. Ids must be unique over all splits. With `stats_split` (e.g. "train") the
+    manifest records normalisation constants computed on that split.
+
+    While it writes it holds the output's lease (a second writer of `root` is refused). A
+    local data set is written aside (`ROOT.converting-*`) and put in place with one atomic
+    rename (see `replace_with`): a write killed or failing at any point leaves an existing
+    data set whole. On object storage manifest.json is written last, so an interrupted
+    write never looks like a complete data set."""
     ids = [np.asarray(cols.get(ID_COLUMN, [])) for cols in splits.values()]
     all_ids = np.concatenate([i.ravel() for i in ids]) if ids else np.zeros(0)
     if len(np.unique(all_ids)) != len(all_ids):
@@ -411,16 +420,199 @@ def write_dataset(root: str, manifest: Manifest, splits: Mapping[str, Mapping[st
     for split, cols in splits.items():  # check everything before touching the target
         _check_chunk(cols, manifest)
     fs, path = _fs(root, endpoint_url, region)
-    _prepare_target(fs, path, root, list(splits), overwrite)
-    fs.makedirs(path, exist_ok=True)
+    sizes = dict(max_rows_per_shard=max_rows_per_shard, max_bytes_per_shard=max_bytes_per_shard,
+                 endpoint_url=endpoint_url, region=region)
+    with holding_output(root, endpoint_url, region):
+        if storage.is_remote(root):
+            _prepare_target(fs, path, root, list(splits), overwrite)
+            fs.makedirs(path, exist_ok=True)
+            return _write_splits(root, manifest, splits, stats_split, sizes)
+        recover_stranded(path)
+        check_target(fs, path, root, overwrite)
+        tmp = aside_path(path, "converting")
+        try:
+            written = _write_splits(tmp, manifest, splits, stats_split, sizes)
+        except BaseException as err:
+            remove_aside(tmp)
+            if isinstance(err, OSError):
+                raise DataError(f"cannot write the data set {root}: {err.strerror or err}; "
+                                f"nothing was changed at {root}") from None
+            raise
+        replace_with(tmp, path)
+        return written
+
+
+def _write_splits(root: str, manifest: Manifest, splits, stats_split, sizes) -> Manifest:
     writers = {}
     for split, cols in splits.items():
-        with ShardWriter(root, split, manifest, max_rows_per_shard=max_rows_per_shard,
-                         max_bytes_per_shard=max_bytes_per_shard, endpoint_url=endpoint_url,
-                         region=region) as writer:
+        with ShardWriter(root, split, manifest, **sizes) as writer:
             writer.write(cols)
         writers[split] = writer
-    return finish_dataset(root, manifest, writers, stats_split, endpoint_url, region)
+    return finish_dataset(root, manifest, writers, stats_split, sizes["endpoint_url"],
+                          sizes["region"])
+
+
+# ------------------------------------------------------- one writer, whole replacements
+#
+# `mmcl data import` and `mmcl data convert` (and write_dataset's other callers) hold a
+# lease beside their output while they write it, write a local data set aside, and put it
+# in place with one rename: renameat2(RENAME_EXCHANGE) swaps the new folder with the old
+# one atomically (where the filesystem cannot, the old folder is renamed to ROOT.replaced-*
+# first, and a kill between the two renames is undone by the next run). Files of the old
+# folder that are not part of a data set (a README, a contact sheet) are moved into the
+# new one. The next writer of the same output removes (or, when the output lost its data
+# set, restores) what a killed one left beside it.
+
+ASIDE_KINDS = ("importing", "converting", "replaced")
+
+
+def _parent_and_name(root: str) -> tuple[str, str]:
+    text = str(root).rstrip("/")
+    if storage.is_remote(text):
+        parent, _, name = text.rpartition("/")
+        return parent, name
+    text = os.path.abspath(os.path.expanduser(text))
+    return os.path.dirname(text), os.path.basename(text)
+
+
+def output_lease(root: str, endpoint_url: str | None = None, region: str | None = None):
+    """The lease a command writing the data set `root` holds: `.NAME.mmcl-lease` beside it
+    (beside, not inside: replacing the folder keeps it), the same kind of lease as a run's
+    (mmcl.train.lease: exclusive create; a lease of a killed process is taken over)."""
+    from mmcl.train.lease import Lease
+
+    parent, name = _parent_and_name(root)
+    return Lease(parent, endpoint_url, region, name=f".{name}.mmcl-lease",
+                 what=f"mmcl command is writing the data set {root}",
+                 instead="write to another --out")
+
+
+@contextmanager
+def holding_output(root: str, endpoint_url: str | None = None, region: str | None = None):
+    """Hold `root`'s writer lease for the body (renewed like a run's); DataError naming the
+    holder when another command holds it."""
+    from mmcl.train.lease import RunBusyError, run_lease
+
+    parent, name = _parent_and_name(root)
+    held = run_lease(parent, endpoint_url, region, name=f".{name}.mmcl-lease",
+                     what=f"mmcl command is writing the data set {root}",
+                     instead="write to another --out")
+    try:
+        held.__enter__()
+    except RunBusyError as err:
+        raise DataError(str(err)) from None
+    except OSError as err:
+        raise DataError(f"cannot write next to {root} (its writer lease): "
+                        f"{err.strerror or err}") from None
+    try:
+        yield
+    finally:
+        held.__exit__(None, None, None)
+
+
+def check_target(fs, path: str, root: str, overwrite: bool) -> None:
+    """Refuse a non-empty output folder unless `overwrite`."""
+    if fs.exists(path) and fs.ls(path, detail=False) and not overwrite:
+        raise DataError(f"{root} already exists and is not empty; pass --overwrite "
+                        "(overwrite=True) to replace it, or choose another output folder")
+
+
+def aside_path(path: str, kind: str) -> str:
+    """A fresh folder name beside `path` for a data set being written."""
+    return f"{str(path).rstrip('/')}.{kind}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_aside(tmp: str) -> None:
+    if os.path.isdir(tmp) and not os.path.islink(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: str, b: str) -> None:
+    """Swap the two local paths `a` and `b` atomically (Linux renameat2 RENAME_EXCHANGE);
+    OSError (EINVAL, ENOSYS, ...) where the filesystem or platform cannot."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), a)
+
+
+def _dataset_entries(folder: str) -> set[str]:
+    names = {MANIFEST_NAME, *DEFAULT_SPLITS}
+    try:
+        with open(os.path.join(folder, MANIFEST_NAME)) as f:
+            names |= set(Manifest.from_json(f.read()).splits)
+    except (OSError, DataError, ValueError):
+        pass
+    return names
+
+
+def _settle(old: str, path: str) -> None:
+    """`old` (a folder that was at `path` before it was replaced, or a new one that never got
+    there): move its files that are not part of a data set into `path` where that has none
+    of that name, then remove it."""
+    keep = _dataset_entries(old)
+    for entry in sorted(os.listdir(old)):
+        if entry not in keep and not os.path.lexists(os.path.join(path, entry)):
+            os.rename(os.path.join(old, entry), os.path.join(path, entry))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def replace_with(tmp: str, path: str) -> None:
+    """Put the complete local data set `tmp` at `path` with one atomic rename."""
+    if not os.path.lexists(path):
+        os.rename(tmp, path)
+        return
+    try:
+        _exchange(tmp, path)
+        old = tmp
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):
+            raise
+        old = aside_path(path, "replaced")
+        os.rename(path, old)
+        os.rename(tmp, path)
+    _settle(old, path)
+
+
+def recover_stranded(path: str) -> list[str]:
+    """Folders a killed import / convert of `path` left beside it (call with the output's
+    lease held: nobody else is writing them). Returns what was done, also printed."""
+    parent, name = os.path.split(str(path).rstrip("/"))
+    parent = parent or "."
+    done = []
+    try:
+        entries = sorted(os.listdir(parent))
+    except OSError:
+        return done
+    for entry in entries:
+        kind = entry[len(name) + 1:].split("-", 1)[0] if entry.startswith(name + ".") else ""
+        stranded = os.path.join(parent, entry)
+        if kind not in ASIDE_KINDS or os.path.islink(stranded) or not os.path.isdir(stranded):
+            continue
+        complete = os.path.exists(os.path.join(stranded, MANIFEST_NAME))
+        if not os.path.exists(os.path.join(path, MANIFEST_NAME)) and complete:
+            # The output lost its data set in a swap that was cut short: restore this one.
+            os.makedirs(path, exist_ok=True)
+            for item in sorted(os.listdir(stranded), key=lambda e: e == MANIFEST_NAME):
+                if not os.path.lexists(os.path.join(path, item)):
+                    os.rename(os.path.join(stranded, item), os.path.join(path, item))
+            shutil.rmtree(stranded, ignore_errors=True)
+            done.append(f"restored the data set at {path} from {stranded}, left by an "
+                        "interrupted import or convert")
+        else:
+            if os.path.exists(path) and complete:
+                _settle(stranded, path)
+            shutil.rmtree(stranded, ignore_errors=True)
+            done.append(f"removed {stranded}, left by an interrupted import or convert")
+    for line in done:
+        print(f"[mmcl] {line}", flush=True)
+    return done
 
 
 def finish_dataset(root: str, manifest: Manifest, writers: Mapping[str, "ShardWriter"],

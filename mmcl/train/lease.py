@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from mmcl.storage import filesystem, is_remote, join
-from mmcl.train.launcher import LaunchError
+from mmcl.cluster import LaunchError  # the class launcher re-exports; no torch import
 
 LEASE = "driver.lease"
 RENEW_S = 60.0
@@ -67,8 +67,13 @@ def describe(lease: dict) -> str:
 
 class Lease:
     def __init__(self, run_url: str, endpoint_url: str | None = None,
-                 region: str | None = None):
-        self.url = join(run_url, LEASE)
+                 region: str | None = None, name: str = LEASE,
+                 what: str = "`mmcl pretrain` is running this run",
+                 instead: str = "choose another storage.name"):
+        # `name`, `what`, `instead`: the same lease for other writers (mmcl data import /
+        # convert hold one beside their --out).
+        self.url = join(run_url, name)
+        self.what, self.instead = what, instead
         self.fs, self.path = filesystem(self.url, endpoint_url, region)
         self.remote = is_remote(run_url)
         self.mine: dict | None = None
@@ -110,15 +115,15 @@ class Lease:
                 continue  # released meanwhile
             if held and not is_stale(held):
                 raise RunBusyError(
-                    f"another `mmcl pretrain` is running this run ({describe(held)}; lease "
-                    f"{self.url}). Wait for it to end, or choose another storage.name. If "
+                    f"another {self.what} ({describe(held)}; lease "
+                    f"{self.url}). Wait for it to end, or {self.instead}. If "
                     f"that driver is gone, its lease expires by itself")
             print(f"[mmcl] taking over the stale lease of a driver that is gone "
                   f"({describe(held) if held else 'unreadable lease'})", flush=True)
             self.fs.rm(self.path)
         held = self.read() or {}
-        raise RunBusyError(f"another `mmcl pretrain` took this run's lease meanwhile "
-                           f"({describe(held)}); choose another storage.name")
+        raise RunBusyError(f"another driver took the lease {self.url} meanwhile "
+                           f"({describe(held)}); {self.instead}")
 
     def renew(self) -> None:
         """Refresh `renewed`, unless another driver took the lease meanwhile."""
@@ -135,9 +140,9 @@ class Lease:
 
 @contextmanager
 def run_lease(run_url: str, endpoint_url: str | None = None, region: str | None = None,
-              renew_s: float = RENEW_S) -> Iterator[Lease]:
+              renew_s: float = RENEW_S, **lease_args) -> Iterator[Lease]:
     """Hold the run's lease for the body, renewing it; refuse if another driver holds it."""
-    lease = Lease(run_url, endpoint_url, region)
+    lease = Lease(run_url, endpoint_url, region, **lease_args)
     lease.acquire()
     stop = threading.Event()
 
