@@ -45,3 +45,32 @@ def test_synth_inspect_and_a_tiny_in_process_run(tmp_path, capsys):
     assert main(["pretrain", "--no-ray", *[a for s in sets for a in ("--set", s)]]) == 0
     model = mmcl.load(str(tmp_path / "runs" / "tiny"))
     assert model.manifest.modality_names == ["a", "b", "weak"]
+
+
+def test_a_failed_run_leaves_no_empty_run_folder(tmp_path, capsys, monkeypatch):
+    from mmcl.train import launcher
+
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--preset", "weak", "--out", str(data), "--n", "300"]) == 0
+
+    def fail(*args, **kwargs):
+        raise launcher.LaunchError("the workers are gone")
+
+    monkeypatch.setattr(launcher, "_pretrain_in_process", fail)
+    sets = [f"data.path={data}", f"storage.path={tmp_path / 'runs'}", "storage.name=dead"]
+    assert main(["pretrain", "--no-ray", *[a for s in sets for a in ("--set", s)]]) == \
+        EXIT_USER_ERROR
+    assert "the workers are gone" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "dead").exists()
+
+
+def test_config_says_which_data_is_used(tmp_path, capsys):
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "# data: the built-in 'rus' set (data.synth), since data.path is not set" in out
+    assert main(["config", "--set", f"data.path={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert f"# data: {tmp_path} (data.path); data.synth is not used" in out
+    import yaml
+
+    assert yaml.safe_load(out)["data"]["path"] == str(tmp_path)   # still one YAML document

@@ -141,7 +141,11 @@ class Lease:
 @contextmanager
 def run_lease(run_url: str, endpoint_url: str | None = None, region: str | None = None,
               renew_s: float = RENEW_S, **lease_args) -> Iterator[Lease]:
-    """Hold the run's lease for the body, renewing it; refuse if another driver holds it."""
+    """Hold the run's lease for the body, renewing it; refuse if another driver holds it.
+    A local folder the lease created and the body left empty (a refused or failed run) is
+    removed when it ends."""
+    local = None if is_remote(run_url) else os.path.abspath(os.path.expanduser(run_url))
+    created = local is not None and not os.path.isdir(local)
     lease = Lease(run_url, endpoint_url, region, **lease_args)
     lease.acquire()
     stop = threading.Event()
@@ -161,3 +165,5 @@ def run_lease(run_url: str, endpoint_url: str | None = None, region: str | None 
         stop.set()
         renewer.join(timeout=5)
         lease.release()
+        if created and os.path.isdir(local) and not os.listdir(local):
+            os.rmdir(local)
