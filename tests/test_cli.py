@@ -74,3 +74,21 @@ def test_config_says_which_data_is_used(tmp_path, capsys):
     import yaml
 
     assert yaml.safe_load(out)["data"]["path"] == str(tmp_path)   # still one YAML document
+
+
+def test_inspect_shows_uint8_image_statistics_on_the_manifests_0_to_1_scale(tmp_path, capsys):
+    import numpy as np
+
+    from mmcl.data.schema import Manifest, ModalitySpec
+    from mmcl.data.shards import read_manifest, write_dataset
+
+    img = np.random.default_rng(0).integers(100, 256, size=(20, 1, 4, 4)).astype(np.uint8)
+    root = str(tmp_path / "ds")
+    write_dataset(root, Manifest(modalities=[ModalitySpec("img", (1, 4, 4), kind="image",
+                                                          dtype="uint8")], labels=[]),
+                  {"train": {"id": np.arange(20), "img": img}}, stats_split="train")
+    assert main(["data", "inspect", root, "--json"]) == 0
+    (shown,) = json.loads(capsys.readouterr().out)["modalities"]
+    stored = read_manifest(root).modality("img")
+    assert shown["mean"] == pytest.approx(stored.mean[0]) == pytest.approx((img / 255).mean())
+    assert shown["std"] == pytest.approx((img / 255).std(), rel=1e-4)

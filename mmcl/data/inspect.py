@@ -70,6 +70,8 @@ def _modality_stats(root: str, split: str, manifest: Manifest, endpoint_url, reg
                 lengths[m.name] += np.bincount(n, minlength=len(lengths[m.name]))
             if m.kind == "text":
                 continue  # token ids have no meaningful mean
+            if m.kind == "image" and m.dtype == "uint8":
+                values = values / np.float32(255)  # 0..1, as the model and the manifest see it
             finite = np.isfinite(values) & valid.reshape(-1, *([1] * len(m.shape)))
             bad[m.name] += int(finite.size - finite.sum())
             if m.variable_length:  # a padded sequence's statistics: its real steps only
@@ -228,7 +230,8 @@ def format_inspect(info: dict) -> str:
         lines.append(f"  {info['description']}")
     lines.append("rows: " + ", ".join(f"{k} {v}" for k, v in info["splits"].items())
                  + f" (total {sum(info['splits'].values())})")
-    lines += ["", f"modalities (mean/std over the {info['stats_split']} split):"]
+    lines += ["", f"modalities (mean/std over the {info['stats_split']} split; images on "
+                  f"0..1, as the model receives them):"]
     lines += _table(["name", "kind", "shape", "mean", "std", "non-finite"],
                     [[m["name"], m["kind"], "x".join(map(str, m["shape"])), _num(m.get("mean")),
                       _num(m.get("std")), m.get("nonfinite", "-")] for m in info["modalities"]])
