@@ -45,6 +45,15 @@ def test_synth_inspect_and_a_tiny_in_process_run(tmp_path, capsys):
     assert main(["pretrain", "--no-ray", *[a for s in sets for a in ("--set", s)]]) == 0
     model = mmcl.load(str(tmp_path / "runs" / "tiny"))
     assert model.manifest.modality_names == ["a", "b", "weak"]
+    # README: embed takes arrays and returns a torch.Tensor (`.numpy()` for an array).
+    import numpy as np
+    import torch
+
+    from mmcl.data.shards import read_split
+
+    test = read_split(str(data), "test")
+    z = model.embed({m: test[m][:4] for m in ("a", "b", "weak")})
+    assert isinstance(z, torch.Tensor) and isinstance(z.numpy(), np.ndarray)
 
 
 def test_a_failed_run_leaves_no_empty_run_folder(tmp_path, capsys, monkeypatch):
@@ -92,3 +101,13 @@ def test_inspect_shows_uint8_image_statistics_on_the_manifests_0_to_1_scale(tmp_
     stored = read_manifest(root).modality("img")
     assert shown["mean"] == pytest.approx(stored.mean[0]) == pytest.approx((img / 255).mean())
     assert shown["std"] == pytest.approx((img / 255).std(), rel=1e-4)
+
+
+def test_the_test_extra_installs_what_the_report_plots_need():
+    """The README installs `.[test]`; `mmcl report` draws its PNGs with matplotlib."""
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    extras = project["project"]["optional-dependencies"]
+    assert any(dep.startswith("matplotlib") for dep in extras["test"])
