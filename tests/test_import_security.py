@@ -343,3 +343,142 @@ def test_a_convert_overwrite_killed_at_any_point_leaves_a_whole_data_set(tmp_pat
                      "--overwrite"]) == 0
     assert sorted(os.listdir(tmp_path)) == ["a.npz", "b.npz", "ds", "kill.py"]
     assert read_split(str(out), "train")["a"].mean() > 3
+
+
+# ------------------------------------------- tracebacks and silently accepted inputs
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (no pixel data: never decoded)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height,
+                                                             8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def npy_claiming(shape) -> bytes:
+    header = {"descr": "<f8", "fortran_order": False, "shape": tuple(shape)}
+    text = repr(header).encode()
+    text += b" " * (63 - (len(text) + 10) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text + b"\0" * 64
+
+
+def test_an_image_over_pillows_pixel_limit_is_one_error(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(png_claiming(20_000, 20_000))
+    spec = {"modalities": {"img": {"column": "f", "kind": "image", "size": [8, 8]}}}
+    with pytest.raises(DataError, match=r"row id 0, column 'f': file .*bomb.png: the image is "
+                                        r"too large"):
+        run_block(spec, [{"f": "bomb.png"}], tmp_path, tmp_path / "out")
+
+
+def test_an_npy_header_claiming_terabytes_is_refused_before_allocating(tmp_path):
+    (tmp_path / "huge.npy").write_bytes(npy_claiming((1 << 40,)))  # 8 TB of float64
+    spec = {"modalities": {"seq": {"column": "f", "kind": "sequence", "max_len": 5,
+                                   "features": 2}}}
+    with pytest.raises(DataError, match=r"row id 0, column 'f': file .*huge.npy: not a "
+                                        r"readable .npy array \(its header declares"):
+        run_block(spec, [{"f": "huge.npy"}], tmp_path, tmp_path / "out")
+
+
+def test_a_truncated_wav_is_refused_not_zero_padded(tmp_path):
+    import soundfile as sf
+
+    sf.write(str(tmp_path / "a.wav"), np.full(16000, 0.5, np.float32), 16000)
+    data = (tmp_path / "a.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[:len(data) // 2])
+    spec = {"modalities": {"wav": {"column": "wav", "kind": "audio", "sample_rate": 16000,
+                                   "length": 16000}}}
+    with pytest.raises(DataError, match=r"row id 0, column 'wav': file .*cut.wav: the audio "
+                                        r"file is truncated"):
+        run_block(spec, [{"wav": "cut.wav"}], tmp_path, tmp_path / "out")
+    sf.write(str(tmp_path / "short.wav"), np.full(800, 0.5, np.float32), 16000)
+    part = run_block(spec, [{"wav": "short.wav"}], tmp_path, tmp_path / "out2")
+    assert part["splits"]["train"]["rows"] == 1  # a short (whole) clip is still padded
+
+
+@pytest.mark.parametrize("holds", ["path", "bytes"])
+def test_text_that_is_not_utf8_is_refused_not_unk(tmp_path, tok, holds):
+    bad = "a small r\xe9d square".encode("latin-1")
+    (tmp_path / "latin.txt").write_bytes(bad)
+    cell = "latin.txt" if holds == "path" else bad
+    with pytest.raises(DataError, match=r"row id 0, column 'doc': .*not valid UTF-8 \(byte 9\)"):
+        run_block(text_spec(tok, holds=holds), [{"doc": cell}], tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("label, task, match", [
+    ("inf", "classification", r"'inf' is not a class id"),
+    ("1.5", "classification", r"'1.5' is not a class id"),
+    ("-0.5", "classification", r"'-0.5' is not a class id"),
+    ("inf", "regression", r"the regression label is inf"),
+    ("nan", "regression", r"the regression label is nan"),
+    (b"\xff\xfe", "classification", r"the label is not valid UTF-8"),
+])
+def test_labels_that_are_not_what_they_claim_are_refused(tmp_path, label, task, match):
+    lab = {"column": "y", "task": task} | ({"num_classes": 3} if task != "regression" else {})
+    spec = {"modalities": {"x": {"column": "x", "holds": "numbers", "kind": "vector",
+                                 "shape": [2]}}, "labels": {"y": lab}}
+    with pytest.raises(DataError, match=r"row id 1, column 'y': " + match):
+        run_block(spec, [{"x": "1 2", "y": "1"}, {"x": "1 2", "y": label}], tmp_path,
+                  tmp_path / "out")
+
+
+def test_inline_nan_or_inf_numbers_are_refused_or_dropped_and_counted(tmp_path):
+    spec = {"modalities": {"x": {"column": "x", "holds": "numbers", "kind": "vector",
+                                 "shape": [2]}}}
+    rows = [{"x": "1 2"}, {"x": "nan 2"}, {"x": "[1.0, inf]"}]
+    with pytest.raises(DataError, match=r"row id 1, column 'x': 1 value\(s\) are nan or inf"):
+        run_block(spec, rows, tmp_path, tmp_path / "out")
+    summary = run_block({**spec, "bad_rows": "drop"}, rows, tmp_path, tmp_path / "out2")
+    assert summary["dropped"] == {"non-finite numbers": 2}
+    stats = summary["splits"]["train"]["stats"]["x"]
+    assert all(np.isfinite(v).all() for v in stats.values() if isinstance(v, list))
+
+
+@pytest.mark.parametrize("value", ["abc", "", None, "9223372036854775808", "2.5", 2.5])
+def test_ids_that_are_not_int64_integers_are_refused(value):
+    table = pa.table({"key": pa.array(["7", value if not isinstance(value, float) else "2.5"]),
+                      "x": ["1 2", "3 4"]})
+    if isinstance(value, float):
+        table = pa.table({"key": [7.0, value], "x": ["1 2", "3 4"]})
+    spec = ImportSpec.model_validate({"modalities": {"x": {
+        "column": "x", "holds": "numbers", "kind": "vector", "shape": [2]}},
+        "id_column": "key"})
+    with pytest.raises(DataError, match=r"column 'key' \(the tuple ids\): .* is not an "
+                                        r"integer id"):
+        ingest._add_split(table, spec.model_dump_json())
+
+
+def test_repeated_ids_are_refused(tmp_path):
+    import fsspec
+
+    spec = {"modalities": {"x": {"column": "x", "holds": "numbers", "kind": "vector",
+                                 "shape": [2]}}, "id_column": "id"}
+    one = run_block(spec, [{"x": "1 2"}, {"x": "3 4"}], tmp_path, tmp_path / "out", ids=[0, 1])
+    two = run_block(spec, [{"x": "1 2"}, {"x": "3 4"}], tmp_path, tmp_path / "out", ids=[5, 1])
+    parsed = ImportSpec.model_validate(spec)
+    with pytest.raises(DataError, match=r"column 'id' \(the tuple ids\) repeats 1 id\(s\), "
+                                        r"e.g. \[1\]"):
+        ingest._finish(str(tmp_path / "out"), str(tmp_path / "out"),
+                       fsspec.filesystem("file"), build_manifest(parsed), [one, two], parsed)
+
+
+def test_a_csv_header_that_is_not_utf8_is_one_error(tmp_path):
+    import fsspec
+
+    (tmp_path / "t.csv").write_bytes(b"x,\xff\xfelabel\n1 2,a\n")
+    with pytest.raises(DataError, match=r"t.csv: cannot read the table"):
+        ingest._table_columns(str(tmp_path / "t.csv"), "csv", fsspec.filesystem("file"),
+                              str(tmp_path / "t.csv"))
+
+
+def test_an_npz_with_nan_is_refused_by_convert(tmp_path, capsys):
+    arrays = {"a": np.ones((20, 3), np.float32), "y": np.arange(20) % 2}
+    arrays["a"][4, 1] = np.nan
+    np.savez(tmp_path / "nan.npz", **arrays)
+    line = cli_error(["data", "convert", str(tmp_path / "nan.npz"), "--out",
+                      str(tmp_path / "ds")], capsys)
+    assert "array 'a'" in line and "nan or inf" in line and "row 4" in line
+    assert not (tmp_path / "ds").exists()

@@ -82,6 +82,22 @@ def _label_spec(name: str, arr: np.ndarray) -> LabelSpec:
     return LabelSpec(name, "regression")
 
 
+def _check_finite(arrays: Mapping[str, np.ndarray], manifest: Manifest) -> None:
+    """Refuse nan/inf in a modality or a regression label: they would make the train split's
+    normalisation constants nan (and every standardised value with them)."""
+    names = [*manifest.modality_names, *[lab.name for lab in manifest.labels]]
+    for name in names:
+        arr = arrays[name]
+        if arr.dtype.kind != "f":
+            continue
+        bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            raise DataError(f"array {name!r} has nan or inf values in {len(rows)} tuple(s) "
+                            f"(first: row {rows[0]}); replace them (np.nan_to_num) or drop "
+                            "those rows before converting")
+
+
 def check_fractions(fractions: Sequence[float]) -> list[float]:
     """The (train, val, test) fractions as floats; DataError unless 3 values >= 0 summing to 1."""
     values = [float(f) for f in fractions]
@@ -139,6 +155,7 @@ def convert_npz(src: str, out: str, split: Sequence[float] = (0.8, 0.1, 0.1), se
         tuples = len(arrays[manifest.modality_names[0]])
         if tuples == 0:  # an empty data set trains nothing, and --overwrite would lose one
             raise DataError("it holds 0 tuples (the modality arrays' first axis is empty)")
+        _check_finite(arrays, manifest)
         manifest.description = f"converted from {src} (split {list(split)}, seed {seed})"
         splits = split_arrays(arrays, manifest, split, seed)
     except DataError as err:  # name the file; nothing has been written yet
