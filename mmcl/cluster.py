@@ -71,14 +71,18 @@ def start_local_ray(**init_kwargs) -> None:
     propagate."""
     import ray
 
+    from mmcl.reaper import owned_ray, start_reaper
+
     init_kwargs = {"include_dashboard": False, **init_kwargs}
-    try:
-        ray.init(address="local", **init_kwargs)
-    except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this
-        if "timed out during startup" not in str(err):
-            raise
-        ray.shutdown()
-        ray.init(address="local", **init_kwargs)
+    with owned_ray() as token:   # this Ray's processes carry the token: they end with us
+        try:
+            ray.init(address="local", **init_kwargs)
+        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(err):
+                raise
+            ray.shutdown()
+            ray.init(address="local", **init_kwargs)
+    start_reaper(token)   # a SIGKILLed driver's local Ray is stopped too (mmcl.reaper)
 
 
 def _jobs_that_fit(cpus: float, gpus: float, cpus_per_job: int, concurrent: int | None,

@@ -397,3 +397,62 @@ def test_a_trial_with_epochs_left_resumes_by_training(tmp_path):
     steps = launcher.train_steps(run_cfg, manifest, run_cfg.scaling.num_workers, root)
     assert report_finished_trial(run_cfg, manifest, root, str(tmp_path), "trial-x", steps,
                                  ScoreSpec(reward=False)) is None
+
+
+# ---------------------------------------------- a local Ray ends with its (killed) driver
+
+
+FAKE_DRIVER = """
+import subprocess, sys, time
+from mmcl.reaper import owned_ray, start_reaper
+
+with owned_ray() as token:       # as start_local_ray marks the processes ray.init starts
+    ray_like = [subprocess.Popen(["sleep", "600"]) for _ in range(2)]
+other = subprocess.Popen(["sleep", "600"])   # started after: not this Ray's
+start_reaper(token)
+print(token, " ".join(str(p.pid) for p in ray_like), other.pid, flush=True)
+time.sleep(600)   # SIGKILLed here by the test
+"""
+
+
+def test_what_a_sigkilled_driver_started_as_its_ray_is_stopped_by_its_reaper():
+    """The driver's local Ray stands in as two `sleep` processes started while its token
+    was set: SIGKILL the driver and they end too (the reaper sees the driver's pipe close;
+    nothing is timed); a process started without the token is left alone."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import pid_alive, wait_for
+
+    from mmcl.reaper import marked
+
+    driver = subprocess.Popen([sys.executable, "-c", FAKE_DRIVER], stdout=subprocess.PIPE,
+                              text=True)
+    token, *pids = driver.stdout.readline().split()
+    ray_like, other = [int(p) for p in pids[:2]], int(pids[2])
+    try:
+        assert sorted(marked(token)) == sorted(ray_like)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        wait_for(lambda: not any(pid_alive(p) for p in ray_like), 60,
+                 "the driver's processes to end")
+        assert pid_alive(other)
+    finally:
+        for pid in [*ray_like, other]:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_start_local_ray_marks_its_processes_and_starts_a_reaper(monkeypatch):
+    import ray
+
+    from mmcl import cluster, reaper
+
+    seen = {}
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.setdefault(
+        "token", os.environ.get(reaper.OWNER_VAR)))
+    monkeypatch.setattr(reaper, "start_reaper", lambda token: seen.setdefault("reaper", token))
+    cluster.start_local_ray(num_cpus=1)
+    assert seen["token"] and seen["reaper"] == seen["token"]
+    assert reaper.OWNER_VAR not in os.environ   # only ray.init's processes carry it
