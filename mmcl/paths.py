@@ -68,8 +68,10 @@ def resolve_path(value: str | None, field: str, cwd: str | None = None,
     resolved = absolute(value, cwd)
     if must_exist and not os.path.exists(resolved):
         shown = value if resolved == value else f"{value} (resolved to {resolved})"
-        raise ConfigError(f"{field}: {shown} does not exist; relative paths are read from "
-                          f"the working directory {cwd or os.getcwd()}{HINTS.get(field, '')}")
+        what = "no mmcl data set at " if field == "data.path" else ""
+        raise ConfigError(f"{field}: {what}{shown}: it does not exist; relative paths are read "
+                          f"from the working directory {cwd or os.getcwd()}"
+                          f"{HINTS.get(field, '')}")
     return resolved
 
 

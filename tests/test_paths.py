@@ -77,7 +77,8 @@ def test_the_cli_refuses_a_missing_data_path_before_ray(tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     assert main(["pretrain", "--set", "data.path=data/digits"]) == EXIT_USER_ERROR
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("mmcl: error: data.path: data/digits")
+    assert len(err) == 1 and err[0].startswith("mmcl: error: data.path: no mmcl data set at "
+                                               "data/digits")
     assert not (tmp_path / "runs").exists()
 
 
