@@ -66,16 +66,16 @@ def raw_column(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _sketch(features: int, width: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(feature order, bucket starts, signs in that order) of the count sketch from
-    `features` to `width` sums: a seeded permutation of `i % width` puts every feature in one
-    bucket (each bucket gets floor or ceil of features / width of them)."""
+def _sketch(features: int, width: int, seed: int):
+    """The count sketch from `features` to `width` sums as a sparse (width, features) matrix:
+    a seeded permutation of `i % width` puts every feature in one bucket (each bucket gets
+    floor or ceil of features / width of them), with a seeded random sign."""
+    from scipy import sparse
+
     rng = np.random.default_rng([seed, features, width])
     bucket = rng.permutation(np.arange(features) % width)
     sign = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), features)
-    order = np.argsort(bucket, kind="stable")
-    starts = np.searchsorted(bucket[order], np.arange(width))
-    return order, starts, sign[order]
+    return sparse.csr_matrix((sign, (bucket, np.arange(features))), shape=(width, features))
 
 
 def raw_reference(x: np.ndarray, limit: int | None = None,
@@ -84,13 +84,14 @@ def raw_reference(x: np.ndarray, limit: int | None = None,
     flattened values when there are at most `limit` (default RAW_MAX_FEATURES), else a fixed
     seeded sparse random projection to `limit` (a count sketch: each value, times a random
     sign, is added into one of `limit` sums; inner products are kept in expectation, and a
-    linear probe of it is a linear probe of the raw values through one fixed linear map)."""
+    linear probe of it is a linear probe of the raw values through one fixed linear map).
+    Cost: one sparse product, ~0.1 s per 1,024 rows of 16,000 values on one core."""
     limit = RAW_MAX_FEATURES if limit is None else int(limit)
     x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
     if x.shape[1] <= limit:
         return x
-    order, starts, sign = _sketch(x.shape[1], limit, seed)
-    return np.add.reduceat(x[:, order] * sign, starts, axis=1).astype(np.float32)
+    projected = _sketch(x.shape[1], limit, seed) @ x.T     # (limit, N)
+    return np.ascontiguousarray(np.asarray(projected).T, dtype=np.float32)
 
 
 def raw_reference_note(features: int, limit: int | None = None) -> str | None:
