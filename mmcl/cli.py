@@ -43,7 +43,12 @@ def _load_config(args):
 def cmd_config(args) -> int:
     from mmcl import config
 
-    print(config.dump(_load_config(args)), end="")
+    cfg = _load_config(args)
+    print(config.dump(cfg), end="")
+    # A YAML comment, so the output still loads: which data a run of this config reads.
+    print(f"# data: {cfg.data.path} (data.path); data.synth is not used" if cfg.data.path
+          else f"# data: the built-in {cfg.data.synth.preset!r} set (data.synth), since "
+          "data.path is not set")
     return 0
 
 
@@ -69,7 +74,10 @@ def cmd_data_import(args) -> int:
     from mmcl.data.ingest import import_table, load_spec
     from mmcl.data.inspect import format_inspect, inspect_dataset
 
-    result = import_table(args.src, args.out, load_spec(args.spec), overwrite=args.overwrite,
+    from mmcl.paths import resolve_import_spec
+
+    spec = resolve_import_spec(load_spec(args.spec))  # decode actors run elsewhere
+    result = import_table(args.src, args.out, spec, overwrite=args.overwrite,
                           concurrency=args.concurrency, address=args.address, **_s3(args))
     print(format_inspect(inspect_dataset(args.out, **_s3(args))))
     print(result.summary())
@@ -133,7 +141,7 @@ def cmd_embed(args) -> int:
     result = embed_run(args.run, args.out, args.data, args.splits, use_ray=not args.no_ray,
                        address=args.address, concurrency=args.concurrency,
                        batch_size=args.batch_size, use_gpu=args.gpu, overwrite=args.overwrite,
-                       **_s3(args))
+                       trust_plugins=args.allow_plugins, **_s3(args))
     print(result.summary())
     return 0
 
@@ -149,7 +157,7 @@ def cmd_eval(args) -> int:
     reports, combined = evaluate_runs(
         args.run, args.data, out=args.out, settings=_probe_settings(args),
         use_ray=not args.no_ray, address=args.address, concurrency=args.concurrency,
-        batch_size=args.batch_size, use_gpu=args.gpu,
+        batch_size=args.batch_size, use_gpu=args.gpu, trust_plugins=args.allow_plugins,
         progress=lambda text: print(text, file=sys.stderr, flush=True), **_s3(args))
     print(format_markdown(combined or reports[0]))
     for report in reports if combined else []:
@@ -417,8 +425,8 @@ def add_bench_perf(sub) -> None:
     p.add_argument("--out", help="output folder (default: runs/bench/quick or runs/bench/full)")
     p.add_argument("--only", action="append", metavar="SECTION",
                    choices=["objective_step", "efficiency", "critics", "loss_memory",
-                            "hf_encoders", "online_probe", "read", "data_plane", "startup",
-                            "import"],
+                            "hf_encoders", "clip_step", "online_probe", "read", "data_plane",
+                            "ray_images", "startup", "import", "compile"],
                    help="run only this section (repeatable; default: all but import, which "
                    "runs only when named)")
     p.set_defaults(func=cmd_bench_perf)
@@ -515,6 +523,10 @@ def _add_embed_args(p: argparse.ArgumentParser) -> None:
     gpu.add_argument("--gpu", dest="gpu", action="store_true", default=None,
                      help="one GPU per actor (default: when the cluster has GPUs)")
     gpu.add_argument("--no-gpu", dest="gpu", action="store_false", help="CPU actors only")
+    p.add_argument("--allow-plugins", action="store_true",
+                   help="import the plug-in encoder (kind: 'package.module:Class') that the "
+                   "run's recorded config.yaml names; refused without it, since that runs the "
+                   "module's code (only for a run folder you trust)")
 
 
 def _add_probe_args(p: argparse.ArgumentParser) -> None:
@@ -602,8 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and friends: not an error
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
-        print("mmcl: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # Ctrl-C; a command may say where its work stands
+        said = " ".join(str(err).split())
+        print(f"mmcl: interrupted{': ' + readable(said) if said else ''}", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - sorted into user errors and bugs below
         cause = user_error_in(err)

@@ -115,8 +115,8 @@ def test_bench_perf_quick_runs_and_writes_json_and_markdown(tmp_path):
         assert key in report["machine"], key
     sections = report["sections"]
     assert set(sections) == {"objective_step", "efficiency", "critics", "loss_memory",
-                             "hf_encoders", "online_probe", "read",
-                             "data_plane", "startup"}
+                             "hf_encoders", "clip_step", "online_probe", "read",
+                             "data_plane", "ray_images", "startup"}
     for name, section in sections.items():
         assert "error" not in section, (name, section.get("error"))
         assert "load_average" in section and "elapsed_s" in section
@@ -137,10 +137,19 @@ def test_bench_perf_quick_runs_and_writes_json_and_markdown(tmp_path):
     assert "ray_over_memory" in plane and "ray_data_wait_fraction" in plane
     assert {"pyarrow", "ray_data"} <= set(sections["read"])
     assert sections["startup"]["instrumented"]["returncode"] == 0
+    clip = {r["step"]: r for r in sections["clip_step"]["rows"]}
+    assert {"bare loop", "cross", "cross, 2 views", "tuple_infonce", "comm",
+            "factorcl_ssl"} <= set(clip)
+    # FLOP counts are exact: one view of cross does the bare CLIP loop's work, two twice
+    assert clip["cross"]["flops_over_bare"] <= 1.02
+    assert clip["cross, 2 views"]["flops_over_bare"] >= 1.9
+    images = sections["ray_images"]
+    assert [e["steps"] for e in images["epochs"]] == \
+        [images["steps_expected_per_epoch"]] * images["settings"]["epochs"]
     markdown = (out / "perf.md").read_text()
     for heading in ("# mmcl bench perf (quick)", "## objective_step", "## efficiency",
                     "## critics", "## loss_memory", "## hf_encoders", "## online_probe",
-                    "## read", "## data_plane",
+                    "## read", "## data_plane", "## clip_step", "## ray_images",
                     "## startup"):
         assert heading in markdown, heading
     assert "| model | M |" in markdown and "| N |" in markdown

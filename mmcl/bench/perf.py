@@ -26,6 +26,11 @@ Sections (each a dict in perf.json and a part of perf.md):
                     Parquet reader against mmcl's choice (full); scaling from 1 to 2 workers at
                     a fixed per-worker batch (full)
     startup         the README demo from command to finished run, phase by phase
+    clip_step       every objective's step against a hand-written CLIP loop on the same
+                    Hugging Face towers (ViT-B/16 + BERT-base on a GPU): samples/s, FLOPs
+                    per sample, FLOP/s over the matmul rate, peak memory (mmcl.bench.clip_step)
+    ray_images      the Ray path on uint8 images from Parquet shards (224x224 on a GPU):
+                    samples/s and data wait of every epoch (mmcl.bench.clip_step)
 
 Timing: things compared are run interleaved in rounds and compared by same-round ratios
 (mmcl.bench.timing), because the machine may be shared. Every section records the load average
@@ -51,14 +56,17 @@ import numpy as np
 
 from mmcl.bench.env import describe, json_default, load_average, machine
 from mmcl.bench.timing import interleaved, paired_ratio, peak_memory, quartiles, torch_threads
+from mmcl.bench.clip_step import (clip_step, compile_step, md_clip_step, md_compile_step,
+                                  md_ray_images, ray_images)
 from mmcl.bench.encoders_perf import hf_encoders, md_hf_encoders
 from mmcl.bench.probe_cost import md_online_probe
 from mmcl.markdown import table_lines
 
 SECTIONS = ("objective_step", "efficiency", "critics", "loss_memory", "hf_encoders",
-            "online_probe", "read", "data_plane", "startup")
-# Run only when asked for (`--only import`): `mmcl data import` throughput (mmcl.bench.ingest).
-OPTIONAL_SECTIONS = ("import",)
+            "clip_step", "online_probe", "read", "data_plane", "ray_images", "startup")
+# Run only when asked for (`--only import`): `mmcl data import` throughput (mmcl.bench.ingest);
+# `--only compile`: train.compile against eager on the clip_step towers (mmcl.bench.clip_step).
+OPTIONAL_SECTIONS = ("import", "compile")
 MB = 1e6
 
 # The goals of the performance issue, checked in the report.
@@ -980,7 +988,7 @@ def run_perf(quick: bool = False, out: str | None = None,
             sec["online_probe"] = _section("online_probe",
                                            lambda: online_probe(quick, workdir), log)
             write()
-        needs_ray = {"read", "data_plane", "import"} & set(chosen)
+        needs_ray = {"read", "data_plane", "ray_images", "import"} & set(chosen)
         if needs_ray:
             started_ray = _ensure_ray(log)
         if "read" in chosen:
@@ -988,6 +996,9 @@ def run_perf(quick: bool = False, out: str | None = None,
             write()
         if "data_plane" in chosen:
             sec["data_plane"] = _section("data_plane", lambda: data_plane(quick, workdir), log)
+            write()
+        if "ray_images" in chosen:
+            sec["ray_images"] = _section("ray_images", lambda: ray_images(quick, workdir), log)
             write()
         if "import" in chosen:  # mmcl.bench.ingest: `mmcl data import` on images
             from mmcl.bench.ingest import import_throughput
@@ -1240,9 +1251,11 @@ def _md_startup(s: dict) -> list[str]:
 # markdown, named once here.
 IN_PROCESS_SECTIONS = {"objective_step": objective_step, "efficiency": efficiency,
                        "critics": critics, "loss_memory": loss_memory,
-                       "hf_encoders": hf_encoders}
+                       "hf_encoders": hf_encoders, "clip_step": clip_step,
+                       "compile": compile_step}
 SECTION_MARKDOWN = {"objective_step": _md_objective_step, "efficiency": _md_efficiency,
                     "critics": _md_critics, "loss_memory": _md_loss_memory,
                     "hf_encoders": md_hf_encoders, "online_probe": md_online_probe,
                     "read": _md_read, "data_plane": _md_data_plane, "startup": _md_startup,
-                    "import": _md_import}
+                    "import": _md_import, "clip_step": md_clip_step,
+                    "ray_images": md_ray_images, "compile": md_compile_step}

@@ -16,6 +16,7 @@ refused; `--continue-from RUN` trains a new run from its weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -27,6 +28,7 @@ from mmcl.cluster import DATA_CPUS, LaunchError, connect  # noqa: F401  (LaunchE
 from mmcl.config import RunConfig
 from mmcl.data.schema import DataError, Manifest
 from mmcl.data.shards import read_manifest, validate
+from mmcl.paths import resolve_config, resolve_path
 from mmcl.storage import filesystem, is_remote, is_s3, join, pyarrow_filesystem
 from mmcl.train.local import steps_per_epoch
 from mmcl.train.tracking import check_backend
@@ -276,6 +278,10 @@ def pretrain(cfg: RunConfig, address: str | None = None, in_process: bool = Fals
     from mmcl.train.lease import run_lease
 
     start = time.perf_counter()
+    # Workers run in another working directory: every path the user gave, made absolute
+    # here (a missing one refused naming its field), before anything is shipped to Ray.
+    cfg = resolve_config(cfg)
+    continue_from = resolve_path(continue_from, "--continue-from")
     name = run_name(cfg)
     cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"name": name})})
     run_url = join(cfg.storage.path, name)
@@ -290,15 +296,69 @@ def pretrain(cfg: RunConfig, address: str | None = None, in_process: bool = Fals
         refuse_finished(cfg, run_url)  # finished by another driver before the lease
         if init:
             print(f"[mmcl] starting from the weights of {continue_from}", flush=True)
-        if in_process:
-            state = _pretrain_in_process(cfg, root, manifest, init)
-            checkpoint_url = None
-        else:
-            state, checkpoint_url = _pretrain_on_ray(cfg, address, root, manifest, steps,
-                                                     name, init, verbose)
+        try:
+            if in_process:
+                state = _pretrain_in_process(cfg, root, manifest, init)
+                checkpoint_url = None
+            else:
+                state, checkpoint_url = _pretrain_on_ray(cfg, address, root, manifest,
+                                                         steps, name, init, verbose)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(interrupted(cfg, run_url, in_process)) from None
         finish_run(cfg, manifest, run_url, state)
     return RunResult(run_url, checkpoint_url, list(state["history"]),
                      time.perf_counter() - start)
+
+
+def interrupted(cfg: RunConfig, run_url: str, in_process: bool) -> str:
+    """What `mmcl pretrain` says when Ctrl-C stops it: where the run and its newest
+    checkpoint are, and how to resume."""
+    if in_process:
+        return (f"the run {run_url} was stopped before its model was written (--no-ray keeps "
+                f"no checkpoints); run the same command again to train it from the start")
+    from mmcl.train.checkpoint import newest_complete_checkpoint
+
+    try:
+        found = newest_complete_checkpoint(run_url, cfg.storage.endpoint_url,
+                                           cfg.storage.region)
+    except Exception:  # noqa: BLE001 - the message must come even if storage is gone
+        found = None
+    if found is None:
+        return (f"the run {run_url} was stopped before its first checkpoint; run the same "
+                f"command again to start it afresh")
+    return (f"the run {run_url} was stopped; its newest checkpoint is {found.url} (epoch "
+            f"{found.epoch}): run the same command again to resume from it")
+
+
+@contextlib.contextmanager
+def interrupt_on_sigint(trainer):
+    """While in this block, Ctrl-C during `trainer.fit()` raises KeyboardInterrupt in the
+    driver (after asking Ray Train's controller to stop the workers), instead of Ray Train's
+    own handler, which exits the process with status 1 and no word. The handler before it
+    comes back afterwards."""
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+
+    def register(controller) -> None:
+        def on_sigint(signum, frame):
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second one: at once
+            try:
+                controller.abort.remote()
+            except Exception:  # noqa: BLE001 - the controller may be gone already
+                pass
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+    trainer._register_sigint_handler = register
+    try:
+        yield trainer
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _pretrain_in_process(cfg: RunConfig, root: str, manifest: Manifest,
@@ -390,8 +450,13 @@ def user_error(err: Exception) -> Exception:
     or NonFiniteLossError (their messages say what to change), else the run's own error."""
     from mmcl.data.pipeline import find_data_error
     from mmcl.objectives.base import ObjectiveError
+    from mmcl.train.checkpoint import unwritable
     from mmcl.train.engine import NonFiniteLossError
+    from mmcl.train.failures import disk_full_error
 
+    full = disk_full_error(err)  # not retried (mmcl.train.failures): the disk is named
+    if full is not None:
+        return unwritable(str(full.filename or "the run's storage"), full)
     for failure in getattr(err, "worker_failures", {}).values():
         cause = failure
         while cause is not None:
@@ -408,6 +473,7 @@ def _pretrain_on_ray(cfg: RunConfig, address, root, manifest, steps, name, init=
                      verbose=False):
     from mmcl.train import console
     from mmcl.train.checkpoint import read_checkpoint_state
+    from mmcl.train.failures import no_retry_when_disk_full
 
     import ray.train
 
@@ -419,7 +485,8 @@ def _pretrain_on_ray(cfg: RunConfig, address, root, manifest, steps, name, init=
     try:
         trainer = make_trainer(cfg, root, manifest, steps, name, init_weights=init)
         forget_listings(cfg)  # Ray's restore must see storage as it is now
-        result = trainer.fit()
+        with interrupt_on_sigint(trainer), no_retry_when_disk_full():
+            result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         raise user_error(err) from err
     forget_listings(cfg)
