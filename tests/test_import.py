@@ -19,6 +19,7 @@ from mmcl.data.schema import DataError
 from mmcl.data.shards import read_manifest, read_split
 from mmcl.train import launcher
 from conftest import TINY_MODEL
+from test_import_security import loopback  # noqa: F401 - a fixture
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
@@ -232,3 +233,58 @@ def test_a_failed_import_is_one_error_line_and_writes_nothing(tmp_path, capsys):
     assert rc == 2 and len(err) == 1
     assert "column(s) named in the spec are not in the table: labels.colour: 'color'" in err[0]
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("case", ["dotdot", "symlink", "http", "not_utf8_row", "huge_cell",
+                                  "truncated_tar"])
+def test_a_hostile_source_is_one_error_line_and_writes_nothing(tmp_path, capsys, loopback,
+                                                               case):
+    """The confinement and source cases of tests/test_import_security.py, end to end on Ray
+    Data: one `mmcl: error:` line, exit 2, no data set, no folder left beside it."""
+    from import_files import make_tokenizer
+
+    server, requests = loopback
+    src = tmp_path / "src"
+    src.mkdir()
+    (tmp_path / "secret.txt").write_text("a big blue photo")
+    text = {"column": "doc", "holds": "path", "kind": "text", "max_len": 16,
+            "truncation": True, "tokenizer": make_tokenizer(tmp_path / "tok")}
+    spec = {"modalities": {"doc": text}}
+    table = src / "t.csv"
+    if case in ("dotdot", "symlink", "http"):
+        os.symlink(tmp_path / "secret.txt", src / "link.txt")
+        (src / "ok.txt").write_text("a small red square")
+        cell = {"dotdot": "../secret.txt", "symlink": "link.txt",
+                "http": f"{server}/secret.txt"}[case]
+        table.write_text(f"doc\nok.txt\n{cell}\n")
+        expect = "outside the table's folder" if case != "http" else "urls: [http]"
+    elif case == "not_utf8_row":
+        table.write_bytes(b"doc,label\nok,a\nok,\xffb\n")
+        spec = {"modalities": {"doc": {**text, "holds": "text"}},
+                "labels": {"label": {"column": "label", "classes": ["a", "b"]}}}
+        expect = "UTF"
+    elif case == "huge_cell":
+        table.write_text("doc\nshort\n" + "a " * 10_000_000 + "\n")  # a 20 MB cell
+        spec = {"modalities": {"doc": {**text, "holds": "text"}}}
+        expect = "max_cell_bytes"
+    else:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i in range(8):
+                data = f"a small photo number {i} ".encode() * 200
+                info = tarfile.TarInfo(f"{i:04d}.txt")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        (src / "000000.tar").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+        table = src
+        spec = {"modalities": {"doc": {**text, "column": "txt", "holds": "bytes"}}}
+        expect = "truncated or corrupt"
+    capsys.readouterr()
+    rc = cli.main(["data", "import", str(table), "--out", str(tmp_path / "ds"), "--spec",
+                   write_spec(tmp_path / "spec.yaml", spec)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("mmcl: error:"), err
+    assert expect in err[0], err[0]
+    assert requests == []  # nothing fetched from the loopback server
+    assert not (tmp_path / "ds").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("ds")]

@@ -25,6 +25,13 @@ A bad input (missing or unreadable file, wrong channel count, text longer than m
 without truncation, a label outside the declared classes, ...) is one DataError naming the
 row id, the column and the file; with `bad_rows: drop` such rows are skipped and counted by
 reason instead. A null (or empty) cell is a missing modality, recorded in the manifest.
+
+What a table may make an import read (docs/failure.md): a path cell names a file inside the
+table's folder or the spec's `root` (symlinks resolved first; never the trust key's folder),
+a URL only of a scheme in the spec's `urls`; one cell holds at most `max_cell_bytes`; audio
+reads only the frames it keeps, text is tokenized in bounded prefixes; a tokenizer's own
+code is never run. One import or convert writes a `--out` at a time (a lease beside it),
+and a local output is replaced with one atomic rename (mmcl.data.shards.replace_with).
 """
 
 from __future__ import annotations
@@ -868,6 +875,22 @@ def _csv_block_bytes(spec: ImportSpec | None) -> int:
     return (spec.max_cell_bytes if spec else DEFAULT_MAX_CELL_BYTES) + (1 << 20)
 
 
+def _check_tars(src: str, fs, path: str) -> None:
+    """Refuse a .tar shard that does not end as a tar does (its size a multiple of 512 bytes,
+    ending in the two zero blocks of end-of-archive): Ray Data's reader stops at a cut-short
+    member without a word, so a truncated shard would import part of its tuples. One small
+    read per shard."""
+    for entry in sorted(fs.ls(path, detail=False)):
+        if not entry.endswith(".tar"):
+            continue
+        size = fs.size(entry)
+        tail = fs.cat_file(entry, start=max(0, size - 1024), end=size) if size else b""
+        if size < 1024 or size % 512 or tail.strip(b"\0"):
+            raise DataError(f"{src}: the webdataset shard {posixpath.basename(entry)} is "
+                            f"truncated or corrupt ({size} bytes, no end-of-archive blocks); "
+                            "write it again (or remove it) and import again")
+
+
 def _read_source(src: str, fmt: str, endpoint_url, region, spec: ImportSpec | None = None):
     import ray.data
     import pyarrow.csv as pacsv
@@ -907,6 +930,9 @@ def _table_columns(src: str, fmt: str, fs, path: str,
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         if isinstance(err, UnicodeDecodeError):
             first = f"its header is not valid UTF-8: {first}; save the table as UTF-8"
+        elif "straddling" in first:
+            first = (f"a row is longer than max_cell_bytes={_csv_block_bytes(spec) - (1 << 20)}"
+                     f" bytes: {first}; shorten it, or raise max_cell_bytes in the spec")
         raise DataError(f"{src}: cannot read the table ({first})") from None
 
 
@@ -1024,6 +1050,8 @@ def _import(src: str, out: str, spec: ImportSpec, fs, path: str, endpoint_url, r
     manifest = build_manifest(spec)
     # A table's columns are checked before Ray starts; webdataset members need Ray's reader.
     names = None if fmt == "webdataset" else _table_columns(src, fmt, sfs, spath, spec)
+    if fmt == "webdataset":
+        _check_tars(src, sfs, spath)
     # One decode actor and Ray Data's read tasks: at least 2 CPUs (mmcl.cluster).
     connect(address, cpus_per_job=2, job="import", cost="1 decoder + 1 for Ray Data",
             error=DataError)
