@@ -482,3 +482,81 @@ def test_an_npz_with_nan_is_refused_by_convert(tmp_path, capsys):
                       str(tmp_path / "ds")], capsys)
     assert "array 'a'" in line and "nan or inf" in line and "row 4" in line
     assert not (tmp_path / "ds").exists()
+
+
+def test_a_swap_cut_between_its_two_renames_is_restored_by_the_next_run(tmp_path, monkeypatch,
+                                                                       capsys):
+    """Where the filesystem cannot exchange two folders atomically, the old data set is
+    renamed aside first: a kill between the two renames leaves no data set at OUT, and the
+    next import or convert of OUT puts the old one back before anything else."""
+    from mmcl.data import shards
+
+    out = tmp_path / "ds"
+    assert cli.main(["data", "convert", npz(tmp_path / "a.npz"), "--out", str(out)]) == 0
+    (out / "NOTES.md").write_text("mine")  # not part of the data set: kept by overwrites
+    old = folder_hash(out)
+
+    def no_exchange(a, b):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    real_rename, calls = os.rename, []
+
+    def killed_at_second(a, b):
+        calls.append(a)
+        if len(calls) == 2 and ".converting-" in str(a):
+            raise SystemExit("killed")  # nothing after this runs, as with SIGKILL
+        real_rename(a, b)
+
+    monkeypatch.setattr(shards, "_exchange", no_exchange)
+    monkeypatch.setattr(os, "rename", killed_at_second)
+    with pytest.raises(SystemExit):
+        shards.write_dataset(str(out), *_small(tmp_path), overwrite=True)
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert not out.exists()
+    assert [p for p in os.listdir(tmp_path) if ".replaced-" in p]
+    capsys.readouterr()
+    assert cli.main(["data", "convert", str(tmp_path / "a.npz"), "--out", str(out),
+                     "--overwrite"]) == 0  # the next run: restores, then overwrites
+    assert "restored the data set" in capsys.readouterr().out
+    assert (out / "NOTES.md").read_text() == "mine"
+    assert folder_hash(out) == old  # the same npz again: byte-identical
+    assert sorted(os.listdir(tmp_path)) == ["a.npz", "ds"]
+
+
+def _small(tmp_path):
+    from mmcl.data.convert import infer_manifest, load_npz, split_arrays
+
+    arrays = load_npz(npz(tmp_path / "c.npz", value=9.0))
+    os.remove(tmp_path / "c.npz")
+    manifest = infer_manifest(arrays)
+    return manifest, split_arrays(arrays, manifest, (0.8, 0.1, 0.1), 0)
+
+
+def test_an_import_killed_mid_swap_by_an_older_mmcl_is_restored(tmp_path, capsys):
+    """The state issue 34 found: OUT lost its manifest and test/, the new data set stranded
+    in OUT.importing-*. The next writer of OUT restores the stranded data set."""
+    out = tmp_path / "ds"
+    assert cli.main(["data", "convert", npz(tmp_path / "a.npz"), "--out", str(out)]) == 0
+    stranded = tmp_path / "ds.importing-0badc0de"
+    os.rename(out, stranded)
+    out.mkdir()
+    os.rename(stranded / "train", out / "train")  # the old swap had moved one folder
+    capsys.readouterr()
+    assert cli.main(["data", "convert", str(tmp_path / "a.npz"), "--out", str(out),
+                     "--overwrite"]) == 0
+    assert "restored the data set" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["a.npz", "ds"]
+    assert read_manifest(str(out)).splits["train"] > 0
+
+
+def test_a_full_disk_in_an_import_block_is_one_error(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full)
+    spec = {"modalities": {"x": {"column": "x", "holds": "numbers", "kind": "vector",
+                                 "shape": [2]}}}
+    with pytest.raises(DataError, match=r"cannot write the import's shards .*No space left"):
+        run_block(spec, [{"x": "1 2"}], tmp_path, tmp_path / "out")
