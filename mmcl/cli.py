@@ -425,8 +425,8 @@ def add_bench_perf(sub) -> None:
     p.add_argument("--out", help="output folder (default: runs/bench/quick or runs/bench/full)")
     p.add_argument("--only", action="append", metavar="SECTION",
                    choices=["objective_step", "efficiency", "critics", "loss_memory",
-                            "hf_encoders", "clip_step", "online_probe", "read", "data_plane",
-                            "ray_images", "startup", "import", "compile"],
+                            "hf_encoders", "encoders", "clip_step", "online_probe", "read",
+                            "data_plane", "ray_images", "startup", "import", "compile"],
                    help="run only this section (repeatable; default: all but import, which "
                    "runs only when named)")
     p.set_defaults(func=cmd_bench_perf)

@@ -115,7 +115,7 @@ def test_bench_perf_quick_runs_and_writes_json_and_markdown(tmp_path):
         assert key in report["machine"], key
     sections = report["sections"]
     assert set(sections) == {"objective_step", "efficiency", "critics", "loss_memory",
-                             "hf_encoders", "clip_step", "online_probe", "read",
+                             "hf_encoders", "encoders", "clip_step", "online_probe", "read",
                              "data_plane", "ray_images", "startup"}
     for name, section in sections.items():
         assert "error" not in section, (name, section.get("error"))

@@ -1,8 +1,12 @@
-"""`mmcl bench perf` section hf_encoders: the training step of an image+text model with
-Hugging Face backbones (a ViT and a BERT built from their configs, nothing downloaded),
-trainable against frozen (`freeze: all`), the share of the step its encoders take, and
-TupleInfoNCE's step against a plain tuple-contrast step with the same backbones (issue 20's
-"with real backbones" goal).
+"""`mmcl bench perf` sections hf_encoders and encoders.
+
+hf_encoders: the training step of an image+text model with Hugging Face backbones (a ViT and a
+BERT built from their configs, nothing downloaded), trainable against frozen (`freeze: all`),
+the share of the step its encoders take, and TupleInfoNCE's step against a plain
+tuple-contrast step with the same backbones (issue 20's "with real backbones" goal).
+
+encoders: each built-in encoder's forward + backward per batch on one thread and its FLOPs per
+sample, the default audio encoder beside the one it replaced and a tiny wav2vec2 (issue 35).
 
 The encoders' share is measured directly: the two views' `encode` (forward) plus a backward
 of their embeddings, against the whole `Engine.train_step` (augment, encode, fusion, loss,
@@ -126,4 +130,125 @@ def md_hf_encoders(s: dict) -> list[str]:
                      f"{s['tuple_infonce_over_tuple']['median']:.2f}")
     if "bf16_over_fp32" in s:
         lines.append(f"- bf16 / fp32 trainable step: {s['bf16_over_fp32']['median']:.2f}")
+    return lines
+
+
+# ------------------------------------------------------------------- encoders: cost per step
+
+
+def _former_audio_encoder(hidden: int, embed_dim: int):
+    """mmcl's default audio encoder before issue 35: two stride-4 1-D conv blocks (kernels 9,
+    5) of `hidden` channels over the raw waveform, GroupNorm, GELU, global mean, Linear. Kept
+    here only as the reference the new default (a log-mel 2-D CNN) is measured against."""
+    from torch import nn
+
+    from mmcl.models.encoders import conv_blocks
+
+    class WaveformConvEncoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = conv_blocks([nn.Conv1d(1, hidden, 9, stride=4, padding=4),
+                                      nn.Conv1d(hidden, hidden, 5, stride=4, padding=2)],
+                                     hidden)
+            self.out = nn.Linear(hidden, embed_dim)
+
+        def forward(self, x, mask=None):
+            return self.out(self.convs(x.unsqueeze(1)).mean(dim=-1))
+
+    return WaveformConvEncoder()
+
+
+# The tiny wav2vec2 of tests/test_hf.py, built from its config (nothing downloaded).
+TINY_WAV2VEC2 = dict(model_type="wav2vec2", hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, conv_dim=[16, 16],
+                     conv_stride=[5, 4], conv_kernel=[10, 4], num_conv_pos_embeddings=16,
+                     num_conv_pos_embedding_groups=2, feat_extract_norm="layer",
+                     mask_time_prob=0.0, vocab_size=8)
+
+
+def encoders(quick: bool) -> dict:
+    """Forward + backward of each built-in encoder (default config: hidden 128, 2 layers,
+    embed_dim 128) on one batch, one thread, in interleaved rounds; FLOPs per sample counted
+    by torch.utils.flop_counter (FFTs are not counted: the log-mel STFT adds ~1.5 MFLOP per
+    second of 16 kHz audio)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmcl.config import EncoderConfig
+    from mmcl.data.schema import ModalitySpec
+    from mmcl.models.encoders import build_encoder
+
+    batch, rounds, warmup = (8, 2, 1) if quick else (64, 7, 1)
+    embed, vocab, samples = 128, 1000, 16000
+    gen = torch.Generator().manual_seed(0)
+    text_len = 32
+    # name: (spec, encoder config, input, mask)
+    cases = {
+        "mlp (vector 64)": (ModalitySpec("v", (64,), "vector"), EncoderConfig(kind="mlp"),
+                            torch.randn(batch, 64, generator=gen), None),
+        "gru (sequence 32x16)": (ModalitySpec("s", (32, 16), "sequence"),
+                                 EncoderConfig(kind="gru"),
+                                 torch.randn(batch, 32, 16, generator=gen), None),
+        "cnn (image 3x32x32)": (ModalitySpec("i", (3, 32, 32), "image"),
+                                EncoderConfig(kind="cnn"),
+                                torch.rand(batch, 3, 32, 32, generator=gen), None),
+        "text (32 tokens)": (ModalitySpec("t", (text_len,), "text", "int64", vocab_size=vocab),
+                             EncoderConfig(kind="text"),
+                             torch.randint(4, vocab, (batch, text_len), generator=gen),
+                             torch.arange(text_len)[None] < torch.randint(
+                                 8, text_len + 1, (batch, 1), generator=gen)),
+        "audio, log-mel CNN (default)": (
+            ModalitySpec("a", (samples,), "audio", sample_rate=16000),
+            EncoderConfig(kind="audio"), torch.randn(batch, samples, generator=gen), None),
+        "audio, former waveform 1-D CNN": (
+            None, None, torch.randn(batch, samples, generator=gen), None),
+        "hf wav2vec2, tiny (width 32, 2 blocks)": (
+            ModalitySpec("a", (samples,), "audio", sample_rate=16000),
+            EncoderConfig(kind="hf", hf_config=dict(TINY_WAV2VEC2), pretrained=False),
+            torch.randn(batch, samples, generator=gen), None),
+    }
+    torch.manual_seed(0)
+    models, rows = {}, {}
+    for name, (spec, cfg, x, mask) in cases.items():
+        model = (_former_audio_encoder(128, embed) if spec is None
+                 else build_encoder(spec, cfg, embed))
+        kw = {} if mask is None else {"mask": mask}
+
+        def step(model=model, x=x, kw=kw):
+            model(x, **kw).sum().backward()
+            model.zero_grad(set_to_none=True)
+
+        models[name] = step
+        with FlopCounterMode(display=False) as fwd, torch.no_grad():
+            model(x, **kw)
+        with FlopCounterMode(display=False) as both:
+            step()
+        rows[name] = {"params": sum(p.numel() for p in model.parameters()),
+                      "fwd_mflop_per_sample": fwd.get_total_flops() / batch / 1e6,
+                      "fwd_bwd_mflop_per_sample": both.get_total_flops() / batch / 1e6}
+    with torch_threads(1):
+        times = interleaved(models, rounds=rounds, warmup=warmup)
+    for name, t in times.items():
+        rows[name]["step_ms"] = {q: (v * 1e3 if q != "n" else v)
+                                 for q, v in quartiles(t).items()}
+    return {"settings": {"batch_size": batch, "threads": 1, "rounds": rounds,
+                         "audio": f"{samples} samples (1 s at 16 kHz)",
+                         "config": "hidden 128, layers 2, embed_dim 128 (the defaults)"},
+            "rows": [{"encoder": k, **v} for k, v in rows.items()],
+            "former_audio_over_new": paired_ratio(times["audio, former waveform 1-D CNN"],
+                                                  times["audio, log-mel CNN (default)"])}
+
+
+def md_encoders(s: dict) -> list[str]:
+    lines = [f"- {k}: {v}" for k, v in s["settings"].items()]
+    lines += [""] + table_lines(
+        ["encoder", "params", "MFLOP/sample fwd", "MFLOP/sample fwd+bwd",
+         "fwd+bwd ms per batch (IQR)"],
+        [[r["encoder"], f"{r['params']:,}", f"{r['fwd_mflop_per_sample']:.1f}",
+          f"{r['fwd_bwd_mflop_per_sample']:.1f}",
+          f"{r['step_ms']['median']:.0f} ({r['step_ms']['p25']:.0f}-{r['step_ms']['p75']:.0f})"]
+         for r in s["rows"]])
+    ratio = s["former_audio_over_new"]
+    lines += ["", f"- former / new audio encoder step time (same-round ratio): "
+              f"{ratio['median']:.1f} ({ratio['p25']:.1f}-{ratio['p75']:.1f})"]
     return lines

@@ -58,11 +58,11 @@ from mmcl.bench.env import describe, json_default, load_average, machine
 from mmcl.bench.timing import interleaved, paired_ratio, peak_memory, quartiles, torch_threads
 from mmcl.bench.clip_step import (clip_step, compile_step, md_clip_step, md_compile_step,
                                   md_ray_images, ray_images)
-from mmcl.bench.encoders_perf import hf_encoders, md_hf_encoders
+from mmcl.bench.encoders_perf import encoders, hf_encoders, md_encoders, md_hf_encoders
 from mmcl.bench.probe_cost import md_online_probe
 from mmcl.markdown import table_lines
 
-SECTIONS = ("objective_step", "efficiency", "critics", "loss_memory", "hf_encoders",
+SECTIONS = ("objective_step", "efficiency", "critics", "loss_memory", "hf_encoders", "encoders",
             "clip_step", "online_probe", "read", "data_plane", "ray_images", "startup")
 # Run only when asked for (`--only import`): `mmcl data import` throughput (mmcl.bench.ingest);
 # `--only compile`: train.compile against eager on the clip_step towers (mmcl.bench.clip_step).
@@ -1251,11 +1251,12 @@ def _md_startup(s: dict) -> list[str]:
 # markdown, named once here.
 IN_PROCESS_SECTIONS = {"objective_step": objective_step, "efficiency": efficiency,
                        "critics": critics, "loss_memory": loss_memory,
-                       "hf_encoders": hf_encoders, "clip_step": clip_step,
+                       "hf_encoders": hf_encoders, "encoders": encoders, "clip_step": clip_step,
                        "compile": compile_step}
 SECTION_MARKDOWN = {"objective_step": _md_objective_step, "efficiency": _md_efficiency,
                     "critics": _md_critics, "loss_memory": _md_loss_memory,
-                    "hf_encoders": md_hf_encoders, "online_probe": md_online_probe,
+                    "hf_encoders": md_hf_encoders, "encoders": md_encoders,
+                    "online_probe": md_online_probe,
                     "read": _md_read, "data_plane": _md_data_plane, "startup": _md_startup,
                     "import": _md_import, "clip_step": md_clip_step,
                     "ray_images": md_ray_images, "compile": md_compile_step}
