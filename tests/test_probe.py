@@ -419,3 +419,35 @@ def test_eval_gives_every_modality_a_raw_reference_and_says_how(tmp_path, monkey
     assert "raw:all" in reps
     md = open(os.path.join(run, "eval", "report.md")).read()
     assert "16 values through a fixed seeded random projection to 8" in md
+
+
+def test_probe_sized_fits_run_on_one_torch_thread(monkeypatch):
+    """Issue 35, item 4: a probe is thousands of tiny ops; on several threads each is a
+    fork-join that a busy machine stalls (the demo's probes: 72 s on 2 threads at load 10,
+    4 s on one). probe_columns fits small problems on one thread and restores the count."""
+    from mmcl.evaluate import diagnostics as diag
+    from mmcl.evaluate import probe as probe_mod
+
+    seen = []
+    real = probe_mod._run_lbfgs
+
+    def recording(params, objective, max_iter):
+        seen.append(torch.get_num_threads())
+        return real(params, objective, max_iter)
+
+    monkeypatch.setattr(probe_mod, "_run_lbfgs", recording)
+    parts, specs = _raw_splits()
+    kinds = {s: diag.feature_kinds({"embedding": p["a"], "embedding_a": p["a"],
+                                    "raw_a": p["a"], "raw_b": p["b"]}, ["a"], ["a", "b"])
+             for s, p in parts.items()}
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        diag.probe_columns(parts, specs, kinds, diag.ProbeSettings(
+            l2_grid=(1e-2,), few_label_k=(5,), few_label_seeds=(0,), knn_k=0))
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2            # restored
+        with probe_mod.probe_threads(10**6, 100) as threads:   # a large probe keeps them
+            assert threads == 2 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

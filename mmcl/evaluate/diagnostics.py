@@ -35,7 +35,7 @@ from mmcl.evaluate.knn import knn_probe
 from mmcl.evaluate.cache import ProbeCache, probe_key
 from mmcl.evaluate.probe import (DEFAULT_L2_GRID, classification_metrics, few_label_probes,
                                  linear_probes, multilabel_metrics, multilabel_probe,
-                                 regression_metrics, selection_metric)
+                                 probe_threads, regression_metrics, selection_metric)
 
 FUSED_KIND = "fused"
 RAW_ALL = "raw:all"
@@ -248,7 +248,13 @@ def probe_columns(splits: Mapping[str, Mapping[str, np.ndarray]], specs: Sequenc
                          f"columns{note}")
             if bar is not None:
                 bar.set_description(f"probing {kind}{note}")
-            result = found if found is not None else _probe_kind(kind, x, ys, specs, settings)
+            if found is None:
+                # probe-sized problems on one torch thread (see probe_threads)
+                with probe_threads(len(x[tr]) + len(x[va]),
+                                   int(np.prod(np.shape(x[tr])[1:]))):
+                    result = _probe_kind(kind, x, ys, specs, settings)
+            else:
+                result = found
             if key and found is None:
                 cache.put(key, result)
             for spec in specs:

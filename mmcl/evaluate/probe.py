@@ -19,8 +19,9 @@ does that, then refits on train+val and scores on test (what `mmcl eval` reports
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +29,28 @@ import torch.nn.functional as F
 
 ProbeTask = Literal["classification", "regression"]
 DEFAULT_L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+# Probes on fewer feature values than this (rows x features) run on one torch thread.
+ONE_THREAD_VALUES = 1 << 23
+
+
+@contextmanager
+def probe_threads(rows: int, features: int) -> Iterator[int]:
+    """Torch's intra-op threads while probing: one for a probe-sized problem (below
+    ONE_THREAD_VALUES feature values), torch's own count above. A probe is thousands of
+    small ops (L-BFGS: a few dot products and a (rows, features) @ (features, heads) product
+    per step); with several threads each op is a fork-join, and on a machine busy with
+    other work every join waits for a descheduled thread: the demo's 8 columns x 6 L2
+    strengths took 72 s on 2 threads at load 10 and 4 s on one, for the same fit. Restores
+    the count on exit; yields the count used."""
+    before = torch.get_num_threads()
+    threads = 1 if int(rows) * int(features) < ONE_THREAD_VALUES else before
+    if threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 @dataclass
