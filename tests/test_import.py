@@ -235,8 +235,8 @@ def test_a_failed_import_is_one_error_line_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "new").exists()
 
 
-@pytest.mark.parametrize("case", ["dotdot", "symlink", "http", "not_utf8_row", "huge_cell",
-                                  "truncated_tar"])
+@pytest.mark.parametrize("case", ["dotdot", "symlink", "http", "not_utf8_row",
+                                  "not_utf8_jsonl", "huge_cell", "truncated_tar"])
 def test_a_hostile_source_is_one_error_line_and_writes_nothing(tmp_path, capsys, loopback,
                                                                case):
     """The confinement and source cases of tests/test_import_security.py, end to end on Ray
@@ -260,6 +260,12 @@ def test_a_hostile_source_is_one_error_line_and_writes_nothing(tmp_path, capsys,
         expect = "outside the table's folder" if case != "http" else "urls: [http]"
     elif case == "not_utf8_row":
         table.write_bytes(b"doc,label\nok,a\nok,\xffb\n")
+        spec = {"modalities": {"doc": {**text, "holds": "text"}},
+                "labels": {"label": {"column": "label", "classes": ["a", "b"]}}}
+        expect = "UTF"
+    elif case == "not_utf8_jsonl":
+        table = src / "t.jsonl"
+        table.write_bytes(b'{"doc": "ok", "label": "a"}\n{"doc": "ok", "label": "\xffb"}\n')
         spec = {"modalities": {"doc": {**text, "holds": "text"}},
                 "labels": {"label": {"column": "label", "classes": ["a", "b"]}}}
         expect = "UTF"
