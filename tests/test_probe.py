@@ -451,3 +451,24 @@ def test_probe_sized_fits_run_on_one_torch_thread(monkeypatch):
             assert threads == 2 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_joint_heads_two_class_as_one_logit_match_sklearn():
+    """fit_logistic_heads fits a two-class head as one logit (penalty l2/2 on w = W1 - W0,
+    mapped back to (-w/2, w/2)): the same probe as the softmax one; sklearn is the oracle.
+    A three-class head in the same joint fit is unchanged."""
+    from sklearn.linear_model import LogisticRegression
+
+    from mmcl.evaluate.probe import fit_logistic_heads
+
+    x, y2 = _noisy_classes(800, 2, seed=5)
+    y3 = (x[:, 0] > np.median(x[:, 0])).astype(int) + (x[:, 1] > np.median(x[:, 1]))
+    two, three = fit_logistic_heads(x, [y2, y3], [2, 3], [1e-2, 1e-3], max_iter=500)
+    z, _ = _standardised(x, x)
+    ref2 = LogisticRegression(C=1.0 / (len(x) * 1e-2), tol=1e-10, max_iter=5000).fit(z, y2)
+    w = two.weight.numpy().T
+    np.testing.assert_allclose(w[0], -w[1])
+    np.testing.assert_allclose((w[1] - w[0])[None], ref2.coef_, rtol=2e-3, atol=2e-4)
+    ref3 = LogisticRegression(C=1.0 / (2 * len(x) * 1e-3), tol=1e-10, max_iter=5000).fit(z, y3)
+    np.testing.assert_allclose(three.weight.numpy().T, ref3.coef_, rtol=5e-3, atol=5e-4)
+    assert (two.predict(x) == ref2.predict(z)).mean() > 0.99

@@ -198,29 +198,57 @@ def fit_logistic_heads(x, targets: Sequence, num_classes: Sequence[int],
     mean, std = _standardiser(xs)
     z = (xs - mean) / std
     sizes = [int(c) for c in num_classes]
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-    onehot = torch.zeros(n, int(offsets[-1]), dtype=torch.float64)
-    l2_cols = torch.zeros(1, int(offsets[-1]), dtype=torch.float64)
-    for h, (y, c, l2) in enumerate(zip(targets, sizes, l2s)):
+    d = z.shape[1]
+    # Two-class heads are one logit each: softmax over (W0, W1) depends on W1 - W0 only, and
+    # for a given difference w the penalty l2 (|W0|^2 + |W1|^2) is least at W0 = -W1 = w/2,
+    # so the two-class optimum is the logistic one with penalty (l2 / 2) |w|^2, mapped back
+    # as (-w/2, w/2) below: the same probe for half the arithmetic and no log_softmax.
+    binary = [h for h, c in enumerate(sizes) if c == 2]
+    multi = [h for h, c in enumerate(sizes) if c != 2]
+    yts = []
+    for y, c in zip(targets, sizes):
         yt = _targets(y, "classification", n)
         if yt.min() < 0 or yt.max() >= c:
             raise ValueError(f"class indices must be in 0..{c - 1}")
-        onehot[:, offsets[h]:offsets[h + 1]] = F.one_hot(yt, c).to(torch.float64)
-        l2_cols[0, offsets[h]:offsets[h + 1]] = float(l2)
-    weight = torch.zeros(z.shape[1], int(offsets[-1]), dtype=torch.float64)
-    bias = torch.zeros(int(offsets[-1]), dtype=torch.float64)
+        yts.append(yt)
+    starts = [None] * len(sizes)
     for h, start in enumerate(init or []):
-        if start is not None and tuple(start.weight.shape) == (z.shape[1], sizes[h]):
-            w0, b0 = _restandardised(start, mean, std)
-            weight[:, offsets[h]:offsets[h + 1]] = w0
-            bias[offsets[h]:offsets[h + 1]] = b0
-    # heads with the same class count are one (N, H, C) block: one log_softmax per block
-    blocks: list[tuple[int, int, int]] = []     # (start, heads, classes), contiguous runs
-    for h, c in enumerate(sizes):
-        if blocks and blocks[-1][2] == c and blocks[-1][0] + blocks[-1][1] * c == offsets[h]:
-            blocks[-1] = (blocks[-1][0], blocks[-1][1] + 1, c)
-        else:
-            blocks.append((int(offsets[h]), 1, c))
+        if start is not None and tuple(start.weight.shape) == (d, sizes[h]):
+            starts[h] = _restandardised(start, mean, std)
+    params, parts = [], []
+    if binary:
+        target = torch.stack([yts[h] for h in binary], dim=1).to(torch.float64)   # (N, Hb)
+        l2_b = torch.tensor([[float(l2s[h]) / 2.0 for h in binary]], dtype=torch.float64)
+        w_b = torch.zeros(d, len(binary), dtype=torch.float64)
+        b_b = torch.zeros(len(binary), dtype=torch.float64)
+        for j, h in enumerate(binary):
+            if starts[h] is not None:
+                w0, b0 = starts[h]
+                w_b[:, j] = w0[:, 1] - w0[:, 0]
+                b_b[j] = b0[1] - b0[0]
+        params += [w_b, b_b]
+    if multi:
+        m_sizes = [sizes[h] for h in multi]
+        offsets = np.concatenate([[0], np.cumsum(m_sizes)]).astype(int)
+        onehot = torch.zeros(n, int(offsets[-1]), dtype=torch.float64)
+        l2_cols = torch.zeros(1, int(offsets[-1]), dtype=torch.float64)
+        w_m = torch.zeros(d, int(offsets[-1]), dtype=torch.float64)
+        b_m = torch.zeros(int(offsets[-1]), dtype=torch.float64)
+        for j, h in enumerate(multi):
+            lo, hi = int(offsets[j]), int(offsets[j + 1])
+            onehot[:, lo:hi] = F.one_hot(yts[h], sizes[h]).to(torch.float64)
+            l2_cols[0, lo:hi] = float(l2s[h])
+            if starts[h] is not None:
+                w_m[:, lo:hi], b_m[lo:hi] = starts[h]
+        # heads with the same class count are one (N, H, C) block: one log_softmax per block
+        blocks: list[tuple[int, int, int]] = []     # (start, heads, classes), contiguous
+        for j, c in enumerate(m_sizes):
+            if blocks and blocks[-1][2] == c and \
+                    blocks[-1][0] + blocks[-1][1] * c == offsets[j]:
+                blocks[-1] = (blocks[-1][0], blocks[-1][1] + 1, c)
+            else:
+                blocks.append((int(offsets[j]), 1, c))
+        params += [w_m, b_m]
 
     def log_probs(logits: torch.Tensor) -> torch.Tensor:
         parts = [logits[:, s:s + k * c].reshape(n, k, c).log_softmax(dim=2).reshape(n, k * c)
@@ -228,19 +256,35 @@ def fit_logistic_heads(x, targets: Sequence, num_classes: Sequence[int],
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def objective() -> torch.Tensor:
-        """Sum over heads of mean cross-entropy + l2_h ||W_h||^2, exact gradient in .grad."""
-        logp = log_probs(z @ weight + bias)
-        loss = -(logp * onehot).sum() / n + (l2_cols * weight ** 2).sum()
-        g = (logp.exp() - onehot) / n
-        weight.grad = z.T @ g + 2.0 * l2_cols * weight
-        bias.grad = g.sum(dim=0)
+        """Sum over heads of mean cross-entropy + penalty, exact gradient in .grad."""
+        loss = torch.zeros((), dtype=torch.float64)
+        if binary:
+            logit = z @ w_b + b_b
+            # -log p(y) = softplus(s) - y s
+            loss = loss + (F.softplus(logit) - target * logit).sum() / n \
+                + (l2_b * w_b ** 2).sum()
+            g = (torch.sigmoid(logit) - target) / n
+            w_b.grad = z.T @ g + 2.0 * l2_b * w_b
+            b_b.grad = g.sum(dim=0)
+        if multi:
+            logp = log_probs(z @ w_m + b_m)
+            loss = loss - (logp * onehot).sum() / n + (l2_cols * w_m ** 2).sum()
+            g = (logp.exp() - onehot) / n
+            w_m.grad = z.T @ g + 2.0 * l2_cols * w_m
+            b_m.grad = g.sum(dim=0)
         return loss
 
-    final = minimise_lbfgs(weight, bias, objective, max_iter)
-    return [Probe("classification", mean, std,
-                  weight[:, offsets[h]:offsets[h + 1]].detach().clone(),
-                  bias[offsets[h]:offsets[h + 1]].detach().clone(), sizes[h], float(l2s[h]),
-                  final) for h in range(len(sizes))]
+    final = _run_lbfgs(params, objective, max_iter)
+    out: list[Probe | None] = [None] * len(sizes)
+    for j, h in enumerate(binary):
+        w, b = w_b[:, j].detach().clone(), b_b[j].detach().clone()
+        out[h] = Probe("classification", mean, std, torch.stack([-w / 2, w / 2], dim=1),
+                       torch.stack([-b / 2, b / 2]), 2, float(l2s[h]), final)
+    for j, h in enumerate(multi):
+        lo, hi = int(offsets[j]), int(offsets[j + 1])
+        out[h] = Probe("classification", mean, std, w_m[:, lo:hi].detach().clone(),
+                       b_m[lo:hi].detach().clone(), sizes[h], float(l2s[h]), final)
+    return out
 
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
