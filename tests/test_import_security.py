@@ -560,3 +560,15 @@ def test_a_full_disk_in_an_import_block_is_one_error(tmp_path, monkeypatch):
                                  "shape": [2]}}}
     with pytest.raises(DataError, match=r"cannot write the import's shards .*No space left"):
         run_block(spec, [{"x": "1 2"}], tmp_path, tmp_path / "out")
+
+
+def test_an_out_that_is_a_symlink_replaces_the_folder_it_names(tmp_path):
+    (tmp_path / "disk").mkdir()
+    os.symlink(tmp_path / "disk", tmp_path / "ds")
+    out = tmp_path / "ds"
+    assert cli.main(["data", "convert", npz(tmp_path / "a.npz"), "--out", str(out)]) == 0
+    assert cli.main(["data", "convert", npz(tmp_path / "b.npz", value=5.0), "--out",
+                     str(out), "--overwrite"]) == 0
+    assert out.is_symlink() and (tmp_path / "disk" / "manifest.json").exists()
+    assert read_split(str(out), "train")["a"].mean() > 3
+    assert sorted(os.listdir(tmp_path)) == ["a.npz", "b.npz", "disk", "ds"]

@@ -1029,7 +1029,9 @@ def import_table(src: str, out: str, spec: ImportSpec, overwrite: bool = False,
     if spec.root and not storage.is_remote(spec.root):  # decode actors run elsewhere
         spec = spec.model_copy(update={"root": os.path.abspath(os.path.expanduser(spec.root))})
     fs, path = storage.filesystem(out, endpoint_url, region)
-    with holding_output(out, endpoint_url, region):
+    if not storage.is_remote(out):
+        path = os.path.realpath(path)  # an --out that is a link: its folder is replaced
+    with holding_output(out if storage.is_remote(out) else path, endpoint_url, region):
         if not storage.is_remote(out):
             recover_stranded(path)
         _check_target(fs, path, out, overwrite)
@@ -1096,6 +1098,8 @@ def _import(src: str, out: str, spec: ImportSpec, fs, path: str, endpoint_url, r
         found = find_data_error(err) if isinstance(err, Exception) else None
         if found is None:
             found = _source_error(err, spec)
+        if found is None and isinstance(err, OSError) and err.errno is not None:
+            found = f"cannot write the data set: {err.strerror or err}"
         if found is None:
             raise
         raise DataError(f"{src}: {found}; nothing was written to {out}") from None
@@ -1120,7 +1124,7 @@ def _source_error(err: BaseException, spec: ImportSpec) -> str | None:
             continue
         seen.add(id(e))
         text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        if isinstance(e, (tarfile.TarError, EOFError)) or "tar" in type(e).__name__.lower():
+        if isinstance(e, tarfile.TarError):
             return f"a webdataset .tar shard is truncated or corrupt ({text})"
         if isinstance(e, UnicodeDecodeError) or "UTF8" in text or "UTF-8" in text:
             return f"the table is not valid UTF-8 text ({text}); save it as UTF-8"

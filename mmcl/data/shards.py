@@ -422,7 +422,9 @@ def write_dataset(root: str, manifest: Manifest, splits: Mapping[str, Mapping[st
     fs, path = _fs(root, endpoint_url, region)
     sizes = dict(max_rows_per_shard=max_rows_per_shard, max_bytes_per_shard=max_bytes_per_shard,
                  endpoint_url=endpoint_url, region=region)
-    with holding_output(root, endpoint_url, region):
+    if not storage.is_remote(root):
+        path = os.path.realpath(path)  # a root that is a link: the folder it names is replaced
+    with holding_output(root if storage.is_remote(root) else path, endpoint_url, region):
         if storage.is_remote(root):
             _prepare_target(fs, path, root, list(splits), overwrite)
             fs.makedirs(path, exist_ok=True)
@@ -494,6 +496,9 @@ def holding_output(root: str, endpoint_url: str | None = None, region: str | Non
     from mmcl.train.lease import RunBusyError, run_lease
 
     parent, name = _parent_and_name(root)
+    if not name or parent.endswith(":/"):  # a bucket's root: no folder beside it for a lease
+        yield
+        return
     held = run_lease(parent, endpoint_url, region, name=f".{name}.mmcl-lease",
                      what=f"mmcl command is writing the data set {root}",
                      instead="write to another --out")
