@@ -158,12 +158,13 @@ def _former_audio_encoder(hidden: int, embed_dim: int):
     return WaveformConvEncoder()
 
 
-# The tiny wav2vec2 of tests/test_hf.py, built from its config (nothing downloaded).
+# The tiny wav2vec2 of tests/test_hf.py, built from its config (nothing downloaded); no
+# layerdrop, so every step (and FLOP count) runs both blocks.
 TINY_WAV2VEC2 = dict(model_type="wav2vec2", hidden_size=32, num_hidden_layers=2,
                      num_attention_heads=2, intermediate_size=64, conv_dim=[16, 16],
                      conv_stride=[5, 4], conv_kernel=[10, 4], num_conv_pos_embeddings=16,
                      num_conv_pos_embedding_groups=2, feat_extract_norm="layer",
-                     mask_time_prob=0.0, vocab_size=8)
+                     mask_time_prob=0.0, layerdrop=0.0, vocab_size=8)
 
 
 def encoders(quick: bool) -> dict:
