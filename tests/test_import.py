@@ -236,7 +236,8 @@ def test_a_failed_import_is_one_error_line_and_writes_nothing(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["dotdot", "symlink", "http", "not_utf8_row",
-                                  "not_utf8_jsonl", "huge_cell", "truncated_tar"])
+                                  "not_utf8_jsonl", "huge_cell", "huge_cell_later",
+                                  "truncated_tar"])
 def test_a_hostile_source_is_one_error_line_and_writes_nothing(tmp_path, capsys, loopback,
                                                                case):
     """The confinement and source cases of tests/test_import_security.py, end to end on Ray
@@ -273,6 +274,10 @@ def test_a_hostile_source_is_one_error_line_and_writes_nothing(tmp_path, capsys,
         table.write_text("doc\nshort\n" + "a " * 10_000_000 + "\n")  # a 20 MB cell
         spec = {"modalities": {"doc": {**text, "holds": "text"}}}
         expect = "max_cell_bytes"
+    elif case == "huge_cell_later":  # past the first block: found by Ray Data's reader
+        table.write_text("doc\n" + "short\n" * 250_000 + "a " * 1_000_000 + "\n")
+        spec = {"modalities": {"doc": {**text, "holds": "text"}}, "max_cell_bytes": 1000}
+        expect = "longer than max_cell_bytes=1000"
     else:
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:

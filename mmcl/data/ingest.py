@@ -1073,7 +1073,8 @@ def _import(src: str, out: str, spec: ImportSpec, fs, path: str, endpoint_url, r
         if not spec.id_column:
             ctx.execution_options.preserve_order = True  # ids follow the table's row order
             ds = ds.map_batches(_Numberer, batch_format="pyarrow", batch_size=None,
-                                concurrency=1, num_cpus=0, zero_copy_batch=True)
+                                compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
+                                zero_copy_batch=True)
         # A single table file is read as one block, and a block goes to one actor whole:
         # without this, one decode actor would import the whole table while the others
         # wait. Streaming (no barrier): blocks are cut to rows_per_task rows as they pass.
@@ -1087,7 +1088,8 @@ def _import(src: str, out: str, spec: ImportSpec, fs, path: str, endpoint_url, r
             fn_constructor_args=(spec.model_dump_json(), manifest.to_json(), base, tmp_url,
                                  endpoint_url, region),
             batch_format="pyarrow", batch_size=spec.rows_per_task,
-            concurrency=(1, concurrency or cpus), num_cpus=1)
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=concurrency or cpus),
+            num_cpus=1)
         summaries = [json.loads(r[SUMMARY_COLUMN]) for r in ds.iter_rows()]
         result = _finish(tmp, tmp_url, fs, manifest, summaries, spec)
     except BaseException as err:
@@ -1098,6 +1100,8 @@ def _import(src: str, out: str, spec: ImportSpec, fs, path: str, endpoint_url, r
         found = find_data_error(err) if isinstance(err, Exception) else None
         if found is None:
             found = _source_error(err, spec)
+        if found is None and fmt == "csv" and "Failed to read CSV" in str(err)[:50_000]:
+            found = _diagnose_csv(src, spec, endpoint_url, region)
         if found is None and isinstance(err, OSError) and err.errno is not None:
             found = f"cannot write the data set: {err.strerror or err}"
         if found is None:
@@ -1112,6 +1116,24 @@ def _import(src: str, out: str, spec: ImportSpec, fs, path: str, endpoint_url, r
     return result
 
 
+def _diagnose_csv(src: str, spec: ImportSpec, endpoint_url, region) -> str | None:
+    """Why pyarrow cannot read the CSV table (Ray Data's reader replaces the reason with
+    `Failed to read CSV file`): the table streamed once more here, a block at a time."""
+    import pyarrow.csv as pacsv
+
+    fs, path = storage.filesystem(src, endpoint_url, region)
+    try:
+        with fs.open(path, "rb") as f:
+            reader = pacsv.open_csv(
+                f, read_options=pacsv.ReadOptions(block_size=_csv_block_bytes(spec)),
+                convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+            for _ in reader:
+                pass
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as err:
+        return _source_error(err, spec)
+    return None
+
+
 def _source_error(err: BaseException, spec: ImportSpec) -> str | None:
     """The reason a table or tar shard could not be read, when Ray Data's reader failed on
     it (not UTF-8, a row over the block size, a truncated tar): one line, or None."""
@@ -1123,12 +1145,22 @@ def _source_error(err: BaseException, spec: ImportSpec) -> str | None:
         if e is None or id(e) in seen or len(seen) > 50:
             continue
         seen.add(id(e))
-        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        # A Ray task's error carries the reader's error as text (its traceback), not as a
+        # cause: the line that names the problem is looked up in it.
+        lines = str(e)[:50_000].splitlines() or [type(e).__name__]
+
+        def line(*words: str) -> str | None:
+            found = [ln.strip() for ln in lines if any(w in ln for w in words)]
+            return found[-1][:300] if found else None
+
+        text = lines[0].strip()[:300]
         if isinstance(e, tarfile.TarError):
             return f"a webdataset .tar shard is truncated or corrupt ({text})"
-        if isinstance(e, UnicodeDecodeError) or "UTF8" in text or "UTF-8" in text:
+        if isinstance(e, UnicodeDecodeError) or line("UTF8", "UTF-8", "utf-8"):
+            text = line("UTF8", "UTF-8", "utf-8") or text
             return f"the table is not valid UTF-8 text ({text}); save it as UTF-8"
-        if "straddling" in text or "block size" in text:
+        if line("straddling", "block size"):
+            text = line("straddling", "block size")
             return (f"a row of the table is longer than max_cell_bytes="
                     f"{spec.max_cell_bytes} bytes ({text}); shorten it, or raise "
                     "max_cell_bytes in the spec")
