@@ -57,7 +57,8 @@ from mmcl import storage
 from mmcl.cluster import connect
 from mmcl.data.schema import (ID_COLUMN, MANIFEST_NAME, DataError, LabelSpec, Manifest,
                               ModalitySpec, length_column, present_column)
-from mmcl.data.shards import holding_output, output_lease, recover_stranded, replace_with  # noqa: F401
+from mmcl.data.shards import (holding_output, output_lease,  # noqa: F401 - output_lease: API
+                              recover_stranded, replace_with)
 from mmcl.data.stats import FeatureStats, with_stats
 
 logger = logging.getLogger(__name__)
@@ -171,7 +172,8 @@ class ImportSpec(_Strict):
     description: str = ""
     # What a cell may read (see `Decoder.locate`)
     root: str | None = Field(None, description="folder that path cells may name files in "
-                             "(default: the table's own folder); symlinks are resolved first")
+                             "(default: the table's own folder; a relative root is read from "
+                             "the working directory); symlinks are resolved first")
     urls: list[Literal["s3", "gs", "gcs", "http", "https"]] = Field(
         default_factory=list, description="URL schemes a path cell may name (default: none; "
         "file:// never)")
