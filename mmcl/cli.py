@@ -76,7 +76,13 @@ def cmd_data_import(args) -> int:
 
     from mmcl.paths import resolve_import_spec
 
+    from mmcl.train import console
+
     spec = resolve_import_spec(load_spec(args.spec))  # decode actors run elsewhere
+    # pretrain's console rules (Ray's known-harmless notices, Ray Data's INFO and per-operator
+    # output off); Ray Data's one overall bar (tqdm) on a terminal
+    console.quiet_driver(args.verbose)
+    console.quiet_data(args.verbose, bar=True)
     result = import_table(args.src, args.out, spec, overwrite=args.overwrite,
                           concurrency=args.concurrency, address=args.address, **_s3(args))
     print(format_inspect(inspect_dataset(args.out, **_s3(args))))
@@ -154,10 +160,15 @@ def cmd_eval(args) -> int:
         raise EmbedError("--few-label-seeds and --max-rows must be >= 0")
     if args.batch_size < 1:
         raise EmbedError("--batch-size must be >= 1")
+    # --no-ray: in this process; --ray, --address or --concurrency: Ray Data; else in this
+    # process when the splits are small (mmcl.evaluate.embed.fits_in_process)
+    use_ray = False if args.no_ray else (True if args.ray or args.address or args.concurrency
+                                         else None)
     reports, combined = evaluate_runs(
         args.run, args.data, out=args.out, settings=_probe_settings(args),
-        use_ray=not args.no_ray, address=args.address, concurrency=args.concurrency,
+        use_ray=use_ray, address=args.address, concurrency=args.concurrency,
         batch_size=args.batch_size, use_gpu=args.gpu, trust_plugins=args.allow_plugins,
+        only=args.only, verbose=args.verbose,
         progress=lambda text: print(text, file=sys.stderr, flush=True), **_s3(args))
     print(format_markdown(combined or reports[0]))
     for report in reports if combined else []:
@@ -286,6 +297,8 @@ def add_data_import(sub) -> None:
     _add_overwrite_arg(p)
     p.add_argument("--concurrency", type=int, default=None,
                    help="decode actors at most (default: the cluster's CPUs - 1)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show all of Ray's own output (quiet by default, as pretrain)")
     _add_address_arg(p)
     _add_s3_args(p)
     p.set_defaults(func=cmd_data_import)
@@ -382,6 +395,14 @@ def add_eval(sub) -> None:
     p.add_argument("--data", help="data set to evaluate on (default: each run's own)")
     p.add_argument("--out", help="folder of the several-run report (default: "
                    "FIRST_RUN/eval/seeds)")
+    p.add_argument("--only", choices=["probe", "retrieval"],
+                   help="only the probes (linear, kNN, few-label; no retrieval), or only "
+                   "cross-modal retrieval (embeds the test split alone; no probes)")
+    p.add_argument("--ray", action="store_true",
+                   help="embed on Ray Data even when the splits are small (default: small "
+                   "splits, up to 256 MiB of values, are embedded in this process)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show all of Ray's own output (quiet by default, as pretrain)")
     _add_embed_args(p)
     _add_probe_args(p)
     _add_s3_args(p)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -32,6 +33,10 @@ TINY = ["data.synth.n=400", "train.epochs=2", "train.batch_size=32", "train.warm
         "model.embed_dim=16", "model.encoder.hidden=16", "model.proj_hidden=16",
         "model.proj_dim=16", "model.fusion_heads=2"]
 FAST_PROBES = ["--l2-grid", "1e-4", "1e-2", "--few-label-k", "5", "--few-label-seeds", "2"]
+# Ray's and Ray Data's console output that mmcl's commands keep off (issue 35, item 7)
+RAY_NOISE = re.compile(r"\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING) \S+\.py:\d+ --|"
+                       r"Parquet dataset sampling|logging_progress|streaming_executor|"
+                       r"is deprecated|of memory per worker|Running Dataset")
 
 
 @pytest.fixture(scope="module")
@@ -312,3 +317,70 @@ def test_user_errors_are_one_line(runs, tmp_path, capsys):
                  str(tmp_path / "e"), "--no-ray"]) == EXIT_USER_ERROR
     assert "does not fit the model" in capsys.readouterr().err
     assert main(["eval", "--run", runs["r0"], "--max-rows", "-1"]) == EXIT_USER_ERROR
+
+
+# ------------------------------------------------------------ eval's parts, speed, console
+
+
+def _run_copy(runs, tmp_path, name="copy"):
+    """A copy of r0's run folder (its own eval/ folder), evaluated on r0's data (--data)."""
+    import shutil
+
+    dst = tmp_path / name
+    shutil.copytree(runs["r0"], dst, ignore=shutil.ignore_patterns("eval", "checkpoint_*"))
+    return str(dst)
+
+
+def test_eval_only_probe_or_only_retrieval_and_small_splits_in_process(runs, tmp_path,
+                                                                        capsys):
+    """Issue 35, item 4: `--only probe` runs the probes without retrieval, `--only retrieval`
+    embeds the test split alone and runs no probe; small splits are embedded in this process
+    (no Ray Data actor pool: its start cost more than the demo's whole evaluation)."""
+    run = _run_copy(runs, tmp_path)
+    common = ["--run", run, "--data", runs["data"], "--knn-k", "0", *FAST_PROBES,
+              "--retrieval", "a:b"]
+    assert main(["eval", *common, "--only", "retrieval"]) == 0
+    with open(os.path.join(run, "eval", "report.json")) as f:
+        report = json.load(f)
+    assert report["embedding"]["backend"].startswith("in-process")
+    assert report["rows_embedded"] == {"test": 40} and report["rows"] == {"test": 40}
+    assert report["labels"] == {} and report["factors"] == {}
+    assert report["settings"]["only"] == "retrieval" and report["retrieval"]["split"] == "test"
+    assert "a:b" in report["retrieval"]["pairs"] or report["retrieval"]["no_shared_space"]
+    capsys.readouterr()
+    assert main(["eval", *common, "--only", "probe"]) == 0
+    out = capsys.readouterr()
+    with open(os.path.join(run, "eval", "report.json")) as f:
+        report = json.load(f)
+    assert report["embedding"]["backend"].startswith("in-process")
+    assert report["retrieval"] is None and report["labels"]["y"]["probes"]["fused"]
+    assert "retrieval" not in out.err and "## Labels" in out.out
+
+
+def cli_joining_this_ray(*args: str, timeout: float = 600) -> tuple[int, list[str]]:
+    """`mmcl ARGS --address <the module's Ray>` in a subprocess (a console of its own, as a
+    user sees it: Ray Data configures its console logging once per process), joining the
+    module's local Ray instead of starting one. Returns (exit code, stdout+stderr lines)."""
+    import subprocess
+
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.run([sys.executable, "-m", "mmcl.cli", *args, "--address", address],
+                          capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    return proc.returncode, (proc.stdout + proc.stderr).splitlines()
+
+
+def test_eval_on_ray_data_prints_no_ray_noise(runs, tmp_path):
+    """Issue 35, item 7: `mmcl eval` on Ray Data follows pretrain's console rules: none of
+    Ray Data's INFO lines (execution plans, progress logs, parquet sampling), deprecation or
+    memory warnings; what remains is mmcl's own lines and the tables (on 0d8e07f: 36 lines
+    of Ray output before the tables)."""
+    run = _run_copy(runs, tmp_path, "quiet")
+    code, lines = cli_joining_this_ray("eval", "--run", run, "--data", runs["data"],
+                                       "--concurrency", "1", "--knn-k", "0", *FAST_PROBES)
+    assert code == 0, "\n".join(lines[-20:])
+    with open(os.path.join(run, "eval", "report.json")) as f:
+        assert json.load(f)["embedding"]["backend"].startswith("ray")
+    assert [line for line in lines if RAY_NOISE.search(line)] == []
+    tables = next(i for i, line in enumerate(lines) if line.startswith("# Evaluation"))
+    assert tables <= 14, "\n".join(lines[:tables])   # mmcl's lines (+ at most one of Ray's)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
@@ -49,6 +50,10 @@ RAW_MAX_FEATURES = 4096          # raw reference width: larger modalities are pr
 RAW_PROJECTION_SEED = 0
 DEFAULT_BATCH_SIZE = 1024
 FORMAT = 1
+# use_ray=None embeds splits of at most this many stored bytes in this process: starting Ray
+# and an actor pool costs more than the whole job there (the demo's 4,096 tuples: ~20-40 s of
+# Ray start and actors against ~2 s of inference).
+IN_PROCESS_MAX_BYTES = 256 << 20
 
 
 class EmbedError(DataError):
@@ -339,12 +344,16 @@ def _prepare_out(out: str, overwrite: bool, endpoint_url, region) -> None:
 
 
 def embed_run(run: str, out: str, data: str | None = None, splits: Sequence[str] | None = None,
-              *, use_ray: bool = True, address: str | None = None,
+              *, use_ray: bool | None = True, address: str | None = None,
               concurrency: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
               use_gpu: bool | None = None, raw: bool | Sequence[str] = False,
               overwrite: bool = False, endpoint_url: str | None = None,
-              region: str | None = None, trust_plugins: bool = False) -> EmbedResult:
+              region: str | None = None, trust_plugins: bool = False,
+              verbose: bool = False) -> EmbedResult:
     """Embed every split (or `splits`) of the run's data set (or `data`) into `out`.
+    `use_ray=None`: in this process when the splits are small (`fits_in_process`) and no
+    `address` or `concurrency` asks for Ray, else on Ray. `verbose`: Ray's own output too
+    (quiet by default, as `mmcl pretrain`: mmcl.train.console).
     `trust_plugins`: import a plug-in encoder kind the run's recorded config names (refused
     by default, see mmcl.load).
 
@@ -400,10 +409,13 @@ def embed_run(run: str, out: str, data: str | None = None, splits: Sequence[str]
                   raw=raw_mods, endpoint_url=endpoint_url, region=region,
                   trust_plugins=trust_plugins, raw_limit=RAW_MAX_FEATURES)
     nonfinite = info.config.data.nonfinite
+    if use_ray is None:
+        use_ray = bool(address or concurrency) or not fits_in_process(data_manifest, splits,
+                                                                      modalities)
     if use_ray:
         backend = _embed_on_ray(root, data_manifest, splits, out, kwargs, nonfinite,
                                 address=address, concurrency=concurrency,
-                                batch_size=batch_size, use_gpu=use_gpu)
+                                batch_size=batch_size, use_gpu=use_gpu, verbose=verbose)
     else:
         backend = _embed_in_process(root, data_manifest, splits, out, kwargs, nonfinite,
                                     batch_size=batch_size)
@@ -421,17 +433,38 @@ def embed_run(run: str, out: str, data: str | None = None, splits: Sequence[str]
     return result
 
 
+def stored_bytes(manifest: Manifest, splits: Sequence[str],
+                 modalities: Sequence[str]) -> int:
+    """Bytes of the modalities' values in `splits`, uncompressed (rows x shape x dtype)."""
+    row = sum(int(np.prod(manifest.modality(m).shape)) *
+              np.dtype(manifest.modality(m).dtype).itemsize for m in modalities)
+    return sum(int(manifest.splits.get(s, 0)) for s in splits) * row
+
+
+def fits_in_process(manifest: Manifest, splits: Sequence[str],
+                    modalities: Sequence[str]) -> bool:
+    """Whether `use_ray=None` embeds these splits in this process (IN_PROCESS_MAX_BYTES)."""
+    return stored_bytes(manifest, splits, modalities) <= IN_PROCESS_MAX_BYTES
+
+
 def _embed_on_ray(root: str, manifest: Manifest, splits: Sequence[str], out: str,
                   kwargs: dict, nonfinite: str, *, address: str | None,
-                  concurrency: int | None, batch_size: int, use_gpu: bool | None) -> str:
+                  concurrency: int | None, batch_size: int, use_gpu: bool | None,
+                  verbose: bool = False) -> str:
     import ray
     import ray.data
 
     from mmcl.data.pipeline import build_dataset, find_data_error
+    from mmcl.train import console
 
+    # pretrain's console rules: Ray's known-harmless notices and Ray Data's banners and
+    # per-operator output off; one overall Ray Data bar on a terminal.
+    console.quiet_driver(verbose)
     # One embedding actor and Ray Data's read tasks: at least 2 CPUs (mmcl.cluster).
     connect(address, cpus_per_job=2, job="embedding", cost="1 actor + 1 for Ray Data",
-            error=EmbedError)
+            error=EmbedError, init_kwargs=console.driver_init_kwargs(verbose))
+    console.filter_worker_logs(verbose)
+    console.quiet_data(verbose, bar=True)
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if use_gpu is None:
@@ -477,11 +510,32 @@ def _embed_on_ray(root: str, manifest: Manifest, splits: Sequence[str], out: str
 
 def _embed_in_process(root: str, manifest: Manifest, splits: Sequence[str], out: str,
                       kwargs: dict, nonfinite: str, *, batch_size: int) -> str:
-    from mmcl.data.shards import iter_batches, storage_columns
+    from mmcl.data.shards import storage_columns
+    from mmcl.train.console import show_bar
 
     embedder = Embedder(**kwargs, device="auto")
     columns = [ID_COLUMN, *storage_columns(manifest, kwargs["modalities"]), *kwargs["labels"]]
     fs, path = storage.filesystem(out, kwargs["endpoint_url"], kwargs["region"])
+    bar = None
+    if show_bar():   # the console's rule: a bar on a terminal only
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(int(manifest.splits.get(s, 0)) for s in splits), unit="tuple",
+                   desc="embedding", leave=False, file=sys.stderr, dynamic_ncols=True,
+                   mininterval=0.5)
+    try:
+        _embed_splits(embedder, root, splits, columns, manifest, kwargs, nonfinite, fs, path,
+                      batch_size, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return "in-process (" + embedder.device + ")"
+
+
+def _embed_splits(embedder, root, splits, columns, manifest, kwargs, nonfinite, fs, path,
+                  batch_size, bar) -> None:
+    from mmcl.data.shards import iter_batches
+
     for split in splits:
         folder = storage.join(path, split_folder(split))
         fs.makedirs(folder, exist_ok=True)
@@ -494,6 +548,8 @@ def _embed_in_process(root: str, manifest: Manifest, splits: Sequence[str], out:
                 if not len(arrays[ID_COLUMN]):
                     continue
                 result = embedder(arrays)
+                if bar is not None:
+                    bar.update(len(arrays[ID_COLUMN]))
                 if writer is None:
                     sink = fs.open(storage.join(folder, "part-00000.parquet"), "wb")
                     writer = pq.ParquetWriter(sink, result.schema)
@@ -503,7 +559,6 @@ def _embed_in_process(root: str, manifest: Manifest, splits: Sequence[str], out:
                 writer.close()
             if sink is not None:
                 sink.close()
-    return "in-process (" + embedder.device + ")"
 
 
 def record_arrays(record: pa.RecordBatch, manifest: Manifest, modalities: Sequence[str],

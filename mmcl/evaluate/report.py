@@ -45,6 +45,7 @@ from mmcl.evaluate.probe import mean_std
 FORMAT = 1
 EVAL_DIR = "eval"
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
+PARTS = ("probe", "retrieval")    # what `mmcl eval --only` may pick
 META_KEYS = ("role", "task", "num_classes", "carried_by", "description", "primary_metric")
 METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "balanced acc.",
                 "macro_f1": "macro-F1", "mse": "MSE", "mae": "MAE", "r2": "R²",
@@ -136,19 +137,27 @@ def load_report(path: str) -> dict:
 
 
 def evaluate_run(run: str, data: str | None = None, *,
-                 settings: diag.ProbeSettings | None = None, use_ray: bool = True,
+                 settings: diag.ProbeSettings | None = None, use_ray: bool | None = None,
                  address: str | None = None, concurrency: int | None = None,
                  batch_size: int = 1024, use_gpu: bool | None = None,
                  progress: Callable[[str], None] | None = None,
                  endpoint_url: str | None = None, region: str | None = None,
-                 probe_cache: bool = True, trust_plugins: bool = False) -> dict:
+                 probe_cache: bool = True, trust_plugins: bool = False,
+                 only: str | None = None, verbose: bool = False) -> dict:
     """Embed, probe and diagnose one run; writes RUN/eval/{embeddings/,report.json,report.md}
     (never through a symbolic link: storage.check_inside) and returns the report.
     `trust_plugins`: see mmcl.load. `endpoint_url`/`region`: S3 endpoint of the run (default:
     the run's storage block, then the AWS environment). `probe_cache`: read and write the
     raw-feature probes in the cache beside the run (`probe_cache_folder`; they are the same
-    for every run of a data set and settings, see mmcl.evaluate.cache)."""
+    for every run of a data set and settings, see mmcl.evaluate.cache). `use_ray`: embed on
+    Ray Data (True), in this process (False), or in this process when the splits are small
+    (None, embed.fits_in_process). `only`: "probe" (the linear, kNN and few-label probes,
+    no retrieval) or "retrieval" (the test split only: no probes, no raw features); None:
+    both. `verbose`: Ray's own output too."""
     start = time.perf_counter()
+    if only is not None and only not in PARTS:
+        raise ReportError(f"--only takes one of {list(PARTS)}, got {only!r}")
+    probing, retrieving = only in (None, "probe"), only in (None, "retrieval")
     settings = settings or diag.ProbeSettings()
     info = read_run(run, endpoint_url, region)
     check_retrieval_pairs(settings, info.manifest.modality_names)
@@ -156,20 +165,25 @@ def evaluate_run(run: str, data: str | None = None, *,
     folder = storage.join(info.url, EVAL_DIR)
     emb_out = storage.join(folder, "embeddings")
     storage.check_inside(folder, info.url)
-    splits = [settings.train_split, settings.val_split, settings.test_split]
-    _say(progress, f"[mmcl] {info.name}: embedding {', '.join(splits)} "
-                   f"({'Ray Data' if use_ray else 'in process'}) -> {emb_out}")
+    splits = [settings.train_split, settings.val_split, settings.test_split] if probing \
+        else [settings.test_split]
+    how = {True: " (Ray Data)", False: " (in process)", None: ""}[use_ray]
+    _say(progress, f"[mmcl] {info.name}: embedding {', '.join(splits)}{how} -> {emb_out}")
     embedded = embed_run(info.url, emb_out, data, splits, use_ray=use_ray, address=address,
                          concurrency=concurrency, batch_size=batch_size, use_gpu=use_gpu,
-                         raw=True, overwrite=True, trust_plugins=trust_plugins, **remote)
+                         raw=probing, overwrite=True, trust_plugins=trust_plugins,
+                         verbose=verbose, **remote)
+    if use_ray is None:
+        _say(progress, f"[mmcl] {info.name}: embedded {sum(embedded.rows.values())} tuples "
+                       f"{embedded.backend} in {embedded.elapsed_s:.1f}s")
     meta = read_meta(emb_out, **remote)
     specs = [LabelSpec(**lab) for lab in meta["labels"]]
-    if not specs:
+    if not specs and probing:
         raise ReportError(f"the data set at {embedded.data} has no label or factor columns: "
                           "nothing to probe. Add labels (mmcl data convert takes 1-D arrays)")
     modalities, raws = meta["modalities"], meta["raw"]
     arrays, kinds, rows = {}, {}, {}
-    for split in splits:
+    for split in splits if probing else ():
         part = diag.subsample(read_embeddings(emb_out, split, **remote), settings.max_rows,
                               settings.seed)
         if len(part["id"]) == 0:
@@ -178,17 +192,22 @@ def evaluate_run(run: str, data: str | None = None, *,
         arrays[split] = part
         kinds[split] = diag.feature_kinds(part, modalities, raws)
         rows[split] = int(len(part["id"]))
-    _say(progress, f"[mmcl] {info.name}: probing {len(specs)} columns x "
-                   f"{len(kinds[splits[0]])} representations")
-    cache = ProbeCache(probe_cache_folder(info.url), **remote) if probe_cache else None
-    results = diag.probe_columns(arrays, specs, kinds, settings, progress, cache)
-    if cache is not None and cache.hits:
-        _say(progress, f"[mmcl] {info.name}: {cache.hits} raw-feature representation(s) "
-                       f"from the probe cache {cache.folder}")
-    _say(progress, f"[mmcl] {info.name}: retrieval on {settings.test_split}")
-    retrieval = retrieval_section(emb_out, settings, modalities, embedded.dims,
-                                  info.config.objective.name, remote,
-                                  retrieval_label(settings, specs))
+    results, retrieval = {}, None
+    if probing:
+        _say(progress, f"[mmcl] {info.name}: probing {len(specs)} columns x "
+                       f"{len(kinds[splits[0]])} representations")
+        cache = ProbeCache(probe_cache_folder(info.url), **remote) if probe_cache else None
+        results = diag.probe_columns(arrays, specs, kinds, settings, progress, cache)
+        if cache is not None and cache.hits:
+            _say(progress, f"[mmcl] {info.name}: {cache.hits} raw-feature representation(s) "
+                           f"from the probe cache {cache.folder}")
+    else:
+        rows = {settings.test_split: int(embedded.rows.get(settings.test_split, 0))}
+    if retrieving:
+        _say(progress, f"[mmcl] {info.name}: retrieval on {settings.test_split}")
+        retrieval = retrieval_section(emb_out, settings, modalities, embedded.dims,
+                                      info.config.objective.name, remote,
+                                      retrieval_label(settings, specs))
     history = read_history(info.url, **remote)
     cfg = info.config
     report = {
@@ -202,7 +221,7 @@ def evaluate_run(run: str, data: str | None = None, *,
                       "columns": embedded.dims},
         "representations": diag.describe_kinds(modalities, raws,
                                                meta.get("raw_projected")),
-        "settings": settings.to_dict(),
+        "settings": {**settings.to_dict(), "only": only},
         "labels": {k: v for k, v in results.items() if v["role"] != "factor"},
         "factors": {k: v for k, v in results.items() if v["role"] == "factor"},
         "retrieval": retrieval,

@@ -54,6 +54,13 @@ HARMLESS: tuple[str, ...] = (
     # ray.init: token authentication is on (the secure default); the notice says how to
     # turn it off, which mmcl does not want to suggest.
     r"Token authentication is enabled for this Ray cluster",
+    # ray.init's INFO notice (commands that start Ray without driver_init_kwargs: data
+    # import); mmcl says what it runs itself.
+    r"Started a local Ray instance",
+    # ray.data's HighMemoryIssueDetector (mmcl eval's embedding actors, data import's
+    # decoders): a heuristic against Ray's default per-worker memory request, repeated
+    # every 30 s and at the end; mmcl's actors hold one model or one block at a time.
+    r"Operator '[^']*' uses? .* of memory per worker",
 )
 _HARMLESS = re.compile("|".join(f"(?:{p})" for p in HARMLESS))
 # Actors whose every line is Ray's own housekeeping, never actionable in an mmcl run: the
@@ -112,18 +119,23 @@ def quiet_driver(verbose: bool) -> None:
     # Ray Data's driver-side INFO (parquet size estimates) has its own handler.
     import ray.data  # noqa: F401  (configures the `ray.data` logger on import)
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    data_logger = logging.getLogger("ray.data")
+    data_logger.setLevel(logging.WARNING)
+    for handler in data_logger.handlers:
+        if not any(isinstance(f, HarmlessFilter) for f in handler.filters):
+            handler.addFilter(HarmlessFilter())
 
 
-def quiet_data(verbose: bool) -> None:
+def quiet_data(verbose: bool, bar: bool = False) -> None:
     """Ray Data prints no execution banner per epoch, and no bars unless verbose: mmcl's own
-    bar shows the training steps and the data wait. Verbose, one overall Ray Data bar on a
-    terminal only (in logs, bars become pages of carriage returns)."""
+    bar shows the training steps and the data wait. Verbose (or `bar`: commands whose whole
+    work is one Ray Data job, data import and Ray-side embedding), one overall Ray Data bar
+    (tqdm) on a terminal only (in logs, bars become pages of carriage returns)."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
     context.enable_operator_progress_bars = False
-    context.enable_progress_bars = verbose and sys.stderr.isatty()
+    context.enable_progress_bars = (verbose or bar) and sys.stderr.isatty()
     context.print_on_execution_start = verbose
 
 
