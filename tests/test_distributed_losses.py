@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from mmcl.objectives.critics import ConcatCritic
 from mmcl.objectives.distributed import gather_no_grad, gather_with_grad, local_offset, world
 from mmcl.objectives.functional import (club_upper_bound, comm_loss, info_nce,
-                                        nce_lower_bound, nt_xent, sup_con, tuple_info_nce)
+                                        nce_lower_bound, nt_xent, sigmoid_pairwise, sup_con,
+                                        tuple_info_nce)
 
 WORLD, N, D_IN, D, TAU = 2, 8, 5, 4, 0.2
 INPUTS = ("a", "b", "c", "d", "e", "f")
@@ -64,6 +65,11 @@ CASES = {
                                             [z["d"], z["e"], z["f"]], TAU, reduction="sum"),
     "sup_con": lambda z, lab, _: _sup_con_two_views(z, lab),
     "sup_con_one_view": lambda z, lab, _: sup_con(z["a"][:, None], lab, TAU),
+    # SigLIP: t' and b are replicated parameters (on the critic module, so that their
+    # DDP-averaged gradients are compared with the others)
+    "siglip": lambda z, lab, critic: sigmoid_pairwise(z["a"], z["b"], *critic.siglip),
+    "siglip_masked": lambda z, lab, critic: sigmoid_pairwise(
+        z["a"], z["b"], *critic.siglip, valid=lab != 0),
     "nce_critic": _critic_bound(nce_lower_bound, -1.0),
     "club_critic": _critic_bound(club_upper_bound, 1.0),
 }
@@ -78,6 +84,8 @@ def run_cases(rank: int, world_size: int) -> dict:
     torch.manual_seed(0)  # the same replicated parameters on every rank
     net = torch.nn.Linear(D_IN, D).double()
     critic = ConcatCritic(D, D, hidden=8).double()
+    # SigLIP's log-temperature t' = log 5 and bias b = -2 (both terms carry gradient)
+    critic.siglip = torch.nn.Parameter(torch.tensor([math.log(5.0), -2.0], dtype=torch.float64))
     params = list(net.parameters()) + list(critic.parameters())
     out = {}
     for name, case in CASES.items():

@@ -109,6 +109,43 @@ def _one_way_masked(query: Tensor, keys: Tensor, offset: int, temperature: float
     return losses.masked_fill(~valid, 0.0).sum()
 
 
+def sigmoid_pairwise(a: Tensor, b: Tensor, log_temperature: Tensor, bias: Tensor, *,
+                     distributed: bool | None = None, valid: Tensor | None = None) -> Tensor:
+    """SigLIP's pairwise sigmoid loss (Zhai et al., 2023) between aligned rows of a and b:
+
+        z_ij = exp(t') a_i·b_j + b,   label_ij = +1 if i = j else -1,
+        L = -(1/N) sum_i sum_j log sigmoid(label_ij z_ij),
+
+    normalised by the number of anchors N, as the paper. Every pair is scored on its own (no
+    softmax), so one direction covers all N^2 pairs: each rank scores its local a against the
+    global b (gathered with gradient) and divides its sum by its local N, so the mean over ranks
+    is the single-process loss (open_clip passes b around the ranks instead; the sum is the
+    same). `log_temperature` (t') and `bias` (b) are scalar tensors, learnt by the caller.
+
+    `valid` (bool (N,)): the rows that are pairs (data.missing=mask); the others are neither
+    anchors nor candidates, and the loss is the one on the valid rows alone, normalised by
+    their global count. No valid row anywhere: a zero that keeps the graph.
+    """
+    gather = _gathering(distributed)
+    offset = _offset(len(a), gather)
+    b_all = _global(b, gather)
+    logits = log_temperature.exp() * (a @ b_all.T) + bias          # (n, N)
+    positive = torch.zeros_like(logits, dtype=torch.bool)
+    positive[torch.arange(len(a), device=a.device),
+             _local_targets(len(a), offset, a.device)] = True
+    pair_losses = -F.logsigmoid(torch.where(positive, logits, -logits))
+    if valid is None:
+        return pair_losses.sum() / len(a)
+    valid = valid.to(device=a.device, dtype=torch.bool).reshape(len(a))
+    valid_all = gather_no_grad(valid.to(torch.uint8)).bool() if gather else valid
+    count = valid_all.sum()
+    if not bool(count):
+        return 0.0 * (a.sum() + b.sum() + log_temperature + bias)
+    ranks = len(valid_all) / len(valid)   # the world size (every rank holds N rows)
+    keep = valid[:, None] & valid_all[None, :]
+    return pair_losses.masked_fill(~keep, 0.0).sum() * ranks / count
+
+
 def nt_xent(a: Tensor, b: Tensor, temperature: float, *,
             distributed: bool | None = None) -> Tensor:
     """SimCLR's NT-Xent: each of the 2N embeddings [a; b] is an anchor, its partner (b_i for a_i,
@@ -314,5 +351,5 @@ def club_upper_bound_sampled(scores: Tensor) -> Tensor:
 
 
 __all__ = ["club_upper_bound", "club_upper_bound_sampled", "comm_loss", "info_nce",
-           "nce_lower_bound", "nce_lower_bound_sampled", "nt_xent", "sup_con",
-           "tuple_info_nce"]
+           "nce_lower_bound", "nce_lower_bound_sampled", "nt_xent", "sigmoid_pairwise",
+           "sup_con", "tuple_info_nce"]
