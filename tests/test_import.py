@@ -299,3 +299,29 @@ def test_a_hostile_source_is_one_error_line_and_writes_nothing(tmp_path, capsys,
     assert requests == []  # nothing fetched from the loopback server
     assert not (tmp_path / "ds").exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith("ds")]
+
+
+def test_import_prints_no_ray_noise(tmp_path):
+    """Issue 35, item 7: `mmcl data import` follows pretrain's console rules (no Ray Data
+    INFO lines, execution plans or progress logs, no `concurrency` deprecation): a console
+    of its own (a subprocess joining this module's Ray, not starting one) shows mmcl's
+    report and at most one line of Ray's (the driver core worker's note on Ray Data's
+    restartable actors, printed by Ray's C++ logger). On 0d8e07f: 21 lines of Ray's."""
+    import re
+    import subprocess
+    import sys
+
+    table, spec = image_text_table(tmp_path / "src", n=16)
+    spec_path = write_spec(tmp_path / "spec.yaml", spec)
+    proc = subprocess.run([sys.executable, "-m", "mmcl.cli", "data", "import", table, "--out",
+                           str(tmp_path / "ds"), "--spec", spec_path, "--address",
+                           ray.get_runtime_context().gcs_address],
+                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert proc.returncode == 0, "\n".join(lines[-20:])
+    noise = re.compile(r"\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING) \S+\.py:\d+ --|"
+                       r"logging_progress|streaming_executor|is deprecated|"
+                       r"of memory per worker|Running Dataset")
+    assert [line for line in lines if noise.search(line)] == []
+    assert len(proc.stderr.splitlines()) <= 1, proc.stderr
+    assert proc.stdout.splitlines()[-1] == f"wrote {tmp_path / 'ds'}"

@@ -54,9 +54,10 @@ HARMLESS: tuple[str, ...] = (
     # ray.init: token authentication is on (the secure default); the notice says how to
     # turn it off, which mmcl does not want to suggest.
     r"Token authentication is enabled for this Ray cluster",
-    # ray.init's INFO notice (commands that start Ray without driver_init_kwargs: data
-    # import); mmcl says what it runs itself.
+    # ray.init's INFO notices (commands that start or join Ray without driver_init_kwargs:
+    # data import); mmcl says what it runs itself.
     r"Started a local Ray instance",
+    r"Connect(ing|ed) to (existing )?Ray cluster",
     # ray.data's HighMemoryIssueDetector (mmcl eval's embedding actors, data import's
     # decoders): a heuristic against Ray's default per-worker memory request, repeated
     # every 30 s and at the end; mmcl's actors hold one model or one block at a time.
