@@ -17,7 +17,7 @@ from mmcl.objectives import OBJECTIVES, ObjectiveError, build_objective
 
 SMALL = ["model.embed_dim=16", "model.encoder.hidden=16", "model.proj_hidden=16",
          "model.proj_dim=16", "model.fusion_heads=2", "objective.critic_hidden=16"]
-SUPPORTING = ("cross", "supcon", "tuple", "tuple_infonce")
+SUPPORTING = ("cross", "siglip", "supcon", "tuple", "tuple_infonce")
 
 
 def nullable(manifest, *names):
