@@ -137,6 +137,9 @@ def test_bench_perf_quick_runs_and_writes_json_and_markdown(tmp_path):
     assert "ray_over_memory" in plane and "ray_data_wait_fraction" in plane
     assert {"pyarrow", "ray_data"} <= set(sections["read"])
     assert sections["startup"]["instrumented"]["returncode"] == 0
+    # issue 35, item 4: `mmcl eval` of the demo run, as a same-run ratio to its training
+    assert sections["startup"]["eval"]["returncode"] == 0
+    assert sections["startup"]["eval_over_training_wall"] > 0
     clip = {r["step"]: r for r in sections["clip_step"]["rows"]}
     assert {"bare loop", "cross", "cross, 2 views", "tuple_infonce", "comm",
             "factorcl_ssl"} <= set(clip)
@@ -158,6 +161,7 @@ def test_bench_perf_quick_runs_and_writes_json_and_markdown(tmp_path):
     probe = sections["online_probe"]
     assert probe["probe_over_epoch"]["median"] > 0 and probe["last_figures"]
     assert "online probe / epoch" in markdown
+    assert "eval / training (the instrumented run's wall)" in markdown
 
 
 def test_the_import_benchs_pillow_limit_decodes_what_the_import_stores(tmp_path):

@@ -76,6 +76,7 @@ GOALS = {
     "ray_vs_memory_min": 0.9,
     "data_wait_max": 0.05,
     "factorcl_ssl_vs_cross_max": 5.0,       # default FactorCL-SSL step / cross step, same batch
+    "eval_vs_training_max": 1.0,            # `mmcl eval` of the demo run / its pretrain, wall
 }
 
 
@@ -927,7 +928,11 @@ def startup(quick: bool, workdir: str) -> dict:
     if "no_ray" in results and results["instrumented"]["returncode"] == 0:
         results["ray_over_no_ray_wall"] = (results["instrumented"]["wall_s"]
                                            / results["no_ray"]["wall_s"])
-    return {"settings": {"command": "mmcl pretrain --config configs/default.yaml "
+    goals = {}
+    if results["instrumented"]["returncode"] == 0:
+        goals = _eval_of_demo(results, os.path.join(workdir, "startup-instrumented", "demo"),
+                              base_env, cwd, quick)
+    return {"goals": goals, "settings": {"command": "mmcl pretrain --config configs/default.yaml "
                                     "(storage.path set to a fresh folder)"
                                     + (" --set train.epochs=1" if quick else ""),
                          "demo": f"tuple_infonce on rus, {cfg.data.synth.n} tuples, {epochs} "
@@ -944,6 +949,29 @@ def startup(quick: bool, workdir: str) -> dict:
                          "ray_start_share": "(start_ray + fit_worker_group_start + "
                                             "ray_shutdown) / wall"},
             **results}
+
+
+def _eval_of_demo(results: dict, run: str, env: dict, cwd: str, quick: bool) -> dict:
+    """`mmcl eval --run RUN` of the demo run just trained, right after it on the same machine:
+    its wall time over the training's (a same-run ratio: both under the same load). Goal
+    (full mode, the README's 5 epochs): at most 1. Quick mode trains 1 epoch: reported,
+    not judged."""
+    script = shutil.which("mmcl", path=str(Path(sys.executable).parent))
+    cmd = [script] if script else [sys.executable, "-m", "mmcl.cli"]
+    wall, _, _, output, code = _run_demo([*cmd, "eval", "--run", run], env, cwd)
+    row = {"command": f"mmcl eval --run {run}", "eval_wall_s": wall, "returncode": code}
+    if code != 0:
+        row["output_tail"] = output[-3000:]
+    results["eval"] = row
+    if code != 0:
+        return {}
+    ratio = wall / results["instrumented"]["wall_s"]
+    results["eval_over_training_wall"] = ratio
+    if quick:
+        return {}
+    return {"eval_over_training_wall": {"goal": f"<= {GOALS['eval_vs_training_max']}",
+                                        "measured": ratio,
+                                        "met": ratio <= GOALS["eval_vs_training_max"]}}
 
 
 # -------------------------------------------------------------------------------- main
@@ -1230,6 +1258,16 @@ def _md_startup(s: dict) -> list[str]:
     if "ray_over_no_ray_wall" in s:
         out += ["", f"- demo on Ray / the same demo with `--no-ray`: "
                     f"**{_f(s['ray_over_no_ray_wall'])}x** wall time"]
+    ev = s.get("eval", {})
+    if "eval_over_training_wall" in s:
+        out += ["", f"- `mmcl eval` of the demo run, right after it: {_f(ev['eval_wall_s'], 1)} "
+                    f"s wall; eval / training (the instrumented run's wall): "
+                    f"**{_f(s['eval_over_training_wall'])}**"]
+    elif ev:
+        out += ["", f"- `mmcl eval` of the demo run failed (exit {ev['returncode']}); output "
+                    "tail:", "```", ev.get("output_tail", ""), "```"]
+    if s.get("goals"):
+        out += [""] + _md_goals(s["goals"])
     phased = {k: r for k, r in runs.items() if "phases_s" in r}
     if phased:
         keys = list(dict.fromkeys(k for r in phased.values() for k in r["phases_s"]))
