@@ -118,3 +118,42 @@ def test_report_flags_runs_whose_shared_settings_differ_and_shows_retrieval_and_
     curves = rep.recall_curves([a, b], ["a", "b"])
     assert curves == {"a": {"a_to_b": [(1, 0.31), (5, 0.6), (10, 0.7)],
                             "b_to_a": [(1, 0.29), (5, 0.55), (10, 0.66)]}}
+
+
+def test_recall_png_gives_each_run_its_own_colour(tmp_path, monkeypatch):
+    """Issue 35, item 8: runs of one objective (seeds, settings) were drawn in one colour;
+    each run has its own colour now, each direction its own line style."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    seen = {}
+    monkeypatch.setattr(plt, "close", lambda fig: seen.setdefault("fig", fig))
+    reports = [_report(n, "cross", 0.9, 0.1, retrieval=True) for n in ("s0", "s1", "s2")]
+    assert rep.plot_recall(reports, ["s0", "s1", "s2"], ["cross"] * 3, str(tmp_path / "r.png"))
+    lines = seen["fig"].axes[0].get_lines()
+    colour = {ln.get_label(): ln.get_color() for ln in lines}
+    by_run = {n: {c for label, c in colour.items() if label.startswith(n + " ")}
+              for n in ("s0", "s1", "s2")}
+    assert all(len(c) == 1 for c in by_run.values())           # one colour per run
+    assert len(set().union(*by_run.values())) == 3               # and a different one each
+    styles = {ln.get_label().rsplit(" ", 1)[-1]: ln.get_linestyle() for ln in lines}
+    assert styles["a→b"] != styles["b→a"]
+
+
+def test_settings_table_shows_an_inlined_hf_config_in_one_row():
+    """Issue 35, item 8: a run with an inlined Hugging Face config (hf_config) beside one
+    without made the 'not like-for-like' table run to 144 lines, one per config key; the
+    whole config is one row, shown compactly (its size and a digest)."""
+    a = _report("a", "cross", 0.9, 0.1)
+    b = _report("b", "cross", 0.9, 0.1)
+    hf = {"model_type": "vit", "hidden_size": 32, **{f"key{i}": i for i in range(140)}}
+    a["config"]["model"] = {"encoders": {"image": {"kind": "hf", "hf_config": hf}}}
+    b["config"]["model"] = {"encoders": {"image": {"kind": "hf", "hf_config": None,
+                                                   "model": "/hf/tiny-vit"}}}
+    md = rep.compare_markdown([a, b], ["a", "b"])
+    table_start = md.index("not a like-for-like comparison")
+    table_lines = [ln for ln in md[table_start:].split("\n\n", 2)[1].splitlines()]
+    assert len(table_lines) <= 6, "\n".join(table_lines)
+    row = _row(md, "model.encoders.image.hf_config")
+    assert "142 keys" in row[1] and "model_type=vit" in row[1] and len(row[1]) <= 80
+    assert row[2] == "None"

@@ -706,21 +706,41 @@ def fairness_differences(reports: Sequence[dict]) -> dict[str, list]:
     return out
 
 
+# Config fields whose value is a whole nested document (an inlined Hugging Face config):
+# one setting, compared and shown as one value (`_compact`), not one row per key.
+OPAQUE_SETTINGS = ("hf_config",)
+
+
 def _flat(d: Mapping, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, Mapping) and v:
+        if isinstance(v, Mapping) and v and k not in OPAQUE_SETTINGS:
             out.update(_flat(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
 
 
+def _compact(value, limit: int = 60) -> str:
+    """A setting's value in one table cell: a nested document (an inlined HF config) as its
+    size, its identifying fields and a digest of its content; other values cut at `limit`."""
+    if isinstance(value, Mapping):
+        import hashlib
+
+        digest = hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode())
+        named = ", ".join(f"{k}={value[k]}" for k in ("model_type", "hidden_size",
+                                                       "num_hidden_layers") if k in value)
+        return f"{{{len(value)} keys{': ' + named if named else ''}; " \
+               f"sha1 {digest.hexdigest()[:8]}}}"
+    text = str(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _fairness_lines(reports: Sequence[dict], names: Sequence[str]) -> list[str]:
     diffs = fairness_differences(reports)
     if not diffs:
         return []
-    rows = [[k, *[cell(v, 4) if isinstance(v, float) else str(v) for v in vals]]
+    rows = [[k, *[cell(v, 4) if isinstance(v, float) else _compact(v) for v in vals]]
             for k, vals in diffs.items()]
     return ["> **not a like-for-like comparison**: these shared settings differ between the "
             "runs, so the figures compare them as much as the objectives (set them equal, "
@@ -1043,18 +1063,22 @@ def recall_curves(reports: Sequence[dict], names: Sequence[str]) -> dict[str, di
 
 def plot_recall(reports: Sequence[dict], names: Sequence[str], objectives: Sequence[str],
                 path: str) -> str | None:
-    """One plot: recall@k against k, a line per run and direction, colour per objective."""
+    """One plot: recall@k against k, a line per run and direction: a colour per run (the
+    legend names its objective), a line style per direction."""
     plt = agg_pyplot()
 
     curves = recall_curves(reports, names)
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    colours = {o: f"C{i}" for i, o in enumerate(dict.fromkeys(objectives))}
+    palette = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    colours = {name: palette(i % palette.N) for i, name in enumerate(names)}
     styles = ["-", "--", ":", "-."]
+    directions = list(dict.fromkeys(d for c in curves.values() for d in c))
     for name, obj in zip(names, objectives):
-        for j, (d, pts) in enumerate(curves.get(name, {}).items()):
-            ax.plot(*zip(*pts), marker="o", color=colours[obj], ls=styles[j % len(styles)],
+        for d, pts in curves.get(name, {}).items():
+            ax.plot(*zip(*pts), marker="o", color=colours[name],
+                    ls=styles[directions.index(d) % len(styles)],
                     label=f"{name} ({obj}) {d.replace('_to_', '→')}")
     ax.set_xlabel("k")
     ax.set_ylabel("recall@k (test)")
