@@ -64,7 +64,7 @@ def make_optimizer(group: OptimGroup, train: TrainConfig,
         return torch.optim.SGD(param_groups, lr=lr, momentum=0.9, weight_decay=wd)
     cls = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
     # The fused kernel updates every parameter in a few launches instead of a few per
-    # parameter; CUDA only (the CPU build's fused path is slower than foreach there).
+    # parameter; on CUDA only, where it was measured (docs/performance.md, section 0).
     fused = bool(group.params) and all(p.is_cuda for p in group.params)
     return cls(param_groups, lr=lr, weight_decay=wd, fused=fused or None)
 
