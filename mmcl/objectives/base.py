@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from mmcl.config import ModelConfig
 from mmcl.data.schema import Manifest
-from mmcl.models import MultimodalEncoder
+from mmcl.models import MultimodalEncoder, ProjectionHead
 
 Batch = Mapping[str, Tensor]
 
@@ -144,8 +144,6 @@ class FusedObjective(Objective):
 
     def __init__(self, cfg, manifest: Manifest, model_cfg: ModelConfig):
         super().__init__(cfg, manifest, model_cfg)
-        from mmcl.models import ProjectionHead  # beside MultimodalEncoder; kept local for clarity
-
         self.head = ProjectionHead(model_cfg.embed_dim, model_cfg.proj_hidden,
                                    model_cfg.proj_dim)
 
@@ -155,6 +153,36 @@ class FusedObjective(Objective):
 
     # The default: {}. TupleInfoNCE, Tuple and SupCon compare fused tuples only (their fusion
     # never sees one modality alone), so single-modality vectors share no trained space.
+
+
+class CrossModalObjective(Objective):
+    """An objective that scores modalities against each other (cross, siglip): each
+    modality's embedding through its own projection head; no fusion module, so the
+    representation downstream is the concatenation of the per-modality embeddings."""
+
+    has_unused_parameters = True  # the fusion module is never used
+    uses_fusion = False
+
+    def __init__(self, cfg, manifest: Manifest, model_cfg: ModelConfig):
+        super().__init__(cfg, manifest, model_cfg)
+        self.require_modalities(at_least=2)
+        self.heads = nn.ModuleDict({
+            m: ProjectionHead(model_cfg.embed_dim, model_cfg.proj_hidden, model_cfg.proj_dim)
+            for m in self.modalities})
+
+    def project(self, view: Batch) -> dict[str, Tensor]:
+        embeddings = self.encoder.encode(view)
+        return {m: normalize(self.heads[m](e)) for m, e in embeddings.items()}
+
+    @torch.no_grad()
+    def embed(self, batch: Batch) -> Tensor:
+        return torch.cat(list(self.encoder.encode(batch).values()), dim=-1)
+
+    @torch.no_grad()
+    def shared_embeddings(self, batch: Batch) -> dict[str, Tensor]:
+        """Each modality through its own head, normalised: the space the loss compares
+        modalities in."""
+        return self.project(batch)
 
 
 def pair_present(batch: Batch, a: str, b: str) -> Tensor | None:

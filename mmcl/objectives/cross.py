@@ -15,34 +15,21 @@ from __future__ import annotations
 from itertools import combinations
 
 import torch
-from torch import nn
 
-from mmcl.models import ProjectionHead
-from mmcl.objectives.base import LossOutput, Objective, normalize, pair_present
+from mmcl.objectives.base import CrossModalObjective, LossOutput, pair_present
 from mmcl.objectives.functional import info_nce, nt_xent
 from mmcl.objectives.registry import register
 
 
 @register
-class Cross(Objective):
+class Cross(CrossModalObjective):
     name = "cross"
-    has_unused_parameters = True  # the fusion module is never used
     # data.missing=mask: a pair's InfoNCE runs over the tuples holding both modalities only.
     supports_missing = True
-    uses_fusion = False
 
     def __init__(self, cfg, manifest, model_cfg):
         super().__init__(cfg, manifest, model_cfg)
-        self.require_modalities(at_least=2)
-        self.num_views = getattr(cfg, "views", 2)
-        d = model_cfg.embed_dim
-        self.heads = nn.ModuleDict({
-            m: ProjectionHead(d, model_cfg.proj_hidden, model_cfg.proj_dim)
-            for m in self.modalities})
-
-    def project(self, view) -> dict[str, torch.Tensor]:
-        embeddings = self.encoder.encode(view)
-        return {m: normalize(self.heads[m](e)) for m, e in embeddings.items()}
+        self.num_views = getattr(cfg, "views", 2)  # cross_self's config has none: two
 
     def cross_loss(self, z1, z2, batch=None) -> torch.Tensor:
         """Over the modality pairs (a, b): InfoNCE of a in z1 against b in z2, averaged with
@@ -63,15 +50,6 @@ class Cross(Objective):
         z = [self.project(view) for view in views]
         loss = self.cross_loss(z[0], z[-1], batch)
         return LossOutput(loss, {"cross": loss.detach()})
-
-    @torch.no_grad()
-    def embed(self, batch):
-        return torch.cat(list(self.encoder.encode(batch).values()), dim=-1)
-
-    @torch.no_grad()
-    def shared_embeddings(self, batch):
-        """Each modality through its own head, normalised: the space of the InfoNCE."""
-        return self.project(batch)
 
 
 @register

@@ -7,7 +7,8 @@ bias b are learnt, from the paper's t' = log 10, b = -10 (the bias offsets the N
 per anchor at the start). With more than two modalities the loss is averaged over the modality
 pairs, one t' and one b shared by all pairs. One augmented view (CLIP's work per step), no
 fusion module: the representation downstream is the concatenation of the per-modality
-embeddings, as `cross`.
+embeddings, as `cross`; for retrieval, ranking by the projections' dot product is ranking by
+z_ij (t > 0 and b scale and shift every score alike).
 """
 
 from __future__ import annotations
@@ -18,34 +19,22 @@ from itertools import combinations
 import torch
 from torch import nn
 
-from mmcl.models import ProjectionHead
-from mmcl.objectives.base import LossOutput, Objective, normalize, pair_present
+from mmcl.objectives.base import CrossModalObjective, LossOutput, pair_present
 from mmcl.objectives.functional import sigmoid_pairwise
 from mmcl.objectives.registry import register
 
 
 @register
-class SigLIP(Objective):
+class SigLIP(CrossModalObjective):
     name = "siglip"
-    has_unused_parameters = True  # the fusion module is never used
     # data.missing=mask: a pair's loss runs over the tuples holding both modalities only.
     supports_missing = True
-    uses_fusion = False
     num_views = 1
 
     def __init__(self, cfg, manifest, model_cfg):
         super().__init__(cfg, manifest, model_cfg)
-        self.require_modalities(at_least=2)
-        d = model_cfg.embed_dim
-        self.heads = nn.ModuleDict({
-            m: ProjectionHead(d, model_cfg.proj_hidden, model_cfg.proj_dim)
-            for m in self.modalities})
         self.log_temperature = nn.Parameter(torch.tensor(math.log(cfg.temperature_init)))
         self.bias = nn.Parameter(torch.tensor(float(cfg.bias_init)))
-
-    def project(self, view) -> dict[str, torch.Tensor]:
-        embeddings = self.encoder.encode(view)
-        return {m: normalize(self.heads[m](e)) for m, e in embeddings.items()}
 
     def forward(self, views, batch, generator=None):
         z = self.project(views[0])
@@ -56,13 +45,3 @@ class SigLIP(Objective):
         return LossOutput(loss, {"siglip": loss.detach(),
                                  "temperature": self.log_temperature.detach().exp(),
                                  "bias": self.bias.detach().clone()})
-
-    @torch.no_grad()
-    def embed(self, batch):
-        return torch.cat(list(self.encoder.encode(batch).values()), dim=-1)
-
-    @torch.no_grad()
-    def shared_embeddings(self, batch):
-        """Each modality through its own head, normalised: the space the pairs are scored in
-        (t and b are monotone, so ranking by dot product is ranking by z_ij)."""
-        return self.project(batch)
