@@ -262,9 +262,10 @@ class _FactorCL(_Objective):
                                      "by it; 1 = FactorCL's code")
     critic: Literal["concat", "separable"] = Field(
         "concat", description="concat: MLP on [x, y] as FactorCL's code; separable: dot product")
-    # Defaults: hidden 64 and 32 sampled negatives cost fewer FLOPs than hidden 64 on all pairs
-    # (docs/performance.md, section 2) for the same fidelity (mmcl bench fidelity).
-    critic_hidden: int = Field(64, ge=1)
+    # Defaults: 32 sampled negatives (fewer FLOPs than all pairs, docs/performance.md section
+    # 2) and critics 256 wide: 64 (bffdeea to issue 33) cost two real-valued views of digits
+    # 0.087 of probe accuracy (docs/fidelity.md, "FactorCL regression"; fidelity.digits2_case).
+    critic_hidden: int = Field(256, ge=1)
     negatives: int = Field(32, ge=0, description="K: each critic scores every y against its "
                            "positive and K sampled other rows of the global batch (O(N K) "
                            "pairs); 0 = all N (O(N^2))")

@@ -59,6 +59,9 @@ def test_quick_bench_references_and_targets(quick_report):
     assert raw["weak:shared"]["mean"] > 0.8
     # XOR synergy is not linearly decodable from the raw features.
     assert raw["rus:synergy"]["mean"] < 0.75
+    # issue 33's FactorCL regression case ran (judged in full mode only: see digits2_case)
+    case = report["cases"][fidelity.DIGITS2]
+    assert len(case["scores"]) == 1 and 0.0 <= case["mean"] <= 1.0 and case["met"] is None
     targets = report["targets"]
     assert len(targets) == 7
     assert all(t["met"] in (True, False) for t in targets), targets  # every target was run

@@ -156,9 +156,10 @@ REFERENCE_NOTES = {
 # Overrides per objective: one temperature for every InfoNCE-type loss (TupleInfoNCE's code
 # default is 0.07, the others' 0.1; with one value tuple vs tuple_infonce differ only by the
 # disturbed negatives). FactorCL's critics keep their own scale (temperature 1) and a smaller
-# critic (hidden 64 instead of 256, cheaper per step on CPU).
+# critic (hidden 64 instead of 256, cheaper per step on CPU). cross contrasts two views, the
+# form the published tables were measured with (its default became one view afterwards).
 OBJECTIVE_OVERRIDES: dict[str, tuple[str, ...]] = {
-    "cross": ("objective.temperature=0.1",),
+    "cross": ("objective.temperature=0.1", "objective.views=2"),
     "cross_self": ("objective.temperature=0.1",),
     "tuple": ("objective.temperature=0.1",),
     "tuple_infonce": ("objective.temperature=0.1",),
@@ -714,6 +715,72 @@ def _std(table, row: str, key: str) -> float:
     return float(v) if v is not None and np.isfinite(v) else 0.0
 
 
+# -- issue 33: the FactorCL regression case. FactorCL-SSL on two real-valued views of
+# scikit-learn's digits (1,797 rows, 10 classes): view a = a fixed random tanh projection of the
+# left four pixel columns to 216 features, view b of the right four to 240, noise 0.3 per
+# feature, z-scored. mmcl's defaults in one process (batch 128), 20 epochs, probe of the fused
+# embedding on test. With 32 sampled negatives (the default from bffdeea to issue 33) it fell
+# below DIGITS2_TARGET (docs/fidelity.md, "FactorCL regression").
+DIGITS2 = "digits2"
+DIGITS2_EPOCHS = 20
+DIGITS2_TARGET = 0.80
+DIGITS2_VIEWS = (("a", slice(0, 4), 216), ("b", slice(4, 8), 240))
+
+
+def digits2_arrays(n: int | None = None) -> dict[str, np.ndarray]:
+    """{"a", "b", "label"} of the digits2 case (fixed: projections drawn from seed 0); n: the
+    first n rows only (the quick smoke)."""
+    try:
+        from sklearn.datasets import load_digits  # its data ship with the package
+    except ImportError as err:
+        raise ImportError("the digits2 case needs scikit-learn (pip install 'mmcl[test]')"
+                          ) from err
+    x, y = load_digits(return_X_y=True)
+    x = x.reshape(-1, 8, 8) / 16.0
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, cols, dim in DIGITS2_VIEWS:
+        px = x[:, :, cols].reshape(len(x), -1)
+        w = rng.normal(size=(px.shape[1], dim)) / np.sqrt(px.shape[1])
+        b = rng.normal(size=dim) * 0.5
+        v = np.tanh(2 * (px @ w) + b) + 0.3 * rng.normal(size=(len(px), dim))
+        out[name] = ((v - v.mean(0)) / v.std(0)).astype(np.float32)
+    out["label"] = y.astype(np.int64)
+    return {k: v[:n] for k, v in out.items()}
+
+
+def digits2_case(settings: Settings, log: Callable[[str], None]) -> dict:
+    """FactorCL-SSL at mmcl's defaults on digits2, per seed: {"scores", "mean", "target",
+    "met"} (met None in quick mode: 384 rows, 1 epoch, the quick model, numbers not judged)."""
+    from mmcl import config
+    from mmcl.data.convert import infer_manifest, split_arrays
+    from mmcl.evaluate import diagnostics as diag
+    from mmcl.train.local import fit_in_memory
+
+    quick = settings.mode == "quick"
+    arrays = digits2_arrays(384 if quick else None)
+    manifest = infer_manifest(arrays)
+    splits = split_arrays(arrays, manifest, (0.8, 0.1, 0.1), 0)
+    labels = {s: {"label": cols["label"]} for s, cols in splits.items()}
+    scores = []
+    for seed in settings.seeds:
+        cfg = config.load(None, ["objective.name=factorcl_ssl", "scaling.num_workers=1",
+                                 f"train.seed={seed}",
+                                 f"train.epochs={1 if quick else DIGITS2_EPOCHS}",
+                                 *(settings.model if quick else ())])
+        start = time.perf_counter()
+        engine = fit_in_memory(cfg, manifest, splits["train"])
+        features = embed_splits(engine.objective, splits, ("a", "b"), manifest)
+        result = probe(DIGITS2, labels, [manifest.label("label")], features,
+                       probe_settings(settings))
+        scores.append(result["label"]["probes"][diag.FUSED_KIND]["balanced_accuracy"])
+        log(f"[fidelity] seed {seed} {DIGITS2} factorcl_ssl label={scores[-1]:.3f} "
+            f"({time.perf_counter() - start:.1f}s)")
+    mean = float(np.mean(scores))
+    return {"scores": scores, "mean": mean, "target": DIGITS2_TARGET,
+            "met": None if quick else bool(mean >= DIGITS2_TARGET)}
+
+
 def check_targets(table: dict, settings: Settings, sub: dict | None = None,
                   per_modality: dict | None = None) -> list[dict]:
     """The fidelity issues' targets of the data sets this bench ran, each {"target", "met"
@@ -1141,6 +1208,16 @@ def run_fidelity(quick: bool = False, seeds: int | None = None, out: str | None 
     report["few_label_table"] = aggregate_few_label(runs)
     report["targets"] = check_targets(report["table"], settings, report["sub_table"],
                                       report["modality_table"])
+    if preset is None:  # the vector bench also runs issue 33's regression case
+        with torch_threads(settings.threads):
+            case = digits2_case(settings, log)
+        report["cases"] = {DIGITS2: case}
+        if case["met"] is not None:
+            report["targets"].append({
+                "target": f"factorcl_ssl at mmcl's defaults on {DIGITS2} (two real-valued "
+                          f"views, issue 33): label >= {DIGITS2_TARGET}",
+                "met": case["met"], "detail": f"label {case['mean']:.3f} "
+                f"(seeds {', '.join(f'{v:.3f}' for v in case['scores'])})"})
     report["runs"] = runs
     try:
         import matplotlib  # noqa: F401
