@@ -218,6 +218,16 @@ class CrossSelfConfig(_Objective):
     self_weight: float = Field(1.0, ge=0, description="weight of the per-modality SimCLR terms")
 
 
+class SigLIPConfig(Strict):
+    # No fixed `temperature`: SigLIP learns its own, from these initial values (the paper's).
+    name: Literal["siglip"] = "siglip"
+    temperature_init: float = Field(
+        10.0, gt=0, le=1e4, description="initial t in the logits t x·y + b (t multiplies the "
+        "similarity: 1/tau); learnt as t' = log t")
+    bias_init: float = Field(-10.0, ge=-1e4, le=1e4,
+                             description="initial b in the logits t x·y + b; learnt")
+
+
 class TupleConfig(_Objective):
     name: Literal["tuple"] = "tuple"
     symmetric: bool = Field(True, description="average both directions (view1->view2 and back)")
@@ -293,7 +303,7 @@ class SupConConfig(_Objective):
 # mmcl.objectives imports every module of its package, each registering its classes under
 # these names (tests/test_config.py checks that both sides name the same objectives).
 OBJECTIVE_CONFIGS = (CrossConfig, CrossSelfConfig, TupleConfig, TupleInfoNCEConfig, CommConfig,
-                     FactorCLSSLConfig, FactorCLSupConfig, SupConConfig)
+                     FactorCLSSLConfig, FactorCLSupConfig, SupConConfig, SigLIPConfig)
 ObjectiveConfig = Annotated[Union[OBJECTIVE_CONFIGS], Field(discriminator="name")]
 DEFAULT_OBJECTIVE = "tuple_infonce"
 OBJECTIVE_NAMES = tuple(c.model_fields["name"].default for c in OBJECTIVE_CONFIGS)
