@@ -281,3 +281,45 @@ def test_live_metrics_and_tensorboard_events_reach_an_s3_run_folder(aws, tmp_pat
     local = tmp_path / "tb"
     fs.get(path + "/", str(local), recursive=True)
     assert [s for s, _ in tracking.read_scalars(str(local))["train/loss"]] == [1, 2]
+
+
+# ------------------------------------------------------------------------------ data import
+
+
+def test_import_to_s3_and_overwrite_leave_no_temporary_copy(aws, moto_s3, tmp_path, capsys):
+    """`mmcl data import` to s3:// (new, then --overwrite, then a failing --overwrite): each
+    completes with only the data set in the bucket, or fails with one error line and the
+    previous data set whole (issue 34: a temporary copy was left, `The specified key does
+    not exist`)."""
+    from import_files import image_text_table, write_spec
+
+    table, spec = image_text_table(tmp_path / "src", n=16)
+    spec_path = write_spec(tmp_path / "spec.yaml", spec)
+    out = f"s3://{BUCKET}/sets/imported"
+    prefix = "sets/imported"
+
+    def imported() -> dict[str, bytes]:
+        return {k: v for k, v in bucket_objects(moto_s3, aws).items()
+                if k.startswith(prefix)}
+
+    def import_(*extra) -> int:
+        return cli.main(["data", "import", table, "--out", out, "--spec", spec_path,
+                         "--endpoint-url", aws["endpoint"], *extra])
+
+    for extra in ([], ["--overwrite"]):
+        rc = import_(*extra)
+        captured = capsys.readouterr()
+        assert rc == 0, captured.err
+        objects = imported()
+        assert all(k.startswith(prefix + "/") for k in objects), sorted(objects)  # no aside
+        assert f"{prefix}/manifest.json" in objects
+        manifest = json.loads(objects[f"{prefix}/manifest.json"])
+        assert sum(manifest["splits"].values()) == 16
+        for split in manifest["splits"]:
+            assert any(k.startswith(f"{prefix}/{split}/part-") for k in objects)
+    before = imported()
+
+    os.remove(tmp_path / "src" / "img" / "5.png")
+    assert import_("--overwrite") == cli.EXIT_USER_ERROR
+    assert "5.png: no such file" in one_error_line(capsys)
+    assert imported() == before

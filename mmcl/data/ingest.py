@@ -1224,22 +1224,34 @@ def _finish(tmp: str, tmp_url: str, fs, manifest: Manifest, summaries: list[dict
 def _swap(fs, tmp: str, path: str) -> None:
     """Put the finished import in place of `path`. An old data set there loses its manifest
     (first) and split folders, as `convert --overwrite` does; other files stay."""
-    if not fs.exists(path):
-        fs.mv(tmp, path, recursive=True)
-        return
-    old = storage.join(path, MANIFEST_NAME)
-    names = set(SPLIT_NAMES)
-    if fs.exists(old):
+    # Object stores have no rename and no folders: `fs.mv` of the aside "folder" (a key
+    # prefix, no key of its own) failed with "The specified key does not exist" and left
+    # the aside copy. Each object is copied on its own, the manifest last; the aside copy
+    # is removed whatever happens.
+    fs.invalidate_cache()  # the decode actors wrote the aside copy through their own clients
+    try:
+        new = sorted(fs.find(tmp), key=lambda e: (e.endswith(MANIFEST_NAME), e))
+        if not new or not new[-1].endswith(MANIFEST_NAME):
+            raise FileNotFoundError(f"{fs.unstrip_protocol(tmp)} holds no manifest")
+        old = storage.join(path, MANIFEST_NAME)
+        names = set(SPLIT_NAMES)
+        if fs.exists(old):
+            try:
+                names |= set(Manifest.from_json(fs.cat_file(old).decode()).splits)
+            except DataError:
+                pass
+            fs.rm(old)
+        for name in sorted(names):
+            if fs.exists(storage.join(path, name)):
+                fs.rm(storage.join(path, name), recursive=True)
+        for entry in new:  # manifest last
+            fs.copy(entry, storage.join(path, posixpath.relpath(entry, tmp.rstrip("/"))))
+    except OSError as err:
+        raise DataError(f"cannot put the import in place at {fs.unstrip_protocol(path)}: "
+                        f"{err.strerror or err}") from None
+    finally:
         try:
-            names |= set(Manifest.from_json(fs.cat_file(old).decode()).splits)
-        except DataError:
+            fs.rm(tmp, recursive=True)
+        except OSError:
             pass
-        fs.rm(old)
-    for name in sorted(names):
-        if fs.exists(storage.join(path, name)):
-            fs.rm(storage.join(path, name), recursive=True)
-    new = fs.ls(tmp, detail=False)
-    for entry in sorted(new, key=lambda e: e.endswith(MANIFEST_NAME)):  # manifest last
-        fs.mv(entry, storage.join(path, posixpath.basename(entry.rstrip("/"))),
-              recursive=True)
-    fs.rm(tmp, recursive=True)
+        fs.invalidate_cache()
