@@ -343,6 +343,32 @@ def test_a_full_disk_in_a_ray_pretrain_is_one_error_without_retries(tmp_path, mo
     assert _FullDiskTrainer.attempts == 1
 
 
+def test_a_full_disk_in_a_tune_trial_is_not_retried(tmp_path, monkeypatch):
+    """A sweep trial's Train run (run_train_trial) gives up at once on a full disk, as a
+    pretrain does: the trainer's failure policy is mmcl's during its fit()."""
+    from types import SimpleNamespace
+
+    from ray import tune
+
+    from mmcl.storage import StorageError
+    from mmcl.tune import trial
+    from mmcl.tune.trial import ScoreSpec, run_train_trial
+
+    class Trainer(_FullDiskTrainer):
+        run_config = SimpleNamespace(callbacks=[])
+
+    _FullDiskTrainer.attempts = 0
+    monkeypatch.setattr(launcher, "make_trainer", lambda *a, **k: Trainer())
+    monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t"))
+    monkeypatch.setattr(trial, "_score_callback_class", lambda: lambda *a: None)  # no session
+    cfg = config.load(None, [*TINY, f"storage.path={tmp_path}", "storage.name=trial-x",
+                             "scaling.max_failures=3"])
+    with pytest.raises(StorageError, match="no space left on the device"):
+        run_train_trial(cfg, storage_path=str(tmp_path), name="trial-x",
+                        score_spec=ScoreSpec(reward=False), pg_records=str(tmp_path / "pg"))
+    assert _FullDiskTrainer.attempts == 1
+
+
 # ------------------------------------------- a Tune trial killed after its last epoch line
 
 

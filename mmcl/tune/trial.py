@@ -463,6 +463,7 @@ def run_train_trial(cfg: RunConfig, *, storage_path: str, name: str, score_spec:
     from ray import tune
 
     from mmcl.train.checkpoint import read_checkpoint_state
+    from mmcl.train.failures import no_retry_when_disk_full
 
     root, manifest = launcher.prepare_data(cfg)
     run_cfg = trial_run_config(cfg, root, storage_path, name)
@@ -485,7 +486,8 @@ def run_train_trial(cfg: RunConfig, *, storage_path: str, name: str, score_spec:
     trainer.run_config.callbacks.append(_score_callback_class()(
         run_cfg.model_dump(mode="json"), manifest.to_json(), root, score_spec))
     try:
-        result = trainer.fit()
+        with no_retry_when_disk_full():  # a full disk fails every retry alike
+            result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         raise launcher.user_error(err) from err
     with result.checkpoint.as_directory() as directory:
