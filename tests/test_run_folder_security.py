@@ -414,6 +414,38 @@ def test_a_trial_killed_after_its_last_epoch_resumes_with_its_score(tmp_path, mo
     assert (tmp_path / "trial-x" / "model" / "weights.pt").is_file()
 
 
+def test_an_in_process_trial_killed_after_its_last_epoch_resumes_with_its_score(
+        tmp_path, monkeypatch):
+    """The in-process trial path (sample optimization) restored from its last epoch's
+    checkpoint: scores those weights and reports them, training nothing (it reported
+    nothing, and Tune failed the trial for want of 'score')."""
+    import math
+
+    import ray.train
+    from ray import tune
+
+    from mmcl.train.engine import Engine
+    from mmcl.tune.trial import ScoreSpec, default_probe_label, run_in_process_trial
+
+    cfg, manifest = _trial_killed_after_its_last_epoch(tmp_path)
+    reported = []
+    monkeypatch.setattr(tune, "report", lambda metrics, **kw: reported.append(metrics))
+
+    def trained_again(*args, **kwargs):
+        raise AssertionError("the finished trial was trained again")
+
+    monkeypatch.setattr(Engine, "train_epoch", trained_again)
+    spec = ScoreSpec(metric="probe", probe_label=default_probe_label(manifest), reward=False)
+    last = str(tmp_path / "trial-x" / "checkpoint_000000")
+    state = run_in_process_trial(cfg, storage_path=str(tmp_path), name="trial-x",
+                                 score_spec=spec, start_checkpoint=ray.train.Checkpoint(last))
+    assert state["epoch"] == 1
+    assert len(reported) == 1 and reported[0]["epoch"] == 1
+    assert math.isfinite(reported[0]["score"]) and reported[0]["score"] == reported[0][
+        "val_probe"]
+    assert reported[0]["checkpoint_path"] == last
+
+
 def test_a_trial_with_epochs_left_resumes_by_training(tmp_path):
     from mmcl.tune.trial import ScoreSpec, report_finished_trial, trial_run_config
 

@@ -589,6 +589,15 @@ def run_in_process_trial(cfg: RunConfig, *, storage_path: str, name: str,
     stop = stop_epoch_of(run_cfg, {"steps_per_epoch": steps, "stop_epoch": stop_epoch})
     scorer = Scorer(run_cfg, manifest, root, score_spec)
     run_url = join(storage_path, name)
+    if start_checkpoint is not None and engine.epoch >= stop:
+        # Killed after its last epoch's report, before Tune recorded it: nothing is left to
+        # train, so that epoch is scored from the restored weights and reported again (an
+        # empty run would report nothing, and Tune fails a trial without 'score').
+        last = dict(engine.history[-1]) if engine.history else {"epoch": engine.epoch}
+        scored = time.perf_counter()
+        scores = scorer.score(engine.objective.eval())
+        scores["score_seconds"] = time.perf_counter() - scored
+        tune.report({**last, **scores, "checkpoint_path": start_checkpoint.path})
     for epoch in range(engine.epoch, stop):
         batches = enumerate(memory_batches(rows, run_cfg.train.batch_size,
                                            run_cfg.train.seed, epoch))
