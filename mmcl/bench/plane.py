@@ -84,7 +84,8 @@ def plane_loop(loop_config: dict) -> None:
         timed = _FirstBatch(batches)
         summary = engine.train_epoch(timed)
         samples_per_s, wait, first = all_reduce_sum(
-            [summary["samples_per_s"], summary["data_wait_fraction"], timed.first_batch_s or 0.0])
+            [summary["samples_per_s"], summary["data_wait_fraction"], timed.first_batch_s or 0.0],
+            engine.device)
         entry = {"epoch": epoch, "source": source, "steps": summary["steps"],
                  "samples_per_s_total": samples_per_s, "data_wait_fraction": wait / world,
                  "first_batch_s": first / world, "loss": summary.get("loss")}
